@@ -1,0 +1,27 @@
+"""Stage 1 of AFMRL: the catalog, the product encoder and Attribute-Guided Contrastive Learning.
+
+Names are imported lazily so that `from agcl import load_catalog` does not pay for importing
+torch and transformers.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "CatalogError": "agcl.catalog",
+    "load_catalog": "agcl.catalog",
+    "group_by_product": "agcl.catalog",
+    "SyntheticCatalogConfig": "agcl.synthetic_catalog",
+    "make_synthetic_catalog": "agcl.synthetic_catalog",
+    "load_mllm": "agcl.modeling",
+    "load_processor": "agcl.modeling",
+    "build_tiny_mllm": "agcl.modeling",
+    "tiny_mllm_path": "agcl.modeling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'agcl' has no attribute {name!r}")

@@ -1,0 +1,423 @@
+"""A seeded synthetic fine-grained product catalog: the embedded default for tests and the demo.
+
+Real catalogs (M5Product, marketplace dumps) cannot be downloaded where this package is built and
+tested, so this module renders one whose difficulty is of the right kind: products that look
+alike, sellers who describe them badly, and a teacher whose attributes help but are imperfect.
+
+The generative model, in the order the random draws are made (one ``numpy`` PCG64 stream seeded
+by ``seed``, so the same arguments give byte-identical files):
+
+1. **Families.** A family is a base attribute vector over ``ATTRIBUTE_KEYS``
+   (category, brand, color, secondary_color, pattern, logo, size) and one *varying key* drawn
+   from ``FAMILY_VARYING_KEYS``. Its 2-4 products take distinct values of that key and share every
+   other value, so any two products of a family differ in exactly one attribute: these are the
+   near-duplicates a fine-grained encoder must separate. No two products share an attribute
+   vector (except the duplicate SKUs of step 5).
+2. **Split by family.** A ``test_fraction`` of the families (hence of the products) goes to
+   ``split="test"``, the rest to ``"train"``; a product's listings never straddle the split, and
+   the test gallery keeps its near-duplicate confusers.
+3. **Listings.** Each product has 2-5 listings. A listing's image is rendered from the product's
+   *true* attributes: category is the shape, color the body, secondary_color the pattern and
+   trim, pattern the texture, logo a small mark; brand and size are not visible (as on real
+   photos, they live only in text). Per listing, the object's position, scale, the background
+   tone and the pixel noise vary.
+4. **Titles.** Each listing's title is written by a sloppy seller: every attribute is omitted
+   with its own probability (size and secondary color most often), the phrases are shuffled,
+   categories have synonyms, and 1-3 filler words ("hot sale", "free shipping" ...) are added.
+   The title alone therefore cannot tell near-duplicates apart (measured by
+   ``benchmarks/catalog_difficulty.py``).
+5. **Duplicate SKUs.** ``duplicate_sku_fraction`` of the train products are re-listed under a
+   new ``product_id`` with identical true attributes: real false negatives for contrastive
+   training (the ``attribute`` filter of AGCL should catch them). They never enter the test split.
+6. **Teacher attributes.** The ``attributes`` column imitates an MLLM teacher run per listing:
+   each true attribute is omitted with ``teacher_omission_rate``, replaced by a wrong value of
+   the same key with ``teacher_error_rate``, and each redundant, non-discriminative key of
+   ``REDUNDANT_VALUES`` (condition, shipping, style) is added with ``teacher_redundancy_rate``.
+   The ground truth is kept beside it in ``true_attributes``.
+
+Columns written to ``catalog.jsonl``: listing_id, product_id, title, image (or ``images`` when
+``images_per_listing > 1``), category, attributes, true_attributes, family_id, split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ATTRIBUTE_KEYS = ("category", "brand", "color", "secondary_color", "pattern", "logo", "size")
+
+PALETTE = {
+    "red": (200, 30, 35),
+    "blue": (35, 70, 190),
+    "green": (35, 150, 60),
+    "yellow": (235, 200, 30),
+    "black": (25, 25, 25),
+    "white": (245, 245, 240),
+    "orange": (240, 125, 20),
+    "purple": (125, 50, 160),
+}
+
+ATTRIBUTE_VALUES = {
+    "category": ("t-shirt", "mug", "bag", "bottle", "cap", "phone case"),
+    "brand": ("acme", "nordvik", "lumo", "kestrel", "orbis", "valta", "pinecrest", "zephyr",
+              "halden", "mirova", "tasko", "brio"),
+    "color": tuple(PALETTE),
+    "secondary_color": tuple(PALETTE),
+    "pattern": ("solid", "striped", "dotted", "checked", "zigzag"),
+    "logo": ("none", "star", "circle", "triangle", "cross"),
+    "size": ("S", "M", "L", "XL"),
+}
+
+# Keys that distinguish near-duplicates. Category and brand stay fixed inside a family.
+FAMILY_VARYING_KEYS = ("color", "secondary_color", "pattern", "logo", "size")
+
+# Attributes a real teacher adds although they say nothing about which product this is.
+REDUNDANT_VALUES = {
+    "condition": ("new", "brand new"),
+    "shipping": ("free", "fast"),
+    "style": ("casual", "classic", "modern"),
+}
+
+CATEGORY_SYNONYMS = {
+    "t-shirt": ("t-shirt", "tee", "shirt"),
+    "mug": ("mug", "cup", "coffee mug"),
+    "bag": ("bag", "tote", "tote bag"),
+    "bottle": ("bottle", "flask", "water bottle"),
+    "cap": ("cap", "hat", "baseball cap"),
+    "phone case": ("phone case", "case", "phone cover"),
+}
+
+FILLER_WORDS = ("new", "hot sale", "free shipping", "2026", "premium", "original", "best price",
+                "gift", "top quality", "limited", "trendy", "fashion", "official store", "deal")
+
+# How often a seller leaves each attribute out of a title (category is almost always there).
+TITLE_OMISSION = {"category": 0.05, "brand": 0.4, "color": 0.3, "secondary_color": 0.7,
+                  "pattern": 0.45, "logo": 0.55, "size": 0.6}
+
+ATTRIBUTE_PROMPT_SENTENCES = (
+    "List the key attributes of this product.",
+    "Answer with key: value pairs separated by semicolons.",
+    "Describe the product in the image for identical product retrieval.",
+    "Represent the given product for retrieval.",
+)
+
+
+@dataclass
+class SyntheticCatalogConfig:
+    """Arguments of ``make_synthetic_catalog`` (also the command line of recipes/make_catalog.py)."""
+
+    output_dir: str = field(metadata={"help": "Directory to write catalog.jsonl and images/ into."})
+    num_products: int = field(default=600, metadata={"help": "Number of distinct products (incl. duplicate SKUs)."})
+    seed: int = field(default=0, metadata={"help": "Random seed; the same arguments give byte-identical files."})
+    image_size: int = field(default=64, metadata={"help": "Side of the square PNG images in pixels."})
+    min_listings: int = field(default=2, metadata={"help": "Fewest listings per product (>= 2 so each has a positive)."})
+    max_listings: int = field(default=5, metadata={"help": "Most listings per product."})
+    min_family_size: int = field(default=2, metadata={"help": "Fewest near-duplicate products per family."})
+    max_family_size: int = field(default=4, metadata={"help": "Most near-duplicate products per family."})
+    test_fraction: float = field(default=0.3, metadata={"help": "Fraction of families put in the test split."})
+    duplicate_sku_fraction: float = field(
+        default=0.02, metadata={"help": "Fraction of train products re-listed under a new product_id (false negatives)."}
+    )
+    images_per_listing: int = field(
+        default=1, metadata={"help": "Images per listing; > 1 writes an `images` list instead of `image`."}
+    )
+    teacher_omission_rate: float = field(default=0.15, metadata={"help": "Teacher drops each true attribute with this rate."})
+    teacher_error_rate: float = field(default=0.1, metadata={"help": "Teacher gives a wrong value for an attribute with this rate."})
+    teacher_redundancy_rate: float = field(
+        default=0.3, metadata={"help": "Teacher adds each non-discriminative key (condition, shipping, style) with this rate."}
+    )
+
+    def __post_init__(self):
+        checks = {
+            "num_products": self.num_products >= 2,
+            "image_size": self.image_size >= 16,
+            "min_listings": 2 <= self.min_listings <= self.max_listings,
+            "min_family_size": 1 <= self.min_family_size <= self.max_family_size <= 4,
+            "test_fraction": 0.0 <= self.test_fraction < 1.0,
+            "duplicate_sku_fraction": 0.0 <= self.duplicate_sku_fraction < 0.5,
+            "images_per_listing": self.images_per_listing >= 1,
+            "teacher_omission_rate": 0.0 <= self.teacher_omission_rate <= 1.0,
+            "teacher_error_rate": 0.0 <= self.teacher_error_rate <= 1.0,
+            "teacher_redundancy_rate": 0.0 <= self.teacher_redundancy_rate <= 1.0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid synthetic catalog argument(s) {bad}: need num_products >= 2, image_size >= 16, "
+                "2 <= min_listings <= max_listings, 1 <= min_family_size <= max_family_size <= 4, "
+                "rates in [0, 1], test_fraction in [0, 1), duplicate_sku_fraction in [0, 0.5)"
+            )
+
+
+def vocabulary_corpus() -> list[str]:
+    """Texts covering every word the catalog, its titles and the prompts can contain.
+
+    Used to train the tiny models' tokenizer so that the embedded default tokenises compactly.
+    """
+    texts = list(ATTRIBUTE_PROMPT_SENTENCES) + list(FILLER_WORDS)
+    for key, values in list(ATTRIBUTE_VALUES.items()) + list(REDUNDANT_VALUES.items()):
+        texts += [f"{key}: {value}" for value in values]
+    for synonyms in CATEGORY_SYNONYMS.values():
+        texts += list(synonyms)
+    texts += [f"{p} pattern" for p in ATTRIBUTE_VALUES["pattern"]] + ["with trim", "logo", "size", "plain"]
+    return texts
+
+
+# ---------------------------------------------------------------- attribute sampling
+
+
+def _choice(rng: np.random.Generator, values):
+    return values[int(rng.integers(len(values)))]
+
+
+def _sample_families(cfg: SyntheticCatalogConfig, rng: np.random.Generator, num_products: int):
+    """Return a list of families, each a list of attribute dicts (distinct full vectors)."""
+    families, seen = [], set()
+    while sum(len(f) for f in families) < num_products:
+        remaining = num_products - sum(len(f) for f in families)
+        size = min(int(rng.integers(cfg.min_family_size, cfg.max_family_size + 1)), remaining)
+        for _attempt in range(100):
+            base = {key: _choice(rng, values) for key, values in ATTRIBUTE_VALUES.items()}
+            key = _choice(rng, FAMILY_VARYING_KEYS)
+            pool = [v for v in ATTRIBUTE_VALUES[key]]
+            picks = rng.permutation(len(pool))[:size]
+            members = [{**base, key: pool[i]} for i in picks]
+            signatures = [tuple(m[k] for k in ATTRIBUTE_KEYS) for m in members]
+            if not any(s in seen for s in signatures):
+                break
+        else:  # pragma: no cover - only with absurd num_products for this attribute space
+            raise ValueError(f"cannot draw {num_products} distinct products from the attribute space")
+        seen.update(signatures)
+        families.append(members)
+    return families
+
+
+def _teacher_attributes(cfg: SyntheticCatalogConfig, rng: np.random.Generator, true_attrs: dict) -> dict:
+    out = {}
+    for key in ATTRIBUTE_KEYS:
+        omit, wrong = rng.random(), rng.random()
+        if omit < cfg.teacher_omission_rate:
+            continue
+        value = true_attrs[key]
+        if wrong < cfg.teacher_error_rate:
+            others = [v for v in ATTRIBUTE_VALUES[key] if v != value]
+            value = _choice(rng, others)
+        out[key] = value
+    for key, values in REDUNDANT_VALUES.items():
+        add, pick = rng.random(), _choice(rng, values)
+        if add < cfg.teacher_redundancy_rate:
+            out[key] = pick
+    return out
+
+
+def _title(rng: np.random.Generator, attrs: dict) -> str:
+    phrases = []
+    keep = {key: rng.random() >= p for key, p in TITLE_OMISSION.items()}
+    if keep["brand"]:
+        phrases.append(attrs["brand"].capitalize())
+    if keep["color"]:
+        phrases.append(attrs["color"])
+    if keep["pattern"]:
+        phrases.append("plain" if attrs["pattern"] == "solid" else attrs["pattern"])
+    if keep["category"]:
+        phrases.append(_choice(rng, CATEGORY_SYNONYMS[attrs["category"]]))
+    if keep["secondary_color"]:
+        phrases.append(f"with {attrs['secondary_color']} trim")
+    if keep["logo"] and attrs["logo"] != "none":
+        phrases.append(f"{attrs['logo']} logo")
+    if keep["size"]:
+        phrases.append(f"size {attrs['size']}")
+    order = rng.permutation(len(phrases))
+    words = [phrases[i] for i in order]
+    for _ in range(int(rng.integers(1, 4))):
+        filler = _choice(rng, FILLER_WORDS)
+        words.insert(int(rng.integers(len(words) + 1)), filler)
+    return " ".join(words)
+
+
+# ---------------------------------------------------------------- rendering
+
+_SUPERSAMPLE = 2
+
+
+def _shape_mask(category: str, box: tuple[float, float, float, float], canvas: int) -> Image.Image:
+    """A white-on-black mask of the product silhouette inside ``box`` (x0, y0, x1, y1)."""
+    mask = Image.new("L", (canvas, canvas), 0)
+    d = ImageDraw.Draw(mask)
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+
+    def p(fx, fy):
+        return (x0 + fx * w, y0 + fy * h)
+
+    if category == "t-shirt":
+        d.polygon([p(.3, 0), p(.7, 0), p(1, .2), p(.85, .4), p(.78, .32), p(.78, 1), p(.22, 1),
+                   p(.22, .32), p(.15, .4), p(0, .2)], fill=255)
+    elif category == "mug":
+        d.rectangle([p(.1, .1), p(.72, 1)], fill=255)
+        d.ellipse([p(.6, .3), p(1, .75)], outline=255, width=max(2, int(w * .08)))
+    elif category == "bag":
+        d.rectangle([p(0, .35), p(1, 1)], fill=255)
+        d.arc([p(.25, 0), p(.75, .7)], 180, 360, fill=255, width=max(2, int(w * .07)))
+    elif category == "bottle":
+        d.rectangle([p(.38, 0), p(.62, .2)], fill=255)
+        d.polygon([p(.38, .2), p(.62, .2), p(.8, .35), p(.2, .35)], fill=255)
+        d.rectangle([p(.2, .35), p(.8, 1)], fill=255)
+    elif category == "cap":
+        d.pieslice([p(.05, .15), p(.85, 1.2)], 180, 360, fill=255)
+        d.rectangle([p(.45, .62), p(1, .75)], fill=255)
+    elif category == "phone case":
+        d.rounded_rectangle([p(.2, 0), p(.8, 1)], radius=w * .1, fill=255)
+    else:
+        raise ValueError(f"unknown category {category!r}")
+    return mask
+
+
+def _pattern_layer(pattern: str, color, box, canvas: int, base) -> Image.Image:
+    layer = Image.new("RGB", (canvas, canvas), base)
+    d = ImageDraw.Draw(layer)
+    x0, y0, x1, y1 = box
+    step = max(4, int((x1 - x0) / 5))
+    if pattern == "striped":
+        for y in range(int(y0), int(y1), step):
+            d.rectangle([x0, y, x1, y + step // 2], fill=color)
+    elif pattern == "dotted":
+        r = step / 4
+        for y in range(int(y0) + step // 2, int(y1), step):
+            for x in range(int(x0) + step // 2, int(x1), step):
+                d.ellipse([x - r, y - r, x + r, y + r], fill=color)
+    elif pattern == "checked":
+        for i, y in enumerate(range(int(y0), int(y1), step)):
+            for j, x in enumerate(range(int(x0), int(x1), step)):
+                if (i + j) % 2 == 0:
+                    d.rectangle([x, y, x + step - 1, y + step - 1], fill=color)
+    elif pattern == "zigzag":
+        for y in range(int(y0), int(y1), step):
+            pts = [(x0 + k * step / 2, y + (step / 2 if k % 2 else 0)) for k in range(int(2 * (x1 - x0) / step) + 2)]
+            d.line(pts, fill=color, width=max(2, step // 4))
+    return layer
+
+
+def _draw_logo(d: ImageDraw.ImageDraw, logo: str, center, radius: float, color) -> None:
+    cx, cy = center
+    r = radius
+    if logo == "star":
+        pts = []
+        for k in range(10):
+            rr = r if k % 2 == 0 else r * 0.45
+            ang = np.pi / 2 + k * np.pi / 5
+            pts.append((cx + rr * np.cos(ang), cy - rr * np.sin(ang)))
+        d.polygon(pts, fill=color)
+    elif logo == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif logo == "triangle":
+        d.polygon([(cx, cy - r), (cx + r, cy + r * .8), (cx - r, cy + r * .8)], fill=color)
+    elif logo == "cross":
+        t = r * 0.35
+        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=color)
+        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=color)
+
+
+def render_product_image(attrs: dict, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """Render one photo of a product from its true attributes, with per-photo variation."""
+    canvas = size * _SUPERSAMPLE
+    tone = int(rng.integers(185, 246))
+    tint = rng.integers(-12, 13, size=3)
+    background = tuple(int(np.clip(tone + t, 0, 255)) for t in tint)
+    scale = rng.uniform(0.62, 0.88) * canvas
+    cx = canvas / 2 + rng.uniform(-0.1, 0.1) * canvas
+    cy = canvas / 2 + rng.uniform(-0.1, 0.1) * canvas
+    box = (cx - scale / 2, cy - scale / 2, cx + scale / 2, cy + scale / 2)
+    noise_sigma = rng.uniform(0.0, 8.0)
+
+    body = PALETTE[attrs["color"]]
+    accent = PALETTE[attrs["secondary_color"]]
+    product = _pattern_layer(attrs["pattern"], accent, box, canvas, body)
+    mask = _shape_mask(attrs["category"], box, canvas)
+    image = Image.new("RGB", (canvas, canvas), background)
+    image.paste(product, (0, 0), mask)
+    draw = ImageDraw.Draw(image)
+    # A thin trim in the secondary colour makes it visible even on solid products.
+    edge = mask.point(lambda v: 255 if v > 0 else 0)
+    trim = Image.new("RGB", (canvas, canvas), accent)
+    inner = _shape_mask(attrs["category"], tuple(np.array(box) + np.array([3, 3, -3, -3]) * _SUPERSAMPLE), canvas)
+    ring = Image.fromarray(((np.asarray(edge) > 0) & (np.asarray(inner) == 0)).astype(np.uint8) * 255)
+    image.paste(trim, (0, 0), ring)
+    if attrs["logo"] != "none":
+        luminance = 0.3 * body[0] + 0.59 * body[1] + 0.11 * body[2]
+        ink = (20, 20, 20) if luminance > 140 else (245, 245, 245)
+        logo_center = (cx, cy + 0.12 * scale)
+        _draw_logo(draw, attrs["logo"], logo_center, 0.13 * scale, ink)
+
+    image = image.resize((size, size), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = pixels + rng.normal(0.0, noise_sigma, size=pixels.shape).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+# ---------------------------------------------------------------- catalog
+
+
+def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Path:
+    """Write a synthetic catalog (``catalog.jsonl`` + ``images/``) and return its directory.
+
+    Keyword arguments are the fields of ``SyntheticCatalogConfig`` (num_products, seed, ...).
+    Alternatively pass ``config=SyntheticCatalogConfig(...)``.
+    """
+    cfg = kwargs.pop("config", None)
+    if cfg is None:
+        cfg = SyntheticCatalogConfig(output_dir=str(output_dir), **kwargs)
+    elif kwargs or output_dir is not None and str(output_dir) != cfg.output_dir:
+        raise ValueError("pass either config=SyntheticCatalogConfig(...) or keyword arguments, not both")
+    out = Path(cfg.output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+
+    num_dup = int(round(cfg.duplicate_sku_fraction * cfg.num_products * (1 - cfg.test_fraction)))
+    families = _sample_families(cfg, rng, cfg.num_products - num_dup)
+    order = rng.permutation(len(families))
+    num_test = int(round(cfg.test_fraction * len(families)))
+    if cfg.test_fraction > 0 and len(families) >= 2:
+        num_test = min(max(num_test, 1), len(families) - 1)
+    test_families = {int(i) for i in order[:num_test]}
+
+    products = []  # (product_id, family_id, split, true attributes)
+    for f, members in enumerate(families):
+        split = "test" if f in test_families else "train"
+        for attrs in members:
+            products.append((f"P{len(products):05d}", f"F{f:04d}", split, attrs))
+    train_products = [p for p in products if p[2] == "train"]
+    for k in rng.permutation(len(train_products))[:num_dup]:
+        _, family_id, _, attrs = train_products[int(k)]
+        products.append((f"P{len(products):05d}", family_id, "train", dict(attrs)))
+
+    lines = []
+    for product_id, family_id, split, attrs in products:
+        for _ in range(int(rng.integers(cfg.min_listings, cfg.max_listings + 1))):
+            listing_id = f"L{len(lines):06d}"
+            paths = []
+            for v in range(cfg.images_per_listing):
+                rel = f"images/{listing_id}.png" if cfg.images_per_listing == 1 else f"images/{listing_id}_{v}.png"
+                render_product_image(attrs, rng, cfg.image_size).save(out / rel, format="PNG")
+                paths.append(rel)
+            row = {"listing_id": listing_id, "product_id": product_id, "title": _title(rng, attrs)}
+            if cfg.images_per_listing == 1:
+                row["image"] = paths[0]
+            else:
+                row["images"] = paths
+            row.update(
+                category=attrs["category"],
+                attributes=_teacher_attributes(cfg, rng, attrs),
+                true_attributes={key: attrs[key] for key in ATTRIBUTE_KEYS},
+                family_id=family_id,
+                split=split,
+            )
+            lines.append(json.dumps(row, ensure_ascii=False))
+
+    (out / "catalog.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "generation.json").write_text(json.dumps(asdict(cfg) | {"output_dir": None}, indent=2) + "\n")
+    return out

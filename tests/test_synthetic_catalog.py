@@ -1,0 +1,146 @@
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agcl.synthetic_catalog import (
+    ATTRIBUTE_KEYS,
+    REDUNDANT_VALUES,
+    SyntheticCatalogConfig,
+    make_synthetic_catalog,
+    vocabulary_corpus,
+)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def rows(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "catalog.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    return make_synthetic_catalog(tmp_path_factory.mktemp("cat") / "c", num_products=120, seed=3)
+
+
+def test_same_arguments_give_identical_bytes_and_other_seed_differs(tmp_path, catalog):
+    again = make_synthetic_catalog(tmp_path / "again", num_products=120, seed=3)
+    assert tree_digest(again) == tree_digest(catalog)
+    other = make_synthetic_catalog(tmp_path / "other", num_products=120, seed=4)
+    assert (other / "catalog.jsonl").read_bytes() != (catalog / "catalog.jsonl").read_bytes()
+    assert tree_digest(other)["images/L000000.png"] != tree_digest(catalog)["images/L000000.png"]
+
+
+def test_products_listings_and_split(catalog):
+    data = rows(catalog)
+    by_product = defaultdict(list)
+    for r in data:
+        by_product[r["product_id"]].append(r)
+        assert (catalog / r["image"]).is_file()
+    assert len(by_product) == 120
+    assert len({r["listing_id"] for r in data}) == len(data)
+    for listings in by_product.values():
+        assert 2 <= len(listings) <= 5
+        assert len({r["split"] for r in listings}) == 1  # a product never straddles the split
+        assert len({json.dumps(r["true_attributes"], sort_keys=True) for r in listings}) == 1
+    families = defaultdict(set)
+    for r in data:
+        families[r["family_id"]].add(r["split"])
+    assert all(len(s) == 1 for s in families.values())  # near-duplicates stay together
+    test_share = np.mean([r["split"] == "test" for r in data])
+    assert 0.15 < test_share < 0.45
+
+
+def test_families_are_near_duplicates_differing_in_exactly_one_attribute(catalog):
+    products = {}
+    for r in rows(catalog):
+        products[r["product_id"]] = (r["family_id"], tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS))
+    by_family = defaultdict(list)
+    for family, attrs in products.values():
+        by_family[family].append(attrs)
+    multi = 0
+    for members in by_family.values():
+        distinct = sorted(set(members))
+        multi += len(distinct) > 1
+        for a in range(len(distinct)):
+            for b in range(a + 1, len(distinct)):
+                assert sum(x != y for x, y in zip(distinct[a], distinct[b])) == 1
+    assert multi >= len(by_family) * 0.8  # nearly every family has near-duplicates
+
+
+def test_duplicate_skus_only_in_train_and_otherwise_unique(tmp_path):
+    root = make_synthetic_catalog(tmp_path / "c", num_products=200, seed=0, duplicate_sku_fraction=0.05)
+    signature_products = defaultdict(set)
+    split_of = {}
+    for r in rows(root):
+        signature_products[json.dumps(r["true_attributes"], sort_keys=True)].add(r["product_id"])
+        split_of[r["product_id"]] = r["split"]
+    duplicated = [ps for ps in signature_products.values() if len(ps) > 1]
+    assert len(duplicated) == round(0.05 * 200 * 0.7)
+    assert all(len(ps) == 2 and all(split_of[p] == "train" for p in ps) for ps in duplicated)
+
+
+def test_titles_are_noisy_and_partial(catalog):
+    data = rows(catalog)
+    mentions_everything = 0
+    for r in data:
+        t = r["true_attributes"]
+        title = r["title"].lower()
+        mentions_everything += all(t[k] in title for k in ("brand", "color", "size")) and f"{t['secondary_color']} trim" in title
+    assert mentions_everything / len(data) < 0.05
+    by_product = defaultdict(set)
+    for r in data:
+        by_product[r["product_id"]].add(r["title"])
+    assert np.mean([len(v) > 1 for v in by_product.values()]) > 0.9  # listings of a product are titled differently
+
+
+def test_teacher_rates_are_configurable_and_measurable(tmp_path):
+    perfect = make_synthetic_catalog(tmp_path / "p", num_products=60, seed=0, teacher_omission_rate=0.0,
+                                     teacher_error_rate=0.0, teacher_redundancy_rate=0.0)
+    assert all(r["attributes"] == r["true_attributes"] for r in rows(perfect))
+    noisy = rows(make_synthetic_catalog(tmp_path / "n", num_products=300, seed=0, teacher_omission_rate=0.2,
+                                        teacher_error_rate=0.25, teacher_redundancy_rate=0.5))
+    pairs = [(r["attributes"], r["true_attributes"]) for r in noisy]
+    omitted = np.mean([k not in a for a, t in pairs for k in ATTRIBUTE_KEYS])
+    wrong = np.mean([a[k] != t[k] for a, t in pairs for k in ATTRIBUTE_KEYS if k in a])
+    redundant = np.mean([k in a for a, _ in pairs for k in REDUNDANT_VALUES])
+    assert omitted == pytest.approx(0.2, abs=0.03)
+    assert wrong == pytest.approx(0.25, abs=0.03)
+    assert redundant == pytest.approx(0.5, abs=0.05)
+
+
+def test_multi_image_listings(tmp_path):
+    root = make_synthetic_catalog(tmp_path / "m", num_products=6, seed=0, images_per_listing=3)
+    for r in rows(root):
+        assert "image" not in r and len(r["images"]) == 3
+        assert all((root / p).is_file() for p in r["images"])
+
+
+def test_invalid_arguments_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="min_listings"):
+        SyntheticCatalogConfig(output_dir=str(tmp_path), min_listings=1)
+    with pytest.raises(ValueError, match="teacher_error_rate"):
+        make_synthetic_catalog(tmp_path, teacher_error_rate=2.0)
+
+
+def test_recipe_cli_writes_the_same_catalog_as_the_function(tmp_path):
+    from recipes.make_catalog import main
+
+    main(["--output_dir", str(tmp_path / "cli"), "--num_products", "20", "--seed", "5"])
+    direct = make_synthetic_catalog(tmp_path / "fn", num_products=20, seed=5)
+    assert tree_digest(tmp_path / "cli") == tree_digest(direct)
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(tmp_path / "bad"), "--num_products", "1"])
+
+
+def test_vocabulary_corpus_covers_every_attribute_value(catalog):
+    words = set(" ".join(vocabulary_corpus()).lower().replace(":", " ").split())
+    for r in rows(catalog):
+        assert set(r["title"].lower().split()) <= words
+        for key, value in r["attributes"].items():
+            assert set(f"{key} {value}".lower().split()) <= words
