@@ -1,0 +1,476 @@
+"""The catalog data layer: load a product catalog, check every row, return a ``datasets.Dataset``.
+
+Every stage (AGCL training, attribute extraction, RAR, evaluation) reads catalogs through
+``load_catalog`` so that a bad row fails here, with its line and field named, and never as a
+traceback from deep inside a trainer.
+
+Sources
+    * a directory with ``catalog.jsonl`` (one JSON object per line) and its images;
+    * a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``;
+    * a Hugging Face hub id (only when the string is not a path: ``./x``, ``/x``, ``~/x`` are paths);
+    * an in-memory ``datasets.Dataset`` or ``DatasetDict``.
+
+Columns
+    ``listing_id``  str, required, non-empty, unique across the whole source.
+    ``product_id``  str, required, non-empty; same product_id = same product. Strict: an int is an
+                    error (ids like 00123 silently lose their zeros when they pass through numbers).
+    ``title``       str, required, non-empty after stripping whitespace.
+    ``image``       str path or ``datasets.Image()`` -- or ``images``: a non-empty list of them.
+                    Exactly one of the two per row, and the same one in every row.
+    ``category``    str or null, optional.  ``split``: str or null, optional.
+    ``attributes``  object key -> value, or null, optional. Values may be strings, numbers or
+                    booleans; numbers become ``str(v)``, booleans ``"true"``/``"false"``. Nulls,
+                    lists and nested objects are rejected (for a Dataset whose attributes column is
+                    an Arrow struct, null values are how Arrow spells "key absent" and are dropped).
+    Any other column is kept. In catalog.jsonl an extra column holding objects (or mixed types)
+    is stored like ``attributes``.
+
+Decisions
+    * ``attributes`` is stored as ``datasets.Json()``: Arrow structs would add a ``None`` entry for
+      every key some other row has; Json keeps ``ds[i]["attributes"]`` exactly the file's object.
+    * Image paths are relative to the catalog directory; absolute paths and paths that resolve
+      (after symlinks) outside it are rejected. Dataset or hub sources without a directory resolve
+      relative paths against the working directory. The column is returned as ``datasets.Image()``
+      (``List(Image())`` for ``images``) holding absolute paths, so images decode lazily on row
+      access. A saved Dataset(Dict) with string paths resolves them against the directory given
+      (``save_to_disk`` itself embeds the bytes of ``Image()`` columns, so those need no files).
+    * ``verify_images`` runs PIL ``verify()`` and then a decode at reduced size (``draft``):
+      ``verify()`` alone passes a truncated JPEG; the draft decode catches it cheaply.
+    * Blank lines in catalog.jsonl are skipped (a trailing newline or a separator is not an
+      error); line numbers in messages count every line, blank ones included, starting at 1.
+    * Field checks and listing_id uniqueness cover every row of the source; image checks cover
+      only the rows of the requested ``split``. Dataset rows are named by 0-based row index.
+    * A DatasetDict with ``split=None`` is concatenated (a ``split`` column with each split's
+      name is added when missing) and listing_ids must be unique across its splits.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import datasets
+from PIL import Image as PILImage
+from tqdm.auto import tqdm
+
+__all__ = ["CatalogError", "load_catalog", "group_by_product"]
+
+CATALOG_FILE = "catalog.jsonl"
+REQUIRED = ("listing_id", "product_id", "title")
+OPTIONAL_STR = ("category", "split")
+KNOWN = (*REQUIRED, "image", "images", *OPTIONAL_STR, "attributes")
+MAX_LISTED = 20
+BAR_MIN_IMAGES = 1000  # below this a progress bar is noise
+_BATCH = 1000
+
+
+class CatalogError(ValueError):
+    """A catalog failed validation. ``.problems`` lists every problem found, one string each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = str(source), list(problems)
+        if len(self.problems) == 1:
+            msg = f"invalid catalog {self.source}: {self.problems[0]}"
+        else:
+            listed = [f"  - {p}" for p in self.problems[:MAX_LISTED]]
+            if len(self.problems) > MAX_LISTED:
+                listed.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
+            msg = "\n".join([f"invalid catalog {self.source}: {len(self.problems)} problems", *listed])
+        super().__init__(msg)
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+class _Validator:
+    """Checks rows (plain dicts) one by one, collecting problems and image checks to run later."""
+
+    def __init__(
+        self, label: str, unit: str, root: str | None, image_kinds: dict[str, str], attr_struct: bool = False
+    ):
+        self.label, self.unit, self.root, self.attr_struct = label, unit, root, attr_struct
+        self.image_kinds = image_kinds  # column -> "path" (str) or "feature" ({"bytes", "path"} dict)
+        self.problems: list[str] = []
+        self.seen: dict[str, str] = {}  # listing_id -> "line 3", for duplicate messages
+        self.image_field: str | None = None  # the column this catalog uses, fixed by its first row
+        self.jobs: list[tuple[str, str, object]] = []  # (where, field, path str or image dict)
+
+    def row(self, rec: dict, n: int, check_images: bool) -> dict:
+        """Validate one row; return it with ``attributes`` normalised and image paths absolute."""
+        lid = rec.get("listing_id")
+        named = f" (listing_id {lid!r})" if isinstance(lid, str) and lid else ""
+        where = f"{self.label} {self.unit} {n}{named}"
+        bad = self.problems.append
+        for field in REQUIRED:
+            value = rec.get(field)
+            if value is None:
+                bad(f"{where}: field '{field}' is missing")
+            elif not isinstance(value, str):
+                bad(f"{where}: field '{field}' must be a string, found {_type_name(value)} ({value!r:.40})")
+            elif not value.strip():
+                bad(f"{where}: field '{field}' is empty")
+        if isinstance(lid, str) and lid.strip():
+            if lid in self.seen:
+                bad(f"{where}: field 'listing_id' duplicates {self.seen[lid]}")
+            else:
+                self.seen[lid] = f"{self.unit} {n}"
+        for field in OPTIONAL_STR:
+            value = rec.get(field)
+            if value is not None and not isinstance(value, str):
+                bad(f"{where}: field '{field}' must be a string or null, found {_type_name(value)}")
+        out = dict(rec)
+        if rec.get("attributes") is not None:
+            out["attributes"] = self._attributes(rec["attributes"], where)
+        present = [f for f in ("image", "images") if rec.get(f) is not None]
+        if len(present) != 1:
+            state = "are both set" if present else "are both missing"
+            bad(f"{where}: fields 'image' and 'images' {state}; give exactly one")
+            return out
+        field = present[0]
+        self.image_field = self.image_field or field
+        if field != self.image_field:
+            bad(f"{where}: field '{field}' is used, but earlier rows use '{self.image_field}'")
+            return out
+        values = rec[field] if field == "images" else [rec[field]]
+        if field == "images" and (not isinstance(values, list) or not values):
+            bad(f"{where}: field 'images' must be a non-empty list, found {values!r:.40}")
+            return out
+        kind, checked = self.image_kinds.get(field, "path"), []
+        for k, ref in enumerate(values):
+            name = f"images[{k}]" if field == "images" else "image"
+            if kind == "path":
+                if not isinstance(ref, str) or not ref.strip():
+                    bad(f"{where}: field '{name}' must be a non-empty path string, found {ref!r:.40}")
+                    continue
+                checked.append(os.path.abspath(os.path.join(self.root or os.getcwd(), ref)))
+                ref = (ref, checked[-1], None, self.root)
+            elif not isinstance(ref, dict) or (ref.get("bytes") is None and not ref.get("path")):
+                bad(f"{where}: field '{name}' holds no image (neither bytes nor path)")
+                continue
+            else:  # a datasets.Image() value: embedded bytes, or a path datasets resolves itself
+                ref = (ref.get("path") or "<embedded bytes>", ref.get("path"), ref.get("bytes"), None)
+            if check_images:
+                self.jobs.append((where, name, ref))
+        if kind == "path":  # absolute paths, so that decoding does not depend on the working directory
+            out[field] = checked if field == "images" else checked[0] if checked else None
+        return out
+
+    def _attributes(self, attrs, where: str):
+        if not isinstance(attrs, dict):
+            self.problems.append(
+                f"{where}: field 'attributes' must be an object or null, found {attrs!r:.40}"
+            )
+            return attrs
+        clean = {}
+        for key, value in attrs.items():
+            if value is None and self.attr_struct:
+                continue  # an Arrow struct spells "this row lacks the key" as None
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, (int, float)) and math.isfinite(value):
+                value = str(value)
+            if not isinstance(key, str) or not key.strip():
+                self.problems.append(f"{where}: field 'attributes' has an empty key")
+            elif not isinstance(value, str):
+                self.problems.append(
+                    f"{where}: field 'attributes' key {key!r} must have a string, number or boolean "
+                    f"value, found {_type_name(value)}"
+                )
+            clean[key] = value
+        return clean
+
+
+def _check_image(ref: tuple, verify: bool) -> str | None:
+    """Problem with one image (written name, absolute path, bytes, root to stay inside), or None."""
+    written, path, data, root = ref
+    if root is not None:  # a string path from a catalog directory
+        real, real_root = os.path.realpath(path), os.path.realpath(root)
+        if os.path.isabs(written):
+            return f"path {written!r} is absolute, i.e. outside the catalog directory {root}"
+        if os.path.commonpath([real, real_root]) != real_root:
+            return f"path {written!r} resolves to {real}, outside the catalog directory {root}"
+    if data is None and not os.path.isfile(path):
+        return f"image file not found: {path}"
+    if not verify:
+        return None
+    try:
+        for check in ("verify", "load"):
+            with PILImage.open(path if data is None else io.BytesIO(data)) as im:
+                if check == "verify":
+                    im.verify()  # structure and checksums; raises SyntaxError/OSError/... when corrupt
+                else:  # verify() passes a truncated JPEG; a decode catches it, at 1/8 scale via draft
+                    im.draft(im.mode, (1, 1))
+                    im.load()
+    except Exception as e:  # PIL raises many types (incl. DecompressionBombError); all mean "unusable"
+        return f"cannot read image {written!r}: {type(e).__name__}: {e}"
+    return None
+
+
+def _run_image_checks(v: _Validator, pool: ThreadPoolExecutor, bar: tqdm, verify: bool) -> None:
+    jobs, v.jobs = v.jobs, []
+    results = pool.map(lambda job: _check_image(job[2], verify), jobs)
+    for (where, field, _), problem in zip(jobs, results, strict=True):
+        bar.update(1)
+        if problem:
+            v.problems.append(f"{where}: field '{field}': {problem}")
+
+
+def _finish(v: _Validator, source: str, rows_kept: int, split: str | None, splits_seen: set) -> None:
+    if not rows_kept and not v.problems:
+        if split is None:
+            v.problems.append("the catalog has no listings")
+        else:
+            seen = ", ".join(repr(s) for s in sorted(splits_seen)) or "none"
+            v.problems.append(f"no listings have field 'split' == {split!r} (splits present: {seen})")
+    if v.problems:
+        raise CatalogError(source, v.problems)
+
+
+def _parse_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """Parse catalog.jsonl line by line (bytes, so a bad byte is reported with its line)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CatalogError(path, [f"cannot read {path}: {e}"]) from e
+    records, problems = [], []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(
+                f"{path.name} line {n}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+            )
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path.name} line {n}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"{path.name} line {n}: expected a JSON object, found {_type_name(obj)}")
+            continue
+        records.append((n, obj))
+    return records, problems
+
+
+def _extra_feature(values: list):
+    """Feature of an extra column: Arrow's inference, or Json for objects and mixed types."""
+    import pyarrow as pa
+
+    if any(isinstance(x, dict) for x in values):
+        return datasets.Json()
+    try:
+        return datasets.Features.from_arrow_schema(pa.schema([("x", pa.array(values).type)]))["x"]
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return datasets.Json()
+
+
+def _image_feature(field: str):
+    return datasets.List(datasets.Image()) if field == "images" else datasets.Image()
+
+
+def _from_jsonl(path: Path, split, verify: bool, workers) -> datasets.Dataset:
+    records, problems = _parse_jsonl(path)
+    v = _Validator(path.name, "line", str(path.parent), {})
+    v.problems.extend(problems)
+    if split is not None and records and not any("split" in r for _, r in records):
+        raise CatalogError(path, [f"split {split!r} requested, but no line has the field 'split'"])
+    selected = [split is None or r.get("split") == split for _, r in records]
+    rows = [v.row(r, n, check_images=s) for (n, r), s in zip(records, selected, strict=True)]
+    rows = [row for row, s in zip(rows, selected, strict=True) if s]
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(v.jobs), desc="Checking images", disable=len(v.jobs) < BAR_MIN_IMAGES) as bar,
+    ):
+        _run_image_checks(v, pool, bar, verify)
+    _finish(
+        v,
+        str(path),
+        len(rows),
+        split,
+        {r.get("split") for _, r in records if isinstance(r.get("split"), str)},
+    )
+    features = {c: datasets.Value("string") for c in REQUIRED}
+    features[v.image_field] = _image_feature(v.image_field)
+    columns = list(dict.fromkeys(k for _, r in records for k in r))  # first-seen order
+    for c in columns:
+        if c in OPTIONAL_STR:
+            features[c] = datasets.Value("string")
+        elif c == "attributes":
+            features[c] = datasets.Json()
+        elif c not in KNOWN:
+            features[c] = _extra_feature([row.get(c) for row in rows])
+    order = [c for c in KNOWN if c in features] + [c for c in columns if c not in KNOWN]
+    feats = datasets.Features({c: features[c] for c in order})
+    return datasets.Dataset.from_list([{c: row.get(c) for c in order} for row in rows], features=feats)
+
+
+def _column_kinds(ds: datasets.Dataset, label: str) -> tuple[dict[str, str], bool]:
+    """Column-level type checks for a Dataset (one message per column, not one per row)."""
+    feats, problems, kinds = ds.features, [], {}
+    string = ("string", "large_string")
+    for c in REQUIRED + OPTIONAL_STR:
+        f = feats.get(c)
+        if c in REQUIRED and f is None:
+            problems.append(f"{label}: required field '{c}' is not a column (columns: {ds.column_names})")
+        elif f is not None and getattr(f, "dtype", None) not in (*string, "null"):
+            problems.append(f"{label}: field '{c}' must be a string column, found {f}")
+    for c in ("image", "images"):
+        f = feats.get(c)
+        inner = getattr(f, "feature", None) if c == "images" else f
+        if f is None:
+            continue
+        if c == "images" and not isinstance(f, (datasets.List, datasets.LargeList)):
+            inner = None
+        if isinstance(inner, datasets.Image):
+            kinds[c] = "feature"
+        elif getattr(inner, "dtype", None) in (*string, "null"):
+            kinds[c] = "path"
+        else:
+            what = "string paths or Image()" if c == "image" else "a list of string paths or of Image()"
+            problems.append(f"{label}: field '{c}' must hold {what}, found {f}")
+    if "image" not in feats and "images" not in feats:
+        problems.append(f"{label}: fields 'image' and 'images' are both missing; give exactly one")
+    attrs = feats.get("attributes")
+    if not (
+        attrs is None or isinstance(attrs, (datasets.Json, dict)) or getattr(attrs, "dtype", 0) == "null"
+    ):
+        problems.append(f"{label}: field 'attributes' must be a Json or struct column, found {attrs}")
+    if problems:
+        raise CatalogError(label, problems)
+    return kinds, isinstance(attrs, dict)
+
+
+def _from_dataset(ds: datasets.Dataset, label: str, root: str | None, split, verify, workers):
+    kinds, attr_struct = _column_kinds(ds, label)
+    if split is not None and "split" not in ds.column_names:
+        raise CatalogError(label, [f"split {split!r} requested, but the dataset has no field 'split'"])
+    v = _Validator(label, "row", root, kinds, attr_struct)
+    keep, new_attrs, new_images, splits_seen = [], [], [], set()
+    json_cols = [c for c, f in ds.features.items() if isinstance(f, datasets.Json)]
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(desc="Checking images", disable=len(ds) < BAR_MIN_IMAGES) as bar,
+    ):
+        i = 0
+        for batch in ds.with_format("arrow").iter(batch_size=_BATCH):  # Arrow: images stay undecoded
+            for rec in batch.to_pylist():
+                for c in json_cols:
+                    rec[c] = json.loads(rec[c]) if isinstance(rec[c], str) else rec[c]
+                splits_seen.add(rec.get("split"))  # str or None: the column type was checked
+                selected = split is None or rec.get("split") == split
+                out = v.row(rec, i, check_images=selected)
+                if selected:
+                    keep.append(i)
+                    new_attrs.append(out.get("attributes"))
+                    new_images.append(out.get(v.image_field or "image"))
+                i += 1
+            _run_image_checks(v, pool, bar, verify)  # per batch: embedded image bytes never pile up
+    _finish(v, label, len(keep), split, splits_seen - {None})
+    if len(keep) != len(ds):
+        ds = ds.select(keep)
+    order, field = ds.column_names, v.image_field
+    other = "images" if field == "image" else "image"
+    if other in order:  # a column no row uses (rows were checked to use exactly `field`)
+        ds, order = ds.remove_columns(other), [c for c in order if c != other]
+    replace = {}
+    if kinds.get(field) == "path":
+        replace[field] = (new_images, _image_feature(field))
+    if "attributes" in order and not isinstance(ds.features["attributes"], datasets.Json):
+        replace["attributes"] = (new_attrs, datasets.Json())
+    if replace:
+        if ds._indices is not None:  # add_column needs flat data; in memory, never beside the source
+            ds = ds.flatten_indices(keep_in_memory=True)
+        for c, (values, feat) in replace.items():
+            encoded = datasets.Features({c: feat}).encode_batch({c: values})[c]
+            ds = ds.remove_columns(c).add_column(c, encoded, feature=feat)
+        ds = ds.select_columns(order)
+    return ds
+
+
+def _from_dict(dd: datasets.DatasetDict, label: str, root, split, verify, workers) -> datasets.Dataset:
+    if split is not None:
+        if split not in dd:
+            raise CatalogError(label, [f"no split {split!r}; available splits: {', '.join(map(repr, dd))}"])
+        return _from_dataset(dd[split], f"{label}[{split}]", root, None, verify, workers)
+    parts, seen, dupes = [], {}, []
+    for name, part in dd.items():
+        if "split" not in part.column_names:
+            part = part.add_column("split", [name] * len(part), feature=datasets.Value("string"))
+        parts.append(_from_dataset(part, f"{label}[{name}]", root, None, verify, workers))
+        for i, lid in enumerate(parts[-1].with_format("arrow")["listing_id"].to_pylist()):
+            if lid in seen:  # the same listing in two splits: leakage between train and test
+                dupes.append(f"{label}[{name}] row {i}: field 'listing_id' {lid!r} duplicates {seen[lid]}")
+            seen.setdefault(lid, f"{label}[{name}] row {i}")
+    if dupes:
+        raise CatalogError(label, dupes)
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as e:
+        raise CatalogError(label, [f"its splits have different columns or types: {e}"]) from e
+
+
+def load_catalog(
+    source, split: str | None = None, *, verify_images: bool = True, num_proc: int | None = None
+) -> datasets.Dataset:
+    """Load and validate a catalog (see the module docstring for sources, columns and rules).
+
+    Args:
+        source: catalog directory, saved-dataset directory, hub id, or a Dataset / DatasetDict.
+        split: keep only this split (the ``split`` column, or the DatasetDict split); None = all.
+        verify_images: open and decode every image of the selected rows (existence and the
+            catalog-directory check run regardless).
+        num_proc: threads for image checks (default: ``ThreadPoolExecutor``'s); also passed to
+            ``datasets.load_dataset`` for hub ids.
+
+    Raises:
+        CatalogError: listing every problem found, each naming the line/row and the field.
+    """
+    verify, workers = verify_images, num_proc
+    if isinstance(source, datasets.Dataset):
+        return _from_dataset(source, "in-memory dataset", None, split, verify, workers)
+    if isinstance(source, datasets.DatasetDict):
+        return _from_dict(source, "in-memory dataset", None, split, verify, workers)
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        return _from_jsonl(path, split, verify, workers)
+    if path.is_dir():
+        if (path / CATALOG_FILE).is_file():
+            return _from_jsonl(path / CATALOG_FILE, split, verify, workers)
+        if not any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
+            raise CatalogError(path, [f"the directory has neither {CATALOG_FILE} nor a saved dataset"])
+        loaded = datasets.load_from_disk(str(path))
+        root = str(path.resolve())
+        if isinstance(loaded, datasets.DatasetDict):
+            return _from_dict(loaded, str(path), root, split, verify, workers)
+        return _from_dataset(loaded, str(path), root, split, verify, workers)
+    looks_like_path = text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or text.endswith(".jsonl")
+    if looks_like_path or path.exists():
+        raise CatalogError(text, [f"no such catalog directory: {text}"])
+    try:  # a hub id
+        loaded = datasets.load_dataset(text, split=split, num_proc=num_proc)
+    except Exception as e:  # offline, unknown repo, unknown split, ...: say what datasets said
+        raise CatalogError(text, [f"could not load hub dataset {text!r} (split {split!r}): {e}"]) from e
+    if isinstance(loaded, datasets.DatasetDict):
+        return _from_dict(loaded, text, None, None, verify, workers)
+    return _from_dataset(loaded, f"{text}[{split}]", None, None, verify, workers)
+
+
+def group_by_product(dataset: datasets.Dataset) -> dict[str, list[int]]:
+    """Map product_id -> row indices (in row order), from the column (no row decoding)."""
+    ids: Iterable = dataset.with_format("arrow")["product_id"].to_pylist()
+    groups: dict[str, list[int]] = {}
+    for i, pid in enumerate(ids):
+        groups.setdefault(pid, []).append(i)
+    return groups
