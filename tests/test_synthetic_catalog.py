@@ -69,7 +69,7 @@ def test_families_are_near_duplicates_differing_in_exactly_one_attribute(catalog
         multi += len(distinct) > 1
         for a in range(len(distinct)):
             for b in range(a + 1, len(distinct)):
-                assert sum(x != y for x, y in zip(distinct[a], distinct[b])) == 1
+                assert sum(x != y for x, y in zip(distinct[a], distinct[b], strict=True)) == 1
     assert multi >= len(by_family) * 0.8  # nearly every family has near-duplicates
 
 
