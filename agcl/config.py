@@ -1,0 +1,99 @@
+"""Configuration of stage 1: the AGCL training arguments and the recipe's script arguments.
+
+``AGCLConfig`` extends ``transformers.TrainingArguments`` the way TRL's ``GRPOConfig`` does, so
+every Trainer flag (learning rate, accelerate/DeepSpeed, logging, checkpoints) works unchanged.
+The backbone and its LoRA settings come from ``trl.ModelConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+FALSE_NEGATIVE_FILTERS = ("none", "absolute", "relative", "attribute", "dynamic")
+
+
+@dataclass
+class AGCLConfig(TrainingArguments):
+    """Training arguments of ``AGCLTrainer``: Trainer's plus the AGCL loss and data options."""
+
+    temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature τ (the paper: 0.02)."})
+    hard_negative_weighting: bool = field(
+        default=True, metadata={"help": "Add λ·tanh(BM25) of the attribute texts to every logit (AGCL's weighting)."}
+    )
+    weighting_scale: float = field(default=1.0, metadata={"help": "λ: scale of the tanh(BM25) logit bonus."})
+    false_negative_filter: str = field(
+        default="attribute",
+        metadata={"help": "False-negative filter: none, absolute, relative, attribute or dynamic.",
+                  "choices": list(FALSE_NEGATIVE_FILTERS)},
+    )
+    filter_threshold: float = field(default=0.9, metadata={"help": "`absolute` filter: mask negatives with cosine > this."})
+    filter_margin: float = field(
+        default=0.1, metadata={"help": "`relative` filter: mask negatives with cosine > positive's cosine − margin."}
+    )
+    dynamic_kappa: float = field(default=20.0, metadata={"help": "`dynamic` filter: sharpness κ of σ(κ(s_ip − s_in − m))."})
+    dynamic_threshold: float = field(default=0.6, metadata={"help": "`dynamic` filter: mask negatives with φ below this."})
+    dynamic_margin_start: float = field(default=0.2, metadata={"help": "`dynamic` filter: margin m at step 0."})
+    dynamic_margin_end: float = field(default=0.0, metadata={"help": "`dynamic` filter: margin m after the decay."})
+    dynamic_margin_decay_steps: int = field(default=1000, metadata={"help": "`dynamic` filter: steps of linear margin decay."})
+    symmetric: bool = field(default=False, metadata={"help": "Average the query→candidate and candidate→query losses."})
+    memory_queue_size: int = field(
+        default=0, metadata={"help": "Keep this many past candidate embeddings as extra negatives (MOON); 0 = off."}
+    )
+    intra_product_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the image↔text alignment term inside each listing (MOON2.0); 0 = off."}
+    )
+    gradient_cache_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Encode the batch in chunks of this size with GradCache: same loss and gradients, "
+                          "activation memory of one chunk. None = encode the batch at once."},
+    )
+    bm25_k1: float = field(default=1.2, metadata={"help": "BM25 k1 (term-frequency saturation)."})
+    bm25_b: float = field(default=0.75, metadata={"help": "BM25 b (length normalisation)."})
+    attribute_column: str | None = field(
+        default="attributes",
+        metadata={"help": "Catalog column of attribute dicts for BM25 weighting, the attribute filter and query enrichment."},
+    )
+    signature_keys: list[str] | None = field(
+        default=None,
+        metadata={"help": "Attribute keys whose values identify a SKU for the `attribute` filter (default: all keys)."},
+    )
+    query_attribute_probability: float = field(
+        default=0.5,
+        metadata={"help": "Probability of appending a query's attribute text to its input during training, so the "
+                          "encoder uses attributes when a query has them (stage 2) and works without them."},
+    )
+    # Trainer defaults that differ for contrastive training.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (pairs are built by the collator)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    save_safetensors: bool = field(default=True, metadata={"help": "Always safetensors."})
+
+    def __post_init__(self):
+        if self.false_negative_filter not in FALSE_NEGATIVE_FILTERS:
+            raise ValueError(f"--false_negative_filter {self.false_negative_filter!r} is not one of {list(FALSE_NEGATIVE_FILTERS)}")
+        if not 0.0 <= self.query_attribute_probability <= 1.0:
+            raise ValueError("--query_attribute_probability must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0")
+        super().__post_init__()
+
+
+@dataclass
+class AGCLScriptArguments:
+    """What to train on: the recipe's own arguments (the model comes from trl.ModelConfig)."""
+
+    catalog: str = field(
+        default="embedded",
+        metadata={"help": "Catalog directory, save_to_disk directory or hub id; `embedded` builds the synthetic catalog."},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split of the catalog to train on."})
+    eval_split: str | None = field(default="test", metadata={"help": "Split to evaluate on after training (None: skip)."})
+    embedded_num_products: int = field(default=600, metadata={"help": "Size of the embedded synthetic catalog."})
+    embedded_seed: int = field(default=0, metadata={"help": "Seed of the embedded synthetic catalog."})
+    cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where the embedded catalog and tiny models are built."})
+    instruction: str | None = field(default=None, metadata={"help": "Encoder instruction (default: the encoder's)."})
+    freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow the backbone's own code from the hub to run (off: code execution)."}
+    )

@@ -1,0 +1,111 @@
+"""Training pairs for contrastive learning: (query listing, another listing of the same product).
+
+``ProductPairDataset`` has one item per product, so a batch drawn without replacement never holds
+two pairs of the same product (no in-batch duplicates by construction; duplicate SKUs under other
+product ids remain, on purpose: they are the false negatives AGCL's filters exist for). Each time
+an item is read it draws a fresh pair of distinct listings, so every epoch sees new pairs.
+
+``AGCLCollator`` turns a batch of pairs into processor inputs for the encoder plus the side
+information the loss needs: product ids, attribute texts (for BM25 weighting) and attribute
+signatures (for the ``attribute`` false-negative filter).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import datasets
+import torch
+
+from agcl.attributes import attribute_signature, format_attributes
+from agcl.catalog import group_by_product
+
+logger = logging.getLogger(__name__)
+
+
+class ProductPairDataset(torch.utils.data.Dataset):
+    """One item per product with at least two listings; reading item i draws a random pair."""
+
+    def __init__(self, catalog: datasets.Dataset, seed: int | None = None):
+        groups = group_by_product(catalog)
+        self.catalog = catalog
+        self.groups = [rows for rows in groups.values() if len(rows) >= 2]
+        self.skipped_single_listing = len(groups) - len(self.groups)
+        if self.skipped_single_listing:
+            # Counted and reported, never silently dropped: a product needs two listings to be a pair.
+            logger.warning("%d of %d products have a single listing and give no training pair",
+                           self.skipped_single_listing, len(groups))
+        if not self.groups:
+            raise ValueError("no product has two listings: contrastive training needs pairs of the same product")
+        self._rng = random.Random(seed) if seed is not None else random
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> dict[str, int]:
+        query, positive = self._rng.sample(self.groups[index], 2)
+        return {"query": query, "positive": positive}
+
+
+def _first_image(row: dict):
+    return row["image"] if "image" in row else row["images"]
+
+
+class AGCLCollator:
+    """Builds encoder inputs and loss side-information for a batch of pairs.
+
+    attribute_column: catalog column with attribute dicts used for BM25 weighting, for the
+        ``attribute`` filter and (with ``query_attribute_probability``) appended to the query.
+    signature_keys: attribute keys that identify a SKU for the ``attribute`` filter.
+    query_attribute_probability: chance that a query's attribute text is appended to its input, so
+        that the encoder learns to use attributes when a query has them (stage 2 re-embeds queries
+        with generated attributes) and to work without them.
+    with_modalities: also return image-only and text-only inputs of the queries (for the
+        intra-product image-text term).
+    """
+
+    def __init__(self, encoder, catalog: datasets.Dataset, *, attribute_column: str | None = "attributes",
+                 attribute_keys: Sequence[str] | None = None, signature_keys: Sequence[str] | None = None,
+                 query_attribute_probability: float = 0.0, with_modalities: bool = False, seed: int | None = None):
+        if attribute_column is not None and attribute_column not in catalog.column_names:
+            raise ValueError(f"attribute_column {attribute_column!r} is not a column of the catalog "
+                             f"(columns: {catalog.column_names})")
+        self.encoder = encoder
+        self.catalog = catalog
+        self.attribute_column = attribute_column
+        self.attribute_keys = list(attribute_keys) if attribute_keys else None
+        self.signature_keys = list(signature_keys) if signature_keys else None
+        self.query_attribute_probability = query_attribute_probability
+        self.with_modalities = with_modalities
+        self._rng = random.Random(seed) if seed is not None else random
+
+    def _attribute_text(self, row: dict) -> str:
+        return format_attributes(row.get(self.attribute_column), self.attribute_keys) if self.attribute_column else ""
+
+    def _signature(self, row: dict) -> str | None:
+        attrs = row.get(self.attribute_column) if self.attribute_column else None
+        if not attrs:
+            return None
+        return attribute_signature(attrs, self.signature_keys or self.attribute_keys or sorted(attrs))
+
+    def __call__(self, items: list[dict[str, int]]) -> dict:
+        queries = [self.catalog[i["query"]] for i in items]
+        positives = [self.catalog[i["positive"]] for i in items]
+        q_attr = [self._attribute_text(r) for r in queries]
+        c_attr = [self._attribute_text(r) for r in positives]
+        appended = [a if a and self._rng.random() < self.query_attribute_probability else None for a in q_attr]
+        batch = {
+            "query": self.encoder.build_inputs([_first_image(r) for r in queries], [r["title"] for r in queries], appended),
+            "candidate": self.encoder.build_inputs([_first_image(r) for r in positives], [r["title"] for r in positives]),
+            "product_ids": [r["product_id"] for r in queries],
+            "query_attributes": q_attr,
+            "candidate_attributes": c_attr,
+            "query_signatures": [self._signature(r) for r in queries],
+            "candidate_signatures": [self._signature(r) for r in positives],
+        }
+        if self.with_modalities:
+            batch["query_image_only"] = self.encoder.build_inputs([_first_image(r) for r in queries], [None] * len(queries))
+            batch["query_text_only"] = self.encoder.build_inputs([None] * len(queries), [r["title"] for r in queries])
+        return batch

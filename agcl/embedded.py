@@ -1,0 +1,35 @@
+"""The embedded default: names that resolve to the synthetic catalog and the tiny models.
+
+Recipes accept ``--catalog embedded`` and ``--model_name_or_path tiny-qwen2-vl`` (or
+``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``) so that every command runs on a machine without model or
+dataset downloads. The artefacts are built once, deterministically, under ``cache_dir``; any other
+value is passed through unchanged (a path or a hub id).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agcl.synthetic_catalog import make_synthetic_catalog
+
+EMBEDDED_CATALOG = "embedded"
+TINY_MODELS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
+
+
+def resolve_catalog(source: str, cache_dir: str | Path, *, num_products: int = 600, seed: int = 0) -> str:
+    """``embedded`` → the synthetic catalog's directory (built if missing); anything else unchanged."""
+    if source != EMBEDDED_CATALOG:
+        return source
+    out = Path(cache_dir) / f"catalog-{num_products}-seed{seed}"
+    if not (out / "catalog.jsonl").is_file():  # written last, so a present file means a complete catalog
+        make_synthetic_catalog(out, num_products=num_products, seed=seed)
+    return str(out)
+
+
+def resolve_model(name_or_path: str, cache_dir: str | Path, **tiny_kwargs) -> str:
+    """``tiny-qwen2-vl`` & co. → a saved tiny model directory (built if missing); else unchanged."""
+    if name_or_path not in TINY_MODELS:
+        return name_or_path
+    from agcl.modeling import tiny_mllm_path
+
+    return str(tiny_mllm_path(Path(cache_dir) / "tiny-models", family=TINY_MODELS[name_or_path], **tiny_kwargs))

@@ -1,0 +1,107 @@
+"""The retrieval task suite of the paper (and MOON's zero-shot directions) on a catalog split.
+
+Tasks (every listing of the split is a query once; positives share its ``product_id`` unless said):
+
+- ``instance``: fine-grained identical-product retrieval, listing (image + title [+ attributes])
+  → the other listings (image + title); the query itself is excluded. Recall@K, mAP@K, MRR.
+- ``coarse``: the same embeddings, positives = same ``category``; mAP@1 (= precision@1).
+- ``image_to_text`` / ``text_to_image``: image-only queries against title-only gallery and back;
+  the listing's own counterpart counts as a positive (it is another modality, not itself).
+- ``image_to_multimodal``: image-only query → image + title gallery, the query's listing excluded.
+- ``classification``: accuracy of the nearest category name (embedded as text) per listing.
+
+Queries whose product has no other listing in the split cannot be scored on instance tasks: they
+are counted in ``n_skipped``, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+
+from agcl.attributes import format_attributes
+from agcl.metrics import metrics_from_search
+from agcl.retrieval import GalleryIndex
+
+TASKS = ("instance", "coarse", "image_to_text", "text_to_image", "image_to_multimodal", "classification")
+
+
+def listing_images(ds: datasets.Dataset) -> list:
+    return list(ds["image"]) if "image" in ds.column_names else list(ds["images"])
+
+
+def attribute_texts(ds: datasets.Dataset, source: str | None, key_order: Sequence[str] | None = None) -> list[str] | None:
+    """Attribute text per listing from ``source``: None/"none", "reference" (= `attributes`) or a column."""
+    if source in (None, "none"):
+        return None
+    column = "attributes" if source == "reference" else source
+    if column not in ds.column_names:
+        raise ValueError(f"--query_attributes {source!r}: the catalog has no column {column!r} (columns: {ds.column_names})")
+    return [format_attributes(a, key_order) for a in ds[column]]
+
+
+def _search_metrics(queries, gallery, query_labels, gallery_labels, ks, map_k, exclude=None) -> dict:
+    index = GalleryIndex.build(gallery, index_type="auto")
+    depth = min(max(*ks, map_k) + 1, index.size - (exclude is not None))
+    scores, indices = index.search(queries, depth, exclude=exclude)
+    ks = tuple(k for k in ks if k <= depth)
+    metrics = metrics_from_search(indices, scores, np.asarray(query_labels), np.asarray(gallery_labels), ks=ks,
+                                  map_k=min(map_k, depth), exclude=exclude, skip_queries_without_positive=True)
+    return {k: (float(v) if isinstance(v, float | np.floating) else int(v)) for k, v in metrics.items()}
+
+
+def evaluate_encoder(encoder, ds: datasets.Dataset, *, query_attributes: list[str | None] | None = None,
+                     tasks: Sequence[str] = TASKS, ks: Sequence[int] = (1, 5, 10), map_k: int = 10,
+                     batch_size: int = 32, show_progress: bool | None = None) -> dict[str, dict]:
+    """Run the task suite; returns ``{task: {metric: value}}`` with fractions in [0, 1]."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; valid: {list(TASKS)}")
+    if len(ds) < 2:
+        raise ValueError(f"evaluation needs at least 2 listings, the split has {len(ds)}")
+    images, titles = listing_images(ds), list(ds["title"])
+    products = np.asarray(ds["product_id"])
+    own = np.arange(len(ds))
+    enc = {"show_progress": show_progress, "batch_size": batch_size}
+    multimodal = encoder.encode(images, titles, **enc, desc="gallery (image+title)")
+    results: dict[str, dict] = {}
+
+    if "instance" in tasks:
+        queries = multimodal if query_attributes is None else encoder.encode(
+            images, titles, query_attributes, **enc, desc="queries (+attributes)")
+        results["instance"] = _search_metrics(queries, multimodal, products, products, ks, map_k, exclude=own)
+    has_category = "category" in ds.column_names and all(c is not None for c in ds["category"])
+    if "coarse" in tasks and has_category:
+        categories = np.asarray(ds["category"])
+        coarse = _search_metrics(multimodal, multimodal, categories, categories, (1,), 1, exclude=own)
+        results["coarse"] = {"mAP@1": coarse["mAP@1"], "n_queries": coarse["n_queries"]}
+    needs_single = {"image_to_text", "text_to_image", "image_to_multimodal"} & set(tasks)
+    if needs_single:
+        image_only = encoder.encode(images, [None] * len(ds), **enc, desc="image only")
+        text_only = encoder.encode([None] * len(ds), titles, **enc, desc="title only")
+        if "image_to_text" in tasks:
+            results["image_to_text"] = _search_metrics(image_only, text_only, products, products, ks, map_k)
+        if "text_to_image" in tasks:
+            results["text_to_image"] = _search_metrics(text_only, image_only, products, products, ks, map_k)
+        if "image_to_multimodal" in tasks:
+            results["image_to_multimodal"] = _search_metrics(image_only, multimodal, products, products, ks, map_k,
+                                                             exclude=own)
+    if "classification" in tasks and has_category:
+        names = sorted(set(ds["category"]))
+        label_emb = encoder.encode([None] * len(names), names, **enc, desc="category names")
+        predicted = np.asarray(names)[np.argmax(multimodal @ label_emb.T, axis=1)]
+        results["classification"] = {"accuracy": float(np.mean(predicted == np.asarray(ds["category"])))}
+    return results
+
+
+def format_results(results: dict[str, dict]) -> str:
+    """A readable table: one line per task, metrics in percent."""
+    lines = []
+    for task, metrics in results.items():
+        cells = [f"{name} {100 * value:5.1f}" for name, value in metrics.items()
+                 if isinstance(value, float) and not name.startswith("n_")]
+        counts = [f"{name}={value}" for name, value in metrics.items() if name.startswith("n_") and value]
+        lines.append(f"{task:<20} " + "  ".join(cells) + (f"   ({', '.join(counts)})" if counts else ""))
+    return "\n".join(lines)

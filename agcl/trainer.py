@@ -1,0 +1,132 @@
+"""``AGCLTrainer``: a ``transformers.Trainer`` that trains a ``ProductEncoder`` with the AGCL loss.
+
+Everything a Trainer does (accelerate, DeepSpeed, gradient accumulation, checkpoints, logging)
+stays as it is; this class only says how a batch of (query, positive) pairs becomes a loss, and
+saves the encoder in its own format (adapter or backbone + ``encoder_config.json``) so that
+``ProductEncoder.from_pretrained`` and the stage-2 reward can load any checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+import torch
+from transformers import Trainer
+
+from agcl.agcl_loss import AGCLLoss
+from agcl.attributes import BM25Scorer, format_attributes
+from agcl.config import AGCLConfig
+from agcl.data import AGCLCollator, ProductPairDataset
+from agcl.encoder import ProductEncoder
+from agcl.grad_cache import cached_contrastive_backward
+
+BM25_FILE = "bm25_idf.json"
+
+
+def check_attribute_options(args: AGCLConfig, catalog: datasets.Dataset) -> None:
+    """Fail before training when an option needs an attribute column the catalog lacks."""
+    needs = []
+    if args.hard_negative_weighting:
+        needs.append("--hard_negative_weighting")
+    if args.false_negative_filter == "attribute":
+        needs.append("--false_negative_filter attribute")
+    if args.query_attribute_probability > 0:
+        needs.append("--query_attribute_probability")
+    if not needs:
+        return
+    column = args.attribute_column
+    if column is None or column not in catalog.column_names:
+        raise ValueError(
+            f"{', '.join(needs)} need(s) an attribute column, but the catalog has no column {column!r} "
+            f"(columns: {catalog.column_names}). Add attributes with recipes/extract_attributes.py, set "
+            "--attribute_column, or turn the option off (e.g. --hard_negative_weighting false, "
+            "--query_attribute_probability 0)."
+        )
+
+
+class AGCLTrainer(Trainer):
+    """Trainer over pairs of listings of the same product, with the AGCL contrastive loss."""
+
+    def __init__(self, model: ProductEncoder, args: AGCLConfig, train_dataset: datasets.Dataset, **kwargs):
+        check_attribute_options(args, train_dataset)
+        self.catalog = train_dataset
+        attribute_column = args.attribute_column if args.attribute_column in train_dataset.column_names else None
+        self.bm25 = None
+        if args.hard_negative_weighting:
+            # IDF from the training set's attribute texts, as in the paper.
+            corpus = [format_attributes(a) for a in train_dataset[attribute_column]]
+            self.bm25 = BM25Scorer(corpus, k1=args.bm25_k1, b=args.bm25_b)
+        self.loss_fn = AGCLLoss(
+            temperature=args.temperature,
+            hard_negative_weighting=args.hard_negative_weighting,
+            weighting_scale=args.weighting_scale,
+            bm25=self.bm25.score if self.bm25 is not None else None,
+            false_negative_filter=args.false_negative_filter,
+            filter_threshold=args.filter_threshold,
+            filter_margin=args.filter_margin,
+            dynamic_kappa=args.dynamic_kappa,
+            dynamic_threshold=args.dynamic_threshold,
+            dynamic_margin_start=args.dynamic_margin_start,
+            dynamic_margin_end=args.dynamic_margin_end,
+            dynamic_margin_decay_steps=args.dynamic_margin_decay_steps,
+            symmetric=args.symmetric,
+            memory_queue_size=args.memory_queue_size,
+            intra_product_weight=args.intra_product_weight,
+        )
+        collator = kwargs.pop("data_collator", None) or AGCLCollator(
+            model, train_dataset, attribute_column=attribute_column, signature_keys=args.signature_keys,
+            query_attribute_probability=args.query_attribute_probability,
+            with_modalities=args.intra_product_weight > 0, seed=args.seed,
+        )
+        pairs = ProductPairDataset(train_dataset, seed=args.seed)
+        super().__init__(model=model, args=args, train_dataset=pairs, data_collator=collator, **kwargs)
+
+    # ------------------------------------------------------------------ loss
+
+    def _loss_kwargs(self, inputs: dict) -> dict:
+        return {
+            "product_ids": inputs["product_ids"],
+            "query_attributes": inputs["query_attributes"],
+            "candidate_attributes": inputs["candidate_attributes"],
+            "query_signatures": inputs["query_signatures"],
+            "candidate_signatures": inputs["candidate_signatures"],
+            "step": self.state.global_step,
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        query = model(**inputs["query"])
+        candidate = model(**inputs["candidate"])
+        extra = {}
+        if "query_image_only" in inputs:
+            extra = {"image_embeddings": model(**inputs["query_image_only"]),
+                     "text_embeddings": model(**inputs["query_text_only"])}
+        loss = self.loss_fn(query, candidate, **self._loss_kwargs(inputs), **extra)
+        return (loss, {"query": query, "candidate": candidate}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        chunk = self.args.gradient_cache_chunk_size
+        if not chunk:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.is_deepspeed_enabled or self.args.gradient_accumulation_steps > 1 or "query_image_only" in inputs:
+            raise ValueError("--gradient_cache_chunk_size works without DeepSpeed, gradient accumulation and "
+                             "--intra_product_weight; turn one of them off")
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        q_chunks = self.model.split_inputs(inputs["query"], chunk)
+        c_chunks = self.model.split_inputs(inputs["candidate"], chunk)
+        loss = cached_contrastive_backward(lambda batch: model(**batch), q_chunks, c_chunks, self.loss_fn,
+                                           **self._loss_kwargs(inputs))
+        return loss.detach()
+
+    # ------------------------------------------------------------------ saving
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir)
+        if self.bm25 is not None:
+            with open(os.path.join(output_dir, BM25_FILE), "w", encoding="utf-8") as f:
+                json.dump(self.bm25.to_dict(), f)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -1,0 +1,77 @@
+"""Stage 1: train a product encoder with Attribute-Guided Contrastive Learning (AGCL).
+
+    python recipes/agcl_train.py --config recipes/configs/agcl_demo.yaml
+    python recipes/agcl_train.py --config recipes/configs/agcl_demo.yaml \
+        --catalog data/my_catalog --output_dir outputs/my-encoder \
+        --hard_negative_weighting false --false_negative_filter relative
+    accelerate launch recipes/agcl_train.py --config recipes/configs/agcl_qwen2vl_2b.yaml
+
+Flags: the fields of agcl.config.AGCLScriptArguments, agcl.config.AGCLConfig (all of
+transformers.TrainingArguments plus the loss options) and trl.ModelConfig (backbone, LoRA, 4-bit).
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from transformers import set_seed
+from trl import ModelConfig, TrlParser
+
+from agcl.catalog import CatalogError, load_catalog
+from agcl.config import AGCLConfig, AGCLScriptArguments
+from agcl.embedded import resolve_catalog, resolve_model
+from agcl.encoder import EncoderConfig, ProductEncoder
+from agcl.evaluation import evaluate_encoder, format_results
+from agcl.trainer import AGCLTrainer, check_attribute_options
+
+logger = logging.getLogger("agcl_train")
+
+
+def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args: ModelConfig):
+    set_seed(training_args.seed)
+    # 1. Data first: a bad catalog or option fails here, before any model is loaded.
+    catalog = resolve_catalog(script_args.catalog, script_args.cache_dir,
+                              num_products=script_args.embedded_num_products, seed=script_args.embedded_seed)
+    train = load_catalog(catalog, split=script_args.train_split)
+    check_attribute_options(training_args, train)
+    test = load_catalog(catalog, split=script_args.eval_split) if script_args.eval_split else None
+
+    # 2. The encoder over the backbone (LoRA when --use_peft, else full fine-tuning of the LM).
+    backbone = resolve_model(model_args.model_name_or_path or "tiny-qwen2-vl", script_args.cache_dir)
+    encoder_config = EncoderConfig(
+        backbone=backbone,
+        lora_r=model_args.lora_r if model_args.use_peft else 0,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        freeze_vision=script_args.freeze_vision,
+        **({"lora_target_modules": model_args.lora_target_modules} if model_args.lora_target_modules else {}),
+        **({"instruction": script_args.instruction} if script_args.instruction else {}),
+    )
+    encoder = ProductEncoder.from_backbone(encoder_config, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit,
+                                           trust_remote_code=script_args.trust_remote_code)
+
+    # 3. Train and save (encoder_config.json + adapter or backbone, BM25 IDF table).
+    trainer = AGCLTrainer(model=encoder, args=training_args, train_dataset=train)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+
+    # 4. Evaluate on the held-out split.
+    if test is not None and trainer.is_world_process_zero():
+        results = evaluate_encoder(encoder, test, batch_size=training_args.per_device_eval_batch_size)
+        print(format_results(results))
+        path = Path(training_args.output_dir) / "eval_results.json"
+        path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        logger.info("wrote %s", path)
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
+    try:
+        script_args, training_args, model_args = parser.parse_args_and_config()
+        main(script_args, training_args, model_args)
+    except (CatalogError, ValueError, FileNotFoundError) as err:
+        # User errors (bad catalog, bad flag, missing path) end with one clear line, not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
