@@ -298,11 +298,36 @@ class BM25Scorer:
         df = self.doc_freq.get(token, 0)
         return math.log1p((self.num_docs - df + 0.5) / (df + 0.5))
 
-    def score(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
-        """BM25 matrix (len(queries), len(documents)), float32."""
+    def score(self, queries: Sequence[str], documents: Sequence[str], normalize: str = "none") -> np.ndarray:
+        """BM25 matrix (len(queries), len(documents)), float32.
+
+        normalize="self" divides row i by query i's score against itself, the share of the query's
+        own attribute evidence found in each document (about [0, 1]). Raw BM25 on attribute text
+        is large (a listing scores ~27 against itself, ~13 against a near-duplicate, ~4 against an
+        unrelated product on the embedded catalog), so tanh(B) in AGCL saturates at 1 for nearly
+        every pair and the weighting becomes a constant; the normalised score keeps it graded.
+        """
+        if normalize not in ("none", "self"):
+            raise ValueError(f"normalize must be 'none' or 'self', got {normalize!r}")
         query_tokens = [attribute_tokens(q) for q in queries]
         doc_tokens = query_tokens if documents is queries else [attribute_tokens(d) for d in documents]
-        return self.score_tokens(query_tokens, doc_tokens)
+        scores = self.score_tokens(query_tokens, doc_tokens)
+        if normalize == "self":
+            own = self.self_scores(query_tokens)
+            scores = np.divide(scores, own[:, None], out=np.zeros_like(scores), where=own[:, None] > 0)
+        return scores
+
+    def self_scores(self, token_lists: Sequence[Sequence[str]]) -> np.ndarray:
+        """Each tokenised text's BM25 score against itself (the diagonal of score_tokens(x, x))."""
+        out = np.zeros(len(token_lists), dtype=np.float32)
+        for i, tokens in enumerate(token_lists):
+            if not tokens:
+                continue
+            terms, tf = np.unique(np.asarray(tokens, dtype=object), return_counts=True)
+            norm = self.k1 * (1.0 - self.b + self.b * len(tokens) / self.avgdl)
+            idf = np.array([self.idf(t) for t in terms])
+            out[i] = float(np.sum(idf * tf * (self.k1 + 1.0) / (tf + norm)))
+        return out
 
     def score_tokens(self, queries: Sequence[Sequence[str]], documents: Sequence[Sequence[str]]) -> np.ndarray:
         """``score`` on pre-tokenised texts; vectorised over all (query, document) pairs."""

@@ -49,6 +49,12 @@ class AGCLConfig(TrainingArguments):
         metadata={"help": "Encode the batch in chunks of this size with GradCache: same loss and gradients, "
                           "activation memory of one chunk. None = encode the batch at once."},
     )
+    bm25_normalization: str = field(
+        default="self",
+        metadata={"help": "`self`: divide BM25 by the query's score against itself before tanh (raw BM25 on attribute "
+                          "text saturates tanh, making the weight constant); `none`: the literal formula.",
+                  "choices": ["self", "none"]},
+    )
     bm25_k1: float = field(default=1.2, metadata={"help": "BM25 k1 (term-frequency saturation)."})
     bm25_b: float = field(default=0.75, metadata={"help": "BM25 b (length normalisation)."})
     attribute_column: str | None = field(
@@ -58,6 +64,11 @@ class AGCLConfig(TrainingArguments):
     signature_keys: list[str] | None = field(
         default=None,
         metadata={"help": "Attribute keys whose values identify a SKU for the `attribute` filter (default: all keys)."},
+    )
+    batch_grouping_column: str | None = field(
+        default=None,
+        metadata={"help": "Build each batch from products sharing this catalog column's value (e.g. `category`): "
+                          "MOON's same-category hard negatives. None: random batches."},
     )
     query_attribute_probability: float = field(
         default=0.5,
@@ -88,7 +99,7 @@ class AGCLScriptArguments:
         metadata={"help": "Catalog directory, save_to_disk directory or hub id; `embedded` builds the synthetic catalog."},
     )
     train_split: str = field(default="train", metadata={"help": "Split of the catalog to train on."})
-    eval_split: str | None = field(default="test", metadata={"help": "Split to evaluate on after training (None: skip)."})
+    eval_split: str | None = field(default="test", metadata={"help": "Split to evaluate on after training (`none`: skip)."})
     embedded_num_products: int = field(default=600, metadata={"help": "Size of the embedded synthetic catalog."})
     embedded_seed: int = field(default=0, metadata={"help": "Seed of the embedded synthetic catalog."})
     cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where the embedded catalog and tiny models are built."})

@@ -44,9 +44,50 @@ class ProductPairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.groups)
 
+    def product_values(self, column: str) -> list:
+        """The value of ``column`` for each item's product (read from its first listing)."""
+        if column not in self.catalog.column_names:
+            raise ValueError(f"batch_grouping_column {column!r} is not a column of the catalog "
+                             f"(columns: {self.catalog.column_names})")
+        values = self.catalog[column]
+        return [values[rows[0]] for rows in self.groups]
+
     def __getitem__(self, index: int) -> dict[str, int]:
         query, positive = self._rng.sample(self.groups[index], 2)
         return {"query": query, "positive": positive}
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """Orders products so that each run of ``batch_size`` shares one group value (e.g. category).
+
+    MOON's same-category negatives: near-duplicates are found inside a category, so batches drawn
+    from one category hold the hard negatives that AGCL's weighting is meant to emphasise. Within a
+    group the order is shuffled; the batches of all groups are shuffled together; a new order is
+    drawn every epoch (``set_epoch``, called by the Trainer's data loader).
+    """
+
+    def __init__(self, group_of: Sequence, batch_size: int, seed: int = 0):
+        self.group_of, self.batch_size, self.seed, self.epoch = list(group_of), int(batch_size), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.group_of)
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1  # a fresh order on the next pass even without set_epoch
+        members: dict = {}
+        for index, group in enumerate(self.group_of):
+            members.setdefault(group, []).append(index)
+        batches = []
+        for group in sorted(members, key=str):
+            ids = members[group]
+            rng.shuffle(ids)
+            batches += [ids[i:i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+        rng.shuffle(batches)
+        return iter([i for batch in batches for i in batch])
 
 
 def _first_image(row: dict):

@@ -42,9 +42,11 @@ def attribute_texts(ds: datasets.Dataset, source: str | None, key_order: Sequenc
     return [format_attributes(a, key_order) for a in ds[column]]
 
 
-def _search_metrics(queries, gallery, query_labels, gallery_labels, ks, map_k, exclude=None) -> dict:
+def _search_metrics(queries, gallery, query_labels, gallery_labels, ks, map_k, exclude=None, mrr_depth=None) -> dict:
     index = GalleryIndex.build(gallery, index_type="auto")
-    depth = min(max(*ks, map_k) + 1, index.size - (exclude is not None))
+    # MRR needs the rank of the first positive wherever it is: the whole gallery unless capped.
+    wanted = index.size if mrr_depth is None else max(*ks, map_k, mrr_depth)
+    depth = min(wanted, index.size - (exclude is not None))
     scores, indices = index.search(queries, depth, exclude=exclude)
     ks = tuple(k for k in ks if k <= depth)
     metrics = metrics_from_search(indices, scores, np.asarray(query_labels), np.asarray(gallery_labels), ks=ks,
@@ -54,8 +56,13 @@ def _search_metrics(queries, gallery, query_labels, gallery_labels, ks, map_k, e
 
 def evaluate_encoder(encoder, ds: datasets.Dataset, *, query_attributes: list[str | None] | None = None,
                      tasks: Sequence[str] = TASKS, ks: Sequence[int] = (1, 5, 10), map_k: int = 10,
-                     batch_size: int = 32, show_progress: bool | None = None) -> dict[str, dict]:
-    """Run the task suite; returns ``{task: {metric: value}}`` with fractions in [0, 1]."""
+                     batch_size: int = 32, show_progress: bool | None = None,
+                     mrr_depth: int | None = None) -> dict[str, dict]:
+    """Run the task suite; returns ``{task: {metric: value}}`` with fractions in [0, 1].
+
+    ``mrr`` is over the whole gallery by default; set ``mrr_depth`` on galleries too large to rank
+    fully (a positive deeper than that then counts 0: MRR@mrr_depth).
+    """
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; valid: {list(TASKS)}")
@@ -71,7 +78,8 @@ def evaluate_encoder(encoder, ds: datasets.Dataset, *, query_attributes: list[st
     if "instance" in tasks:
         queries = multimodal if query_attributes is None else encoder.encode(
             images, titles, query_attributes, **enc, desc="queries (+attributes)")
-        results["instance"] = _search_metrics(queries, multimodal, products, products, ks, map_k, exclude=own)
+        results["instance"] = _search_metrics(queries, multimodal, products, products, ks, map_k, exclude=own,
+                                              mrr_depth=mrr_depth)
     has_category = "category" in ds.column_names and all(c is not None for c in ds["category"])
     if "coarse" in tasks and has_category:
         categories = np.asarray(ds["category"])
@@ -82,12 +90,14 @@ def evaluate_encoder(encoder, ds: datasets.Dataset, *, query_attributes: list[st
         image_only = encoder.encode(images, [None] * len(ds), **enc, desc="image only")
         text_only = encoder.encode([None] * len(ds), titles, **enc, desc="title only")
         if "image_to_text" in tasks:
-            results["image_to_text"] = _search_metrics(image_only, text_only, products, products, ks, map_k)
+            results["image_to_text"] = _search_metrics(image_only, text_only, products, products, ks, map_k,
+                                                       mrr_depth=mrr_depth)
         if "text_to_image" in tasks:
-            results["text_to_image"] = _search_metrics(text_only, image_only, products, products, ks, map_k)
+            results["text_to_image"] = _search_metrics(text_only, image_only, products, products, ks, map_k,
+                                                       mrr_depth=mrr_depth)
         if "image_to_multimodal" in tasks:
             results["image_to_multimodal"] = _search_metrics(image_only, multimodal, products, products, ks, map_k,
-                                                             exclude=own)
+                                                             exclude=own, mrr_depth=mrr_depth)
     if "classification" in tasks and has_category:
         names = sorted(set(ds["category"]))
         label_emb = encoder.encode([None] * len(names), names, **enc, desc="category names")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import datasets
 import torch
@@ -18,7 +19,7 @@ from transformers import Trainer
 from agcl.agcl_loss import AGCLLoss
 from agcl.attributes import BM25Scorer, format_attributes
 from agcl.config import AGCLConfig
-from agcl.data import AGCLCollator, ProductPairDataset
+from agcl.data import AGCLCollator, GroupedBatchSampler, ProductPairDataset
 from agcl.encoder import ProductEncoder
 from agcl.grad_cache import cached_contrastive_backward
 
@@ -62,7 +63,7 @@ class AGCLTrainer(Trainer):
             temperature=args.temperature,
             hard_negative_weighting=args.hard_negative_weighting,
             weighting_scale=args.weighting_scale,
-            bm25=self.bm25.score if self.bm25 is not None else None,
+            bm25=partial(self.bm25.score, normalize=args.bm25_normalization) if self.bm25 is not None else None,
             false_negative_filter=args.false_negative_filter,
             filter_threshold=args.filter_threshold,
             filter_margin=args.filter_margin,
@@ -82,6 +83,15 @@ class AGCLTrainer(Trainer):
         )
         pairs = ProductPairDataset(train_dataset, seed=args.seed)
         super().__init__(model=model, args=args, train_dataset=pairs, data_collator=collator, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        column = self.args.batch_grouping_column
+        if not column:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        # Groups are cut to the global batch so that, split across processes, each still shares a group.
+        batch = self.args.per_device_train_batch_size * max(1, self.args.world_size)
+        return GroupedBatchSampler(dataset.product_values(column), batch, seed=self.args.seed)
 
     # ------------------------------------------------------------------ loss
 

@@ -35,7 +35,8 @@ def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args
                               num_products=script_args.embedded_num_products, seed=script_args.embedded_seed)
     train = load_catalog(catalog, split=script_args.train_split)
     check_attribute_options(training_args, train)
-    test = load_catalog(catalog, split=script_args.eval_split) if script_args.eval_split else None
+    eval_split = None if str(script_args.eval_split).lower() in ("", "none") else script_args.eval_split
+    test = load_catalog(catalog, split=eval_split) if eval_split else None
 
     # 2. The encoder over the backbone (LoRA when --use_peft, else full fine-tuning of the LM).
     backbone = resolve_model(model_args.model_name_or_path or "tiny-qwen2-vl", script_args.cache_dir)

@@ -348,3 +348,18 @@ def test_bm25_batch_is_fast():
     elapsed = time.perf_counter() - start
     assert out.shape == (512, 512) and np.isfinite(out).all()
     assert elapsed < 1.0  # sanity bound; a per-pair Python loop takes tens of seconds
+
+
+def test_self_normalised_bm25_divides_each_row_by_the_querys_own_score():
+    corpus = ["color: red; size: m", "color: blue; size: m", "color: red; pattern: striped", "brand: acme"]
+    scorer = BM25Scorer(corpus)
+    queries = ["color: red; size: m", "brand: acme; color: blue", ""]
+    raw = scorer.score(queries, corpus)
+    own = np.diag(scorer.score(queries, queries))
+    normalised = scorer.score(queries, corpus, normalize="self")
+    np.testing.assert_allclose(scorer.self_scores([attribute_tokens(q) for q in queries]), own, rtol=1e-5)
+    np.testing.assert_allclose(normalised[:2], raw[:2] / own[:2, None], rtol=1e-5)
+    assert normalised[0, 0] == pytest.approx(1.0, rel=1e-5)  # a document equal to the query
+    assert np.all(normalised[2] == 0)  # empty query: zeros, not NaN
+    with pytest.raises(ValueError, match="normalize"):
+        scorer.score(queries, corpus, normalize="max")

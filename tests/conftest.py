@@ -1,0 +1,16 @@
+"""Shared fixtures: the tiny model and a small synthetic catalog are built once per test session."""
+
+import pytest
+
+from agcl.modeling import tiny_mllm_path
+from agcl.synthetic_catalog import make_synthetic_catalog
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return tiny_mllm_path(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def small_catalog_dir(tmp_path_factory):
+    return make_synthetic_catalog(tmp_path_factory.mktemp("catalog") / "c", num_products=80, seed=0)

@@ -1,0 +1,89 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from agcl.catalog import load_catalog
+from agcl.config import AGCLConfig
+from agcl.encoder import EncoderConfig, ProductEncoder
+from agcl.evaluation import evaluate_encoder
+from agcl.trainer import AGCLTrainer, check_attribute_options
+
+
+def _args(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_train_epochs=8,
+                learning_rate=1e-3, temperature=0.05, save_strategy="no", report_to=[], use_cpu=True,
+                logging_steps=5, seed=0, disable_tqdm=True)
+    return AGCLConfig(**(base | overrides))
+
+
+def test_short_agcl_run_improves_instance_recall(tiny_model_dir, small_catalog_dir, tmp_path):
+    train = load_catalog(small_catalog_dir, split="train")
+    test = load_catalog(small_catalog_dir, split="test")
+    torch.manual_seed(0)
+    encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0))
+    before = evaluate_encoder(encoder, test, tasks=["instance"])["instance"]["recall@1"]
+    trainer = AGCLTrainer(model=encoder, args=_args(tmp_path, false_negative_filter="attribute",
+                                                    batch_grouping_column="category"), train_dataset=train)
+    trainer.train()
+    after = evaluate_encoder(encoder, test, tasks=["instance"])["instance"]["recall@1"]
+    assert after > before + 0.05, (before, after)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    trainer.save_model()
+    reloaded = ProductEncoder.from_pretrained(tmp_path / "out")
+    assert evaluate_encoder(reloaded, test, tasks=["instance"])["instance"]["recall@1"] == pytest.approx(after, abs=1e-6)
+    assert (tmp_path / "out" / "bm25_idf.json").is_file()
+
+
+def test_gradient_cache_gives_the_same_gradients_as_one_pass(tiny_model_dir, small_catalog_dir, tmp_path):
+    train = load_catalog(small_catalog_dir, split="train")
+    grads = {}
+    for chunk in (None, 3):
+        torch.manual_seed(0)
+        encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0))
+        trainer = AGCLTrainer(model=encoder, args=_args(tmp_path, per_device_train_batch_size=8,
+                                                        gradient_cache_chunk_size=chunk, query_attribute_probability=0.0,
+                                                        false_negative_filter="relative"), train_dataset=train)
+        items = [trainer.train_dataset.groups[i] for i in range(8)]
+        batch = trainer.data_collator([{"query": rows[0], "positive": rows[1]} for rows in items])
+        encoder.zero_grad()
+        loss = trainer.training_step(encoder, batch)
+        grads[chunk] = (loss.item(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
+    (loss_a, g_a), (loss_b, g_b) = grads[None], grads[3]
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert g_a.keys() == g_b.keys() and len(g_a) > 0
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], atol=1e-5, rtol=1e-4)
+
+
+def test_weighting_without_attribute_column_names_flag_and_column(small_catalog_dir):
+    train = load_catalog(small_catalog_dir, split="train").remove_columns(["attributes"])
+    args = AGCLConfig(output_dir="unused", hard_negative_weighting=True, false_negative_filter="none",
+                      query_attribute_probability=0.0)
+    with pytest.raises(ValueError, match=r"--hard_negative_weighting.*'attributes'"):
+        check_attribute_options(args, train)
+    ok = AGCLConfig(output_dir="unused", hard_negative_weighting=False, false_negative_filter="relative",
+                    query_attribute_probability=0.0)
+    check_attribute_options(ok, train)  # nothing needs attributes: no error
+
+
+def test_unknown_filter_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="none.*absolute.*relative.*attribute.*dynamic"):
+        AGCLConfig(output_dir="unused", false_negative_filter="fuzzy")
+
+
+def test_recipe_reports_user_errors_without_traceback(tmp_path):
+    bad = tmp_path / "cat"
+    bad.mkdir()
+    (bad / "catalog.jsonl").write_text('{"listing_id": "a", "product_id": "p", "title": ""}\n')
+    proc = subprocess.run([sys.executable, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_demo.yaml",
+                           "--catalog", str(bad), "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "line 1" in proc.stderr and "'title'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_demo.yaml",
+                           "--false_negative_filter", "fuzzy"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "fuzzy" in proc.stderr and "dynamic" in proc.stderr

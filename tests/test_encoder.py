@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agcl.catalog import load_catalog
+from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder
+
+
+@pytest.fixture(scope="module")
+def listings(small_catalog_dir):
+    ds = load_catalog(small_catalog_dir, split="test")
+    return list(ds["image"][:12]), list(ds["title"][:12])
+
+
+def _perturb_trainable(encoder, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def test_embedding_is_the_normalised_hidden_state_of_the_last_real_token(tiny_model_dir, listings):
+    enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir))).eval()
+    images, titles = listings
+    emb = enc.encode(images[:4], titles[:4])
+    assert emb.shape == (4, enc.embedding_dim)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    with torch.no_grad():  # reference: each listing alone (no padding), full model, last position
+        for i in range(4):
+            single = enc.build_inputs([images[i]], [titles[i]])
+            hidden = enc.backbone(**single, output_hidden_states=True).hidden_states[-1][0, -1]
+            ref = torch.nn.functional.normalize(hidden.float(), dim=-1).numpy()
+            np.testing.assert_allclose(emb[i], ref, atol=1e-5)
+
+
+def test_batch_composition_does_not_change_embeddings(tiny_model_dir, listings):
+    enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir))).eval()
+    images, titles = listings
+    attrs = [None, "color: red; size: m"] * 6
+    a = enc.encode(images, titles, attrs, batch_size=12)
+    b = enc.encode(images, titles, attrs, batch_size=5)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    plain = enc.encode(images, titles, batch_size=12)
+    assert not np.allclose(a[1], plain[1], atol=1e-4)  # appended attributes change the query
+    np.testing.assert_allclose(a[0], plain[0], atol=1e-5)
+
+
+def test_image_only_and_text_only_inputs(tiny_model_dir, listings):
+    enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir))).eval()
+    images, titles = listings
+    img = enc.encode(images[:3], [None] * 3)
+    txt = enc.encode([None] * 3, titles[:3])
+    both = enc.encode(images[:3], titles[:3])
+    assert img.shape == txt.shape == both.shape
+    assert not np.allclose(img, both, atol=1e-4) and not np.allclose(txt, both, atol=1e-4)
+
+
+def test_lora_stays_out_of_the_vision_tower_and_vision_is_frozen(tiny_model_dir):
+    enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=4, lora_alpha=8))
+    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("visual" in n for n in trainable)
+    full = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0))
+    names = [n for n, p in full.named_parameters() if p.requires_grad]
+    assert names and not any("visual" in n for n in names)
+    unfrozen = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0, freeze_vision=False))
+    assert any("visual" in n for n, p in unfrozen.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("lora_r", [4, 0])
+def test_save_and_load_round_trip(tiny_model_dir, listings, tmp_path, lora_r):
+    enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=lora_r, lora_alpha=8))
+    _perturb_trainable(enc)  # a trained-looking encoder, so that a lost adapter would show
+    images, titles = listings
+    before = enc.encode(images[:5], titles[:5])
+    enc.save_pretrained(tmp_path / "enc")
+    saved = json.loads((tmp_path / "enc" / "encoder_config.json").read_text())
+    assert saved["backbone"] == (str(tiny_model_dir) if lora_r else ".")
+    assert list((tmp_path / "enc").glob("*.safetensors"))
+    loaded = ProductEncoder.from_pretrained(tmp_path / "enc")
+    assert not any(p.requires_grad for p in loaded.parameters())
+    np.testing.assert_allclose(loaded.encode(images[:5], titles[:5]), before, atol=1e-5)
+    fresh = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=lora_r, lora_alpha=8))
+    assert not np.allclose(fresh.encode(images[:5], titles[:5]), before, atol=1e-4)
+
+
+def test_loading_something_that_is_not_an_encoder_fails_clearly(tmp_path, tiny_model_dir):
+    with pytest.raises(EncoderLoadError, match="does not exist"):
+        ProductEncoder.from_pretrained(tmp_path / "missing")
+    with pytest.raises(EncoderLoadError, match="encoder_config.json is missing"):
+        ProductEncoder.from_pretrained(tiny_model_dir)  # a backbone, not an encoder
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "encoder_config.json").write_text(json.dumps({"backbone": "x", "format": "something-else"}))
+    with pytest.raises(EncoderLoadError, match="format"):
+        ProductEncoder.from_pretrained(bad)
+    (bad / "encoder_config.json").write_text(json.dumps({"backbone": "x", "lora_r": 4, "format": "afmrl-product-encoder"}))
+    with pytest.raises(EncoderLoadError, match="adapter_config.json"):
+        ProductEncoder.from_pretrained(bad)
+
+
+def test_split_inputs_reassembles_the_batch(tiny_model_dir, listings):
+    enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir))).eval()
+    images, titles = listings
+    batch = enc.build_inputs(images[:7], titles[:7])
+    with torch.no_grad():
+        whole = enc(**batch)
+        parts = torch.cat([enc(**chunk) for chunk in enc.split_inputs(batch, 3)])
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
