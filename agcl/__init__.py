@@ -16,6 +16,18 @@ _EXPORTS = {
     "load_processor": "agcl.modeling",
     "build_tiny_mllm": "agcl.modeling",
     "tiny_mllm_path": "agcl.modeling",
+    "format_attributes": "agcl.attributes",
+    "parse_attributes": "agcl.attributes",
+    "BM25Scorer": "agcl.attributes",
+    "EncoderConfig": "agcl.encoder",
+    "ProductEncoder": "agcl.encoder",
+    "AGCLLoss": "agcl.agcl_loss",
+    "AGCLConfig": "agcl.config",
+    "AGCLTrainer": "agcl.trainer",
+    "GalleryIndex": "agcl.retrieval",
+    "retrieval_metrics": "agcl.metrics",
+    "metrics_from_search": "agcl.metrics",
+    "evaluate_encoder": "agcl.evaluation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -99,6 +99,12 @@ class AGCLLoss(nn.Module):
         hard_negative_weighting: add λ·tanh(B_ij) to every logit (positive included), B = BM25
             between attribute texts. Needs ``query_attributes`` and ``candidate_attributes``.
         weighting_scale: λ above (1.0 = the paper's w_ij = exp(1 + tanh B_ij)).
+        weight_positive: apply the weight to the positive too (True: the formula as written, with
+            w_ii). False weights only the negatives (w_ii = e, as in hard-negative weighting of
+            Robinson et al., ICLR 2021): the positive listing shares the most attributes with the
+            query, so weighting it as well gives it the largest bonus and makes attribute-similar
+            negatives *easier* than in InfoNCE; weighting negatives only acts as an attribute-aware
+            margin that near-duplicates must clear.
         bm25: callable ``(queries: list[str], documents: list[str]) -> (len(q), len(d))`` array or
             tensor, e.g. ``agcl.attributes.BM25Scorer(train_attribute_texts).score``. None: a
             BM25Scorer is fit on each batch's own attribute texts (in-batch IDF; pass a scorer fit
@@ -130,6 +136,7 @@ class AGCLLoss(nn.Module):
         temperature: float = 0.02,
         hard_negative_weighting: bool = True,
         weighting_scale: float = 1.0,
+        weight_positive: bool = True,
         bm25: Callable[[list[str], list[str]], object] | None = None,
         false_negative_filter: str = "none",
         filter_threshold: float = 0.9,
@@ -153,6 +160,7 @@ class AGCLLoss(nn.Module):
             raise ValueError("memory_queue_size and dynamic_margin_decay_steps must be >= 0")
         self.temperature, self.hard_negative_weighting = float(temperature), bool(hard_negative_weighting)
         self.weighting_scale, self.bm25 = float(weighting_scale), bm25
+        self.weight_positive = bool(weight_positive)
         self.false_negative_filter = false_negative_filter
         self.filter_threshold, self.filter_margin = float(filter_threshold), float(filter_margin)
         self.dynamic_threshold, self.dynamic_kappa = float(dynamic_threshold), float(dynamic_kappa)
@@ -294,6 +302,9 @@ class AGCLLoss(nn.Module):
         mean_tanh = torch.zeros((), device=sim.device)
         if self.hard_negative_weighting:
             tanh_b = torch.tanh(self._bm25_matrix(rows.attributes, cols.attributes, sim))
+            if not self.weight_positive:
+                tanh_b = tanh_b.index_put((torch.arange(sim.shape[0], device=sim.device), labels),
+                                          torch.zeros((), dtype=tanh_b.dtype, device=tanh_b.device))
             logits = logits + self.weighting_scale * tanh_b
             mean_tanh = tanh_b.mean()
         mask = self.false_negative_mask(sim, positive_indices=labels, row_product_ids=rows.product_ids,

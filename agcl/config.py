@@ -23,6 +23,11 @@ class AGCLConfig(TrainingArguments):
         default=True, metadata={"help": "Add λ·tanh(BM25) of the attribute texts to every logit (AGCL's weighting)."}
     )
     weighting_scale: float = field(default=1.0, metadata={"help": "λ: scale of the tanh(BM25) logit bonus."})
+    weight_positive: bool = field(
+        default=True,
+        metadata={"help": "Give the positive its tanh(BM25) bonus too (the formula as written). False weights only "
+                          "the negatives: an attribute-aware margin for near-duplicates (see AGCLLoss)."},
+    )
     false_negative_filter: str = field(
         default="attribute",
         metadata={"help": "False-negative filter: none, absolute, relative, attribute or dynamic.",
@@ -65,10 +70,11 @@ class AGCLConfig(TrainingArguments):
         default=None,
         metadata={"help": "Attribute keys whose values identify a SKU for the `attribute` filter (default: all keys)."},
     )
-    batch_grouping_column: str | None = field(
+    batch_grouping: str | None = field(
         default=None,
-        metadata={"help": "Build each batch from products sharing this catalog column's value (e.g. `category`): "
-                          "MOON's same-category hard negatives. None: random batches."},
+        metadata={"help": "Keep products of one group together in batches so near-duplicates meet as in-batch hard "
+                          "negatives (MOON): a column (`category`) or attribute keys (`attributes:category,brand`). "
+                          "Groups are packed several to a batch. None: random batches."},
     )
     query_attribute_probability: float = field(
         default=0.5,

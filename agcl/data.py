@@ -44,13 +44,22 @@ class ProductPairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def product_values(self, column: str) -> list:
-        """The value of ``column`` for each item's product (read from its first listing)."""
+    def product_groups(self, grouping: str) -> list:
+        """The group key of each item's product (read from its first listing).
+
+        ``grouping`` is a column name (``category``) or ``COLUMN:key1,key2`` to group by values of
+        an attribute-dict column (``attributes:category,brand``); missing keys group as None.
+        """
+        column, _, keys = grouping.partition(":")
         if column not in self.catalog.column_names:
-            raise ValueError(f"batch_grouping_column {column!r} is not a column of the catalog "
+            raise ValueError(f"--batch_grouping {grouping!r}: the catalog has no column {column!r} "
                              f"(columns: {self.catalog.column_names})")
         values = self.catalog[column]
-        return [values[rows[0]] for rows in self.groups]
+        firsts = [values[rows[0]] for rows in self.groups]
+        if not keys:
+            return firsts
+        wanted = [k.strip() for k in keys.split(",") if k.strip()]
+        return [tuple((v or {}).get(k) for k in wanted) for v in firsts]
 
     def __getitem__(self, index: int) -> dict[str, int]:
         query, positive = self._rng.sample(self.groups[index], 2)
@@ -58,16 +67,18 @@ class ProductPairDataset(torch.utils.data.Dataset):
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
-    """Orders products so that each run of ``batch_size`` shares one group value (e.g. category).
+    """Orders products so that products of one group (e.g. same category and brand) share a batch.
 
-    MOON's same-category negatives: near-duplicates are found inside a category, so batches drawn
-    from one category hold the hard negatives that AGCL's weighting is meant to emphasise. Within a
-    group the order is shuffled; the batches of all groups are shuffled together; a new order is
+    Near-duplicates are found inside such groups, so keeping a group together puts the hard
+    negatives that AGCL's weighting emphasises into the same batch (MOON's same-category
+    negatives). Groups are shuffled internally, laid end to end in a random order and cut into
+    batches: small groups are packed several to a batch (so a batch still mixes groups and
+    contrasts across them), a group larger than a batch fills batches of its own. A new order is
     drawn every epoch (``set_epoch``, called by the Trainer's data loader).
     """
 
-    def __init__(self, group_of: Sequence, batch_size: int, seed: int = 0):
-        self.group_of, self.batch_size, self.seed, self.epoch = list(group_of), int(batch_size), int(seed), 0
+    def __init__(self, group_of: Sequence, seed: int = 0):
+        self.group_of, self.seed, self.epoch = list(group_of), int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -81,13 +92,11 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         members: dict = {}
         for index, group in enumerate(self.group_of):
             members.setdefault(group, []).append(index)
-        batches = []
-        for group in sorted(members, key=str):
-            ids = members[group]
+        groups = [members[g] for g in sorted(members, key=str)]
+        for ids in groups:
             rng.shuffle(ids)
-            batches += [ids[i:i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
-        rng.shuffle(batches)
-        return iter([i for batch in batches for i in batch])
+        rng.shuffle(groups)
+        return iter([i for ids in groups for i in ids])
 
 
 def _first_image(row: dict):

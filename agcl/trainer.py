@@ -63,6 +63,7 @@ class AGCLTrainer(Trainer):
             temperature=args.temperature,
             hard_negative_weighting=args.hard_negative_weighting,
             weighting_scale=args.weighting_scale,
+            weight_positive=args.weight_positive,
             bm25=partial(self.bm25.score, normalize=args.bm25_normalization) if self.bm25 is not None else None,
             false_negative_filter=args.false_negative_filter,
             filter_threshold=args.filter_threshold,
@@ -85,13 +86,11 @@ class AGCLTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=pairs, data_collator=collator, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
-        column = self.args.batch_grouping_column
-        if not column:
+        grouping = self.args.batch_grouping
+        if not grouping:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        # Groups are cut to the global batch so that, split across processes, each still shares a group.
-        batch = self.args.per_device_train_batch_size * max(1, self.args.world_size)
-        return GroupedBatchSampler(dataset.product_values(column), batch, seed=self.args.seed)
+        return GroupedBatchSampler(dataset.product_groups(grouping), seed=self.args.seed)
 
     # ------------------------------------------------------------------ loss
 

@@ -355,3 +355,18 @@ def _check_unequal_shards(rank, world):
 @pytest.mark.slow
 def test_gather_across_two_gloo_processes_matches_full_batch():
     mp.spawn(_dist_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_weighting_negatives_only_leaves_the_positive_logit_alone():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1)
+    b = torch.rand(5, 5, dtype=torch.float64) * 3
+    texts = [str(i) for i in range(5)]
+    loss = AGCLLoss(temperature=0.05, bm25=lambda rows, cols: b, weight_positive=False)
+    got = loss(q, c, query_attributes=texts, candidate_attributes=texts)
+    logits = q @ c.T / 0.05 + torch.tanh(b) * (1 - torch.eye(5, dtype=torch.float64))
+    expected = torch.nn.functional.cross_entropy(logits, torch.arange(5))
+    torch.testing.assert_close(got, expected)
+    literal = AGCLLoss(temperature=0.05, bm25=lambda rows, cols: b)(q, c, query_attributes=texts, candidate_attributes=texts)
+    assert not torch.isclose(literal, got)

@@ -8,6 +8,7 @@ from agcl.catalog import load_catalog
 from agcl.config import AGCLConfig
 from agcl.encoder import EncoderConfig, ProductEncoder
 from agcl.evaluation import evaluate_encoder
+from agcl.synthetic_catalog import make_synthetic_catalog
 from agcl.trainer import AGCLTrainer, check_attribute_options
 
 
@@ -18,14 +19,16 @@ def _args(tmp_path, **overrides):
     return AGCLConfig(**(base | overrides))
 
 
-def test_short_agcl_run_improves_instance_recall(tiny_model_dir, small_catalog_dir, tmp_path):
-    train = load_catalog(small_catalog_dir, split="train")
-    test = load_catalog(small_catalog_dir, split="test")
+def test_short_agcl_run_improves_instance_recall(tiny_model_dir, tmp_path):
+    catalog = make_synthetic_catalog(tmp_path / "catalog", num_products=200, seed=1)
+    train = load_catalog(catalog, split="train")
+    test = load_catalog(catalog, split="test")
     torch.manual_seed(0)
-    encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0))
+    encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0, freeze_vision=False))
     before = evaluate_encoder(encoder, test, tasks=["instance"])["instance"]["recall@1"]
-    trainer = AGCLTrainer(model=encoder, args=_args(tmp_path, false_negative_filter="attribute",
-                                                    batch_grouping_column="category"), train_dataset=train)
+    trainer = AGCLTrainer(model=encoder, args=_args(tmp_path, false_negative_filter="attribute", weight_positive=False,
+                                                    per_device_train_batch_size=32, num_train_epochs=6),
+                          train_dataset=train)
     trainer.train()
     after = evaluate_encoder(encoder, test, tasks=["instance"])["instance"]["recall@1"]
     assert after > before + 0.05, (before, after)

@@ -1,0 +1,66 @@
+import logging
+
+import datasets
+import pytest
+
+from agcl.data import GroupedBatchSampler, ProductPairDataset
+
+
+def _catalog():
+    products = ["a", "a", "a", "b", "b", "c", "d", "d"]
+    return datasets.Dataset.from_dict({
+        "listing_id": [f"l{i}" for i in range(len(products))],
+        "product_id": products,
+        "title": ["t"] * len(products),
+        "category": ["mug", "mug", "mug", "bag", "bag", "bag", "mug", "mug"],
+        "attributes": [{"brand": "x", "category": "mug"}] * 3 + [{"brand": "y"}] * 2 + [{}] + [{"brand": "x"}] * 2,
+    })
+
+
+def test_pairs_are_two_distinct_listings_of_one_product_and_singletons_are_counted(caplog):
+    ds = _catalog()
+    with caplog.at_level(logging.WARNING):
+        pairs = ProductPairDataset(ds, seed=0)
+    assert len(pairs) == 3 and pairs.skipped_single_listing == 1
+    assert "1 of 4 products have a single listing" in caplog.text
+    seen = set()
+    for _ in range(30):
+        for i in range(len(pairs)):
+            item = pairs[i]
+            assert item["query"] != item["positive"]
+            assert ds[item["query"]]["product_id"] == ds[item["positive"]]["product_id"]
+            seen.add((item["query"], item["positive"]))
+    assert len(seen) > 6  # pairs are redrawn, not fixed
+
+
+def test_no_pairs_at_all_is_an_error():
+    ds = _catalog().select([0, 3, 5])
+    with pytest.raises(ValueError, match="no product has two listings"):
+        ProductPairDataset(ds)
+
+
+def test_group_keys_from_a_column_or_attribute_values():
+    pairs = ProductPairDataset(_catalog(), seed=0)
+    assert pairs.product_groups("category") == ["mug", "bag", "mug"]
+    assert pairs.product_groups("attributes:brand") == [("x",), ("y",), ("x",)]
+    with pytest.raises(ValueError, match="no column 'family'"):
+        pairs.product_groups("family:x")
+
+
+def test_grouped_sampler_keeps_groups_contiguous_and_reshuffles_each_epoch():
+    groups = [i % 7 for i in range(70)]
+    sampler = GroupedBatchSampler(groups, seed=3)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(70))
+        runs = [groups[order[0]]]
+        for i in order[1:]:
+            if groups[i] != runs[-1]:
+                runs.append(groups[i])
+        assert len(runs) == 7  # each group appears as one contiguous run
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2]
+    sampler.set_epoch(1)
+    assert list(sampler) == orders[1]  # deterministic per (seed, epoch)
