@@ -108,6 +108,7 @@ class AGCLScriptArguments:
     eval_split: str | None = field(default="test", metadata={"help": "Split to evaluate on after training (`none`: skip)."})
     embedded_num_products: int = field(default=600, metadata={"help": "Size of the embedded synthetic catalog."})
     embedded_seed: int = field(default=0, metadata={"help": "Seed of the embedded synthetic catalog."})
+    embedded_image_size: int = field(default=64, metadata={"help": "Image side (pixels) of the embedded catalog."})
     cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where the embedded catalog and tiny models are built."})
     instruction: str | None = field(default=None, metadata={"help": "Encoder instruction (default: the encoder's)."})
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})

@@ -16,13 +16,15 @@ EMBEDDED_CATALOG = "embedded"
 TINY_MODELS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
 
 
-def resolve_catalog(source: str, cache_dir: str | Path, *, num_products: int = 600, seed: int = 0) -> str:
+def resolve_catalog(source: str, cache_dir: str | Path, *, num_products: int = 600, seed: int = 0,
+                    image_size: int = 64) -> str:
     """``embedded`` → the synthetic catalog's directory (built if missing); anything else unchanged."""
     if source != EMBEDDED_CATALOG:
         return source
-    out = Path(cache_dir) / f"catalog-{num_products}-seed{seed}"
+    out = Path(cache_dir) / f"catalog-{num_products}-seed{seed}" if image_size == 64 else \
+        Path(cache_dir) / f"catalog-{num_products}-seed{seed}-{image_size}px"
     if not (out / "catalog.jsonl").is_file():  # written last, so a present file means a complete catalog
-        make_synthetic_catalog(out, num_products=num_products, seed=seed)
+        make_synthetic_catalog(out, num_products=num_products, seed=seed, image_size=image_size)
     return str(out)
 
 

@@ -32,7 +32,8 @@ def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args
     set_seed(training_args.seed)
     # 1. Data first: a bad catalog or option fails here, before any model is loaded.
     catalog = resolve_catalog(script_args.catalog, script_args.cache_dir,
-                              num_products=script_args.embedded_num_products, seed=script_args.embedded_seed)
+                              num_products=script_args.embedded_num_products, seed=script_args.embedded_seed,
+                              image_size=script_args.embedded_image_size)
     train = load_catalog(catalog, split=script_args.train_split)
     check_attribute_options(training_args, train)
     eval_split = None if str(script_args.eval_split).lower() in ("", "none") else script_args.eval_split

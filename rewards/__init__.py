@@ -30,7 +30,7 @@ from rewards.attribute_rewards import (
 )
 from rewards.registry import BUILTIN_REWARDS, get_reward_funcs, resolve_reward, validate_reward_weights
 
-_LAZY = {"RetrievalRankReward": "rewards.retrieval_rank"}
+_LAZY = {"RetrievalRankReward": "rewards.retrieval_rank", "ProductGallery": "rewards.gallery"}
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -38,6 +38,7 @@ __all__ = [
     "AttributeFormatReward",
     "ConcisenessReward",
     "RetrievalRankReward",
+    "ProductGallery",
     "completion_text",
     "get_reward_funcs",
     "parse_completion",

@@ -1,0 +1,585 @@
+"""The RAR reward: how much a completion's attributes help its listing find its identical products.
+
+AFMRL stage 2 (arXiv 2604.20135, "RAR"): the stage-1 encoder is frozen and the gallery is encoded
+once (``rewards.gallery.ProductGallery``). For every sampled completion the generated attributes
+are parsed, appended to the query listing's input (its image and title, then
+``attribute_prefix`` + the canonical attribute text), the query is re-embedded, the gallery is
+ranked with the query's own listing excluded, and the listings with the same ``product_id`` are
+the true identical products.
+
+Modes (``mode=``)
+    ``"rank_improvement"`` (default, the design card's reward): the improvement of the true
+        product's rank over the same query WITHOUT attributes, bounded.
+        ``rank_transform="reciprocal"`` (default): 1/r_with - 1/r_without, in (-1, 1), where 1/r
+        is the expected reciprocal rank under random tie-breaking (the MRR of ``agcl.metrics``).
+        ``rank_transform="log"``: (log r_without - log r_with) / log(gallery size), in [-1, 1]
+        (a rank never exceeds min(D + 1, gallery size)), with r the expected rank.
+        Why reciprocal by default: GRPO normalises advantages within the group of completions of
+        one prompt, so the per-query baseline term cancels and only the with-attribute part
+        orders the group (the baseline is there for a readable, roughly zero-centred reward and
+        for logging); reciprocal rank is what users report (MRR, and Recall@1 is its top-heavy
+        relative), so the policy is pushed where the evaluation looks; it is bounded, so one
+        lucky query cannot dominate a batch. The log transform credits moving a product from
+        rank 80 to 40 as much as from 2 to 1; it gives more signal early in training, when the
+        true product is usually deep and reciprocal differences are tiny; switch to it when
+        ``rewards/retrieval_rank/std`` stays near zero.
+    ``"recall_at_k"`` (the paper's): the fraction of the query's true products in the top ``k``
+        (expected value under ties; k=50 in the paper).
+    ``"mrr"``: the expected reciprocal rank of the first true product with attributes.
+
+Depth. The gallery is searched ``D = max(k, rank_depth)`` deep (``rank_depth=100``), plus one
+place so that ties around place ``k`` are seen whole. A true product not found within the first
+``D`` places counts as rank ``D + 1`` (reciprocal ``1/(D + 1)``): the reward then cannot tell
+"rank 101" from "rank 10 000", which is the price of a search that costs the same whatever the
+gallery size (set ``rank_depth`` to the gallery size for exact ranks on small galleries). With the
+default the mean reciprocal rank equals MRR@D except that misses score ``1/(D+1)`` instead of 0.
+
+Ranks, reciprocal ranks and recall come from ``agcl.metrics.metrics_from_search``, the function
+the evaluation uses, so training and evaluation share the tie rule (expected value under uniformly
+random tie-breaking).
+
+Special cases (never an exception, never NaN or inf)
+    * unparsable output (no ``key: value`` pair; see ``agcl.attributes.parse_attributes``):
+      ``invalid_reward`` (-0.1, the paper's eta); also when the encoder returns a non-finite
+      embedding for the query.
+    * a query whose product has no other listing in the gallery cannot be ranked: the reward is
+      ``unscorable_reward``, by default None, which TRL reads as "not applicable" (NaN). Why not a
+      constant: all G completions of a prompt share the listing, so a constant would cancel in
+      GRPO's group normalisation anyway, but it would bias the logged reward mean and, next to
+      other rewards, add nothing; None keeps the statistics honest and TRL zeroes the advantage
+      of rows that every reward declines. Unparsable output for such a query still gets
+      ``invalid_reward``. Such queries are counted in ``unscorable_rate``.
+    * completions may be strings or message lists (``[{"role": "assistant", "content": ...}]``,
+      content a string, a list of blocks, or None); assistant messages are read.
+
+Cost. Identical (listing, attribute text) pairs inside one call are encoded once; all queries of
+a call go through ONE ``encoder.encode`` and ONE index search. The no-attribute baseline of a
+listing is the gallery's own vector when the listing is in the gallery (exactly what evaluation
+uses for an attribute-free query; ``baseline_from_gallery=False`` re-encodes instead) and its
+ranks are cached per listing across calls (LRU, ``baseline_cache_size``). ``benchmarks/
+reward_cost.py`` measures the reward against an encoder forward plus a search
+(``docs/reward_cost.md``).
+
+Loading and processes. Heavy state (encoder, gallery index, catalog lookups) loads on the first
+call. When given as paths it is dropped by pickling, so every process (TRL's workers, accelerate
+or DeepSpeed ranks) loads its own copy on its own device, with transformers' ZeRO-3 hook switched
+off during the load (a frozen helper model must not be partitioned). In-memory objects are kept
+(and pickled with the reward).
+
+What to pass. ``encoder`` (directory or object) and at least one of ``catalog`` and ``gallery``:
+
+    RetrievalRankReward(encoder="runs/agcl", catalog="data/catalog", split="train")  # builds the gallery per process
+    RetrievalRankReward(encoder="runs/agcl", gallery="runs/gallery", catalog="data/catalog")  # recommended
+    RetrievalRankReward(encoder="runs/agcl", gallery="runs/gallery")
+
+The catalog is always needed to look up each query listing's image and title. With only a gallery
+directory, the catalog path (and split) recorded when the gallery was built from a catalog path
+is used; a gallery built from an in-memory dataset records none, and the reward then raises a
+ValueError asking for ``catalog=``. The lookup catalog may be a different set of rows than the
+gallery (e.g. queries from a split the gallery lacks: nothing is excluded for them); listings in
+both must agree on ``product_id`` (ValueError otherwise) and a differing catalog fingerprint is
+logged as a warning. The prompt dataset must carry a ``listing_id`` column (TRL passes it).
+
+Logged per call (when TRL passes ``log_metric`` / ``log_extra``), names prefixed by ``__name__``
+(``retrieval_rank/...``): ``rank`` and ``rank_without_attributes`` (mean expected rank of the
+first true product, scored completions), ``recall@1`` and ``recall@{k}`` (hit rate with
+attributes, as evaluation reports Recall@K), ``mrr``, ``invalid_rate`` (all completions),
+``unscorable_rate`` (all completions), ``num_attributes`` (mean pairs per parsable completion).
+A metric with nothing to average in a call is not logged (never NaN). ``log_extra``:
+``retrieval_rank/attributes`` (the canonical attribute text, "" when unparsable) and
+``retrieval_rank/rank`` (None where not scored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from agcl.attributes import format_attributes, normalize_key, parse_attributes
+from agcl.metrics import metrics_from_search
+from rewards.attribute_rewards import completion_text
+from rewards.gallery import ProductGallery, _as_catalog, catalog_fingerprint
+
+logger = logging.getLogger(__name__)
+
+MODES = ("rank_improvement", "recall_at_k", "mrr")
+RANK_TRANSFORMS = ("reciprocal", "log")
+REWARD_NAME = "retrieval_rank"
+
+
+# ---------------------------------------------------------------------------------------------
+# Completion text
+@contextlib.contextmanager
+def _outside_zero3():
+    """Switch transformers' DeepSpeed ZeRO-3 hook off while a frozen helper model loads.
+
+    With a ZeRO-3 config alive (``TrainingArguments(deepspeed=...)``), every ``from_pretrained``
+    runs under ``deepspeed.zero.Init`` and partitions the weights across ranks, leaving each
+    process with empty tensors; the reward's encoder must be whole in every process.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except Exception:
+        yield
+        return
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+@dataclass
+class RankDetails:
+    """Everything ``RetrievalRankReward.score`` computed, one entry per completion.
+
+    Rank fields are NaN where the completion was not scored (unparsable or unscorable query).
+    """
+
+    rewards: list
+    valid: np.ndarray
+    scorable: np.ndarray
+    attributes: list[str]
+    num_attributes: np.ndarray
+    rank: np.ndarray
+    rank_without_attributes: np.ndarray
+    reciprocal_rank: np.ndarray
+    reciprocal_rank_without_attributes: np.ndarray
+    recall_fraction: np.ndarray
+    hit_at_1: np.ndarray
+    hit_at_k: np.ndarray
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def scored(self) -> np.ndarray:
+        return self.valid & self.scorable & np.isfinite(self.rank)
+
+
+class RetrievalRankReward:
+    """Retrieval-rank reward for TRL (see the module docstring). A plain picklable callable.
+
+    Args:
+        encoder: the frozen stage-1 encoder: a directory saved by ``ProductEncoder.save_pretrained``
+            or an object with ``encode(images, titles, attributes=None, batch_size=..., show_progress=...)``.
+        catalog: the catalog for query lookups (Dataset from ``load_catalog``, or a path).
+        gallery: a ``ProductGallery`` or a directory saved by ``ProductGallery.save``. Without it
+            the gallery is built from ``catalog`` on the first call (in every process).
+        mode: "rank_improvement", "recall_at_k" or "mrr".
+        k: K of recall_at_k and of the logged Recall@K.
+        rank_transform: "reciprocal" or "log" (rank_improvement only).
+        rank_depth: search depth for ranks; D = max(k, rank_depth), misses count as rank D + 1.
+        invalid_reward: reward of unparsable output.
+        unscorable_reward: reward of a query whose product has no other gallery listing (None = N/A).
+        split: rows of a catalog path to use (``load_catalog(split=...)``), also for a built gallery.
+        known_keys: when given, attribute keys outside it are dropped before re-embedding.
+        key_order: attribute key order of the canonical text (``format_attributes``).
+        max_attribute_chars: the canonical text is cut at the last whole pair within this many
+            characters (the encoder does not truncate; a rambling policy must not blow up memory).
+        baseline_from_gallery: use the gallery vector as the attribute-free query of listings in it.
+        baseline_cache_size: listings whose baseline ranks are remembered across calls.
+        batch_size: encoder batch size.
+        device: where a path-given encoder is loaded (default: the current CUDA device, else CPU).
+        encoder_kwargs: passed to ``ProductEncoder.from_pretrained`` (e.g. ``dtype``).
+        gallery_options: passed to ``ProductGallery.build`` when the gallery is built here.
+        name: the reward's ``__name__`` (the prefix of its logs); default "retrieval_rank".
+    """
+
+    __name__ = REWARD_NAME  # instances carry it too (TRL reads reward_func.__name__)
+
+    def __init__(
+        self,
+        encoder,
+        catalog=None,
+        gallery=None,
+        *,
+        mode: str = "rank_improvement",
+        k: int = 50,
+        rank_transform: str = "reciprocal",
+        rank_depth: int = 100,
+        invalid_reward: float = -0.1,
+        unscorable_reward: float | None = None,
+        split: str | None = None,
+        known_keys: Sequence[str] | None = None,
+        key_order: Sequence[str] | None = None,
+        max_attribute_chars: int | None = 1024,
+        baseline_from_gallery: bool = True,
+        baseline_cache_size: int = 100_000,
+        batch_size: int = 64,
+        device: str | None = None,
+        encoder_kwargs: dict | None = None,
+        gallery_options: dict | None = None,
+        name: str | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if rank_transform not in RANK_TRANSFORMS:
+            raise ValueError(f"rank_transform must be one of {RANK_TRANSFORMS}, got {rank_transform!r}")
+        for label, value in (("k", k), ("rank_depth", rank_depth), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if not math.isfinite(invalid_reward):
+            raise ValueError(f"invalid_reward must be finite, got {invalid_reward!r}")
+        if unscorable_reward is not None and not math.isfinite(unscorable_reward):
+            raise ValueError(f"unscorable_reward must be finite or None, got {unscorable_reward!r}")
+        if encoder is None:
+            raise ValueError("RetrievalRankReward needs encoder= (the frozen stage-1 encoder: a directory or an object)")
+        if catalog is None and gallery is None:
+            raise ValueError("RetrievalRankReward needs catalog= (query lookups) and/or gallery= (see the module docstring)")
+        if max_attribute_chars is not None and max_attribute_chars < 1:
+            raise ValueError(f"max_attribute_chars must be positive or None, got {max_attribute_chars!r}")
+        self.__name__ = name or REWARD_NAME
+        self.encoder = os.fspath(encoder) if isinstance(encoder, os.PathLike) else encoder
+        self.catalog = os.fspath(catalog) if isinstance(catalog, os.PathLike) else catalog
+        self.gallery = os.fspath(gallery) if isinstance(gallery, os.PathLike) else gallery
+        self.mode = mode
+        self.k = int(k)
+        self.rank_transform = rank_transform
+        self.rank_depth = int(rank_depth)
+        self.depth = max(self.k, self.rank_depth)
+        self.invalid_reward = float(invalid_reward)
+        self.unscorable_reward = None if unscorable_reward is None else float(unscorable_reward)
+        self.split = split
+        self.known_keys = None if known_keys is None else frozenset(normalize_key(x) for x in known_keys)
+        self.key_order = None if key_order is None else list(key_order)
+        self.max_attribute_chars = max_attribute_chars
+        self.baseline_from_gallery = bool(baseline_from_gallery)
+        self.baseline_cache_size = int(baseline_cache_size)
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.encoder_kwargs = dict(encoder_kwargs or {})
+        self.gallery_options = dict(gallery_options or {})
+        self._state = None
+        self._baselines: OrderedDict = OrderedDict()
+        self.counters = self._new_counters()
+        self.last_timings: dict[str, float] = {}
+
+    @staticmethod
+    def _new_counters() -> dict[str, int]:
+        return {"calls": 0, "completions": 0, "invalid": 0, "unscorable": 0, "encoded_queries": 0,
+                "encoded_baselines": 0, "gallery_baselines": 0, "baseline_cache_hits": 0, "encoder_failures": 0}
+
+    def __repr__(self) -> str:
+        def show(x):
+            return repr(x) if isinstance(x, str) or x is None else type(x).__name__
+
+        return (f"RetrievalRankReward(encoder={show(self.encoder)}, catalog={show(self.catalog)}, "
+                f"gallery={show(self.gallery)}, mode={self.mode!r}, k={self.k}, rank_transform={self.rank_transform!r}, "
+                f"rank_depth={self.rank_depth}, invalid_reward={self.invalid_reward})")
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_state"] = None  # loaded state; in-memory arguments stay in encoder/catalog/gallery
+        state["_baselines"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    # ------------------------------------------------------------------ loading
+    def _load_encoder(self):
+        if not isinstance(self.encoder, str):
+            return self.encoder
+        import torch
+
+        from agcl.encoder import ProductEncoder
+
+        device = self.device
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        with _outside_zero3():
+            encoder = ProductEncoder.from_pretrained(self.encoder, **self.encoder_kwargs)
+        encoder.to(device)
+        encoder._afmrl_source_dir = str(Path(self.encoder).resolve())  # lets fingerprint checks read the files
+        return encoder
+
+    def _ensure_loaded(self) -> SimpleNamespace:
+        if self._state is not None:
+            return self._state
+        start = time.perf_counter()
+        encoder = self._load_encoder()
+        gallery, catalog = self.gallery, self.catalog
+        if isinstance(gallery, str):
+            gallery = ProductGallery.load(gallery)
+        if isinstance(gallery, ProductGallery):
+            gallery.check_encoder(encoder)
+        if catalog is None:
+            source = gallery.info.get("catalog_source")
+            if not source or not Path(source).exists():
+                raise ValueError(
+                    "RetrievalRankReward needs catalog= to look up the query listings' images and titles: the gallery "
+                    + (f"was built from {source!r}, which no longer exists" if source else
+                       "records no catalog path (it was built from an in-memory dataset)")
+                )
+            ds, _ = _as_catalog(source, split=gallery.info.get("catalog_split"))
+        else:
+            ds, _ = _as_catalog(catalog, split=self.split)
+        if gallery is None:
+            gallery = ProductGallery.build(ds, encoder, **self.gallery_options)
+        for column in ("listing_id", "product_id", "title"):
+            if column not in ds.column_names:
+                raise ValueError(f"the lookup catalog has no column {column!r} (columns: {ds.column_names})")
+        image_column = "image" if "image" in ds.column_names else "images" if "images" in ds.column_names else None
+        listing_ids = [str(x) for x in ds["listing_id"]]
+        row_of = {lid: i for i, lid in enumerate(listing_ids)}
+        g_rows = gallery.rows_of(listing_ids)
+        codes = gallery.codes_of(ds["product_id"])
+        shared = g_rows >= 0
+        disagree = shared & (gallery.product_codes[np.maximum(g_rows, 0)] != codes)
+        if disagree.any():
+            i = int(np.flatnonzero(disagree)[0])
+            raise ValueError(
+                f"listing {listing_ids[i]!r} has product_id {ds[i]['product_id']!r} in the lookup catalog but "
+                f"{gallery.product_ids[g_rows[i]]!r} in the gallery ({int(disagree.sum())} listings disagree): the "
+                "gallery was built from another version of the catalog; rebuild it"
+            )
+        if gallery.catalog_fingerprint is not None and catalog_fingerprint(ds) != gallery.catalog_fingerprint:
+            logger.warning(
+                "%s: the lookup catalog (%d rows) is not the catalog the gallery (%d rows) was built from; the %d "
+                "listings in both agree on product_id", self.__name__, len(ds), gallery.size, int(shared.sum())
+            )
+        self._state = SimpleNamespace(
+            encoder=encoder,
+            gallery=gallery,
+            row_of=row_of,
+            titles=list(ds["title"]),
+            images=ds.select_columns([image_column]) if image_column else None,
+            image_column=image_column,
+            gallery_row=g_rows,
+            code=codes,
+            positives=gallery.positives_count(codes, g_rows),
+            log_norm=math.log(max(gallery.size, 2)),
+            load_seconds=time.perf_counter() - start,
+        )
+        return self._state
+
+    # ------------------------------------------------------------------ parsing
+    def _canonical(self, text: str) -> tuple[str | None, int]:
+        """(canonical attribute text or None when unusable, number of pairs kept)."""
+        attrs = parse_attributes(text).attributes
+        if self.known_keys is not None:
+            attrs = {key: value for key, value in attrs.items() if key in self.known_keys}
+        if not attrs:
+            return None, 0
+        try:
+            canon = format_attributes(attrs, self.key_order)
+        except Exception:  # the parser's output always formats; stay safe anyway
+            return None, 0
+        limit = self.max_attribute_chars
+        if limit is not None and len(canon) > limit:
+            cut = canon.rfind("; ", 0, limit + 1)
+            canon = canon[:cut] if cut > 0 else canon[:limit]
+        return canon, canon.count("; ") + 1
+
+    # ------------------------------------------------------------------ ranking
+    def _rank_stats(self, gallery: ProductGallery, queries: np.ndarray, exclude: np.ndarray,
+                    codes: np.ndarray) -> np.ndarray:
+        """(Q, 5) rows of (rank, reciprocal rank, recall_fraction@k, hit@1, hit@k), via agcl.metrics."""
+        d = self.depth
+        search_depth = min(d + 1, gallery.size)
+        scores, rows = gallery.search(queries, search_depth, exclude=exclude)
+        kk = min(self.k, search_depth)
+        m = metrics_from_search(rows, scores, codes, gallery.product_codes, ks=(1, kk), map_k=None,
+                                exclude=exclude, skip_queries_without_positive=True, per_query=True)
+        rank = m["rank"]
+        found = np.isfinite(rank)
+        floor = 1.0 / (d + 1)
+        out = np.empty((len(queries), 5))
+        out[:, 0] = np.where(found, np.minimum(rank, d + 1), d + 1)
+        out[:, 1] = np.where(found, np.maximum(m["mrr"], floor), floor)
+        out[:, 2] = m[f"recall_fraction@{kk}"]
+        out[:, 3] = m["recall@1"]
+        out[:, 4] = m[f"recall@{kk}"]
+        return np.nan_to_num(out, nan=0.0, posinf=d + 1, neginf=0.0)
+
+    def _fetch_images(self, st: SimpleNamespace, rows: Sequence[int]) -> list:
+        """Each distinct listing's image(s) read (and later decoded) once, shared by all its queries."""
+        if st.images is None:
+            return [None] * len(rows)
+        distinct = list(dict.fromkeys(rows))
+        fetched = dict(zip(distinct, st.images[distinct][st.image_column], strict=True))
+        return [fetched[r] for r in rows]
+
+    def score(self, listing_ids: Sequence, completions: Sequence) -> RankDetails:
+        """Rank every completion's query; returns per-completion details and the rewards."""
+        t0 = time.perf_counter()
+        n = len(completions)
+        if len(listing_ids) != n:
+            raise ValueError(f"{len(listing_ids)} listing ids for {n} completions")
+        st = self._ensure_loaded()
+        t_load = time.perf_counter()
+
+        cat_rows = np.empty(n, dtype=np.int64)
+        missing = []
+        for i, lid in enumerate(listing_ids):
+            row = st.row_of.get(str(lid))
+            if row is None:
+                missing.append(lid)
+                row = -1
+            cat_rows[i] = row
+        if missing:
+            raise ValueError(
+                f"{len(missing)} listing id(s) of the batch are not in the lookup catalog, e.g. {missing[0]!r}: the "
+                "prompt dataset and the reward's catalog disagree (pass the catalog the prompts were built from)"
+            )
+
+        # Parse: each distinct completion text once.
+        parsed: dict[str, tuple[str | None, int]] = {}
+        texts: list[str | None] = []
+        num_attrs = np.zeros(n, dtype=np.int64)
+        for i, completion in enumerate(completions):
+            raw = completion_text(completion)
+            hit = parsed.get(raw)
+            if hit is None:
+                hit = parsed[raw] = self._canonical(raw)
+            texts.append(hit[0])
+            num_attrs[i] = hit[1]
+        valid = np.fromiter((t is not None for t in texts), dtype=bool, count=n)
+        scorable = st.positives[cat_rows] > 0
+        need = valid & scorable
+        t_parse = time.perf_counter()
+
+        # Unique enriched queries and the baselines still unknown.
+        uid_of: dict[tuple[int, str], int] = {}
+        uid = np.full(n, -1, dtype=np.int64)
+        for i in np.flatnonzero(need):
+            uid[i] = uid_of.setdefault((int(cat_rows[i]), texts[i]), len(uid_of))
+        q_rows = np.fromiter((r for r, _ in uid_of), dtype=np.int64, count=len(uid_of))
+        q_texts = [t for _, t in uid_of]
+        base_rows = [int(r) for r in dict.fromkeys(cat_rows[need].tolist())]
+        cached = {r: self._baselines[r] for r in base_rows if r in self._baselines}
+        for r in cached:
+            self._baselines.move_to_end(r)
+        todo = np.array([r for r in base_rows if r not in cached], dtype=np.int64)
+        in_gallery = st.gallery_row[todo] >= 0 if self.baseline_from_gallery else np.zeros(len(todo), dtype=bool)
+        base_from_gallery, base_encode = todo[in_gallery], todo[~in_gallery]
+
+        # One encoder call: enriched queries, then attribute-free queries of listings outside the gallery.
+        enc_rows = np.concatenate([q_rows, base_encode])
+        if len(enc_rows):
+            enc_titles = [st.titles[r] for r in enc_rows.tolist()]
+            embeddings = st.encoder.encode(self._fetch_images(st, enc_rows.tolist()), enc_titles,
+                                           q_texts + [None] * len(base_encode), batch_size=self.batch_size,
+                                           show_progress=False)
+            embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(enc_rows), -1)
+        else:
+            embeddings = np.zeros((0, st.gallery.dim), dtype=np.float32)
+        t_encode = time.perf_counter()
+        queries = np.concatenate([embeddings, st.gallery.vectors(st.gallery_row[base_from_gallery])])
+        all_rows = np.concatenate([enc_rows, base_from_gallery])
+        ok = np.isfinite(queries).all(axis=1)
+        stats = np.zeros((len(queries), 5))
+        if ok.any():
+            stats[ok] = self._rank_stats(st.gallery, queries[ok], st.gallery_row[all_rows[ok]], st.code[all_rows[ok]])
+        t_search = time.perf_counter()
+
+        n_q = len(q_rows)
+        q_ok = ok[:n_q]
+        base_stats = dict(cached)
+        for j, r in enumerate(all_rows[n_q:].tolist()):
+            if ok[n_q + j]:
+                base_stats[r] = stats[n_q + j]
+                self._baselines[r] = stats[n_q + j]
+        while len(self._baselines) > self.baseline_cache_size:
+            self._baselines.popitem(last=False)
+
+        # Per completion.
+        nan5 = np.full(5, np.nan)
+        with_attr = np.full((n, 5), np.nan)
+        without = np.full((n, 5), np.nan)
+        idx = np.flatnonzero(need)
+        if len(idx):
+            u = uid[idx]
+            with_attr[idx] = np.where(q_ok[u][:, None], stats[:n_q][u], np.nan)
+            without[idx] = np.stack([base_stats.get(int(r), nan5) for r in cat_rows[idx]])
+        failed = need & ~(np.isfinite(with_attr[:, 0]) & np.isfinite(without[:, 0]))
+        scored = need & ~failed
+        if self.mode == "rank_improvement":
+            if self.rank_transform == "reciprocal":
+                value = with_attr[:, 1] - without[:, 1]
+            else:
+                value = (np.log(without[:, 0]) - np.log(with_attr[:, 0])) / st.log_norm
+        elif self.mode == "recall_at_k":
+            value = with_attr[:, 2]
+        else:
+            value = with_attr[:, 1]
+        rewards: list = []
+        for i in range(n):
+            if scored[i] and math.isfinite(value[i]):
+                rewards.append(float(value[i]))
+            elif not valid[i] or failed[i] or scored[i]:
+                rewards.append(self.invalid_reward)
+            else:  # valid output, query cannot be ranked
+                rewards.append(self.unscorable_reward)
+        t_end = time.perf_counter()
+
+        c = self.counters
+        c["calls"] += 1
+        c["completions"] += n
+        c["invalid"] += int((~valid).sum())
+        c["unscorable"] += int((~scorable).sum())
+        c["encoded_queries"] += int(n_q)
+        c["encoded_baselines"] += int(len(base_encode))
+        c["gallery_baselines"] += int(len(base_from_gallery))
+        c["baseline_cache_hits"] += len(cached)
+        c["encoder_failures"] += int(failed.sum())
+        timings = {"load": t_load - t0, "parse": t_parse - t_load, "encode": t_encode - t_parse,
+                   "search": t_search - t_encode, "assemble": t_end - t_search, "total": t_end - t0}
+        self.last_timings = timings
+        return RankDetails(
+            rewards=rewards, valid=valid, scorable=scorable, attributes=[t or "" for t in texts],
+            num_attributes=num_attrs, rank=np.where(scored, with_attr[:, 0], np.nan),
+            rank_without_attributes=np.where(scored, without[:, 0], np.nan),
+            reciprocal_rank=np.where(scored, with_attr[:, 1], np.nan),
+            reciprocal_rank_without_attributes=np.where(scored, without[:, 1], np.nan),
+            recall_fraction=np.where(scored, with_attr[:, 2], np.nan), hit_at_1=np.where(scored, with_attr[:, 3], np.nan),
+            hit_at_k=np.where(scored, with_attr[:, 4], np.nan), timings=timings,
+        )
+
+    # ------------------------------------------------------------------ TRL entry point
+    def __call__(self, prompts=None, completions=None, listing_id=None, log_metric=None, log_extra=None,
+                 **kwargs) -> list:
+        if completions is None:
+            raise TypeError("RetrievalRankReward is called by TRL as reward(prompts=..., completions=..., listing_id=...)")
+        if listing_id is None:
+            raise ValueError(
+                "RetrievalRankReward needs a 'listing_id' column in the prompt dataset (TRL passes every column to "
+                f"rewards); got the columns {sorted(k for k in kwargs if k not in ('trainer_state', 'completion_ids'))}"
+            )
+        details = self.score(listing_id, completions)
+        if log_metric is not None or log_extra is not None:
+            self._log(details, log_metric, log_extra)
+        return details.rewards
+
+    def _log(self, d: RankDetails, log_metric, log_extra) -> None:
+        name, n = self.__name__, len(d.rewards)
+        if log_metric is not None and n:
+            metrics = {"invalid_rate": float(np.mean(~d.valid)), "unscorable_rate": float(np.mean(~d.scorable))}
+            if d.valid.any():
+                metrics["num_attributes"] = float(d.num_attributes[d.valid].mean())
+            s = d.scored
+            if s.any():
+                metrics.update({
+                    "rank": float(d.rank[s].mean()),
+                    "rank_without_attributes": float(d.rank_without_attributes[s].mean()),
+                    "recall@1": float(d.hit_at_1[s].mean()),
+                    f"recall@{self.k}": float(d.hit_at_k[s].mean()),
+                    "mrr": float(d.reciprocal_rank[s].mean()),
+                })
+            for key, value in metrics.items():
+                if math.isfinite(value):
+                    log_metric(f"{name}/{key}", value)
+        if log_extra is not None:
+            log_extra(f"{name}/attributes", list(d.attributes))
+            log_extra(f"{name}/rank", [float(r) if math.isfinite(r) else None for r in d.rank])

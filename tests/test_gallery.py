@@ -1,0 +1,147 @@
+"""ProductGallery: build once, save/load with identical search, and clear errors for a stale gallery."""
+
+import pickle
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from rewards.gallery import ProductGallery, catalog_fingerprint, encoder_fingerprints
+
+
+class StubEncoder:
+    def __init__(self, dim=16, fingerprint="stub-v1"):
+        self.embedding_dim = dim
+        self.fingerprint = fingerprint
+
+    def encode(self, images, titles, attributes=None, *, batch_size=32, show_progress=None):
+        rows = [np.random.default_rng(abs(hash((im, t))) % 2**32).normal(size=self.embedding_dim) for im, t in
+                zip(images, titles, strict=True)]
+        x = np.stack(rows).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _catalog(n=30):
+    return datasets.Dataset.from_dict({
+        "listing_id": [f"L{i}" for i in range(n)],
+        "product_id": [f"P{i // 3}" for i in range(n)],
+        "title": [f"title {i}" for i in range(n)],
+        "image": [f"img{i}" for i in range(n)],
+    })
+
+
+def _clustered(n, dim=16, centres=40, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centres, dim))
+    x = c[rng.integers(0, centres, n)] + 0.35 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_round_trip_gives_identical_search_and_checks_pass(tmp_path):
+    ds, enc = _catalog(), StubEncoder()
+    gallery = ProductGallery.build(ds, enc)
+    assert gallery.index.index_type == "flat" and gallery.size == 30 and gallery.dim == 16
+    assert gallery.encoder_fingerprint == {"custom": "stub-v1"}
+    assert gallery.catalog_fingerprint == catalog_fingerprint(ds)
+    gallery.save(tmp_path / "g")
+    loaded = ProductGallery.load(tmp_path / "g", encoder=enc, catalog=ds)
+    q = _clustered(7, seed=5)
+    exclude = np.array([0, 5, -1, 29, 3, 3, -1])
+    for a, b in zip(gallery.search(q, 10, exclude=exclude), loaded.search(q, 10, exclude=exclude), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.listing_ids == gallery.listing_ids and loaded.product_ids == gallery.product_ids
+    np.testing.assert_array_equal(loaded.product_codes, gallery.product_codes)
+    np.testing.assert_array_equal(loaded.rows_of(["L4", "nope"]), [4, -1])
+    np.testing.assert_array_equal(loaded.positives_count(loaded.codes_of(["P1", "P1", "none"]), [4, -1, -1]), [2, 3, 0])
+    np.testing.assert_allclose(loaded.vectors([2, 9]), enc.encode(["img2", "img9"], ["title 2", "title 9"]), atol=1e-6)
+    again = pickle.loads(pickle.dumps(loaded))
+    np.testing.assert_array_equal(again.search(q, 5)[1], loaded.search(q, 5)[1])
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_approximate_index_is_tuned_and_round_trips(tmp_path, index_type):
+    data = _clustered(4300)
+    x, q = data[:4000], data[4000:]  # unseen queries from the same distribution
+    ids = [f"L{i}" for i in range(len(x))]
+    opts = {"nlist": 64} if index_type == "ivf" else {"hnsw_m": 8}
+    gallery = ProductGallery.from_embeddings(x, ids, [f"P{i // 4}" for i in range(len(x))], index_type=index_type,
+                                             recall_k=20, target_recall=0.95, **opts)
+    tuning = gallery.index.params["tuning"]
+    assert tuning["recall"] >= tuning["goal"] == pytest.approx(0.975) and tuning["k"] == 20
+    # measured independently on unseen queries
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :20]
+    found = gallery.search(q, 20)[1]
+    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(exact, found, strict=True)])
+    assert recall >= 0.95
+    gallery.save(tmp_path / "g")
+    loaded = ProductGallery.load(tmp_path / "g")
+    np.testing.assert_array_equal(loaded.search(q, 20)[1], found)
+    np.testing.assert_allclose(loaded.vectors([0, 3999]), x[[0, 3999]], atol=1e-6)
+    assert ProductGallery.from_embeddings(x[:50], ids[:50], ids[:50]).index.index_type == "flat"
+
+
+def test_mismatches_raise_clear_errors(tmp_path):
+    ds, enc = _catalog(), StubEncoder()
+    ProductGallery.build(ds, enc).save(tmp_path / "g")
+    with pytest.raises(ValueError, match=r"encoder mismatch: the gallery was built with encoder fingerprint stub-v1.*stub-v2"):
+        ProductGallery.load(tmp_path / "g", encoder=StubEncoder(fingerprint="stub-v2"))
+    with pytest.raises(ValueError, match=r"dimension mismatch: the gallery holds 16-dim vectors .* 8 dimensions"):
+        ProductGallery.load(tmp_path / "g", encoder=StubEncoder(dim=8))
+    retitled = ds.map(lambda r: {"title": r["title"] + "!" if r["listing_id"] == "L7" else r["title"]})
+    with pytest.raises(ValueError, match=r"catalog mismatch: .*same listing and product ids: a title or image differs"):
+        ProductGallery.load(tmp_path / "g", catalog=retitled)
+    with pytest.raises(ValueError, match=r"catalog mismatch: .*first difference at row 0"):
+        ProductGallery.load(tmp_path / "g", catalog=ds.select(range(29, -1, -1)))
+    with pytest.raises(ValueError, match=r"catalog mismatch: .*\(29 rows there, 30 in the gallery\)"):
+        ProductGallery.load(tmp_path / "g", catalog=ds.select(range(29)))
+    (tmp_path / "g" / "index.faiss").unlink()
+    ProductGallery.from_embeddings(_clustered(30, dim=8), ds["listing_id"], ds["product_id"]).index.save(tmp_path / "g")
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        ProductGallery.load(tmp_path / "g")
+    with pytest.raises(FileNotFoundError, match="not a product gallery"):
+        ProductGallery.load(tmp_path / "nowhere")
+
+
+def test_catalog_fingerprint_ignores_location_but_not_content(tmp_path, small_catalog_dir):
+    from agcl.catalog import load_catalog
+
+    moved = tmp_path / "moved"
+    shutil.copytree(small_catalog_dir, moved)
+    a = load_catalog(small_catalog_dir, verify_images=False)
+    b = load_catalog(moved, verify_images=False)
+    assert catalog_fingerprint(a) == catalog_fingerprint(b)
+    a.save_to_disk(str(tmp_path / "saved"))  # embeds the image bytes
+    c = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert catalog_fingerprint(c) == catalog_fingerprint(datasets.load_from_disk(str(tmp_path / "saved")))
+    assert catalog_fingerprint(c) != catalog_fingerprint(a)  # bytes identity differs from path identity
+    assert catalog_fingerprint(a.select(range(len(a) - 1))) != catalog_fingerprint(a)
+
+
+def test_real_encoder_directory_fingerprints(tmp_path, tiny_model_dir, small_catalog_dir):
+    from agcl.catalog import load_catalog
+    from agcl.encoder import EncoderConfig, ProductEncoder
+
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=2, lora_alpha=4))
+        # a fresh LoRA B matrix is zero: give it weights so the two encoders really differ
+        with torch.no_grad():
+            for name, p in enc.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        dirs.append(tmp_path / f"enc{seed}")
+        enc.save_pretrained(dirs[-1])
+    ds = load_catalog(small_catalog_dir, verify_images=False).select(range(12))
+    gallery = ProductGallery.build(ds, str(dirs[0]))
+    assert set(gallery.encoder_fingerprint) == {"files", "weights"}
+    assert gallery.encoder_fingerprint["files"] == encoder_fingerprints(dirs[0])["files"]
+    gallery.save(tmp_path / "g")
+    ProductGallery.load(tmp_path / "g", encoder=dirs[0], catalog=ds)
+    ProductGallery.load(tmp_path / "g", encoder=ProductEncoder.from_pretrained(dirs[0]))  # in memory: weights kind
+    with pytest.raises(ValueError, match=rf"encoder fingerprint .* \(files\) but the encoder at {dirs[1]} has"):
+        ProductGallery.load(tmp_path / "g", encoder=dirs[1])
+    with pytest.raises(ValueError, match=r"\(weights\)"):
+        ProductGallery.load(tmp_path / "g", encoder=ProductEncoder.from_pretrained(dirs[1]))
