@@ -108,7 +108,8 @@ import numpy as np
 from agcl.attributes import format_attributes, normalize_key, parse_attributes
 from agcl.metrics import metrics_from_search
 from rewards.attribute_rewards import completion_text
-from rewards.gallery import ProductGallery, _as_catalog, catalog_fingerprint
+from rewards.fingerprints import _as_catalog, catalog_fingerprint
+from rewards.gallery import ProductGallery
 
 logger = logging.getLogger(__name__)
 
