@@ -10,12 +10,21 @@ On disk an encoder is a directory with ``encoder_config.json`` (which backbone, 
 settings) and either the peft adapter (``adapter_model.safetensors``; the backbone is reloaded by
 name or path through ``agcl.modeling.load_mllm``) or, for an encoder trained without LoRA, the
 whole backbone in safetensors (``backbone`` is then ``"."``: the directory itself).
+
+Repeated listings (e.g. the G attribute variants of one listing that the RAR reward re-embeds)
+can share their image work: ``encode(..., image_keys=ids, image_cache=encoder.new_image_cache())``
+runs the image processor, and where the backbone allows it the vision tower, once per key and
+keeps the result across calls (``ImageCache``: bounded LRU, owned by the caller, valid only for an
+encoder whose vision tower does not change). Same embeddings as without it, up to float rounding.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -78,6 +87,121 @@ def _language_lora_targets(model: torch.nn.Module, names: Sequence[str]) -> list
     if not targets:
         raise ValueError(f"no language-model linear layer named any of {sorted(wanted)} in the backbone")
     return targets
+
+
+@dataclass(eq=False)
+class _ListingImages:
+    """One cache key's image work: the processor's output for its image(s) and, optionally, the vision tower's."""
+
+    grid: torch.Tensor | None = None  # (num_images, 3) ``image_grid_thw`` rows (CPU)
+    pixel_values: torch.Tensor | None = None  # the images' patches as the processor packs them; None once features exist
+    features: tuple | None = None  # per image: the vision tower's merged output, (tokens, hidden)
+    deepstack: tuple | None = None  # per image: one (tokens, hidden) tensor per deepstack layer (Qwen3-VL)
+    output_class: type | None = None  # the class ``get_image_features`` returns (rebuilt for ``mm_encoder_outputs``)
+    replacements: list | None = None  # per image: the processor's expansion of its image token
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.grid is None else int(self.grid.shape[0])
+
+
+class ImageCache:
+    """Per-listing image work of a FROZEN encoder, reused across ``ProductEncoder.encode`` calls.
+
+    The caller owns it and passes it with one key per listing (``encode(..., image_keys=ids,
+    image_cache=cache)``; e.g. the listing id): the listing's image(s) go through the processor's
+    image processor once per key and, when the backbone supports it, through the vision tower once
+    per key; every later query of that listing (any title or attribute text) reuses the result. The
+    text is still built per query exactly as ``build_inputs`` does (chat template, processor's
+    image-token expansion from ``image_grid_thw``, tokenizer) and the language model runs per query.
+
+    Two levels, chosen when the cache is first used with an encoder:
+
+    * ``"vision"``: the vision tower's output per image (and Qwen3-VL's deepstack features) is kept
+      and handed to the backbone as ``mm_encoder_outputs`` (the transformers API of Qwen2-VL,
+      Qwen2.5-VL and Qwen3-VL); mRoPE positions come from the model's own ``get_rope_index`` over
+      ``input_ids`` / ``image_grid_thw`` / ``mm_token_type_ids``. Used when the backbone accepts
+      ``mm_encoder_outputs`` and its vision tower has no trainable parameter.
+    * ``"processor"``: only ``pixel_values`` / ``image_grid_thw`` are kept; the vision tower runs on
+      every forward (other backbones, or ``vision_features=False``).
+
+    Validity (the caller's responsibility): a key must always stand for the same image(s) (a
+    listing id of one catalog version); the processor must not change; in ``"vision"`` mode the
+    vision tower's weights must not change while the cache is in use: use it with a frozen encoder
+    (e.g. the reward's stage-1 encoder, loaded with ``trainable=False``); ``encode`` runs in eval
+    mode. A cache serves one encoder: using it with another raises ``ValueError`` (``clear()``
+    frees it for another), and so does a ``"vision"`` cache whose encoder's vision tower has since
+    been made trainable. Bounded: at most ``max_entries`` keys, least recently used dropped first
+    (the listings of the batch being encoded stay alive for that batch whatever the bound). Memory:
+    per image, ``tokens x hidden`` values in the model dtype (Qwen2-VL-2B, a 448 x 448 image: 256 x 1536
+    bf16, about 0.8 MB) on the encoder's device.
+    """
+
+    LEVELS = ("vision", "processor")
+
+    def __init__(self, max_entries: int = 256, *, vision_features: bool = True):
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be a positive integer, got {max_entries!r}")
+        self.max_entries = max_entries
+        self.vision_features = bool(vision_features)
+        self.level: str | None = None  # fixed on first use
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[Hashable, _ListingImages] = OrderedDict()
+        self._owner = None  # weakref to the encoder it serves
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def __repr__(self) -> str:
+        return (f"ImageCache(level={self.level!r}, entries={len(self)}/{self.max_entries}, hits={self.hits}, "
+                f"misses={self.misses})")
+
+    def clear(self) -> None:
+        """Forget every entry and the encoder it served."""
+        self._entries.clear()
+        self._owner = None
+        self.level = None
+
+    def _bind(self, encoder, vision_ok: bool) -> str:
+        owner = None if self._owner is None else self._owner()
+        if owner is None:
+            self.clear()
+            self._owner = weakref.ref(encoder)
+            self.level = "vision" if self.vision_features and vision_ok else "processor"
+        elif owner is not encoder:
+            raise ValueError("this ImageCache holds another encoder's image work: use one cache per encoder "
+                             "(or clear() it first)")
+        elif self.level == "vision" and not vision_ok:
+            raise ValueError("this ImageCache keeps vision-tower outputs, but the encoder's vision tower is no longer "
+                             "frozen: cached features may be stale (clear() the cache, or keep the vision tower frozen)")
+        return self.level
+
+    def _get(self, key) -> _ListingImages | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return entry
+
+    def _put(self, key, entry: _ListingImages) -> None:
+        self.misses += 1
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+@dataclass(eq=False)
+class CachedImageBatch:
+    """``ProductEncoder.build_inputs_cached`` output: text inputs plus the batch's per-listing image entries."""
+
+    inputs: dict  # input_ids, attention_mask, [mm_token_type_ids], [image_grid_thw] (CPU tensors)
+    listings: list  # _ListingImages of the rows with at least one image, in row order (repeats allowed)
+    level: str  # ImageCache level
 
 
 class ProductEncoder(torch.nn.Module):
@@ -234,6 +358,158 @@ class ProductEncoder(torch.nn.Module):
             chunks.append(chunk)
         return chunks
 
+    # ------------------------------------------------------------------ inputs with reused image work
+
+    def new_image_cache(self, max_entries: int = 256, *, vision_features: bool = True) -> ImageCache:
+        """An empty ``ImageCache`` for ``encode(..., image_keys=..., image_cache=...)`` (see its docstring)."""
+        return ImageCache(max_entries, vision_features=vision_features)
+
+    def supports_vision_cache(self) -> bool:
+        """Whether vision-tower outputs can be reused: the backbone takes ``mm_encoder_outputs`` and its
+        vision tower is frozen (no parameter requires grad)."""
+        base = self.backbone.base_model
+        visual = getattr(base, "visual", None)
+        if visual is None or not callable(getattr(base, "get_image_features", None)):
+            return False
+        accepts = getattr(self, "_accepts_mm_encoder_outputs", None)
+        if accepts is None:
+            try:
+                accepts = "mm_encoder_outputs" in inspect.signature(base.forward).parameters
+            except (TypeError, ValueError):
+                accepts = False
+            self._accepts_mm_encoder_outputs = accepts
+        return accepts and not any(p.requires_grad for p in visual.parameters())
+
+    def _processor_call_kwargs(self) -> tuple[dict, dict, bool]:
+        """(text kwargs, image kwargs, return mm_token_type_ids) as ``processor(..., padding=True,
+        return_tensors="pt")`` (``build_inputs``) resolves them."""
+        proc = self.processor
+        merged = proc._merge_kwargs(tokenizer_init_kwargs=getattr(proc.tokenizer, "init_kwargs", {}), padding=True,
+                                    return_tensors="pt")
+        text_kwargs = dict(merged["text_kwargs"])
+        return_mm = text_kwargs.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids", False))
+        text_kwargs.pop("return_text_replacement_offsets", None)
+        return text_kwargs, dict(merged["images_kwargs"]), bool(return_mm)
+
+    def _mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``processor.create_mm_token_type_ids`` vectorised: 1 image, 2 video, 3 audio tokens, else 0."""
+        types = torch.zeros_like(input_ids)
+        for value, name in ((1, "image_token_ids"), (2, "video_token_ids"), (3, "audio_token_ids")):
+            ids = [i for i in (getattr(self.processor, name, None) or []) if i is not None]
+            if ids:
+                types[torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype))] = value
+        return types
+
+    def build_inputs_cached(self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None,
+                            image_keys: Sequence[Hashable | None], image_cache: ImageCache) -> CachedImageBatch:
+        """``build_inputs`` with each key's image processing done once and kept in ``image_cache``.
+
+        ``image_keys[i]`` names row i's image(s) (None: not cached, processed for this batch only).
+        Where the cache (or an earlier row of the batch) already holds the key, ``images[i]`` is not
+        read. The text goes through the chat template, the processor's image-token expansion (from
+        each image's ``image_grid_thw``) and the tokenizer with the processor's own arguments, so
+        the token ids equal ``build_inputs``'s. Vision-tower outputs are computed later, by
+        ``cached_model_inputs``.
+        """
+        n = len(titles)
+        if len(images) != n or len(image_keys) != n or (attributes is not None and len(attributes) != n):
+            raise ValueError(f"batch lengths differ: {len(images)} images, {n} titles, {len(image_keys)} image keys, "
+                             f"{None if attributes is None else len(attributes)} attribute texts")
+        level = image_cache._bind(self, self.supports_vision_cache())
+        text_kwargs, image_kwargs, return_mm = self._processor_call_kwargs()
+        rows: list[_ListingImages] = []
+        batch_entries: dict = {}
+        todo: list[tuple[Hashable | None, _ListingImages, list]] = []
+        for i in range(n):
+            key = image_keys[i]
+            entry = None if key is None else batch_entries.get(key)
+            if entry is None and key is not None:
+                entry = image_cache._get(key)
+            if entry is None:
+                image = images[i]
+                listing_images = [] if image is None else (list(image) if isinstance(image, list | tuple) else [image])
+                entry = _ListingImages()
+                if listing_images:
+                    todo.append((key, entry, [im.convert("RGB") if isinstance(im, Image.Image) else im
+                                              for im in listing_images]))
+                elif key is not None:
+                    image_cache._put(key, entry)
+            if key is not None:
+                batch_entries[key] = entry
+            rows.append(entry)
+        if todo:  # one image-processor call for every image not seen before
+            processed = self.processor.image_processor([im for _, _, ims in todo for im in ims], **image_kwargs)
+            grid = processed["image_grid_thw"]
+            patches = torch.split(processed["pixel_values"], grid.prod(dim=-1).tolist())
+            first = 0
+            for key, entry, ims in todo:
+                last = first + len(ims)
+                entry.grid = grid[first:last]
+                entry.pixel_values = torch.cat(patches[first:last])
+                entry.replacements = [self.processor.replace_image_token({"image_grid_thw": entry.grid}, image_idx=j)
+                                      for j in range(len(ims))]
+                first = last
+                if key is not None:
+                    image_cache._put(key, entry)
+
+        texts = []
+        for i, entry in enumerate(rows):
+            content = [{"type": "image"} for _ in range(entry.num_images)]
+            content.append({"type": "text", "text": self.listing_text(titles[i], None if attributes is None else attributes[i])})
+            chat = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                      add_generation_prompt=False)
+            texts.append(chat.rstrip())
+        listings = [entry for entry in rows if entry.num_images]
+        inputs = {}
+        if listings:
+            grid = torch.cat([entry.grid for entry in listings])
+            texts, _ = self.processor.get_text_with_replacements(texts, [r for entry in listings for r in entry.replacements])
+        # Padded lists, then one tensor per field: the values of the tokenizer's own "pt" conversion, faster.
+        text_kwargs.pop("return_tensors", None)
+        inputs.update({k: torch.tensor(v) for k, v in self.processor.tokenizer(texts, **text_kwargs).items()})
+        if return_mm:
+            inputs["mm_token_type_ids"] = self._mm_token_type_ids(inputs["input_ids"])
+        if listings:
+            inputs["image_grid_thw"] = grid
+        return CachedImageBatch(inputs=inputs, listings=listings, level=level)
+
+    def cached_model_inputs(self, batch: CachedImageBatch, device=None) -> dict:
+        """The backbone's keyword arguments for ``batch``: in ``"vision"`` mode the vision tower runs
+        on the images whose output is not cached yet (once per image) and every image's output goes
+        in as ``mm_encoder_outputs``; in ``"processor"`` mode the cached ``pixel_values``."""
+        device = next(self.parameters()).device if device is None else device
+        inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+        if not batch.listings:
+            return inputs
+        if batch.level != "vision":
+            inputs["pixel_values"] = torch.cat([entry.pixel_values for entry in batch.listings]).to(device)
+            return inputs
+        missing = list({id(e): e for e in batch.listings if e.features is None}.values())
+        if missing:
+            base = self.backbone.base_model
+            with torch.no_grad():
+                out = base.get_image_features(torch.cat([e.pixel_values for e in missing]).to(device),
+                                              torch.cat([e.grid for e in missing]).to(device), return_dict=True)
+            pooled = out.pooler_output
+            deep = getattr(out, "deepstack_features", None)
+            first = 0
+            for entry in missing:
+                last = first + entry.num_images
+                entry.features = tuple(t.detach() for t in pooled[first:last])
+                if deep is not None:
+                    entry.deepstack = tuple(tuple(layer[j].detach() for layer in deep) for j in range(first, last))
+                entry.output_class = type(out)
+                entry.pixel_values = None  # the features replace the patches
+                first = last
+        features = tuple(f.to(device) for e in batch.listings for f in e.features)
+        extra = {}
+        if batch.listings[0].deepstack is not None:
+            layers = len(batch.listings[0].deepstack[0])
+            extra["deepstack_features"] = [tuple(d[layer].to(device) for e in batch.listings for d in e.deepstack)
+                                           for layer in range(layers)]
+        inputs["mm_encoder_outputs"] = {"image": batch.listings[0].output_class(pooler_output=features, **extra)}
+        return inputs
+
     # ------------------------------------------------------------------ embedding
 
     def forward(self, **inputs) -> torch.Tensor:
@@ -248,8 +524,20 @@ class ProductEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None = None,
-               *, batch_size: int = 32, show_progress: bool | None = None, desc: str = "encoding") -> np.ndarray:
-        """Embed many listings in batches; returns float32 (N, dim), rows L2-normalised."""
+               *, batch_size: int = 32, show_progress: bool | None = None, desc: str = "encoding",
+               image_keys: Sequence[Hashable | None] | None = None, image_cache: ImageCache | None = None) -> np.ndarray:
+        """Embed many listings in batches; returns float32 (N, dim), rows L2-normalised.
+
+        With ``image_cache`` (``new_image_cache()``; frozen encoder only, see ``ImageCache``) and one
+        ``image_keys`` entry per row (e.g. listing ids; None = not cached), each key's image(s) are
+        processed, and where supported run through the vision tower, once and kept across calls;
+        ``images[i]`` is not read when its key is already cached. Same embeddings as without it
+        (up to float rounding).
+        """
+        if (image_cache is None) != (image_keys is None):
+            raise ValueError("pass image_keys and image_cache together (or neither)")
+        if image_keys is not None and len(image_keys) != len(titles):
+            raise ValueError(f"{len(image_keys)} image keys for {len(titles)} listings")
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -258,6 +546,12 @@ class ProductEncoder(torch.nn.Module):
         bar = tqdm(starts, desc=desc, disable=not show_progress if show_progress is not None else len(starts) < 8)
         for start in bar:
             end = start + batch_size
+            if image_cache is not None:
+                cached = self.build_inputs_cached(images[start:end], titles[start:end],
+                                                  None if attributes is None else attributes[start:end],
+                                                  image_keys[start:end], image_cache)
+                chunks.append(self(**self.cached_model_inputs(cached, device)).cpu())
+                continue
             batch = self.build_inputs(images[start:end], titles[start:end],
                                       None if attributes is None else attributes[start:end]).to(device)
             chunks.append(self(**batch).cpu())

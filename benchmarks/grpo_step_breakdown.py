@@ -26,7 +26,9 @@ Per optimizer step it records, all with ``time.perf_counter``:
 * each reward call: every reward callable is wrapped in a plain timing proxy that keeps its
   ``__name__`` (so TRL's logging names are unchanged) and is not an ``nn.Module`` (so TRL still
   calls it as a function); for ``retrieval_rank`` also the encoder forward inside the call
-  (the reward's own ``last_timings``);
+  (the reward's own ``last_timings``), split into input building (``ProductEncoder.build_inputs``,
+  or ``build_inputs_cached`` with the reward's image cache, the default) and the rest (image fetch,
+  the vision tower for listings not cached yet, the model forward);
 * generation: the policy's ``generate`` (the object TRL unwraps for generation) is replaced on
   the instance by a timed wrapper;
 * ``_generate_and_score_completions`` and ``training_step`` of the trainer, timed the same way
@@ -286,8 +288,8 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
             table.append(line("&nbsp;&nbsp;of which `encoder.encode`", f"reward/{name}/encode", indent=True))
             table.append(line("&nbsp;&nbsp;&nbsp;&nbsp;input building (chat template, tokenizer, image processor)",
                               f"reward/{name}/encoder_inputs", indent=True))
-            table.append(line("&nbsp;&nbsp;&nbsp;&nbsp;encoder model forward", f"reward/{name}/encoder_forward",
-                              indent=True))
+            table.append(line("&nbsp;&nbsp;&nbsp;&nbsp;encoder model forward (and image fetch)",
+                              f"reward/{name}/encoder_forward", indent=True))
     table += [
         line("**all rewards**", "rewards", indent=True),
         line("prompt/image processing, decoding, advantages, metrics", "scoring_other", indent=True),
@@ -321,6 +323,10 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
         f"({setup['sft_seconds']:.1f} s) so that completions parse.",
         f"- Rewards (`rewards.get_reward_funcs`, weights {REWARD_WEIGHTS}): " + ", ".join(f"`{r}`" for r in REWARDS) + ".",
         f"- Encoder of `retrieval_rank`: {setup['encoder']}.",
+        "- Image cache of `retrieval_rank` (`agcl.encoder.ImageCache`, keyed by listing id: image processing and "
+        "vision tower once per listing, then only the language model per query): "
+        + (f"level `{ic.level}`, {ic.hits} hits / {ic.misses} misses over the whole run (listings of one call "
+           "counted once)." if (ic := setup.get("image_cache")) is not None else "off."),
         f"- Gallery: the embedded catalog's train split, {setup['gallery_size']:,} listings, index "
         f"`{setup['index']}` (built in {setup['gallery_seconds']:.1f} s before training, not in the steps).",
         f"- Prompts: {setup['prompts']:,} train listings of `{setup['catalog']}` (one image + a fixed instruction); "
@@ -497,8 +503,11 @@ def main(argv=None) -> None:
         gen_model.generate = times.timed("generate", gen_model.generate)
         trainer._generate_and_score_completions = times.timed("gen_score", trainer._generate_and_score_completions)
         # During training only the reward's encoder builds encoder inputs (the gallery was built before).
+        # With the reward's image cache (the default) inputs are built by build_inputs_cached instead.
         original_build_inputs = ProductEncoder.build_inputs
+        original_build_inputs_cached = ProductEncoder.build_inputs_cached
         ProductEncoder.build_inputs = times.timed("encoder_inputs", original_build_inputs)
+        ProductEncoder.build_inputs_cached = times.timed("encoder_inputs", original_build_inputs_cached)
         trainer.training_step = times.timed("training_step", trainer.training_step)
         c = trainer.args
         setup["derived"] = {"steps_per_generation": c.steps_per_generation, "generation_batch_size": c.generation_batch_size,
@@ -511,9 +520,11 @@ def main(argv=None) -> None:
             trainer.train()
         finally:
             ProductEncoder.build_inputs = original_build_inputs
+            ProductEncoder.build_inputs_cached = original_build_inputs_cached
         state = funcs[0]._state
         setup["reward_load_seconds"] = state.load_seconds if state is not None else float("nan")
         setup["encoder_shape"] = _shape(state.encoder.backbone.config) if state is not None else "not loaded"
+        setup["image_cache"] = getattr(state, "image_cache", None) if state is not None else None
         history = [h for h in trainer.state.log_history if "step_time" in h]
 
     summary = summarise(times, args.warmup_steps, REWARDS)

@@ -58,7 +58,11 @@ listing is the gallery's own vector when the listing is in the gallery (exactly 
 uses for an attribute-free query; ``baseline_from_gallery=False`` re-encodes instead) and its
 ranks are cached per listing across calls (LRU, ``baseline_cache_size``). ``benchmarks/
 reward_cost.py`` measures the reward against an encoder forward plus a search
-(``docs/reward_cost.md``).
+(``docs/reward_cost.md``). The G completions of a prompt share their listing's image: with an
+encoder that offers it (``ProductEncoder.new_image_cache``), the image processing and the vision
+tower run once per listing and are kept across calls (``agcl.encoder.ImageCache``, keyed by
+``listing_id``, LRU of ``image_cache_size`` listings; the encoder is frozen); only the language
+model runs per query. Same embeddings up to float rounding; ``image_cache_size=0`` switches it off.
 
 Loading and processes. Heavy state (encoder, gallery index, catalog lookups) loads on the first
 call. When given as paths it is dropped by pickling, so every process (TRL's workers, accelerate
@@ -190,6 +194,9 @@ class RetrievalRankReward:
         baseline_from_gallery: use the gallery vector as the attribute-free query of listings in it.
         baseline_cache_size: listings whose baseline ranks are remembered across calls.
         batch_size: encoder batch size.
+        image_cache_size: listings whose processed image and vision-tower output are kept across
+            calls (``agcl.encoder.ImageCache``); 0 = no image cache. Used only with an encoder that
+            has ``new_image_cache`` (``ProductEncoder``).
         device: where a path-given encoder is loaded (default: the current CUDA device, else CPU).
         encoder_kwargs: passed to ``ProductEncoder.from_pretrained`` (e.g. ``dtype``).
         gallery_options: passed to ``ProductGallery.build`` when the gallery is built here.
@@ -217,6 +224,7 @@ class RetrievalRankReward:
         baseline_from_gallery: bool = True,
         baseline_cache_size: int = 100_000,
         batch_size: int = 64,
+        image_cache_size: int = 256,
         device: str | None = None,
         encoder_kwargs: dict | None = None,
         gallery_options: dict | None = None,
@@ -237,6 +245,8 @@ class RetrievalRankReward:
             raise ValueError("RetrievalRankReward needs encoder= (the frozen stage-1 encoder: a directory or an object)")
         if catalog is None and gallery is None:
             raise ValueError("RetrievalRankReward needs catalog= (query lookups) and/or gallery= (see the module docstring)")
+        if isinstance(image_cache_size, bool) or not isinstance(image_cache_size, int) or image_cache_size < 0:
+            raise ValueError(f"image_cache_size must be a non-negative integer, got {image_cache_size!r}")
         if max_attribute_chars is not None and max_attribute_chars < 1:
             raise ValueError(f"max_attribute_chars must be positive or None, got {max_attribute_chars!r}")
         self.__name__ = name or REWARD_NAME
@@ -257,6 +267,7 @@ class RetrievalRankReward:
         self.baseline_from_gallery = bool(baseline_from_gallery)
         self.baseline_cache_size = int(baseline_cache_size)
         self.batch_size = int(batch_size)
+        self.image_cache_size = int(image_cache_size)
         self.device = device
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.gallery_options = dict(gallery_options or {})
@@ -350,8 +361,11 @@ class RetrievalRankReward:
                 "%s: the lookup catalog (%d rows) is not the catalog the gallery (%d rows) was built from; the %d "
                 "listings in both agree on product_id", self.__name__, len(ds), gallery.size, int(shared.sum())
             )
+        new_cache = getattr(encoder, "new_image_cache", None)
         self._state = SimpleNamespace(
             encoder=encoder,
+            image_cache=new_cache(self.image_cache_size) if callable(new_cache) and self.image_cache_size > 0 else None,
+            listing_ids=listing_ids,
             gallery=gallery,
             row_of=row_of,
             titles=list(ds["title"]),
@@ -470,9 +484,11 @@ class RetrievalRankReward:
         enc_rows = np.concatenate([q_rows, base_encode])
         if len(enc_rows):
             enc_titles = [st.titles[r] for r in enc_rows.tolist()]
+            cache = {} if st.image_cache is None else {
+                "image_keys": [st.listing_ids[r] for r in enc_rows.tolist()], "image_cache": st.image_cache}
             embeddings = st.encoder.encode(self._fetch_images(st, enc_rows.tolist()), enc_titles,
                                            q_texts + [None] * len(base_encode), batch_size=self.batch_size,
-                                           show_progress=False)
+                                           show_progress=False, **cache)
             embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(enc_rows), -1)
         else:
             embeddings = np.zeros((0, st.gallery.dim), dtype=np.float32)
