@@ -111,6 +111,11 @@ class AGCLScriptArguments:
     embedded_image_size: int = field(default=64, metadata={"help": "Image side (pixels) of the embedded catalog."})
     cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where the embedded catalog and tiny models are built."})
     instruction: str | None = field(default=None, metadata={"help": "Encoder instruction (default: the encoder's)."})
+    init_encoder: str | None = field(
+        default=None,
+        metadata={"help": "Continue training a saved encoder directory (e.g. an InfoNCE warm start, or CIT's "
+                          "retraining); its backbone, LoRA and prompt settings are used and the model flags ignored."},
+    )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow the backbone's own code from the hub to run (off: code execution)."}

@@ -50,8 +50,14 @@ def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args
         **({"lora_target_modules": model_args.lora_target_modules} if model_args.lora_target_modules else {}),
         **({"instruction": script_args.instruction} if script_args.instruction else {}),
     )
-    encoder = ProductEncoder.from_backbone(encoder_config, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit,
-                                           trust_remote_code=script_args.trust_remote_code)
+    if script_args.init_encoder:
+        encoder = ProductEncoder.from_pretrained(script_args.init_encoder, dtype=model_args.dtype, trainable=True,
+                                                 load_in_4bit=model_args.load_in_4bit,
+                                                 trust_remote_code=script_args.trust_remote_code)
+    else:
+        encoder = ProductEncoder.from_backbone(encoder_config, dtype=model_args.dtype,
+                                               load_in_4bit=model_args.load_in_4bit,
+                                               trust_remote_code=script_args.trust_remote_code)
 
     # 3. Train and save (encoder_config.json + adapter or backbone, BM25 IDF table).
     trainer = AGCLTrainer(model=encoder, args=training_args, train_dataset=train)

@@ -90,3 +90,31 @@ def test_recipe_reports_user_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_demo.yaml",
                            "--false_negative_filter", "fuzzy"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "fuzzy" in proc.stderr and "dynamic" in proc.stderr
+
+
+def test_recipe_continues_training_from_a_saved_encoder(tiny_model_dir, small_catalog_dir, tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, "recipes")
+    import agcl_train
+    from trl import ModelConfig, TrlParser
+
+    from agcl.config import AGCLScriptArguments
+
+    start = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=4, lora_alpha=8))
+    start.save_pretrained(tmp_path / "start")
+    parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
+    args = parser.parse_args_and_config([
+        "--catalog", str(small_catalog_dir), "--init_encoder", str(tmp_path / "start"),
+        "--output_dir", str(tmp_path / "continued"), "--max_steps", "2", "--per_device_train_batch_size", "8",
+        "--eval_split", "none", "--use_cpu", "true", "--save_strategy", "no", "--report_to", "none",
+        "--model_name_or_path", "ignored-because-init_encoder-is-set",
+    ])
+    trainer = agcl_train.main(*args)
+    assert trainer.state.global_step == 2
+    continued = ProductEncoder.from_pretrained(tmp_path / "continued")
+    assert continued.config.lora_r == 4  # the saved encoder's settings, not the command line's model flags
+    test = load_catalog(small_catalog_dir, split="test")
+    images, titles = list(test["image"][:4]), list(test["title"][:4])
+    before = ProductEncoder.from_pretrained(tmp_path / "start").encode(images, titles)
+    assert not (abs(continued.encode(images, titles) - before) < 1e-6).all()  # the adapter trained further
