@@ -49,7 +49,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -61,6 +60,7 @@ import faiss
 import torch
 import transformers
 import trl
+from _machine import describe_machine  # noqa: E402
 
 from agcl.attributes import format_attributes
 from agcl.catalog import load_catalog
@@ -79,23 +79,6 @@ SHARE_GOAL = 0.10
 
 
 # ---------------------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {cores} usable cores (load average {load:.1f} at start: the cores are shared), "
-            f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch "
-            f"{torch.__version__} ({torch.get_num_threads()} thread(s), CPU), faiss {faiss.__version__} "
-            f"({faiss.omp_get_max_threads()} thread(s)), transformers {transformers.__version__}, trl {trl.__version__}")
-
-
 # ---------------------------------------------------------------------------------------------
 class StepTimes:
     """Durations per optimizer step: ``parts[step][name]`` seconds (summed over calls)."""
@@ -440,7 +423,7 @@ def main(argv=None) -> None:
     faiss.omp_set_num_threads(args.threads)
     command = "python benchmarks/grpo_step_breakdown.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                               " " + " ".join(sys.argv[1:] if argv is None else argv))
-    info = machine()
+    info = describe_machine()
     print(info, flush=True)
     start = time.perf_counter()
     torch.manual_seed(0)

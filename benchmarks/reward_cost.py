@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +37,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from _machine import describe_machine  # noqa: E402
 
 from agcl.catalog import load_catalog
 from agcl.encoder import EncoderConfig, ProductEncoder
@@ -51,23 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {cores} usable cores (load average {load:.1f} at start: the cores are shared), "
-            f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch "
-            f"{torch.__version__} ({torch.get_num_threads()} threads, CPU), faiss {faiss.__version__} "
-            f"({faiss.omp_get_max_threads()} threads)")
-
-
 def simulated_completions(rng: np.random.Generator, attributes: dict, g: int) -> list:
     """G completions of a mediocre policy for one listing, as TRL passes them (message lists)."""
     out = []
@@ -402,7 +384,7 @@ def main(argv=None) -> None:
         faiss.omp_set_num_threads(args.threads)
     command = "python benchmarks/reward_cost.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                       " " + " ".join(sys.argv[1:] if argv is None else argv))
-    info = machine()
+    info = describe_machine()
     print(info, flush=True)
     start = time.perf_counter()
     rng = np.random.default_rng(0)
