@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from agcl.catalog import load_catalog
 from agcl.config import AGCLConfig
@@ -52,6 +53,7 @@ def test_gradient_cache_gives_the_same_gradients_as_one_pass(tiny_model_dir, sma
         items = [trainer.train_dataset.groups[i] for i in range(8)]
         batch = trainer.data_collator([{"query": rows[0], "positive": rows[1]} for rows in items])
         encoder.zero_grad()
+        trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test bypasses
         loss = trainer.training_step(encoder, batch)
         grads[chunk] = (loss.item(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
     (loss_a, g_a), (loss_b, g_b) = grads[None], grads[3]
@@ -80,7 +82,8 @@ def test_unknown_filter_lists_the_valid_ones():
 def test_recipe_reports_user_errors_without_traceback(tmp_path):
     bad = tmp_path / "cat"
     bad.mkdir()
-    (bad / "catalog.jsonl").write_text('{"listing_id": "a", "product_id": "p", "title": ""}\n')
+    Image.new("RGB", (8, 8)).save(bad / "a.png")
+    (bad / "catalog.jsonl").write_text('{"listing_id": "a", "product_id": "p", "title": "", "image": "a.png", "split": "train"}\n')
     proc = subprocess.run([sys.executable, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_demo.yaml",
                            "--catalog", str(bad), "--output_dir", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
