@@ -21,14 +21,24 @@ from trl import ModelConfig, TrlParser
 from agcl.catalog import CatalogError, load_catalog
 from agcl.config import AGCLConfig, AGCLScriptArguments
 from agcl.embedded import resolve_catalog, resolve_model
-from agcl.encoder import EncoderConfig, ProductEncoder
+from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder
 from agcl.evaluation import evaluate_encoder, format_results
 from agcl.trainer import AGCLTrainer, check_attribute_options
 
 logger = logging.getLogger("agcl_train")
 
 
-def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args: ModelConfig):
+USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError)
+
+
+def fail(err: Exception):
+    """User errors (bad catalog, bad flag, missing path) end with one clear line and exit code 2."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args: ModelConfig):
+    """Everything that can fail on user input, in order, before any training step."""
     set_seed(training_args.seed)
     # 1. Data first: a bad catalog or option fails here, before any model is loaded.
     catalog = resolve_catalog(script_args.catalog, script_args.cache_dir,
@@ -39,28 +49,38 @@ def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args
     eval_split = None if str(script_args.eval_split).lower() in ("", "none") else script_args.eval_split
     test = load_catalog(catalog, split=eval_split) if eval_split else None
 
-    # 2. The encoder over the backbone (LoRA when --use_peft, else full fine-tuning of the LM).
-    backbone = resolve_model(model_args.model_name_or_path or "tiny-qwen2-vl", script_args.cache_dir)
-    encoder_config = EncoderConfig(
-        backbone=backbone,
-        lora_r=model_args.lora_r if model_args.use_peft else 0,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        freeze_vision=script_args.freeze_vision,
-        **({"lora_target_modules": model_args.lora_target_modules} if model_args.lora_target_modules else {}),
-        **({"instruction": script_args.instruction} if script_args.instruction else {}),
-    )
+    # 2. The encoder: continued from a saved one, or new over the backbone (LoRA when --use_peft,
+    #    else full fine-tuning of the language model).
     if script_args.init_encoder:
         encoder = ProductEncoder.from_pretrained(script_args.init_encoder, dtype=model_args.dtype, trainable=True,
                                                  load_in_4bit=model_args.load_in_4bit,
                                                  trust_remote_code=script_args.trust_remote_code)
     else:
+        backbone = resolve_model(model_args.model_name_or_path or "tiny-qwen2-vl", script_args.cache_dir)
+        encoder_config = EncoderConfig(
+            backbone=backbone,
+            lora_r=model_args.lora_r if model_args.use_peft else 0,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            freeze_vision=script_args.freeze_vision,
+            **({"lora_target_modules": model_args.lora_target_modules} if model_args.lora_target_modules else {}),
+            **({"instruction": script_args.instruction} if script_args.instruction else {}),
+        )
         encoder = ProductEncoder.from_backbone(encoder_config, dtype=model_args.dtype,
                                                load_in_4bit=model_args.load_in_4bit,
                                                trust_remote_code=script_args.trust_remote_code)
-
-    # 3. Train and save (encoder_config.json + adapter or backbone, BM25 IDF table).
     trainer = AGCLTrainer(model=encoder, args=training_args, train_dataset=train)
+    return trainer, encoder, test
+
+
+def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args: ModelConfig):
+    try:
+        trainer, encoder, test = setup(script_args, training_args, model_args)
+    except USER_ERRORS as err:
+        fail(err)
+
+    # 3. Train and save (encoder_config.json + adapter or backbone, BM25 IDF table). Errors from here
+    #    on are not user input errors: they keep their traceback.
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 
@@ -78,8 +98,6 @@ if __name__ == "__main__":
     parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
     try:
         script_args, training_args, model_args = parser.parse_args_and_config()
-        main(script_args, training_args, model_args)
-    except (CatalogError, ValueError, FileNotFoundError) as err:
-        # User errors (bad catalog, bad flag, missing path) end with one clear line, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except USER_ERRORS as err:  # e.g. AGCLConfig rejecting --false_negative_filter fuzzy
+        fail(err)
+    main(script_args, training_args, model_args)
