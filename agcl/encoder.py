@@ -72,7 +72,7 @@ class EncoderConfig:
         return cls(**data)
 
 
-def _language_lora_targets(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
+def language_lora_targets(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
     """Full module paths of the LoRA targets outside the vision tower.
 
     Qwen-VL vision blocks also contain `qkv`/`proj`-like linears; targeting by short name alone
@@ -237,7 +237,7 @@ class ProductEncoder(torch.nn.Module):
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
         elif config.lora_r > 0:
             lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                              target_modules=_language_lora_targets(model, config.lora_target_modules), bias="none")
+                              target_modules=language_lora_targets(model, config.lora_target_modules), bias="none")
             model = get_peft_model(model, lora)
         elif trainable:
             for name, param in model.named_parameters():

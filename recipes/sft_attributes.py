@@ -1,0 +1,108 @@
+"""Stage 2 warm start: SFT of the attribute generator on the teacher's attributes (the "distilled generator").
+
+    python recipes/sft_attributes.py --config recipes/configs/sft_demo.yaml
+    python recipes/sft_attributes.py --config recipes/configs/sft_demo.yaml \
+        --catalog data/my_catalog --model_name_or_path Qwen/Qwen2-VL-2B-Instruct \
+        --use_peft --lora_r 16 --output_dir outputs/my-generator
+
+Each listing becomes one conversation (``rar.prompts.build_sft_dataset``): the user turn is the
+prompt GRPO will use (image + title), the assistant turn the canonical ``key: value; ...`` line of
+the catalog's teacher attributes. TRL's ``SFTTrainer`` renders it with the processor's chat template,
+turns the ``image`` column into ``images=[image]`` and processes images on the fly (vision datasets
+skip dataset preparation). With ``assistant_only_loss`` (the demo config) only the answer and its
+``<|im_end|>`` are trained, read from the template's ``{% generation %}`` markers.
+
+Flags: the fields of SFTScriptArguments (below), trl.SFTConfig (all of transformers.TrainingArguments
+plus SFT options) and trl.ModelConfig (policy, LoRA, 4-bit). With ``--use_peft`` the LoRA adapters go
+on the language model's linears only (default q/k/v/o/gate/up/down; ``--lora_target_modules`` names
+others); the vision tower is left untouched.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from transformers import set_seed
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+
+from agcl.catalog import CatalogError, load_catalog
+from agcl.embedded import resolve_catalog, resolve_model
+from agcl.encoder import language_lora_targets
+from agcl.modeling import load_mllm
+from rar.prompts import DEFAULT_PROMPT, build_sft_dataset
+
+logger = logging.getLogger("sft_attributes")
+
+USER_ERRORS = (CatalogError, ValueError, FileNotFoundError, NotADirectoryError)
+LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class SFTScriptArguments:
+    catalog: str = field(default="embedded", metadata={
+        "help": "Catalog directory, catalog.jsonl, saved dataset or hub id; 'embedded' = the synthetic catalog."})
+    split: str = field(default="train", metadata={"help": "Catalog split to fine-tune on."})
+    attribute_keys: list[str] | None = field(default=None, metadata={
+        "help": "Keys the generator should write, in this order (named in the prompt); None = all the teacher's keys."})
+    cache_dir: str = field(default="outputs/embedded", metadata={
+        "help": "Where the embedded catalog and tiny models are built."})
+    max_train_listings: int | None = field(default=None, metadata={
+        "help": "Use only the first N listings of the split (None = all)."})
+    prompt_template: str = field(default=DEFAULT_PROMPT, metadata={
+        "help": "User prompt with {title} and {keys} placeholders (the one GRPO will use)."})
+
+
+def fail(err: Exception):
+    """User errors (bad catalog, bad flag, missing path) end with one clear line and exit code 2."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def setup(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig):
+    """Everything that can fail on user input, in order, before any training step."""
+    set_seed(training_args.seed)
+    # 1. Data first: a bad catalog fails here, before any model is loaded.
+    catalog = load_catalog(resolve_catalog(script_args.catalog, script_args.cache_dir), split=script_args.split)
+    if script_args.max_train_listings is not None:
+        if script_args.max_train_listings < 1:
+            raise ValueError(f"--max_train_listings must be >= 1, got {script_args.max_train_listings}")
+        catalog = catalog.select(range(min(script_args.max_train_listings, len(catalog))))
+    dataset = build_sft_dataset(catalog, prompt_template=script_args.prompt_template,
+                                attribute_keys=script_args.attribute_keys)
+    dataset = dataset.select_columns([c for c in ("messages", "image", "images") if c in dataset.column_names])
+    logger.info("SFT on %d listings", len(dataset))
+
+    # 2. The policy and its processor; LoRA on the language model only.
+    name = resolve_model(model_args.model_name_or_path or "tiny-qwen2-vl", script_args.cache_dir)
+    model, processor = load_mllm(name, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit,
+                                 trust_remote_code=training_args.trust_remote_code)
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None:
+        # peft has no default targets for Qwen-VL, and short names would also hit the vision tower's linears.
+        peft_config.target_modules = language_lora_targets(model, model_args.lora_target_modules or LM_LORA_TARGETS)
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=processor,
+                         peft_config=peft_config)
+    return trainer, processor
+
+
+def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig):
+    try:
+        trainer, processor = setup(script_args, training_args, model_args)
+    except USER_ERRORS as err:
+        fail(err)
+
+    # 3. Train and save model (or adapter) + processor. Errors from here on keep their traceback.
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
+    try:
+        script_args, training_args, model_args = parser.parse_args_and_config()
+    except USER_ERRORS as err:
+        fail(err)
+    main(script_args, training_args, model_args)
