@@ -23,13 +23,7 @@ trl = pytest.importorskip("trl")
 PROMPT = "List the key attributes of this product. Answer with key: value pairs separated by semicolons."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: OpenMP spin-waiting makes 2 threads ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -18,12 +17,7 @@ from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset, build_sft_dataset,
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "deepspeed_configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
