@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -62,17 +63,16 @@ import transformers
 import trl
 from _machine import describe_machine  # noqa: E402
 
-from agcl.attributes import format_attributes
 from agcl.catalog import load_catalog
 from agcl.embedded import resolve_catalog, resolve_model
 from agcl.encoder import ENCODER_CONFIG_NAME, EncoderConfig, ProductEncoder
 from agcl.modeling import load_mllm
 from agcl.synthetic_catalog import ATTRIBUTE_KEYS
+from rar.prompts import build_prompt_dataset
 from rewards import get_reward_funcs, validate_reward_weights
 from rewards.gallery import ProductGallery
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "List the key attributes of this product. Answer with key: value pairs separated by semicolons."
 REWARDS = ["retrieval_rank", "attribute_format"]
 REWARD_WEIGHTS = [1.0, 0.2]
 SHARE_GOAL = 0.10
@@ -156,27 +156,19 @@ class StepTimer(transformers.TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------
-def warm_start(model_dir: str, rows: list[dict], steps: int, out_dir: Path) -> Path:
-    """The tiny policy after ``steps`` full-batch SFT steps on the teacher's canonical attribute text."""
-    model, processor = load_mllm(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    prefix = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    texts = [prefix + format_attributes(r["attributes"], ATTRIBUTE_KEYS) + "<|im_end|>" for r in rows]
-    images = [r["image"] for r in rows]
-    processor.tokenizer.padding_side = "right"
-    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
-    prefix_len = len(processor(text=[prefix], images=images[:1], return_tensors="pt")["input_ids"][0])
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    labels[:, :prefix_len] = -100
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        model(**batch, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    processor.tokenizer.padding_side = "left"
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+def warm_start(model_dir: str, catalog_dir: str, listings: int, steps: int, out_dir: Path) -> Path:
+    """The tiny policy after ``steps`` SFT steps of recipes/sft_attributes.py on the first ``listings`` listings."""
+    spec = importlib.util.spec_from_file_location("sft_attributes", ROOT / "recipes" / "sft_attributes.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    parser = trl.TrlParser((recipe.SFTScriptArguments, trl.SFTConfig, trl.ModelConfig))
+    recipe.main(*parser.parse_args_and_config([
+        "--catalog", str(catalog_dir), "--model_name_or_path", str(model_dir), "--max_train_listings", str(listings),
+        "--output_dir", str(out_dir), "--max_steps", str(steps), "--per_device_train_batch_size", str(listings),
+        "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--assistant_only_loss", "true",
+        "--activation_checkpointing", "false", "--save_strategy", "no", "--bf16", "false", "--use_cpu", "true",
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+    ]))
     return out_dir
 
 
@@ -301,7 +293,7 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
         "",
         "## Setup",
         "",
-        f"- Policy: `{setup['policy']}` (tiny Qwen2-VL, {setup['policy_params']:,} parameters), warm-started by "
+        f"- Policy: `{setup['policy']}` (tiny Qwen2-VL, {setup['policy_params']:,} parameters), warm-started by recipes/sft_attributes.py, "
         f"{args.sft_steps} full-batch SFT steps on the teacher's attribute text of {args.sft_rows} train listings "
         f"({setup['sft_seconds']:.1f} s) so that completions parse.",
         f"- Rewards (`rewards.get_reward_funcs`, weights {REWARD_WEIGHTS}): " + ", ".join(f"`{r}`" for r in REWARDS) + ".",
@@ -464,14 +456,12 @@ def main(argv=None) -> None:
 
         # ---- policy warm start
         t0 = time.perf_counter()
-        sft_rows = [train[i] for i in range(args.sft_rows)]
-        policy_dir = warm_start(model_dir, sft_rows, args.sft_steps, tmp / "policy")
+        policy_dir = warm_start(model_dir, catalog_dir, args.sft_rows, args.sft_steps, tmp / "policy")
         setup["sft_seconds"] = time.perf_counter() - t0
         print(f"warm start: {args.sft_steps} SFT steps in {setup['sft_seconds']:.1f} s", flush=True)
 
         # ---- prompts, rewards, trainer
-        dataset = train.select_columns(["image", "listing_id", "attributes"])
-        dataset = dataset.add_column("prompt", [[{"role": "user", "content": PROMPT}]] * len(dataset))
+        dataset = build_prompt_dataset(train, keep_columns=("listing_id", "attributes"))  # the prompt SFT used
         times = StepTimes()
         funcs = get_reward_funcs(REWARDS, encoder=str(encoder_dir), gallery=str(tmp / "gallery"), catalog=catalog_dir,
                                  split="train", known_keys=ATTRIBUTE_KEYS)

@@ -7,20 +7,19 @@ it then writes attribute lines of varying quality, the rewards differ inside a g
 GRPO steps move the weights.
 """
 
+import importlib.util
 import math
 
 import pytest
 import torch
 
-from agcl.attributes import format_attributes
 from agcl.catalog import load_catalog
 from agcl.modeling import load_mllm
 from agcl.synthetic_catalog import ATTRIBUTE_KEYS
+from rar.prompts import build_prompt_dataset
 from rewards import get_reward_funcs, validate_reward_weights
 
 trl = pytest.importorskip("trl")
-
-PROMPT = "List the key attributes of this product. Answer with key: value pairs separated by semicolons."
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,38 +27,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def prompt_dataset(small_catalog_dir):
-    """Conversational prompts, one PIL image each, plus the columns the rewards read."""
-    ds = load_catalog(small_catalog_dir, split="train", verify_images=False).select(range(8))
-    ds = ds.map(lambda _: {"prompt": [{"role": "user", "content": PROMPT}]})
-    return ds.select_columns(["prompt", "image", "listing_id", "attributes"])
+    """RAR's conversational prompts (title + requested format), one image each, plus the reward columns."""
+    return build_prompt_dataset(load_catalog(small_catalog_dir, split="train").select(range(8)))
 
 
 @pytest.fixture(scope="module")
-def warm_policy_dir(tiny_model_dir, prompt_dataset, tmp_path_factory):
-    """The tiny model after 40 SFT steps on the teacher's canonical attribute text."""
-    model, processor = load_mllm(tiny_model_dir)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    prefix = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    rows = list(prompt_dataset)
-    texts = [prefix + format_attributes(r["attributes"], ATTRIBUTE_KEYS) + "<|im_end|>" for r in rows]
-    images = [r["image"] for r in rows]
-    processor.tokenizer.padding_side = "right"
-    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
-    prefix_len = len(processor(text=[prefix], images=images[:1], return_tensors="pt")["input_ids"][0])
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    labels[:, :prefix_len] = -100
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(40):
-        model(**batch, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    processor.tokenizer.padding_side = "left"
-    path = tmp_path_factory.mktemp("warm-policy")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+def warm_policy_dir(tiny_model_dir, small_catalog_dir, tmp_path_factory):
+    """The tiny model after 40 SFT steps of recipes/sft_attributes.py on the same 8 listings' teacher attributes."""
+    spec = importlib.util.spec_from_file_location("sft_attributes", "recipes/sft_attributes.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    out = tmp_path_factory.mktemp("warm-policy")
+    parser = trl.TrlParser((recipe.SFTScriptArguments, trl.SFTConfig, trl.ModelConfig))
+    args = parser.parse_args_and_config([
+        "--catalog", str(small_catalog_dir), "--model_name_or_path", str(tiny_model_dir),
+        "--max_train_listings", "8", "--output_dir", str(out), "--max_steps", "40",
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+        "--assistant_only_loss", "true", "--activation_checkpointing", "false", "--save_strategy", "no",
+        "--bf16", "false", "--use_cpu", "true", "--report_to", "none", "--seed", "0",
+    ])
+    recipe.main(*args)
+    return out
 
 
 def grpo_config(output_dir, **overrides):
