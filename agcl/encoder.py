@@ -204,6 +204,27 @@ class CachedImageBatch:
     level: str  # ImageCache level
 
 
+def read_encoder_config(path: str | Path) -> EncoderConfig:
+    """The ``EncoderConfig`` of an encoder directory, without loading weights; ``EncoderLoadError`` when
+    ``path`` is missing or is not an AGCL encoder (stage 2 checks its encoder with this before loading models)."""
+    path = Path(path)
+    config_file = path / ENCODER_CONFIG_NAME
+    if not path.is_dir():
+        raise EncoderLoadError(f"encoder directory {str(path)!r} does not exist")
+    if not config_file.is_file():
+        raise EncoderLoadError(
+            f"{str(path)!r} is not an AGCL encoder: {ENCODER_CONFIG_NAME} is missing "
+            "(train one with recipes/agcl_train.py, or pass the directory it wrote)"
+        )
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EncoderLoadError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != ENCODER_FORMAT:
+        raise EncoderLoadError(f"{config_file} does not describe an {ENCODER_FORMAT} (field 'format')")
+    return EncoderConfig.from_dict(data)
+
+
 class ProductEncoder(torch.nn.Module):
     """Embeds listings (images + title [+ attributes]) into L2-normalised vectors."""
 
@@ -254,21 +275,7 @@ class ProductEncoder(torch.nn.Module):
                         trainable: bool = False) -> ProductEncoder:
         """Load an encoder saved by ``save_pretrained`` (frozen unless ``trainable``)."""
         path = Path(path)
-        config_file = path / ENCODER_CONFIG_NAME
-        if not path.is_dir():
-            raise EncoderLoadError(f"encoder directory {str(path)!r} does not exist")
-        if not config_file.is_file():
-            raise EncoderLoadError(
-                f"{str(path)!r} is not an AGCL encoder: {ENCODER_CONFIG_NAME} is missing "
-                "(train one with recipes/agcl_train.py, or pass the directory it wrote)"
-            )
-        try:
-            data = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise EncoderLoadError(f"{config_file} is not valid JSON: {err}") from err
-        if not isinstance(data, dict) or data.get("format") != ENCODER_FORMAT:
-            raise EncoderLoadError(f"{config_file} does not describe an {ENCODER_FORMAT} (field 'format')")
-        config = EncoderConfig.from_dict(data)
+        config = read_encoder_config(path)
         has_adapter = (path / "adapter_config.json").is_file()
         if config.lora_r > 0 and not has_adapter:
             raise EncoderLoadError(f"{str(path)!r} declares a LoRA adapter (lora_r={config.lora_r}) but has no adapter_config.json")

@@ -125,7 +125,7 @@ REWARD_NAME = "retrieval_rank"
 # ---------------------------------------------------------------------------------------------
 # Completion text
 @contextlib.contextmanager
-def _outside_zero3():
+def outside_zero3():
     """Switch transformers' DeepSpeed ZeRO-3 hook off while a frozen helper model loads.
 
     With a ZeRO-3 config alive (``TrainingArguments(deepspeed=...)``), every ``from_pretrained``
@@ -310,7 +310,7 @@ class RetrievalRankReward:
         device = self.device
         if device is None:
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        with _outside_zero3():
+        with outside_zero3():
             encoder = ProductEncoder.from_pretrained(self.encoder, **self.encoder_kwargs)
         encoder.to(device)
         encoder._afmrl_source_dir = str(Path(self.encoder).resolve())  # lets fingerprint checks read the files

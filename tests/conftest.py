@@ -17,6 +17,48 @@ def small_catalog_dir(tmp_path_factory):
     return make_synthetic_catalog(tmp_path_factory.mktemp("catalog") / "c", num_products=80, seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tiny_model_dir, tmp_path_factory):
+    """An (untrained) AGCL encoder over the tiny backbone, saved the way recipes/agcl_train.py saves one."""
+    from agcl.encoder import EncoderConfig, ProductEncoder
+
+    out = tmp_path_factory.mktemp("tiny-encoder")
+    ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def warm_policy_dir(tiny_model_dir, small_catalog_dir, tmp_path_factory):
+    """The tiny model after 40 SFT steps of recipes/sft_attributes.py on 8 listings' teacher attributes.
+
+    A random policy writes unparsable text, every completion of a group scores the same, GRPO's
+    advantages are zero and nothing trains; after this warm start completions parse and differ.
+    """
+    import importlib.util
+
+    import trl
+
+    spec = importlib.util.spec_from_file_location("sft_attributes", "recipes/sft_attributes.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    out = tmp_path_factory.mktemp("warm-policy")
+    parser = trl.TrlParser((recipe.SFTScriptArguments, trl.SFTConfig, trl.ModelConfig))
+    args = parser.parse_args_and_config([
+        "--catalog", str(small_catalog_dir), "--model_name_or_path", str(tiny_model_dir),
+        "--max_train_listings", "8", "--output_dir", str(out), "--max_steps", "40",
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+        "--assistant_only_loss", "true", "--activation_checkpointing", "false", "--save_strategy", "no",
+        "--bf16", "false", "--use_cpu", "true", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true",
+    ])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipe.main(*args)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine: OpenMP spin-waiting makes 2 threads ~50x slower."""

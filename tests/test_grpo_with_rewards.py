@@ -1,13 +1,10 @@
 """Real TRL GRPOTrainer runs with the registry's rewards on the tiny Qwen2-VL and the synthetic catalog.
 
-A randomly initialised policy writes byte soup: every completion is unparsable, every reward is the
-same within a group, GRPO's advantages are all zero and nothing trains. So the policy is first
-warm-started the way AFMRL does it (SFT on the teacher's attribute text, a few dozen steps here);
-it then writes attribute lines of varying quality, the rewards differ inside a group, and the
-GRPO steps move the weights.
+The policy is the conftest's ``warm_policy_dir``: a few dozen SFT steps on the teacher's attribute
+text, the way AFMRL warm-starts its generator, so that completions parse and rewards differ
+inside a group.
 """
 
-import importlib.util
 import math
 
 import pytest
@@ -29,25 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def prompt_dataset(small_catalog_dir):
     """RAR's conversational prompts (title + requested format), one image each, plus the reward columns."""
     return build_prompt_dataset(load_catalog(small_catalog_dir, split="train").select(range(8)))
-
-
-@pytest.fixture(scope="module")
-def warm_policy_dir(tiny_model_dir, small_catalog_dir, tmp_path_factory):
-    """The tiny model after 40 SFT steps of recipes/sft_attributes.py on the same 8 listings' teacher attributes."""
-    spec = importlib.util.spec_from_file_location("sft_attributes", "recipes/sft_attributes.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    out = tmp_path_factory.mktemp("warm-policy")
-    parser = trl.TrlParser((recipe.SFTScriptArguments, trl.SFTConfig, trl.ModelConfig))
-    args = parser.parse_args_and_config([
-        "--catalog", str(small_catalog_dir), "--model_name_or_path", str(tiny_model_dir),
-        "--max_train_listings", "8", "--output_dir", str(out), "--max_steps", "40",
-        "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-        "--assistant_only_loss", "true", "--activation_checkpointing", "false", "--save_strategy", "no",
-        "--bf16", "false", "--use_cpu", "true", "--report_to", "none", "--seed", "0",
-    ])
-    recipe.main(*args)
-    return out
 
 
 def grpo_config(output_dir, **overrides):

@@ -1,0 +1,120 @@
+"""Configuration of stage 2 (RAR): the script arguments beside TRL's ``GRPOConfig`` and ``ModelConfig``.
+
+``recipes/rar_grpo.py`` parses three dataclasses with ``trl.TrlParser``::
+
+    RARScriptArguments  data, encoder, gallery, rewards, prompt, demo stages (this file)
+    trl.GRPOConfig      every transformers.TrainingArguments field + GRPO (num_generations, beta,
+                        loss_type, reward_weights, max_completion_length, temperature, ...)
+    trl.ModelConfig     the policy: model_name_or_path, dtype, use_peft + lora_*, load_in_4bit
+
+so ``--config recipes/configs/X.yaml`` sets any of them and command-line flags override the YAML.
+``--rl_algorithm rloo`` runs TRL's ``RLOOTrainer`` on the same arguments (``to_rloo_config``).
+TRL 1.16 has no PPO trainer (not even under ``trl.experimental``), so PPO is not offered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from rar.prompts import DEFAULT_PROMPT
+
+__all__ = ["RL_ALGORITHMS", "RARScriptArguments", "to_rloo_config"]
+
+RL_ALGORITHMS = ("grpo", "rloo")
+
+
+@dataclass
+class RARScriptArguments:
+    # ---------------------------------------------------------------- data
+    catalog: str = field(default="embedded", metadata={
+        "help": "Catalog directory, catalog.jsonl, saved dataset or hub id; 'embedded' = the synthetic catalog."})
+    split: str = field(default="train", metadata={"help": "Catalog split whose listings are the GRPO prompts."})
+    gallery_split: str | None = field(default=None, metadata={
+        "help": "Catalog split the reward's gallery is built from (default: --split). Ignored with --gallery."})
+    eval_split: str | None = field(default="test", metadata={
+        "help": "Held-out split for the final no/SFT/RAR attribute table; 'none' skips the evaluation."})
+    max_train_listings: int | None = field(default=None, metadata={
+        "help": "Use only the first N listings of --split as prompts (None = all)."})
+    max_eval_listings: int | None = field(default=None, metadata={
+        "help": "Evaluate on the first N listings of --eval_split (None = all)."})
+    cache_dir: str = field(default="outputs/embedded", metadata={
+        "help": "Where the embedded catalog and the tiny models are built."})
+    # ---------------------------------------------------------------- encoder and gallery
+    encoder: str = field(default="outputs/rar-demo/encoder", metadata={
+        "help": "Directory of a stage-1 encoder (recipes/agcl_train.py output). Frozen during RL."})
+    encoder_recipe: str | None = field(default=None, metadata={
+        "help": "When --encoder does not exist yet, train it first with recipes/agcl_train.py and this YAML "
+                "(the demo does); None = the encoder must exist."})
+    gallery: str | None = field(default=None, metadata={
+        "help": "A saved rewards.ProductGallery directory; None = encode --gallery_split with the encoder in each process."})
+    # ---------------------------------------------------------------- policy warm start
+    sft_recipe: str | None = field(default=None, metadata={
+        "help": "Warm-start the policy first with recipes/sft_attributes.py and this YAML (output in "
+                "<output_dir>/sft, reused when present) and start RL from it; None = start from --model_name_or_path."})
+    freeze_vision: bool = field(default=True, metadata={
+        "help": "Without --use_peft, keep the policy's vision tower frozen (with LoRA only the adapters train anyway)."})
+    # ---------------------------------------------------------------- rewards and prompt
+    reward_funcs: list[str] = field(default_factory=lambda: ["retrieval_rank", "attribute_format"], metadata={
+        "help": "Rewards: built-in names (rewards.BUILTIN_REWARDS) or 'module:function' import paths (these run "
+                "your code). Weights go in --reward_weights (GRPOConfig)."})
+    reward_kwargs: str | None = field(default=None, metadata={
+        "help": 'JSON object of per-reward keyword arguments, e.g. \'{"retrieval_rank": {"mode": "recall_at_k", "k": 50}}\'.'})
+    attribute_keys: list[str] | None = field(default=None, metadata={
+        "help": "Keys the generator should write, in this order (named in the prompt); None = its choice."})
+    prompt_template: str = field(default=DEFAULT_PROMPT, metadata={
+        "help": "User prompt with {title} and {keys} placeholders; the SFT warm start must use the same one."})
+    rl_algorithm: str = field(default="grpo", metadata={
+        "help": "grpo (TRL GRPOTrainer, --loss_type picks grpo/dr_grpo/dapo/bnpo/cispo/sapo/...) or rloo (TRL RLOOTrainer)."})
+    # ---------------------------------------------------------------- evaluation
+    eval_batch_size: int = field(default=32, metadata={"help": "Prompts per batch when generating for the evaluation."})
+    eval_max_new_tokens: int | None = field(default=None, metadata={
+        "help": "New tokens per evaluation completion (default: --max_completion_length)."})
+
+    def __post_init__(self):
+        if self.rl_algorithm not in RL_ALGORITHMS:
+            raise ValueError(f"--rl_algorithm must be one of {RL_ALGORITHMS}, got {self.rl_algorithm!r} "
+                             "(TRL 1.16 has no PPO trainer)")
+        if isinstance(self.eval_split, str) and self.eval_split.lower() == "none":
+            self.eval_split = None
+        for name in ("max_train_listings", "max_eval_listings"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"--eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        self.reward_kwargs_dict()  # fail at parse time on bad JSON
+
+    def reward_kwargs_dict(self) -> dict[str, dict]:
+        if not self.reward_kwargs:
+            return {}
+        try:
+            value = json.loads(self.reward_kwargs) if isinstance(self.reward_kwargs, str) else self.reward_kwargs
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--reward_kwargs is not valid JSON: {err}") from None
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ValueError('--reward_kwargs must be a JSON object {"reward name": {"argument": value}}')
+        unknown = sorted(set(value) - set(self.reward_funcs))
+        if unknown:
+            raise ValueError(f"--reward_kwargs names reward(s) {unknown} that are not in --reward_funcs {self.reward_funcs}")
+        return value
+
+    def reward_entries(self) -> list:
+        """``reward_funcs`` in the registry's form (a name, or {"name", "kwargs"} when it has kwargs)."""
+        kwargs = self.reward_kwargs_dict()
+        return [{"name": n, "kwargs": kwargs[n]} if n in kwargs else n for n in self.reward_funcs]
+
+
+def to_rloo_config(grpo_args):
+    """The same run as ``trl.RLOOConfig``: every field the two configs share, RLOO's own at their defaults.
+
+    ``generation_batch_size`` is left out because GRPOConfig has already derived it from
+    ``steps_per_generation`` and the two may not both be set.
+    """
+    from trl import RLOOConfig
+
+    names = {f.name for f in dataclasses.fields(RLOOConfig) if f.init} & {f.name for f in dataclasses.fields(grpo_args)}
+    names.discard("generation_batch_size")
+    values = {n: getattr(grpo_args, n) for n in names}
+    return RLOOConfig(**values)

@@ -1,0 +1,139 @@
+"""Does the generator's text help retrieval? Held-out evaluation of stage 2 and its report.
+
+The question RAR optimises, asked on products the policy never saw: each listing of the held-out
+split is a query once, its other listings are the positives, and the frozen stage-1 encoder embeds
+the query as image + title (+ the generated attributes) against a gallery of image + title
+(``agcl.evaluation.evaluate_encoder``'s ``instance`` task, the same protocol as the reward). The
+attributes come from ``rar.generation.generate_attributes`` (greedy), are parsed with the reward's
+tolerant parser and re-written canonically; a completion that does not parse adds nothing to its
+query (as in the reward, which scores it but has no text to append).
+
+``write_report`` saves ``metrics.json`` ({"no_attributes": {"recall@1": ...}, "sft_attributes":
+..., "rar_attributes": ...}, fractions), the generated attributes, and two PNG plots: the reward
+curve from the trainer's log history and Recall@K per attribute source.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from agcl.attributes import parse_attributes
+from agcl.evaluation import evaluate_encoder
+
+__all__ = ["SOURCES", "canonical_attributes", "evaluate_attribute_sources", "format_table", "write_report"]
+
+SOURCES = ("no_attributes", "sft_attributes", "rar_attributes")
+REPORTED = ("recall@1", "recall@5", "recall@10", "mAP@10", "mrr")
+
+
+def canonical_attributes(completions: Sequence[str], key_order: Sequence[str] | None = None) -> list[str | None]:
+    """Parsed, canonical ``key: value; ...`` text per completion; None where nothing parses."""
+    return [parse_attributes(c).to_text(key_order) or None for c in completions]
+
+
+def evaluate_attribute_sources(encoder, catalog, sources: Mapping[str, Sequence[str | None] | None], *,
+                               batch_size: int = 32, show_progress: bool | None = None) -> dict[str, dict]:
+    """Instance retrieval on ``catalog`` with each source of query attributes (None = no attributes)."""
+    results = {}
+    for name, texts in sources.items():
+        if texts is not None and len(texts) != len(catalog):
+            raise ValueError(f"{name}: {len(texts)} attribute texts for {len(catalog)} listings")
+        instance = evaluate_encoder(encoder, catalog, query_attributes=None if texts is None else list(texts),
+                                    tasks=("instance",), batch_size=batch_size, show_progress=show_progress)["instance"]
+        metrics = {k: instance[k] for k in REPORTED if k in instance}
+        metrics["n_queries"] = instance["n_queries"]
+        if texts is not None:
+            metrics["valid_fraction"] = sum(t is not None for t in texts) / max(len(texts), 1)
+        results[name] = metrics
+    return results
+
+
+def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    """A Markdown table of Recall@1/5/10 and mAP@10 (percent) per attribute source."""
+    cols = [c for c in REPORTED if any(c in m for m in results.values())]
+    lines = ["| query attributes | " + " | ".join(c.replace("recall", "Recall") for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, metrics in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * metrics[c]:.1f}" if c in metrics else "" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def reward_curve(log_history: Sequence[Mapping]) -> tuple[list[int], dict[str, list[float]]]:
+    """Steps and per-reward means (plus the weighted total ``reward``) from a trainer's log history."""
+    steps, curves = [], {}
+    for entry in log_history:
+        if "reward" not in entry:
+            continue
+        steps.append(int(entry.get("step", len(steps) + 1)))
+        for key, value in entry.items():
+            if key == "reward" or (key.startswith("rewards/") and key.endswith("/mean")):
+                curves.setdefault(key, []).append(float(value))
+    return steps, {k: v for k, v in curves.items() if len(v) == len(steps)}
+
+
+def _plot_rewards(log_history, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, curves = reward_curve(log_history)
+    if not steps:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, values in curves.items():
+        label = "total (weighted)" if key == "reward" else key.removeprefix("rewards/").removesuffix("/mean")
+        ax.plot(steps, values, label=label, linewidth=2 if key == "reward" else 1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("RAR reward during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _plot_recall(results: Mapping[str, Mapping[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [k for k in ("recall@1", "recall@5", "recall@10") if all(k in m for m in results.values())]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / max(len(results), 1)
+    for i, (name, metrics) in enumerate(results.items()):
+        xs = [j + i * width for j in range(len(ks))]
+        bars = ax.bar(xs, [100 * metrics[k] for k in ks], width, label=name.replace("_", " "))
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(ks))], [k.replace("recall", "R") for k in ks])
+    ax.set_ylabel("instance retrieval (%)")
+    ax.set_title("Held-out products: query attributes before / after RL")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(output_dir, results: Mapping[str, Mapping], *, log_history: Sequence[Mapping] = (),
+                 generated: Mapping[str, Sequence] | None = None, extra: Mapping | None = None) -> dict[str, Path]:
+    """metrics.json, attributes.jsonl (generated text per listing) and the two PNGs; returns their paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": out / "metrics.json"}
+    paths["metrics"].write_text(json.dumps({**results, **(extra or {})}, indent=2) + "\n", encoding="utf-8")
+    if generated:
+        paths["attributes"] = out / "attributes.jsonl"
+        rows = zip(*generated.values(), strict=True)
+        with paths["attributes"].open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(dict(zip(generated.keys(), row, strict=True)), ensure_ascii=False) + "\n")
+    if _plot_rewards(log_history, out / "reward_curve.png"):
+        paths["reward_curve"] = out / "reward_curve.png"
+    _plot_recall(results, out / "recall.png")
+    paths["recall"] = out / "recall.png"
+    return paths

@@ -1,0 +1,208 @@
+"""Stage 2: Retrieval-aware Attribute Reinforcement (RAR) with TRL's GRPOTrainer (or RLOOTrainer).
+
+    accelerate launch recipes/rar_grpo.py                                   # the embedded demo (rar_demo.yaml)
+    accelerate launch recipes/rar_grpo.py --config recipes/configs/rar_qwen25vl_3b.yaml
+    python recipes/rar_grpo.py --config recipes/configs/rar_qlora_7b.yaml --catalog data/my_catalog
+    accelerate launch --config_file deepspeed_configs/zero3.yaml recipes/rar_grpo.py --config ...
+
+A policy MLLM writes the attributes of a listing (image + title); the reward re-embeds the listing
+with them through the frozen stage-1 encoder and scores how much they lift its identical products
+in the gallery (``rewards.RetrievalRankReward``). Steps, in order:
+
+1. check every input (catalog rows, encoder directory, reward names and weights, prompt template,
+   batch divisibility) -- a user error ends here with one line and exit code 2, before any model loads;
+2. train the stage-1 encoder with recipes/agcl_train.py if ``--encoder`` is missing and
+   ``--encoder_recipe`` names a YAML (reused when present);
+3. warm-start the policy with recipes/sft_attributes.py when ``--sft_recipe`` names a YAML
+   (``<output_dir>/sft``, reused when present): the paper's distilled generator;
+4. GRPO (or RLOO) with the rewards; ``--resume_from_checkpoint`` continues a run;
+5. on ``--eval_split`` (held-out products): greedy attributes of the starting policy and of the RL
+   policy, instance Recall@1/5/10 with no / SFT / RAR attributes on the queries; writes
+   ``metrics.json``, ``attributes.jsonl``, ``reward_curve.png`` and ``recall.png``.
+
+Flags: the fields of rar.config.RARScriptArguments, trl.GRPOConfig and trl.ModelConfig.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from accelerate import PartialState
+from transformers import set_seed
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOTrainer, TrlParser
+
+from agcl.catalog import CatalogError, load_catalog
+from agcl.embedded import resolve_catalog
+from agcl.encoder import EncoderLoadError, ProductEncoder, read_encoder_config
+from rar.config import RARScriptArguments, to_rloo_config
+from rar.evaluation import (
+    SOURCES,
+    canonical_attributes,
+    evaluate_attribute_sources,
+    format_table,
+    write_report,
+)
+from rar.generation import generate_attributes
+from rar.policy import load_policy
+from rar.prompts import build_prompt_dataset
+from rewards import get_reward_funcs, validate_reward_weights
+from rewards.retrieval_rank import outside_zero3
+
+logger = logging.getLogger("rar_grpo")
+
+RECIPES = Path(__file__).resolve().parent
+DEFAULT_CONFIG = RECIPES / "configs" / "rar_demo.yaml"
+USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
+# A child recipe must not join this run's process group.
+_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                    "MASTER_ADDR", "MASTER_PORT")
+
+
+def fail(err: Exception):
+    """User errors end with one clear line and exit code 2."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_recipe(recipe: str, config: str, overrides: dict):
+    """Run another recipe in a clean single-process child (the demo's stage 1 and SFT stages)."""
+    cmd = [sys.executable, str(RECIPES / recipe), "--config", config]
+    for key, value in overrides.items():
+        if value is not None:
+            cmd += [f"--{key}", *(map(str, value) if isinstance(value, list | tuple) else [str(value)])]
+    env = {k: v for k, v in os.environ.items()
+           if k not in _DISTRIBUTED_ENV and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    print(f"[rar_grpo] running {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
+    """Everything that can fail on user input, before any model is loaded; returns the datasets."""
+    catalog = resolve_catalog(script_args.catalog, script_args.cache_dir)
+    train = load_catalog(catalog, split=script_args.split)
+    if script_args.max_train_listings:
+        train = train.select(range(min(script_args.max_train_listings, len(train))))
+    evaluation = None
+    if script_args.eval_split:
+        evaluation = load_catalog(catalog, split=script_args.eval_split)
+        if script_args.max_eval_listings:
+            evaluation = evaluation.select(range(min(script_args.max_eval_listings, len(evaluation))))
+    if Path(script_args.encoder).exists() or not script_args.encoder_recipe:
+        read_encoder_config(script_args.encoder)  # not an AGCL encoder -> EncoderLoadError
+    if script_args.encoder_recipe and not Path(script_args.encoder_recipe).is_file():
+        raise FileNotFoundError(f"--encoder_recipe {script_args.encoder_recipe!r} does not exist")
+    if script_args.sft_recipe and not Path(script_args.sft_recipe).is_file():
+        raise FileNotFoundError(f"--sft_recipe {script_args.sft_recipe!r} does not exist")
+    if script_args.gallery and not Path(script_args.gallery).is_dir():
+        raise FileNotFoundError(f"--gallery {script_args.gallery!r} is not a directory")
+    prompts = build_prompt_dataset(train, prompt_template=script_args.prompt_template,
+                                   attribute_keys=script_args.attribute_keys)
+    # Rewards resolve without loading anything heavy (the retrieval reward loads on its first call).
+    reward_funcs = get_reward_funcs(
+        script_args.reward_entries(), encoder=script_args.encoder, catalog=catalog, gallery=script_args.gallery,
+        split=script_args.gallery_split or script_args.split, known_keys=script_args.attribute_keys,
+        key_order=script_args.attribute_keys)
+    validate_reward_weights(training_args.reward_weights, reward_funcs)
+    return catalog, prompts, evaluation, reward_funcs
+
+
+def generate_eval_attributes(script_args, training_args, model_args, policy_path, evaluation) -> list[str]:
+    """Greedy attributes of a saved policy on the held-out prompts (a whole copy, outside ZeRO-3)."""
+    with outside_zero3():
+        model, processor, _ = load_policy(model_args, cache_dir=script_args.cache_dir, name_or_path=str(policy_path),
+                                          trust_remote_code=model_args.trust_remote_code, for_training=False)
+    prompts = build_prompt_dataset(evaluation, prompt_template=script_args.prompt_template,
+                                   attribute_keys=script_args.attribute_keys)
+    return generate_attributes(model.to(training_args.device), processor, prompts,
+                               batch_size=script_args.eval_batch_size,
+                               max_new_tokens=script_args.eval_max_new_tokens or training_args.max_completion_length)
+
+
+def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
+    started = time.time()
+    set_seed(training_args.seed)
+    try:
+        catalog, prompts, evaluation, reward_funcs = check_inputs(script_args, training_args, model_args)
+    except USER_ERRORS as err:
+        fail(err)
+    state = PartialState()
+    output_dir = Path(training_args.output_dir)
+
+    # Stages that write to disk run in the main process first; the others then find and reuse them.
+    with state.main_process_first():
+        if not (Path(script_args.encoder) / "encoder_config.json").is_file():
+            run_recipe("agcl_train.py", script_args.encoder_recipe,
+                       {"catalog": catalog, "cache_dir": script_args.cache_dir, "output_dir": script_args.encoder,
+                        "seed": training_args.seed})
+        policy_path = model_args.model_name_or_path
+        if script_args.sft_recipe:
+            policy_path = str(output_dir / "sft")
+            if not (Path(policy_path) / "config.json").is_file() and not (Path(policy_path) / "adapter_config.json").is_file():
+                run_recipe("sft_attributes.py", script_args.sft_recipe,
+                           {"catalog": catalog, "split": script_args.split, "cache_dir": script_args.cache_dir,
+                            "model_name_or_path": model_args.model_name_or_path, "output_dir": policy_path,
+                            "prompt_template": script_args.prompt_template,
+                            "attribute_keys": script_args.attribute_keys, "seed": training_args.seed})
+
+    # The starting policy's attributes on held-out products ("SFT attributes"), before RL touches it.
+    generated = {}
+    if evaluation is not None and state.is_main_process:
+        generated["sft_attributes"] = generate_eval_attributes(script_args, training_args, model_args, policy_path,
+                                                               evaluation)
+
+    model, processor, peft_config = load_policy(model_args, cache_dir=script_args.cache_dir, name_or_path=policy_path,
+                                                freeze_vision=script_args.freeze_vision,
+                                                trust_remote_code=model_args.trust_remote_code)
+    if script_args.rl_algorithm == "rloo":
+        trainer = RLOOTrainer(model=model, reward_funcs=reward_funcs, args=to_rloo_config(training_args),
+                              train_dataset=prompts, processing_class=processor, peft_config=peft_config)
+    else:
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=prompts,
+                              processing_class=processor, peft_config=peft_config)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(output_dir))
+    state.wait_for_everyone()
+
+    if evaluation is None or not state.is_main_process:
+        return trainer
+    generated["rar_attributes"] = generate_eval_attributes(script_args, training_args, model_args, output_dir,
+                                                           evaluation)
+    encoder = ProductEncoder.from_pretrained(script_args.encoder).to(training_args.device)
+    sources = {"no_attributes": None, **{k: canonical_attributes(v, script_args.attribute_keys)
+                                         for k, v in generated.items()}}
+    results = evaluate_attribute_sources(encoder, evaluation, sources, batch_size=script_args.eval_batch_size)
+    paths = write_report(output_dir, {k: results[k] for k in SOURCES}, log_history=trainer.state.log_history,
+                         generated={"listing_id": evaluation["listing_id"], **generated},
+                         extra={"elapsed_s": round(time.time() - started, 1), "eval_split": script_args.eval_split,
+                                "n_eval_listings": len(evaluation)})
+    print(f"\nHeld-out instance retrieval ({len(evaluation)} listings of split {script_args.eval_split!r}):")
+    print(format_table({k: results[k] for k in SOURCES}))
+    print(f"wrote {', '.join(str(p) for p in paths.values())} ({time.time() - started:.0f} s in all)")
+    logger.info("metrics: %s", json.dumps(results))
+    return trainer
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # the embedded demo
+        argv = ["--config", str(DEFAULT_CONFIG)]
+    parser = TrlParser((RARScriptArguments, GRPOConfig, ModelConfig))
+    return parser.parse_args_and_config(argv)
+
+
+def cli(argv=None):
+    try:
+        args = parse_args(argv)
+    except USER_ERRORS as err:  # e.g. num_generations that does not divide the generation batch
+        fail(err)
+    return main(*args)
+
+
+if __name__ == "__main__":
+    cli()

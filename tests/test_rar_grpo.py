@@ -1,0 +1,216 @@
+"""recipes/rar_grpo.py end to end on tiny models: LoRA, QLoRA, RLOO, resume, and bad input before any model loads."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+import trl
+from safetensors.torch import load_file
+
+from agcl.synthetic_catalog import make_synthetic_catalog
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("rar_grpo", "recipes/rar_grpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def base_args(catalog, encoder, policy, out, *extra):
+    return ["--config", "recipes/configs/rar_demo.yaml", "--catalog", str(catalog), "--encoder", str(encoder),
+            "--encoder_recipe", "", "--sft_recipe", "", "--model_name_or_path", str(policy),
+            "--output_dir", str(out), "--max_train_listings", "8", "--max_eval_listings", "24",
+            "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "24",
+            "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "5e-3", "--disable_tqdm", "true",
+            "--eval_batch_size", "8", "--seed", "0", *extra]
+
+
+class Snapshot:
+    """Wraps a trainer class so the test sees the policy's parameters as training starts."""
+
+    def __init__(self, cls):
+        self.before = {}
+        outer = self
+
+        class Spy(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                outer.before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+                outer.trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+        self.cls = Spy
+
+
+def changed_and_frozen(snapshot, model):
+    after = dict(model.named_parameters())
+    changed = {n for n in snapshot.trainable if not torch.equal(snapshot.before[n], after[n].detach().float().to(
+        snapshot.before[n].dtype))}
+    frozen_moved = {n for n in snapshot.before if n not in snapshot.trainable
+                    and not torch.equal(snapshot.before[n], after[n].detach())}
+    return changed, frozen_moved
+
+
+def test_lora_grpo_trains_adapters_only_and_reports(recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir,
+                                                    warm_policy_dir, tmp_path):
+    spy = Snapshot(trl.GRPOTrainer)
+    monkeypatch.setattr(recipe, "GRPOTrainer", spy.cls)
+    out = tmp_path / "run"
+    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out,
+                                   "--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16"))
+
+    assert spy.trainable and all("lora_" in n for n in spy.trainable)
+    assert not any("visual" in n for n in spy.trainable)  # LoRA on the language model only
+    changed, frozen_moved = changed_and_frozen(spy, trainer.model)
+    assert changed == spy.trainable, f"LoRA tensors that did not change: {sorted(spy.trainable - changed)[:5]}"
+    assert not frozen_moved, f"base weights moved: {sorted(frozen_moved)[:5]}"
+
+    steps = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(steps) == 3 and all(math.isfinite(h["rewards/retrieval_rank/mean"]) for h in steps)
+    assert (out / "adapter_model.safetensors").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    for source in ("no_attributes", "sft_attributes", "rar_attributes"):
+        assert set(metrics[source]) >= {"recall@1", "recall@5", "recall@10"}
+        assert all(0.0 <= metrics[source][k] <= 1.0 for k in ("recall@1", "recall@5", "recall@10"))
+        assert metrics[source]["n_queries"] == 24
+    assert (out / "reward_curve.png").stat().st_size > 0 and (out / "recall.png").stat().st_size > 0
+    rows = [json.loads(line) for line in (out / "attributes.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and set(rows[0]) == {"listing_id", "sft_attributes", "rar_attributes"}
+
+
+def test_full_finetune_keeps_the_vision_tower_frozen(recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir,
+                                                     warm_policy_dir, tmp_path):
+    spy = Snapshot(trl.GRPOTrainer)
+    monkeypatch.setattr(recipe, "GRPOTrainer", spy.cls)
+    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path / "run",
+                                   "--freeze_vision", "true", "--eval_split", "none"))
+    assert spy.trainable and not any(".visual." in f".{n}" for n in spy.trainable)
+    _, frozen_moved = changed_and_frozen(spy, trainer.model)
+    assert not frozen_moved
+
+
+def test_qlora_4bit_grpo(recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    spy = Snapshot(trl.GRPOTrainer)
+    monkeypatch.setattr(recipe, "GRPOTrainer", spy.cls)
+    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path / "run",
+                                   "--use_peft", "true", "--load_in_4bit", "true", "--lora_r", "8",
+                                   "--max_eval_listings", "8"))
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    changed, frozen_moved = changed_and_frozen(spy, trainer.model)
+    assert changed == spy.trainable and not frozen_moved
+    assert all(math.isfinite(h["reward"]) for h in trainer.state.log_history if "reward" in h)
+
+
+def test_rloo_is_the_alternative_trainer(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
+    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path / "run",
+                                   "--rl_algorithm", "rloo", "--eval_split", "none", "--max_steps", "2"))
+    assert isinstance(trainer, trl.RLOOTrainer)
+    assert trainer.state.global_step == 2
+    assert trainer.args.num_generations == 4 and trainer.args.max_completion_length == 24
+
+
+def test_resume_continues_at_the_step_it_stopped(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir,
+                                                 tmp_path):
+    out = tmp_path / "run"
+    common = ["--use_peft", "true", "--lora_r", "8", "--eval_split", "none", "--save_strategy", "steps",
+              "--save_steps", "2"]
+    recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out, *common, "--max_steps", "2"))
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "optimizer.pt").is_file()
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+
+    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out, *common,
+                                   "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)))
+    assert trainer.state.global_step == 4
+    logged = [h["step"] for h in trainer.state.log_history if "reward" in h]
+    assert logged == [1, 2, 3, 4]  # the history of the first run continues, no step repeated
+    final = load_file(out / "checkpoint-4" / "adapter_model.safetensors")
+    assert any(not torch.equal(saved[k], final[k]) for k in saved)
+
+
+# ------------------------------------------------------------------ bad input: exit 2 before any model loads
+
+
+@pytest.fixture
+def no_models(recipe, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(recipe, "load_policy", refuse)
+    monkeypatch.setattr(recipe, "run_recipe", refuse)
+    monkeypatch.setattr(recipe.ProductEncoder, "from_pretrained", refuse)
+
+
+def expect_exit(recipe, capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as info:
+        recipe.cli(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.mark.usefixtures("no_models")
+def test_encoder_dir_that_is_not_an_agcl_encoder(recipe, capsys, small_catalog_dir, tiny_model_dir, tmp_path):
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_model_dir, tiny_model_dir, tmp_path),
+                "is not an AGCL encoder", "encoder_config.json")
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tmp_path / "nowhere", tiny_model_dir, tmp_path),
+                "does not exist")
+
+
+@pytest.mark.usefixtures("no_models")
+def test_catalog_without_images(recipe, capsys, tiny_encoder_dir, tiny_model_dir, tmp_path):
+    catalog = tmp_path / "no-images"
+    catalog.mkdir()
+    rows = [{"listing_id": f"L{i}", "product_id": f"P{i // 2}", "title": f"mug {i}", "split": "train"} for i in range(4)]
+    (catalog / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expect_exit(recipe, capsys, base_args(catalog, tiny_encoder_dir, tiny_model_dir, tmp_path / "o"), "line 1", "image")
+
+
+@pytest.mark.usefixtures("no_models")
+def test_unknown_reward_name(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path):
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
+                                          "--reward_funcs", "retrieval_rank", "rank_of_the_moon",
+                                          "--reward_weights", "1.0", "1.0"), "rank_of_the_moon")
+
+
+@pytest.mark.usefixtures("no_models")
+def test_reward_weights_that_do_not_match(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path):
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
+                                          "--reward_weights", "1.0"), "reward")
+
+
+@pytest.mark.usefixtures("no_models")
+def test_num_generations_that_does_not_divide_the_batch(recipe, capsys, small_catalog_dir, tiny_encoder_dir,
+                                                        tiny_model_dir, tmp_path):
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
+                                          "--num_generations", "3"), "num_generations", "(3)")
+
+
+@pytest.mark.usefixtures("no_models")
+def test_bad_reward_kwargs_and_algorithm(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path):
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
+                                          "--reward_kwargs", "{not json"), "--reward_kwargs")
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
+                                          "--rl_algorithm", "ppo"), "--rl_algorithm", "TRL")
+
+
+def test_catalog_row_errors_name_the_row(recipe, capsys, tiny_encoder_dir, tiny_model_dir, tmp_path):
+    catalog = make_synthetic_catalog(tmp_path / "c", num_products=12, seed=0)
+    lines = (catalog / "catalog.jsonl").read_text().splitlines()
+    row = json.loads(lines[2])
+    row["title"] = ""
+    lines[2] = json.dumps(row)
+    (catalog / "catalog.jsonl").write_text("\n".join(lines) + "\n")
+    expect_exit(recipe, capsys, base_args(catalog, tiny_encoder_dir, tiny_model_dir, tmp_path / "o"),
+                "line 3", row["listing_id"], "title")
