@@ -114,7 +114,7 @@ def generate_eval_attributes(script_args, training_args, model_args, policy_path
     """Greedy attributes of a saved policy on the held-out prompts (a whole copy, outside ZeRO-3)."""
     with outside_zero3():
         model, processor, _ = load_policy(model_args, cache_dir=script_args.cache_dir, name_or_path=str(policy_path),
-                                          trust_remote_code=model_args.trust_remote_code, for_training=False)
+                                          trust_remote_code=training_args.trust_remote_code, for_training=False)
     prompts = build_prompt_dataset(evaluation, prompt_template=script_args.prompt_template,
                                    attribute_keys=script_args.attribute_keys)
     return generate_attributes(model.to(training_args.device), processor, prompts,
@@ -156,7 +156,7 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
 
     model, processor, peft_config = load_policy(model_args, cache_dir=script_args.cache_dir, name_or_path=policy_path,
                                                 freeze_vision=script_args.freeze_vision,
-                                                trust_remote_code=model_args.trust_remote_code)
+                                                trust_remote_code=training_args.trust_remote_code)
     if script_args.rl_algorithm == "rloo":
         trainer = RLOOTrainer(model=model, reward_funcs=reward_funcs, args=to_rloo_config(training_args),
                               train_dataset=prompts, processing_class=processor, peft_config=peft_config)

@@ -153,8 +153,8 @@ def expect_exit(recipe, capsys, argv, *fragments):
     with pytest.raises(SystemExit) as info:
         recipe.cli(argv)
     assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
+    err = capsys.readouterr().err  # progress bars go to stderr too
+    assert any(line.startswith("error: ") for line in err.splitlines()) and "Traceback" not in err
     for fragment in fragments:
         assert fragment in err, err
     return err
