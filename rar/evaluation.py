@@ -44,6 +44,7 @@ def evaluate_attribute_sources(encoder, catalog, sources: Mapping[str, Sequence[
                                     tasks=("instance",), batch_size=batch_size, show_progress=show_progress)["instance"]
         metrics = {k: instance[k] for k in REPORTED if k in instance}
         metrics["n_queries"] = instance["n_queries"]
+        metrics["n_skipped"] = instance.get("n_skipped", 0)  # queries whose product has no other listing
         if texts is not None:
             metrics["valid_fraction"] = sum(t is not None for t in texts) / max(len(texts), 1)
         results[name] = metrics

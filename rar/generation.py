@@ -66,7 +66,9 @@ def generate_attributes(
     tokenizer.padding_side = "left"  # new tokens start at the same column for every row
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id}
+    # synced_gpus=False: under a ZeRO-3 run transformers would otherwise make every generation step
+    # wait for the other ranks, and evaluation generates in one process with a whole model.
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id, "synced_gpus": False}
     if do_sample:
         options["temperature"] = temperature
     outputs: list[str] = []

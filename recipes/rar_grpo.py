@@ -173,7 +173,8 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
         return trainer
     generated["rar_attributes"] = generate_eval_attributes(script_args, training_args, model_args, output_dir,
                                                            evaluation)
-    encoder = ProductEncoder.from_pretrained(script_args.encoder).to(training_args.device)
+    with outside_zero3():  # only this process evaluates: a whole encoder, no collective partitioning
+        encoder = ProductEncoder.from_pretrained(script_args.encoder).to(training_args.device)
     sources = {"no_attributes": None, **{k: canonical_attributes(v, script_args.attribute_keys)
                                          for k, v in generated.items()}}
     results = evaluate_attribute_sources(encoder, evaluation, sources, batch_size=script_args.eval_batch_size)

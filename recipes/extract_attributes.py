@@ -1,0 +1,130 @@
+"""Annotate a catalog with an MLLM's attributes: the teacher step, and CIT's re-annotation with the RAR generator.
+
+    python recipes/extract_attributes.py --model Qwen/Qwen2.5-VL-7B-Instruct --catalog data/catalog \
+        --output_dir data/catalog-teacher
+    python recipes/extract_attributes.py --model outputs/rar-demo --catalog embedded --output_dir outputs/cit/catalog \
+        --prompt_template "Title: {title}\nAttributes:"
+
+Each listing gets one greedy completion for the prompt GRPO uses (``rar.prompts``, image + title),
+in batches with a progress bar. Completions are appended to ``<output_dir>/generations.jsonl`` as
+each batch finishes, so an interrupted run started again with the same arguments skips the
+listings already done. At the end the completions are parsed (``agcl.attributes.parse_attributes``)
+into ``--column`` of a copy of the catalog in ``<output_dir>`` (``catalog.jsonl`` + ``images/``);
+the source catalog is never modified. A completion that does not parse gets ``null`` there and is
+counted in ``extraction_summary.json`` (nothing is dropped silently); a column that already
+existed is kept as ``<column>_previous``.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+from trl import ModelConfig
+
+from agcl.attributes import parse_attributes
+from agcl.catalog import CatalogError, load_catalog
+from agcl.catalog_writer import write_catalog_dir
+from agcl.embedded import resolve_catalog
+from agcl.encoder import EncoderLoadError
+from rar.generation import generate_attributes
+from rar.policy import load_policy
+from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
+
+USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
+GENERATIONS = "generations.jsonl"
+
+
+@dataclass
+class ExtractArguments:
+    model: str = field(metadata={"help": "The MLLM: hub id, directory, a LoRA output directory, or tiny-qwen2-vl."})
+    catalog: str = field(metadata={"help": "Catalog directory, saved dataset, hub id, or 'embedded'."})
+    output_dir: str = field(metadata={"help": "Where the annotated catalog copy and the generations log go."})
+    split: str | None = field(default=None, metadata={"help": "Annotate only this split (default: every listing)."})
+    column: str = field(default="attributes", metadata={"help": "Column the parsed attributes are written to."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
+    max_new_tokens: int = field(default=64, metadata={"help": "New tokens per completion."})
+    prompt_template: str = field(default=DEFAULT_PROMPT, metadata={
+        "help": "User prompt with {title} and {keys}; use the one the generator was trained with."})
+    attribute_keys: list[str] | None = field(default=None, metadata={
+        "help": "Keys to ask for (named in the prompt) and to order the written attributes by."})
+    limit: int | None = field(default=None, metadata={"help": "Annotate only the first N listings (a dry run)."})
+    dtype: str | None = field(default=None, metadata={"help": "Model dtype (e.g. bfloat16); default: transformers'."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit nf4 (bitsandbytes)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's hub code to run."})
+    cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where 'embedded' and tiny models are built."})
+
+
+def read_done(path: Path) -> dict[str, str]:
+    """listing_id -> completion from an earlier (possibly interrupted) run; a torn last line is ignored."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line being written when the run was killed
+            done[row["listing_id"]] = row["completion"]
+    return done
+
+
+def main(args: ExtractArguments) -> dict:
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch_size, --max_new_tokens and --limit must be >= 1")
+    catalog = load_catalog(resolve_catalog(args.catalog, args.cache_dir), split=args.split)
+    if args.limit:
+        catalog = catalog.select(range(min(args.limit, len(catalog))))
+    prompts = build_prompt_dataset(catalog, prompt_template=args.prompt_template, attribute_keys=args.attribute_keys)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / GENERATIONS
+    done = read_done(log_path)
+    resumed = sum(lid in done for lid in catalog["listing_id"])
+    todo = [i for i, lid in enumerate(catalog["listing_id"]) if lid not in done]
+    print(f"[extract_attributes] {len(catalog)} listings, {resumed} already done, {len(todo)} to generate", flush=True)
+
+    if todo:
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model_args = ModelConfig(model_name_or_path=args.model, dtype=dtype, load_in_4bit=args.load_in_4bit)
+        model, processor, _ = load_policy(model_args, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
+                                          for_training=False)
+        if torch.cuda.is_available():
+            model = model.to("cuda") if not args.load_in_4bit else model
+        pending = prompts.select(todo)
+        ids = [catalog["listing_id"][i] for i in todo]
+        with log_path.open("a", encoding="utf-8") as log:
+            def save(start: int, texts: list[str]):
+                for lid, text in zip(ids[start:start + len(texts)], texts, strict=True):
+                    log.write(json.dumps({"listing_id": lid, "completion": text}, ensure_ascii=False) + "\n")
+                    done[lid] = text
+                log.flush()
+
+            generate_attributes(model, processor, pending, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, on_batch=save)
+
+    parsed = [parse_attributes(done[lid]).attributes for lid in catalog["listing_id"]]
+    if args.attribute_keys:
+        order = {k: i for i, k in enumerate(args.attribute_keys)}
+        parsed = [dict(sorted(a.items(), key=lambda kv: order.get(kv[0], len(order)))) for a in parsed]
+    values = [a or None for a in parsed]
+    if args.column in catalog.column_names:
+        catalog = catalog.rename_column(args.column, f"{args.column}_previous")
+    write_catalog_dir(catalog, out, extra_columns={args.column: values})
+    summary = {"model": args.model, "source_catalog": args.catalog, "split": args.split, "column": args.column,
+               "n_listings": len(catalog), "n_resumed": resumed, "n_generated": len(todo),
+               "n_unparsable": sum(v is None for v in values)}
+    (out / "extraction_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"[extract_attributes] wrote {out / 'catalog.jsonl'}: {summary['n_unparsable']} of {len(catalog)} "
+          f"completions did not parse (column {args.column!r} is null there)")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        (arguments,) = HfArgumentParser(ExtractArguments).parse_args_into_dataclasses()
+        main(arguments)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
