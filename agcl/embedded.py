@@ -17,14 +17,17 @@ TINY_MODELS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "ti
 
 
 def resolve_catalog(source: str, cache_dir: str | Path, *, num_products: int = 600, seed: int = 0,
-                    image_size: int = 64) -> str:
+                    image_size: int = 64, val_fraction: float = 0.0) -> str:
     """``embedded`` → the synthetic catalog's directory (built if missing); anything else unchanged."""
     if source != EMBEDDED_CATALOG:
         return source
-    out = Path(cache_dir) / f"catalog-{num_products}-seed{seed}" if image_size == 64 else \
-        Path(cache_dir) / f"catalog-{num_products}-seed{seed}-{image_size}px"
+    name = f"catalog-{num_products}-seed{seed}"
+    name += "" if image_size == 64 else f"-{image_size}px"
+    name += "" if not val_fraction else f"-val{val_fraction:g}"
+    out = Path(cache_dir) / name
     if not (out / "catalog.jsonl").is_file():  # written last, so a present file means a complete catalog
-        make_synthetic_catalog(out, num_products=num_products, seed=seed, image_size=image_size)
+        make_synthetic_catalog(out, num_products=num_products, seed=seed, image_size=image_size,
+                               val_fraction=val_fraction)
     return str(out)
 
 

@@ -15,7 +15,8 @@ by ``seed``, so the same arguments give byte-identical files):
    vector (except the duplicate SKUs of step 5).
 2. **Split by family.** A ``test_fraction`` of the families (hence of the products) goes to
    ``split="test"``, the rest to ``"train"``; a product's listings never straddle the split, and
-   the test gallery keeps its near-duplicate confusers.
+   the test gallery keeps its near-duplicate confusers. With ``val_fraction`` > 0 that fraction of
+   the train families is relabelled ``"val"`` afterwards, from a separate random stream.
 3. **Listings.** Each product has 2-5 listings. A listing's image is rendered from the product's
    *true* attributes: category is the shape, color the body, secondary_color the pattern and
    trim, pattern the texture, logo a small mark; brand and size are not visible (as on real
@@ -119,6 +120,9 @@ class SyntheticCatalogConfig:
     min_family_size: int = field(default=2, metadata={"help": "Fewest near-duplicate products per family."})
     max_family_size: int = field(default=4, metadata={"help": "Most near-duplicate products per family."})
     test_fraction: float = field(default=0.3, metadata={"help": "Fraction of families put in the test split."})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "Fraction of the train families relabelled split='val': held out from stage 1 so that stage 2's RL "
+                "meets products the encoder has not memorised. 0 leaves the catalog byte-identical."})
     duplicate_sku_fraction: float = field(
         default=0.02, metadata={"help": "Fraction of train products re-listed under a new product_id (false negatives)."}
     )
@@ -138,6 +142,7 @@ class SyntheticCatalogConfig:
             "min_listings": 2 <= self.min_listings <= self.max_listings,
             "min_family_size": 1 <= self.min_family_size <= self.max_family_size <= 4,
             "test_fraction": 0.0 <= self.test_fraction < 1.0,
+            "val_fraction": 0.0 <= self.val_fraction < 1.0,
             "duplicate_sku_fraction": 0.0 <= self.duplicate_sku_fraction < 0.5,
             "images_per_listing": self.images_per_listing >= 1,
             "teacher_omission_rate": 0.0 <= self.teacher_omission_rate <= 1.0,
@@ -149,7 +154,7 @@ class SyntheticCatalogConfig:
             raise ValueError(
                 f"invalid synthetic catalog argument(s) {bad}: need num_products >= 2, image_size >= 16, "
                 "2 <= min_listings <= max_listings, 1 <= min_family_size <= max_family_size <= 4, "
-                "rates in [0, 1], test_fraction in [0, 1), duplicate_sku_fraction in [0, 0.5)"
+                "rates in [0, 1], test_fraction and val_fraction in [0, 1), duplicate_sku_fraction in [0, 0.5)"
             )
 
 
@@ -395,10 +400,10 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
         _, family_id, _, attrs = train_products[int(k)]
         products.append((f"P{len(products):05d}", family_id, "train", dict(attrs)))
 
-    lines = []
+    rows = []
     for product_id, family_id, split, attrs in products:
         for _ in range(int(rng.integers(cfg.min_listings, cfg.max_listings + 1))):
-            listing_id = f"L{len(lines):06d}"
+            listing_id = f"L{len(rows):06d}"
             paths = []
             for v in range(cfg.images_per_listing):
                 rel = f"images/{listing_id}.png" if cfg.images_per_listing == 1 else f"images/{listing_id}_{v}.png"
@@ -416,8 +421,17 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
                 family_id=family_id,
                 split=split,
             )
-            lines.append(json.dumps(row, ensure_ascii=False))
+            rows.append(row)
 
+    if cfg.val_fraction > 0:  # its own random stream: every other draw, hence every other byte, is unchanged
+        train_families = sorted({r["family_id"] for r in rows if r["split"] == "train"})
+        val_rng = np.random.default_rng([cfg.seed, 1])
+        chosen = val_rng.permutation(len(train_families))[: int(round(cfg.val_fraction * len(train_families)))]
+        val_families = {train_families[int(i)] for i in chosen}
+        for row in rows:
+            if row["family_id"] in val_families:
+                row["split"] = "val"
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     (out / "catalog.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "generation.json").write_text(json.dumps(asdict(cfg) | {"output_dir": None}, indent=2) + "\n")
     return out

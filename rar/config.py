@@ -30,7 +30,14 @@ class RARScriptArguments:
     # ---------------------------------------------------------------- data
     catalog: str = field(default="embedded", metadata={
         "help": "Catalog directory, catalog.jsonl, saved dataset or hub id; 'embedded' = the synthetic catalog."})
-    split: str = field(default="train", metadata={"help": "Catalog split whose listings are the GRPO prompts."})
+    split: str = field(default="train", metadata={
+        "help": "Catalog split whose listings are the RL prompts (and, by default, the reward's gallery). Best kept "
+                "apart from the encoder's training split: there the encoder already ranks nearly every product first "
+                "and attributes can only lower the rank."})
+    sft_split: str = field(default="train", metadata={"help": "Catalog split the SFT warm start (--sft_recipe) trains on."})
+    embedded_val_fraction: float = field(default=0.0, metadata={
+        "help": "With --catalog embedded: relabel this fraction of the train families split='val' (see "
+                "agcl.synthetic_catalog), e.g. to run RL on products stage 1 never saw."})
     gallery_split: str | None = field(default=None, metadata={
         "help": "Catalog split the reward's gallery is built from (default: --split). Ignored with --gallery."})
     eval_split: str | None = field(default="test", metadata={

@@ -82,7 +82,7 @@ def run_recipe(recipe: str, config: str, overrides: dict):
 
 def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
     """Everything that can fail on user input, before any model is loaded; returns the datasets."""
-    catalog = resolve_catalog(script_args.catalog, script_args.cache_dir)
+    catalog = resolve_catalog(script_args.catalog, script_args.cache_dir, val_fraction=script_args.embedded_val_fraction)
     train = load_catalog(catalog, split=script_args.split)
     if script_args.max_train_listings:
         train = train.select(range(min(script_args.max_train_listings, len(train))))
@@ -143,7 +143,7 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
             policy_path = str(output_dir / "sft")
             if not (Path(policy_path) / "config.json").is_file() and not (Path(policy_path) / "adapter_config.json").is_file():
                 run_recipe("sft_attributes.py", script_args.sft_recipe,
-                           {"catalog": catalog, "split": script_args.split, "cache_dir": script_args.cache_dir,
+                           {"catalog": catalog, "split": script_args.sft_split, "cache_dir": script_args.cache_dir,
                             "model_name_or_path": model_args.model_name_or_path, "output_dir": policy_path,
                             "prompt_template": script_args.prompt_template,
                             "attribute_keys": script_args.attribute_keys, "seed": training_args.seed})
