@@ -57,8 +57,13 @@ def _search_metrics(queries, gallery, query_labels, gallery_labels, ks, map_k, e
 def evaluate_encoder(encoder, ds: datasets.Dataset, *, query_attributes: list[str | None] | None = None,
                      tasks: Sequence[str] = TASKS, ks: Sequence[int] = (1, 5, 10), map_k: int = 10,
                      batch_size: int = 32, show_progress: bool | None = None,
-                     mrr_depth: int | None = None) -> dict[str, dict]:
+                     mrr_depth: int | None = None,
+                     gallery_attributes: list[str | None] | None = None) -> dict[str, dict]:
     """Run the task suite; returns ``{task: {metric: value}}`` with fractions in [0, 1].
+
+    ``gallery_attributes`` (one text or None per listing) are appended to the image + title
+    embeddings used as the gallery (and as the multimodal side of every task), as when a catalog's
+    stored attributes are indexed with it; instance queries then get only ``query_attributes``.
 
     ``mrr`` is over the whole gallery by default; set ``mrr_depth`` on galleries too large to rank
     fully (a positive deeper than that then counts 0: MRR@mrr_depth).
@@ -72,12 +77,15 @@ def evaluate_encoder(encoder, ds: datasets.Dataset, *, query_attributes: list[st
     products = np.asarray(ds["product_id"])
     own = np.arange(len(ds))
     enc = {"show_progress": show_progress, "batch_size": batch_size}
-    multimodal = encoder.encode(images, titles, **enc, desc="gallery (image+title)")
+    if gallery_attributes is not None and len(gallery_attributes) != len(ds):
+        raise ValueError(f"{len(gallery_attributes)} gallery attribute texts for {len(ds)} listings")
+    multimodal = encoder.encode(images, titles, gallery_attributes, **enc,
+                                desc="gallery (image+title" + ("+attributes)" if gallery_attributes else ")"))
     results: dict[str, dict] = {}
 
     if "instance" in tasks:
-        queries = multimodal if query_attributes is None else encoder.encode(
-            images, titles, query_attributes, **enc, desc="queries (+attributes)")
+        queries = multimodal if query_attributes is None and gallery_attributes is None else encoder.encode(
+            images, titles, query_attributes, **enc, desc="queries" + (" (+attributes)" if query_attributes else ""))
         results["instance"] = _search_metrics(queries, multimodal, products, products, ks, map_k, exclude=own,
                                               mrr_depth=mrr_depth)
     has_category = "category" in ds.column_names and all(c is not None for c in ds["category"])

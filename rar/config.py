@@ -54,6 +54,10 @@ class RARScriptArguments:
     encoder_recipe: str | None = field(default=None, metadata={
         "help": "When --encoder does not exist yet, train it first with recipes/agcl_train.py and this YAML "
                 "(the demo does); None = the encoder must exist."})
+    gallery_attributes: str = field(default="none", metadata={
+        "help": "Index the gallery with the catalog's stored attributes appended: 'none' (image + title only), "
+                "'reference' (the `attributes` column) or a column name. Used by the reward and the evaluation alike; "
+                "models a catalog that is already annotated, with queries annotated by the generator."})
     gallery: str | None = field(default=None, metadata={
         "help": "A saved rewards.ProductGallery directory; None = encode --gallery_split with the encoder in each process."})
     # ---------------------------------------------------------------- policy warm start
@@ -92,6 +96,12 @@ class RARScriptArguments:
         if self.eval_batch_size < 1:
             raise ValueError(f"--eval_batch_size must be >= 1, got {self.eval_batch_size}")
         self.reward_kwargs_dict()  # fail at parse time on bad JSON
+
+    @property
+    def gallery_attribute_column(self) -> str | None:
+        if self.gallery_attributes in (None, "", "none"):
+            return None
+        return "attributes" if self.gallery_attributes == "reference" else self.gallery_attributes
 
     def reward_kwargs_dict(self) -> dict[str, dict]:
         if not self.reward_kwargs:

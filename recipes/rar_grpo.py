@@ -38,6 +38,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOTrainer, TrlParser
 from agcl.catalog import CatalogError, load_catalog
 from agcl.embedded import resolve_catalog
 from agcl.encoder import EncoderLoadError, ProductEncoder, read_encoder_config
+from agcl.evaluation import attribute_texts
 from rar.config import RARScriptArguments, to_rloo_config
 from rar.evaluation import (
     SOURCES,
@@ -102,10 +103,17 @@ def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, mod
     prompts = build_prompt_dataset(train, prompt_template=script_args.prompt_template,
                                    attribute_keys=script_args.attribute_keys)
     # Rewards resolve without loading anything heavy (the retrieval reward loads on its first call).
+    column = script_args.gallery_attribute_column
+    if column is not None:
+        for name, ds in (("--split", train), ("--eval_split", evaluation)):
+            if ds is not None and column not in ds.column_names:
+                raise ValueError(f"--gallery_attributes {script_args.gallery_attributes!r}: the {name} rows have no "
+                                 f"column {column!r}")
     reward_funcs = get_reward_funcs(
         script_args.reward_entries(), encoder=script_args.encoder, catalog=catalog, gallery=script_args.gallery,
         split=script_args.gallery_split or script_args.split, known_keys=script_args.attribute_keys,
-        key_order=script_args.attribute_keys)
+        key_order=script_args.attribute_keys,
+        **({"gallery_options": {"attribute_column": column, "key_order": script_args.attribute_keys}} if column else {}))
     validate_reward_weights(training_args.reward_weights, reward_funcs)
     return catalog, prompts, evaluation, reward_funcs
 
@@ -177,11 +185,14 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
         encoder = ProductEncoder.from_pretrained(script_args.encoder).to(training_args.device)
     sources = {"no_attributes": None, **{k: canonical_attributes(v, script_args.attribute_keys)
                                          for k, v in generated.items()}}
-    results = evaluate_attribute_sources(encoder, evaluation, sources, batch_size=script_args.eval_batch_size)
+    gallery_texts = attribute_texts(evaluation, script_args.gallery_attributes, script_args.attribute_keys)
+    results = evaluate_attribute_sources(encoder, evaluation, sources, gallery_attributes=gallery_texts,
+                                         batch_size=script_args.eval_batch_size)
     paths = write_report(output_dir, {k: results[k] for k in SOURCES}, log_history=trainer.state.log_history,
                          generated={"listing_id": evaluation["listing_id"], **generated},
                          extra={"elapsed_s": round(time.time() - started, 1), "eval_split": script_args.eval_split,
-                                "n_eval_listings": len(evaluation)})
+                                "n_eval_listings": len(evaluation),
+                                "gallery_attributes": script_args.gallery_attributes})
     print(f"\nHeld-out instance retrieval ({len(evaluation)} listings of split {script_args.eval_split!r}):")
     print(format_table({k: results[k] for k in SOURCES}))
     print(f"wrote {', '.join(str(p) for p in paths.values())} ({time.time() - started:.0f} s in all)")

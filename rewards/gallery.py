@@ -172,15 +172,28 @@ class ProductGallery:
         show_progress: bool | None = None,
         index_options: dict | None = None,
         encoder_kwargs: dict | None = None,
+        attribute_column: str | None = None,
+        key_order: Sequence[str] | None = None,
     ) -> ProductGallery:
         """Encode ``catalog`` (a Dataset from ``load_catalog`` or a path; ``split`` selects rows)
         with ``encoder`` (a ``ProductEncoder``, an encoder directory, or any object with
         ``encode(images, titles, attributes=None, ...)``) and index it.
 
-        Embeddings are of image + title, without attributes. ``encoder_kwargs`` go to
+        Embeddings are of image + title, without attributes, unless ``attribute_column`` names a
+        column of attribute dicts (e.g. the catalog's stored ``attributes``): then each listing's
+        canonical attribute text (in ``key_order``) is appended, the way a marketplace whose
+        catalog is already annotated would index it. ``encoder_kwargs`` go to
         ``ProductEncoder.from_pretrained`` when ``encoder`` is a path.
         """
         ds, source = _as_catalog(catalog, split=split, verify_images=True)
+        attribute_texts = None
+        if attribute_column is not None:
+            if attribute_column not in ds.column_names:
+                raise ValueError(f"attribute_column {attribute_column!r} is not a column of the catalog "
+                                 f"(columns: {ds.column_names})")
+            from agcl.attributes import format_attributes
+
+            attribute_texts = [format_attributes(a, key_order) or None for a in ds[attribute_column]]
         encoder_source = None
         if isinstance(encoder, str | os.PathLike):
             from agcl.encoder import ProductEncoder
@@ -193,13 +206,14 @@ class ProductGallery:
         # "weights" too, so that an in-memory copy of the encoder can be checked later
         fingerprint.update(encoder_fingerprints(encoder, kinds=("files", "custom", "weights")))
         embeddings = encoder.encode(
-            _catalog_images(ds), list(ds["title"]), None, batch_size=batch_size, show_progress=show_progress
+            _catalog_images(ds), list(ds["title"]), attribute_texts, batch_size=batch_size, show_progress=show_progress
         )
         info = {
             "catalog_source": source,
             "catalog_split": split,
             "encoder_source": encoder_source,
             "embedding_dim": int(embeddings.shape[1]),
+            "attribute_column": attribute_column,
         }
         return cls.from_embeddings(
             embeddings,

@@ -191,7 +191,8 @@ class RetrievalRankReward:
         key_order: attribute key order of the canonical text (``format_attributes``).
         max_attribute_chars: the canonical text is cut at the last whole pair within this many
             characters (the encoder does not truncate; a rambling policy must not blow up memory).
-        baseline_from_gallery: use the gallery vector as the attribute-free query of listings in it.
+        baseline_from_gallery: use the gallery vector as the attribute-free query of listings in it
+            (ignored for a gallery built with ``attribute_column``: its vectors carry attributes).
         baseline_cache_size: listings whose baseline ranks are remembered across calls.
         batch_size: encoder batch size.
         image_cache_size: listings whose processed image and vision-tower output are kept across
@@ -375,6 +376,8 @@ class RetrievalRankReward:
             code=codes,
             positives=gallery.positives_count(codes, g_rows),
             log_norm=math.log(max(gallery.size, 2)),
+            # A gallery indexed with its listings' attributes holds no attribute-free vectors.
+            baseline_from_gallery=self.baseline_from_gallery and not gallery.info.get("attribute_column"),
             load_seconds=time.perf_counter() - start,
         )
         return self._state
@@ -477,7 +480,7 @@ class RetrievalRankReward:
         for r in cached:
             self._baselines.move_to_end(r)
         todo = np.array([r for r in base_rows if r not in cached], dtype=np.int64)
-        in_gallery = st.gallery_row[todo] >= 0 if self.baseline_from_gallery else np.zeros(len(todo), dtype=bool)
+        in_gallery = st.gallery_row[todo] >= 0 if st.baseline_from_gallery else np.zeros(len(todo), dtype=bool)
         base_from_gallery, base_encode = todo[in_gallery], todo[~in_gallery]
 
         # One encoder call: enriched queries, then attribute-free queries of listings outside the gallery.
