@@ -23,7 +23,8 @@ from pathlib import Path
 from agcl.attributes import parse_attributes
 from agcl.evaluation import evaluate_encoder
 
-__all__ = ["SOURCES", "canonical_attributes", "evaluate_attribute_sources", "format_table", "write_report"]
+__all__ = ["SOURCES", "canonical_attributes", "evaluate_attribute_sources", "format_table", "reward_trend",
+           "write_report"]
 
 SOURCES = ("no_attributes", "sft_attributes", "rar_attributes")
 REPORTED = ("recall@1", "recall@5", "recall@10", "mAP@10", "mrr")
@@ -79,6 +80,15 @@ def reward_curve(log_history: Sequence[Mapping]) -> tuple[list[int], dict[str, l
     return steps, {k: v for k, v in curves.items() if len(v) == len(steps)}
 
 
+def reward_trend(log_history: Sequence[Mapping]) -> dict[str, dict[str, float]]:
+    """Mean of each reward curve over the first and the last quarter of the logged steps (did it rise?)."""
+    steps, curves = reward_curve(log_history)
+    quarter = max(1, len(steps) // 4)
+    return {key.removeprefix("rewards/").removesuffix("/mean"): {
+        "first_quarter": sum(v[:quarter]) / quarter, "last_quarter": sum(v[-quarter:]) / quarter}
+        for key, v in curves.items()} if steps else {}
+
+
 def _plot_rewards(log_history, path: Path) -> bool:
     import matplotlib
 
@@ -88,15 +98,19 @@ def _plot_rewards(log_history, path: Path) -> bool:
     steps, curves = reward_curve(log_history)
     if not steps:
         return False
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, values in curves.items():
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.2), squeeze=False)
+    window = max(1, len(steps) // 10)  # a rolling mean over a tenth of the run shows the trend through the noise
+    for ax, (key, values) in zip(axes[0], curves.items(), strict=True):
         label = "total (weighted)" if key == "reward" else key.removeprefix("rewards/").removesuffix("/mean")
-        ax.plot(steps, values, label=label, linewidth=2 if key == "reward" else 1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean reward")
-    ax.set_title("RAR reward during training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, values, alpha=0.35, linewidth=1)
+        ax.plot(steps, smooth, linewidth=2)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean reward (rolling mean bold)")
+    fig.suptitle("RAR reward during training", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -131,7 +145,9 @@ def write_report(output_dir, results: Mapping[str, Mapping], *, log_history: Seq
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json"}
-    paths["metrics"].write_text(json.dumps({**results, **(extra or {})}, indent=2) + "\n", encoding="utf-8")
+    trend = reward_trend(log_history)
+    paths["metrics"].write_text(json.dumps({**results, **({"reward_trend": trend} if trend else {}), **(extra or {})},
+                                           indent=2) + "\n", encoding="utf-8")
     if generated:
         paths["attributes"] = out / "attributes.jsonl"
         rows = zip(*generated.values(), strict=True)

@@ -90,3 +90,27 @@ def test_query_attributes_change_only_the_queries():
         attribute_texts(ds, "true_attributes")
     with pytest.raises(ValueError, match="unknown task"):
         evaluate_encoder(enc, ds, tasks=["instance", "bogus"])
+
+
+def test_gallery_attributes_match_a_brute_force_computation():
+    """Gallery = image + title + stored attributes; queries = image + title (+ their own attributes)."""
+    ds = _catalog()
+    enc = HashEncoder()
+    stored = attribute_texts(ds, "reference")
+    query_attrs = [f"color: q{i % 3}" for i in range(len(ds))]
+    got = evaluate_encoder(enc, ds, tasks=["instance"], query_attributes=query_attrs, gallery_attributes=stored)
+    rows = list(zip(ds["image"], ds["title"], strict=True))
+    gallery = np.stack([enc._vec(im, t, a) for (im, t), a in zip(rows, stored, strict=True)])
+    queries = np.stack([enc._vec(im, t, a) for (im, t), a in zip(rows, query_attrs, strict=True)])
+    labels = np.asarray(ds["product_id"])
+    expected, n = brute_force(queries, gallery, labels, labels, exclude_self=True)
+    assert got["instance"]["n_queries"] == n
+    for name, value in expected.items():
+        assert got["instance"][name] == pytest.approx(value)
+    # Without query attributes the queries are encoded plainly, not read from the annotated gallery.
+    plain = evaluate_encoder(enc, ds, tasks=["instance"], gallery_attributes=stored)
+    bare = np.stack([enc._vec(im, t, None) for im, t in rows])
+    expected_plain, _ = brute_force(bare, gallery, labels, labels, exclude_self=True)
+    assert plain["instance"]["recall@1"] == pytest.approx(expected_plain["recall@1"])
+    with pytest.raises(ValueError, match="gallery attribute texts"):
+        evaluate_encoder(enc, ds, tasks=["instance"], gallery_attributes=stored[:-1])

@@ -27,7 +27,7 @@ def test_grpo_with_two_processes(setup, small_catalog_dir, tiny_encoder_dir, war
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[setup], "recipes/rar_grpo.py",
            "--config", "recipes/configs/rar_demo.yaml", "--catalog", str(small_catalog_dir),
            "--encoder", str(tiny_encoder_dir), "--encoder_recipe", "", "--sft_recipe", "",
-           "--model_name_or_path", str(warm_policy_dir), "--output_dir", str(out), "--max_train_listings", "8",
+           "--model_name_or_path", str(warm_policy_dir), "--output_dir", str(out), "--split", "train", "--max_train_listings", "8",
            "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "24",
            "--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "0",
            *(["--max_eval_listings", "12", "--eval_batch_size", "6"] if setup == "zero3" else ["--eval_split", "none"])]

@@ -25,7 +25,7 @@ def recipe():
 def base_args(catalog, encoder, policy, out, *extra):
     return ["--config", "recipes/configs/rar_demo.yaml", "--catalog", str(catalog), "--encoder", str(encoder),
             "--encoder_recipe", "", "--sft_recipe", "", "--model_name_or_path", str(policy),
-            "--output_dir", str(out), "--max_train_listings", "8", "--max_eval_listings", "24",
+            "--output_dir", str(out), "--split", "train", "--max_train_listings", "8", "--max_eval_listings", "24",
             "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "24",
             "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "5e-3", "--disable_tqdm", "true",
             "--eval_batch_size", "8", "--seed", "0", *extra]
@@ -214,3 +214,20 @@ def test_catalog_row_errors_name_the_row(recipe, capsys, tiny_encoder_dir, tiny_
     (catalog / "catalog.jsonl").write_text("\n".join(lines) + "\n")
     expect_exit(recipe, capsys, base_args(catalog, tiny_encoder_dir, tiny_model_dir, tmp_path / "o"),
                 "line 3", row["listing_id"], "title")
+
+
+def test_annotated_gallery_protocol(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
+    out = tmp_path / "run"
+    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out,
+                                   "--gallery_attributes", "reference", "--max_steps", "1"))
+    reward = trainer.reward_funcs[0]
+    assert reward._state.gallery.info["attribute_column"] == "attributes"
+    assert reward.counters["gallery_baselines"] == 0  # baselines re-encoded: gallery vectors carry attributes
+    assert json.loads((out / "metrics.json").read_text())["gallery_attributes"] == "reference"
+
+
+@pytest.mark.usefixtures("no_models")
+def test_gallery_attributes_column_must_exist(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir,
+                                              tmp_path):
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
+                                          "--gallery_attributes", "stored_attrs"), "--gallery_attributes", "stored_attrs")

@@ -262,6 +262,33 @@ def test_dedup_within_a_call_and_baseline_cache_across_calls():
     assert same.score(ids, ["color: red"] * 4).rewards == reward.score(ids, ["color: red"] * 4).rewards
 
 
+def test_gallery_with_stored_attributes_re_encodes_the_baseline():
+    """A gallery indexed with the catalog's attributes has no attribute-free vectors: the baseline
+    query (image + title) is encoded, and the ranks equal a brute-force search of that gallery."""
+    catalog = _catalog(num_products=6, seed=5, lonely=False)
+    catalog = catalog.add_column("stored", [{"color": f"c{i % 4}"} for i in range(len(catalog))])
+    encoder = StubEncoder(continuous=True)
+    gallery = ProductGallery.build(catalog, encoder, attribute_column="stored")
+    assert gallery.info["attribute_column"] == "stored"
+    reward = RetrievalRankReward(encoder=encoder, catalog=catalog, gallery=gallery, rank_depth=len(catalog))
+    encoder.rows.clear()
+    ids = list(catalog["listing_id"][:5])
+    details = reward.score(ids, ["size: m"] * 5)
+    assert {a for _, a in encoder.rows} == {None, "size: m"}  # baselines were encoded, not read from the gallery
+    assert reward.counters["gallery_baselines"] == 0 and reward.counters["encoded_baselines"] == 5
+    g = np.stack([encoder.vector(t, f"color: c{i % 4}") for i, t in enumerate(catalog["title"])])
+    products = np.asarray(catalog["product_id"])
+    for j, lid in enumerate(ids):
+        row = catalog["listing_id"].index(lid)
+        for attrs, rank in ((None, details.rank_without_attributes[j]), ("size: m", details.rank[j])):
+            scores = g @ encoder.vector(catalog["title"][row], attrs)
+            scores[row] = -np.inf
+            first = int(np.flatnonzero(products[np.argsort(-scores, kind="stable")] == products[row])[0]) + 1
+            assert rank == pytest.approx(first)
+    with pytest.raises(ValueError, match="attribute_column 'nope'"):
+        ProductGallery.build(catalog, encoder, attribute_column="nope")
+
+
 def test_logs_documented_names():
     reward, _, catalog = _reward(k=7)
     metrics, extra = {}, {}
