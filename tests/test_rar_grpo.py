@@ -231,3 +231,32 @@ def test_gallery_attributes_column_must_exist(recipe, capsys, small_catalog_dir,
                                               tmp_path):
     expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
                                           "--gallery_attributes", "stored_attrs"), "--gallery_attributes", "stored_attrs")
+
+
+@pytest.mark.slow
+def test_demo_stages_train_then_reuse_encoder_and_warm_start(recipe, monkeypatch, small_catalog_dir, tiny_model_dir,
+                                                             tmp_path):
+    """--encoder_recipe / --sft_recipe: stage 1 and the SFT warm start run (as child recipes) when their
+    outputs are missing, and are reused, not rerun, when present."""
+    import yaml
+
+    def short(config, **changes):
+        data = yaml.safe_load(open(f"recipes/configs/{config}"))
+        data.update(changes, save_strategy="no", disable_tqdm=True)
+        path = tmp_path / config
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    agcl = short("agcl_demo.yaml", max_steps=2, per_device_train_batch_size=8, eval_split="none",
+                 model_name_or_path=str(tiny_model_dir))
+    sft = short("sft_demo.yaml", max_steps=2, per_device_train_batch_size=4)
+    out, encoder = tmp_path / "run", tmp_path / "encoder"
+    argv = base_args(small_catalog_dir, encoder, tiny_model_dir, out, "--encoder_recipe", agcl, "--sft_recipe", sft,
+                     "--max_steps", "1", "--eval_split", "none")
+    recipe.cli(argv)
+    assert (encoder / "encoder_config.json").is_file()
+    assert (out / "sft" / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+    monkeypatch.setattr(recipe, "run_recipe", lambda *a, **k: pytest.fail(f"stage rerun: {a[0]}"))
+    trainer = recipe.cli(argv)  # both stages reused
+    assert trainer.state.global_step == 1
