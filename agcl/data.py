@@ -3,7 +3,8 @@
 ``ProductPairDataset`` has one item per product, so a batch drawn without replacement never holds
 two pairs of the same product (no in-batch duplicates by construction; duplicate SKUs under other
 product ids remain, on purpose: they are the false negatives AGCL's filters exist for). Each time
-an item is read it draws a fresh pair of distinct listings, so every epoch sees new pairs.
+an item is read it draws a pair of distinct listings from (seed, epoch, index), so every epoch sees
+new pairs and a resumed run sees the same ones as an uninterrupted run.
 
 ``AGCLCollator`` turns a batch of pairs into processor inputs for the encoder plus the side
 information the loss needs: product ids, attribute texts (for BM25 weighting) and attribute
@@ -39,7 +40,10 @@ class ProductPairDataset(torch.utils.data.Dataset):
                            self.skipped_single_listing, len(groups))
         if not self.groups:
             raise ValueError("no product has two listings: contrastive training needs pairs of the same product")
-        self._rng = random.Random(seed) if seed is not None else random
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -62,7 +66,10 @@ class ProductPairDataset(torch.utils.data.Dataset):
         return [tuple((v or {}).get(k) for k in wanted) for v in firsts]
 
     def __getitem__(self, index: int) -> dict[str, int]:
-        query, positive = self._rng.sample(self.groups[index], 2)
+        # A pure function of (seed, epoch, index), not a running stream: a run resumed from a
+        # checkpoint (which skips batches without reading them) draws the same pairs as one never stopped.
+        rng = random.Random(f"{self.seed}|{self.epoch}|{index}") if self.seed is not None else random
+        query, positive = rng.sample(self.groups[index], 2)
         return {"query": query, "positive": positive}
 
 
@@ -129,7 +136,13 @@ class AGCLCollator:
         self.signature_keys = list(signature_keys) if signature_keys else None
         self.query_attribute_probability = query_attribute_probability
         self.with_modalities = with_modalities
-        self._rng = random.Random(seed) if seed is not None else random
+        self.seed = seed
+
+    def _coin(self, item: dict[str, int]) -> float:
+        """Uniform [0, 1) per (seed, pair): deterministic across resumes, fresh when the pair changes."""
+        if self.seed is None:
+            return random.random()
+        return random.Random(f"{self.seed}|{item['query']}|{item['positive']}").random()
 
     def _attribute_text(self, row: dict) -> str:
         return format_attributes(row.get(self.attribute_column), self.attribute_keys) if self.attribute_column else ""
@@ -145,7 +158,8 @@ class AGCLCollator:
         positives = [self.catalog[i["positive"]] for i in items]
         q_attr = [self._attribute_text(r) for r in queries]
         c_attr = [self._attribute_text(r) for r in positives]
-        appended = [a if a and self._rng.random() < self.query_attribute_probability else None for a in q_attr]
+        appended = [a if a and self._coin(item) < self.query_attribute_probability else None
+                    for a, item in zip(q_attr, items, strict=True)]
         batch = {
             "query": self.encoder.build_inputs([_first_image(r) for r in queries], [r["title"] for r in queries], appended),
             "candidate": self.encoder.build_inputs([_first_image(r) for r in positives], [r["title"] for r in positives]),

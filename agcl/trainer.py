@@ -9,12 +9,13 @@ saves the encoder in its own format (adapter or backbone + ``encoder_config.json
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import partial
 
 import datasets
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from agcl.agcl_loss import AGCLLoss
 from agcl.attributes import BM25Scorer, format_attributes
@@ -45,6 +46,17 @@ def check_attribute_options(args: AGCLConfig, catalog: datasets.Dataset) -> None
             "--attribute_column, or turn the option off (e.g. --hard_negative_weighting false, "
             "--query_attribute_probability 0)."
         )
+
+
+class _PairEpochCallback(TrainerCallback):
+    """Tell the pair dataset which epoch starts (also right after a resume in the middle of one);
+    accelerate forwards ``set_epoch`` to a dataset only when the sampler lacks it."""
+
+    def __init__(self, pairs: ProductPairDataset):
+        self.pairs = pairs
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.pairs.set_epoch(math.floor(state.epoch + 1e-6))
 
 
 class AGCLTrainer(Trainer):
@@ -84,6 +96,7 @@ class AGCLTrainer(Trainer):
         )
         pairs = ProductPairDataset(train_dataset, seed=args.seed)
         super().__init__(model=model, args=args, train_dataset=pairs, data_collator=collator, **kwargs)
+        self.add_callback(_PairEpochCallback(pairs))
 
     def _get_train_sampler(self, train_dataset=None):
         grouping = self.args.batch_grouping
@@ -130,6 +143,36 @@ class AGCLTrainer(Trainer):
         return loss.detach()
 
     # ------------------------------------------------------------------ saving
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Restore the encoder's weights from a checkpoint written by ``_save`` (its own format).
+
+        transformers' default loader expects the module's own state-dict keys and loads
+        non-strictly, so on a ``ProductEncoder`` checkpoint (backbone or adapter keys) it would
+        silently load nothing; here every saved tensor must match.
+        """
+        encoder = model if model is not None else self.model
+        path = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+        if hasattr(encoder.model, "peft_config"):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            if not os.path.isfile(path):
+                raise ValueError(f"{resume_from_checkpoint}: no adapter_model.safetensors for this LoRA encoder")
+            result = set_peft_model_state_dict(encoder.model, load_file(path))
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"{resume_from_checkpoint}: adapter tensors that fit no layer: {unexpected[:5]}")
+            return
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")):
+            raise ValueError(f"{resume_from_checkpoint}: no model.safetensors for this fully fine-tuned encoder")
+        # The backbone was saved with save_pretrained (checkpoint key names, tied weights once): read it
+        # back the same way, on CPU, and copy every tensor strictly into the live model.
+        from transformers import AutoModelForImageTextToText
+
+        backbone = encoder.backbone
+        saved = AutoModelForImageTextToText.from_pretrained(resume_from_checkpoint, dtype=backbone.dtype)
+        backbone.load_state_dict(saved.state_dict(), strict=True)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         output_dir = output_dir or self.args.output_dir

@@ -24,13 +24,15 @@ def test_pairs_are_two_distinct_listings_of_one_product_and_singletons_are_count
     assert len(pairs) == 3 and pairs.skipped_single_listing == 1
     assert "1 of 4 products have a single listing" in caplog.text
     seen = set()
-    for _ in range(30):
+    for epoch in range(30):
+        pairs.set_epoch(epoch)
         for i in range(len(pairs)):
             item = pairs[i]
             assert item["query"] != item["positive"]
             assert ds[item["query"]]["product_id"] == ds[item["positive"]]["product_id"]
+            assert pairs[i] == item  # a pure function of (seed, epoch, index): resumes draw the same pairs
             seen.add((item["query"], item["positive"]))
-    assert len(seen) > 6  # pairs are redrawn, not fixed
+    assert len(seen) > 6  # pairs are redrawn every epoch, not fixed
 
 
 def test_no_pairs_at_all_is_an_error():
