@@ -125,7 +125,9 @@ def generate_eval_attributes(script_args, training_args, model_args, policy_path
                                           trust_remote_code=training_args.trust_remote_code, for_training=False)
     prompts = build_prompt_dataset(evaluation, prompt_template=script_args.prompt_template,
                                    attribute_keys=script_args.attribute_keys)
-    return generate_attributes(model.to(training_args.device), processor, prompts,
+    if getattr(model, "hf_quantizer", None) is None:  # 4-bit models are placed at load time and refuse .to()
+        model = model.to(training_args.device)
+    return generate_attributes(model, processor, prompts,
                                batch_size=script_args.eval_batch_size,
                                max_new_tokens=script_args.eval_max_new_tokens or training_args.max_completion_length)
 
