@@ -24,7 +24,7 @@ from agcl.embedded import resolve_model
 from agcl.encoder import language_lora_targets
 from agcl.modeling import load_mllm
 
-__all__ = ["LM_LORA_TARGETS", "freeze_vision_tower", "load_policy"]
+__all__ = ["LM_LORA_TARGETS", "check_policy_processor", "freeze_vision_tower", "load_policy"]
 
 LM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _VISION_PREFIXES = ("visual", "vision_tower", "vision_model")
@@ -39,6 +39,25 @@ def freeze_vision_tower(model) -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def check_policy_processor(name_or_path: str, *, cache_dir: str = "outputs/embedded",
+                           trust_remote_code: bool = False) -> None:
+    """Fail early (no weights loaded) when the policy's processor cannot serve RAR: it must see images
+    (an image processor) and render conversations (a chat template, for TRL's conversational prompts)."""
+    from agcl.modeling import load_processor
+
+    name = resolve_model(name_or_path, cache_dir)
+    adapter = Path(name) / "adapter_config.json"
+    if adapter.is_file() and not (Path(name) / "tokenizer_config.json").is_file():
+        name = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    processor = load_processor(name, trust_remote_code=trust_remote_code)
+    if getattr(processor, "image_processor", None) is None:
+        raise ValueError(f"{name}: the processor has no image processor, so the policy cannot see the product image")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not (getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)):
+        raise ValueError(f"{name}: the processor and tokenizer have no chat template; RAR's prompts are conversations "
+                         "(add chat_template.jinja to the model directory)")
 
 
 def load_policy(model_args, *, cache_dir: str = "outputs/embedded", freeze_vision: bool = True,

@@ -48,7 +48,7 @@ from rar.evaluation import (
     write_report,
 )
 from rar.generation import generate_attributes
-from rar.policy import load_policy
+from rar.policy import check_policy_processor, load_policy
 from rar.prompts import build_prompt_dataset
 from rewards import get_reward_funcs, validate_reward_weights
 from rewards.retrieval_rank import outside_zero3
@@ -102,6 +102,8 @@ def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, mod
         raise FileNotFoundError(f"--gallery {script_args.gallery!r} is not a directory")
     prompts = build_prompt_dataset(train, prompt_template=script_args.prompt_template,
                                    attribute_keys=script_args.attribute_keys)
+    check_policy_processor(model_args.model_name_or_path or "tiny-qwen2-vl", cache_dir=script_args.cache_dir,
+                           trust_remote_code=training_args.trust_remote_code)  # processor files only, no weights
     # Rewards resolve without loading anything heavy (the retrieval reward loads on its first call).
     column = script_args.gallery_attribute_column
     if column is not None:

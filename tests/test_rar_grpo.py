@@ -260,3 +260,16 @@ def test_demo_stages_train_then_reuse_encoder_and_warm_start(recipe, monkeypatch
     monkeypatch.setattr(recipe, "run_recipe", lambda *a, **k: pytest.fail(f"stage rerun: {a[0]}"))
     trainer = recipe.cli(argv)  # both stages reused
     assert trainer.state.global_step == 1
+
+
+@pytest.mark.usefixtures("no_models")
+@pytest.mark.parametrize("remove,message", [("chat_template.jinja", "no chat template"),
+                                            ("processor_config.json", "image processor")])
+def test_policy_processor_that_cannot_serve_rar(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir,
+                                                tmp_path, remove, message):
+    import shutil
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_model_dir, policy)
+    (policy / remove).unlink()
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, policy, tmp_path / "o"), message)
