@@ -9,6 +9,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rewards.gallery import ProductGallery
 from rewards.retrieval_rank import RetrievalRankReward, completion_text
@@ -343,3 +345,28 @@ def test_real_encoder_paths_load_lazily_and_pickle_light(tmp_path, tiny_model_di
     assert out[2] == -0.1 and all(r is None or math.isfinite(r) for r in out)
     assert len(pickle.dumps(reward)) < 10_000  # loaded encoder and index are dropped again
     assert pickle.loads(blob)(prompts=[None] * 4, completions=comps, listing_id=ids) == out
+
+
+_REWARD = None
+
+
+def _shared_reward():
+    global _REWARD
+    if _REWARD is None:
+        _REWARD = _reward(mode="rank_improvement")
+    return _REWARD
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=300), st.none(),
+                          st.builds(lambda t: [{"role": "assistant", "content": t}], st.text(max_size=100))),
+                min_size=1, max_size=8),
+       st.sampled_from(["rank_improvement", "recall_at_k", "mrr"]))
+def test_any_completion_gets_a_finite_number(completions, mode):
+    """Property: arbitrary strings (and message lists, None) always give one finite float each, in every mode."""
+    reward, _, catalog = _shared_reward()
+    reward.mode = mode
+    lid = catalog["listing_id"][1]
+    out = reward(prompts=[None] * len(completions), completions=completions, listing_id=[lid] * len(completions))
+    assert len(out) == len(completions)
+    assert all(isinstance(r, float) and math.isfinite(r) and -1.0 <= r <= 1.0 for r in out)
