@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import datasets
+from tqdm.auto import tqdm
 
 __all__ = ["write_catalog_dir"]
 
@@ -62,8 +63,6 @@ def write_catalog_dir(catalog: datasets.Dataset, output_dir: str | Path, *, extr
     elif image_col == "images":
         catalog = catalog.cast_column("images", datasets.List(datasets.Image(decode=False)))
     tmp = out / "catalog.jsonl.tmp"
-    from tqdm.auto import tqdm
-
     with tmp.open("w", encoding="utf-8") as f:
         for i, row in enumerate(tqdm(catalog, desc="writing catalog", disable=show_progress is False, unit="row")):
             if image_col == "image":

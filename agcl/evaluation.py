@@ -16,7 +16,7 @@ are counted in ``n_skipped``, never silently dropped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -54,6 +54,41 @@ def _search_metrics(queries, gallery, query_labels, gallery_labels, ks, map_k, e
     return {k: (float(v) if isinstance(v, float | np.floating) else int(v)) for k, v in metrics.items()}
 
 
+def _instance(encoder, images, titles, products, gallery, query_attributes, gallery_has_attributes, enc, ks, map_k,
+              mrr_depth) -> dict:
+    """Instance retrieval against already encoded gallery vectors; the query is excluded from its own ranking.
+    Plain queries reuse the gallery vectors unless those carry attributes."""
+    if query_attributes is None and not gallery_has_attributes:
+        queries = gallery
+    else:
+        queries = encoder.encode(images, titles, query_attributes, **enc,
+                                 desc="queries" + (" (+attributes)" if query_attributes is not None else ""))
+    return _search_metrics(queries, gallery, products, products, ks, map_k, exclude=np.arange(len(products)),
+                           mrr_depth=mrr_depth)
+
+
+def instance_retrieval(encoder, ds: datasets.Dataset, query_attribute_sets: Mapping[str, Sequence[str | None] | None],
+                       *, gallery_attributes: Sequence[str | None] | None = None, ks: Sequence[int] = (1, 5, 10),
+                       map_k: int = 10, batch_size: int = 32, show_progress: bool | None = None,
+                       mrr_depth: int | None = None) -> dict[str, dict]:
+    """The ``instance`` task for several sources of query attributes (name -> texts, or None for
+    none) against ONE encoding of the gallery; returns ``{name: metrics}``."""
+    if len(ds) < 2:
+        raise ValueError(f"evaluation needs at least 2 listings, the split has {len(ds)}")
+    for name, texts in [("gallery_attributes", gallery_attributes), *query_attribute_sets.items()]:
+        if texts is not None and len(texts) != len(ds):
+            raise ValueError(f"{name}: {len(texts)} attribute texts for {len(ds)} listings")
+    images, titles = listing_images(ds), list(ds["title"])
+    products = np.asarray(ds["product_id"])
+    enc = {"show_progress": show_progress, "batch_size": batch_size}
+    gallery_texts = None if gallery_attributes is None else list(gallery_attributes)
+    gallery = encoder.encode(images, titles, gallery_texts, **enc,
+                             desc="gallery (image+title" + ("+attributes)" if gallery_texts else ")"))
+    return {name: _instance(encoder, images, titles, products, gallery, None if texts is None else list(texts),
+                            gallery_texts is not None, enc, ks, map_k, mrr_depth)
+            for name, texts in query_attribute_sets.items()}
+
+
 def evaluate_encoder(encoder, ds: datasets.Dataset, *, query_attributes: list[str | None] | None = None,
                      tasks: Sequence[str] = TASKS, ks: Sequence[int] = (1, 5, 10), map_k: int = 10,
                      batch_size: int = 32, show_progress: bool | None = None,
@@ -84,10 +119,8 @@ def evaluate_encoder(encoder, ds: datasets.Dataset, *, query_attributes: list[st
     results: dict[str, dict] = {}
 
     if "instance" in tasks:
-        queries = multimodal if query_attributes is None and gallery_attributes is None else encoder.encode(
-            images, titles, query_attributes, **enc, desc="queries" + (" (+attributes)" if query_attributes else ""))
-        results["instance"] = _search_metrics(queries, multimodal, products, products, ks, map_k, exclude=own,
-                                              mrr_depth=mrr_depth)
+        results["instance"] = _instance(encoder, images, titles, products, multimodal, query_attributes,
+                                        gallery_attributes is not None, enc, ks, map_k, mrr_depth)
     has_category = "category" in ds.column_names and all(c is not None for c in ds["category"])
     if "coarse" in tasks and has_category:
         categories = np.asarray(ds["category"])

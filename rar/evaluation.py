@@ -3,7 +3,8 @@
 The question RAR optimises, asked on products the policy never saw: each listing of the held-out
 split is a query once, its other listings are the positives, and the frozen stage-1 encoder embeds
 the query as image + title (+ the generated attributes) against a gallery of image + title
-(``agcl.evaluation.evaluate_encoder``'s ``instance`` task, the same protocol as the reward; with
+(``agcl.evaluation.instance_retrieval``, the ``instance`` task of the suite, the gallery encoded once
+for all sources; the same protocol as the reward; with
 ``--gallery_attributes`` the gallery side also carries the catalog's stored attributes). The
 attributes come from ``rar.generation.generate_attributes`` (greedy), are parsed with the reward's
 tolerant parser and re-written canonically; a completion that does not parse adds nothing to its
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agcl.attributes import parse_attributes
-from agcl.evaluation import evaluate_encoder
+from agcl.evaluation import instance_retrieval
 
 __all__ = ["SOURCES", "canonical_attributes", "evaluate_attribute_sources", "format_table", "reward_trend",
            "write_report"]
@@ -40,14 +41,11 @@ def evaluate_attribute_sources(encoder, catalog, sources: Mapping[str, Sequence[
                                batch_size: int = 32, show_progress: bool | None = None) -> dict[str, dict]:
     """Instance retrieval on ``catalog`` with each source of query attributes (None = no attributes);
     ``gallery_attributes``: texts appended to the gallery side (the reward's gallery protocol)."""
+    scores = instance_retrieval(encoder, catalog, sources, gallery_attributes=gallery_attributes,
+                                batch_size=batch_size, show_progress=show_progress)  # the gallery is encoded once
     results = {}
     for name, texts in sources.items():
-        if texts is not None and len(texts) != len(catalog):
-            raise ValueError(f"{name}: {len(texts)} attribute texts for {len(catalog)} listings")
-        instance = evaluate_encoder(encoder, catalog, query_attributes=None if texts is None else list(texts),
-                                    tasks=("instance",), batch_size=batch_size, show_progress=show_progress,
-                                    gallery_attributes=None if gallery_attributes is None else list(gallery_attributes),
-                                    )["instance"]
+        instance = scores[name]
         metrics = {k: instance[k] for k in REPORTED if k in instance}
         metrics["n_queries"] = instance["n_queries"]
         metrics["n_skipped"] = instance.get("n_skipped", 0)  # queries whose product has no other listing

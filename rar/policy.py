@@ -41,6 +41,12 @@ def freeze_vision_tower(model) -> int:
     return frozen
 
 
+def _adapter_base(name: str) -> str | None:
+    """The base model of a LoRA adapter directory (peft's adapter_config.json), else None."""
+    adapter = Path(name) / "adapter_config.json"
+    return json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"] if adapter.is_file() else None
+
+
 def check_policy_processor(name_or_path: str, *, cache_dir: str = "outputs/embedded",
                            trust_remote_code: bool = False) -> None:
     """Fail early (no weights loaded) when the policy's processor cannot serve RAR: it must see images
@@ -48,9 +54,8 @@ def check_policy_processor(name_or_path: str, *, cache_dir: str = "outputs/embed
     from agcl.modeling import load_processor
 
     name = resolve_model(name_or_path, cache_dir)
-    adapter = Path(name) / "adapter_config.json"
-    if adapter.is_file() and not (Path(name) / "tokenizer_config.json").is_file():
-        name = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    if _adapter_base(name) and not (Path(name) / "tokenizer_config.json").is_file():
+        name = _adapter_base(name)  # an adapter saved without its processor: the base model's
     processor = load_processor(name, trust_remote_code=trust_remote_code)
     if getattr(processor, "image_processor", None) is None:
         raise ValueError(f"{name}: the processor has no image processor, so the policy cannot see the product image")
@@ -75,13 +80,12 @@ def load_policy(model_args, *, cache_dir: str = "outputs/embedded", freeze_visio
     name = resolve_model(name_or_path or model_args.model_name_or_path or "tiny-qwen2-vl", cache_dir)
     if model_args.load_in_4bit and not model_args.use_peft and for_training:
         raise ValueError("--load_in_4bit trains LoRA adapters on frozen 4-bit weights: pass --use_peft too (QLoRA)")
-    adapter = Path(name) / "adapter_config.json"
-    base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"] if adapter.is_file() else name
-    model, processor = load_mllm(base, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit,
+    base = _adapter_base(name)
+    model, processor = load_mllm(base or name, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit,
                                  trust_remote_code=trust_remote_code)
     if getattr(processor, "image_processor", None) is None:
         raise ValueError(f"{name}: the processor has no image processor, so the policy cannot see the product image")
-    if adapter.is_file():
+    if base is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, name)

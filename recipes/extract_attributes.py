@@ -81,8 +81,9 @@ def main(args: ExtractArguments) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / GENERATIONS
     done = read_done(log_path)
-    resumed = sum(lid in done for lid in catalog["listing_id"])
-    todo = [i for i, lid in enumerate(catalog["listing_id"]) if lid not in done]
+    listing_ids = list(catalog["listing_id"])  # read the column once
+    resumed = sum(lid in done for lid in listing_ids)
+    todo = [i for i, lid in enumerate(listing_ids) if lid not in done]
     print(f"[extract_attributes] {len(catalog)} listings, {resumed} already done, {len(todo)} to generate", flush=True)
 
     if todo:
@@ -93,7 +94,7 @@ def main(args: ExtractArguments) -> dict:
         if torch.cuda.is_available():
             model = model.to("cuda") if not args.load_in_4bit else model
         pending = prompts.select(todo)
-        ids = [catalog["listing_id"][i] for i in todo]
+        ids = [listing_ids[i] for i in todo]
         with log_path.open("a", encoding="utf-8") as log:
             def save(start: int, texts: list[str]):
                 for lid, text in zip(ids[start:start + len(texts)], texts, strict=True):
@@ -104,7 +105,7 @@ def main(args: ExtractArguments) -> dict:
             generate_attributes(model, processor, pending, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, on_batch=save)
 
-    parsed = [parse_attributes(done[lid]).attributes for lid in catalog["listing_id"]]
+    parsed = [parse_attributes(done[lid]).attributes for lid in listing_ids]
     if args.attribute_keys:
         order = {k: i for i, k in enumerate(args.attribute_keys)}
         parsed = [dict(sorted(a.items(), key=lambda kv: order.get(kv[0], len(order)))) for a in parsed]

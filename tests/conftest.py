@@ -1,5 +1,7 @@
 """Shared fixtures: the tiny model and a small synthetic catalog are built once per test session."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -15,6 +17,20 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_catalog_dir(tmp_path_factory):
     return make_synthetic_catalog(tmp_path_factory.mktemp("catalog") / "c", num_products=80, seed=0)
+
+
+def _load_recipe(name: str):
+    """A fresh module object of recipes/<name>.py (recipes are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, f"recipes/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_recipe():
+    """``load_recipe("rar_grpo")`` -> the recipe's module (its main/cli and argument classes)."""
+    return _load_recipe
 
 
 @pytest.fixture(scope="session")
@@ -34,13 +50,9 @@ def warm_policy_dir(tiny_model_dir, small_catalog_dir, tmp_path_factory):
     A random policy writes unparsable text, every completion of a group scores the same, GRPO's
     advantages are zero and nothing trains; after this warm start completions parse and differ.
     """
-    import importlib.util
-
     import trl
 
-    spec = importlib.util.spec_from_file_location("sft_attributes", "recipes/sft_attributes.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = _load_recipe("sft_attributes")
     out = tmp_path_factory.mktemp("warm-policy")
     parser = trl.TrlParser((recipe.SFTScriptArguments, trl.SFTConfig, trl.ModelConfig))
     args = parser.parse_args_and_config([

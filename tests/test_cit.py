@@ -1,6 +1,5 @@
 """recipes/cit.py: one cyclic-iterative-training round (re-annotate with the generator, continue AGCL, compare)."""
 
-import importlib.util
 import json
 
 import pytest
@@ -10,10 +9,8 @@ from agcl.catalog import load_catalog
 
 
 @pytest.mark.slow
-def test_one_cit_round(warm_policy_dir, tiny_encoder_dir, small_catalog_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("cit", "recipes/cit.py")
-    cit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cit)
+def test_one_cit_round(load_recipe, warm_policy_dir, tiny_encoder_dir, small_catalog_dir, tmp_path):
+    cit = load_recipe("cit")
     out = tmp_path / "cit"
     args = cit.CITArguments(generator=str(warm_policy_dir), encoder=str(tiny_encoder_dir),
                             catalog=str(small_catalog_dir), fraction=0.5, epochs=4, output_dir=str(out),

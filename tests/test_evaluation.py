@@ -114,3 +114,23 @@ def test_gallery_attributes_match_a_brute_force_computation():
     assert plain["instance"]["recall@1"] == pytest.approx(expected_plain["recall@1"])
     with pytest.raises(ValueError, match="gallery attribute texts"):
         evaluate_encoder(enc, ds, tasks=["instance"], gallery_attributes=stored[:-1])
+
+
+@pytest.mark.parametrize("with_gallery_attributes", [False, True])
+def test_instance_retrieval_encodes_the_gallery_once_and_matches_the_suite(with_gallery_attributes):
+    from agcl.evaluation import instance_retrieval
+
+    ds = _catalog()
+    stored = attribute_texts(ds, "reference") if with_gallery_attributes else None
+    sources = {"none": None, "a": [f"color: q{i % 3}" for i in range(len(ds))],
+               "b": [None if i % 2 else "size: m" for i in range(len(ds))]}
+    enc = HashEncoder()
+    got = instance_retrieval(enc, ds, sources, gallery_attributes=stored)
+    # One gallery encoding, then one per source that needs its own queries.
+    assert len(enc.calls) == 1 + 2 + int(with_gallery_attributes)
+    for name, texts in sources.items():
+        expected = evaluate_encoder(HashEncoder(), ds, tasks=["instance"], query_attributes=texts,
+                                    gallery_attributes=stored)["instance"]
+        assert got[name] == expected
+    with pytest.raises(ValueError, match="a: 3 attribute texts"):
+        instance_retrieval(enc, ds, {"a": ["x"] * 3})

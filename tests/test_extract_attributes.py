@@ -1,7 +1,6 @@
 """recipes/extract_attributes.py: batched annotation into a catalog copy, resumable, nothing dropped silently."""
 
 import hashlib
-import importlib.util
 import json
 
 import pytest
@@ -13,11 +12,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("extract_attributes", "recipes/extract_attributes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def recipe(load_recipe):
+    return load_recipe("extract_attributes")
 
 
 def run(recipe, model, catalog, out, **kw):

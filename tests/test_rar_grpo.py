@@ -1,6 +1,5 @@
 """recipes/rar_grpo.py end to end on tiny models: LoRA, QLoRA, RLOO, resume, and bad input before any model loads."""
 
-import importlib.util
 import json
 import math
 
@@ -15,11 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("rar_grpo", "recipes/rar_grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def recipe(load_recipe):
+    return load_recipe("rar_grpo")
 
 
 def base_args(catalog, encoder, policy, out, *extra):

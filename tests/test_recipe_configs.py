@@ -1,6 +1,5 @@
 """Every YAML in recipes/configs parses with its recipe's TrlParser (a renamed or removed field fails here)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,14 +9,7 @@ CONFIGS = sorted(Path("recipes/configs").glob("*.yaml"))
 CPU = ["--bf16", "false", "--use_cpu", "true"]  # the paper-scale configs ask for bf16 GPUs
 
 
-def load(recipe):
-    spec = importlib.util.spec_from_file_location(recipe, f"recipes/{recipe}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def parser_for(config: Path):
+def parser_for(config: Path, load):
     name = config.stem
     if name.startswith("agcl"):
         m = load("agcl_train")
@@ -36,8 +28,8 @@ def test_there_are_configs_for_every_stage():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_config_parses(config):
-    script_args, training_args, model_args = parser_for(config).parse_args_and_config(["--config", str(config), *CPU])
+def test_config_parses(config, load_recipe):
+    script_args, training_args, model_args = parser_for(config, load_recipe).parse_args_and_config(["--config", str(config), *CPU])
     assert training_args.output_dir and training_args.seed is not None
     if config.stem.startswith("rar"):
         assert training_args.generation_batch_size % training_args.num_generations == 0

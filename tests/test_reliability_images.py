@@ -1,6 +1,5 @@
 """Odd images: a decompression-bomb header is refused by name; non-RGB modes flow through every model path."""
 
-import importlib.util
 import json
 import math
 import struct
@@ -55,7 +54,7 @@ def test_decompression_bomb_header_is_refused_with_row_and_field(tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_non_rgb_images_encode_generate_and_train(tmp_path, tiny_encoder_dir, warm_policy_dir):
+def test_non_rgb_images_encode_generate_and_train(tmp_path, tiny_encoder_dir, warm_policy_dir, load_recipe):
     names = ["cmyk.jpg", "palette.png", "rgba.png", "gray16.png", "gray.png", "rgb.png"]
     root = write_catalog(tmp_path / "c", names)
     ds = load_catalog(root)
@@ -67,9 +66,7 @@ def test_non_rgb_images_encode_generate_and_train(tmp_path, tiny_encoder_dir, wa
                                                                          show_progress=False)
     assert embeddings.shape[0] == len(names) and np.isfinite(embeddings).all()
 
-    spec = importlib.util.spec_from_file_location("rar_grpo", "recipes/rar_grpo.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("rar_grpo")
     trainer = recipe.cli([
         "--config", "recipes/configs/rar_demo.yaml", "--catalog", str(root), "--encoder", str(tiny_encoder_dir),
         "--encoder_recipe", "", "--sft_recipe", "", "--model_name_or_path", str(warm_policy_dir),

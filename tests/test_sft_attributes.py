@@ -1,6 +1,5 @@
 """recipes/sft_attributes.py: TRL SFTTrainer warm-starts the tiny Qwen2-VL into writing attribute lines."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("sft_attributes", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def recipe(load_recipe):
+    return load_recipe("sft_attributes")
 
 
 def parse(recipe, argv):
