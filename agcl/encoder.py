@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from agcl.modeling import load_mllm
+from agcl.modeling import backbone_signature, load_mllm, read_backbone_signature
 
 ENCODER_CONFIG_NAME = "encoder_config.json"
 ENCODER_FORMAT = "afmrl-product-encoder"
@@ -61,6 +61,9 @@ class EncoderConfig:
         metadata={"help": "Language-model linear layers that get LoRA adapters."},
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen (no LoRA, no gradients)."})
+    backbone_signature: dict | None = field(default=None, metadata={
+        "help": "Family and shapes of the backbone the encoder was built over (filled in when it is built); loading "
+                "over a backbone with another signature is refused."})
     format: str = field(default=ENCODER_FORMAT, metadata={"help": "Marks the directory as a saved product encoder."})
 
     @classmethod
@@ -254,8 +257,14 @@ class ProductEncoder(torch.nn.Module):
         model, processor = load_mllm(config.backbone if backbone_path is None else backbone_path, dtype=dtype, load_in_4bit=load_in_4bit,
                                      trust_remote_code=trust_remote_code)
         model.requires_grad_(False)
+        if config.backbone_signature is None:
+            config.backbone_signature = backbone_signature(model.config)
         if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+            try:
+                model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+            except RuntimeError as err:  # e.g. "size mismatch for ...lora_A.weight": an adapter of another backbone
+                raise EncoderLoadError(f"the adapter in {str(adapter_dir)!r} does not fit backbone "
+                                       f"{config.backbone!r}: {str(err).splitlines()[0]}") from err
         elif config.lora_r > 0:
             lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                               target_modules=language_lora_targets(model, config.lora_target_modules), bias="none")
@@ -282,6 +291,14 @@ class ProductEncoder(torch.nn.Module):
         backbone_path = path if config.backbone == "." else None
         if backbone_path is not None and not (path / "config.json").is_file():
             raise EncoderLoadError(f"{str(path)!r} declares its own backbone (backbone '.') but has no config.json")
+        if config.backbone_signature is not None:  # before any weights load (encoders saved by earlier versions lack it)
+            found = read_backbone_signature(backbone_path or config.backbone, trust_remote_code=trust_remote_code)
+            if found != config.backbone_signature:
+                differ = {k: (v, found.get(k)) for k, v in config.backbone_signature.items() if found.get(k) != v}
+                raise EncoderLoadError(
+                    f"{str(path)!r} was built over another backbone than {config.backbone!r}: "
+                    + ", ".join(f"{k} {saved!r} (saved) vs {now!r} (found)" for k, (saved, now) in differ.items())
+                    + f"; point 'backbone' in {ENCODER_CONFIG_NAME} at the model the encoder was trained over")
         encoder = cls.from_backbone(config, dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
                                     adapter_dir=path if has_adapter else None, trainable=trainable,
                                     backbone_path=backbone_path)

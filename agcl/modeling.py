@@ -206,6 +206,38 @@ def load_processor(name_or_path, trust_remote_code: bool = False):
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
+def check_processor(processor, name_or_path) -> None:
+    """Refuse a processor that cannot serve this package's models: every stage shows the model an image
+    (an image processor) inside a conversation (a chat template). Raises ``ValueError`` naming the model."""
+    if getattr(processor, "image_processor", None) is None:
+        raise ValueError(f"{name_or_path}: the processor has no image processor, so the model cannot see the "
+                         "product image")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not (getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)):
+        raise ValueError(f"{name_or_path}: the processor and tokenizer have no chat template; listings and prompts "
+                         "are rendered as conversations (add chat_template.jinja to the model directory)")
+
+
+def backbone_signature(config) -> dict:
+    """What a trained adapter or head depends on in a backbone's ``PretrainedConfig``: its family and the
+    shapes of its language model. Two backbones with equal signatures can carry each other's adapters."""
+    text = getattr(config, "text_config", None) or config
+    vision = getattr(config, "vision_config", None)
+    signature = {"model_type": config.model_type, "hidden_size": text.hidden_size,
+                 "num_hidden_layers": text.num_hidden_layers, "vocab_size": text.vocab_size}
+    if vision is not None:
+        signature["vision_hidden_size"] = getattr(vision, "hidden_size", None) or getattr(vision, "embed_dim", None)
+    return signature
+
+
+def read_backbone_signature(name_or_path, trust_remote_code: bool = False) -> dict:
+    """``backbone_signature`` from the config file alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    _check_path(name_or_path, need_config=True)
+    return backbone_signature(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code))
+
+
 # ---------------------------------------------------------------- loading models
 
 
@@ -246,6 +278,9 @@ def load_mllm(
     on CUDA and float32 on CPU. Returns `(model, processor)`; the model is in eval mode.
     """
     _check_path(name_or_path, need_config=True)
+    # The processor first: a model that cannot be served fails before gigabytes of weights load.
+    processor = load_processor(name_or_path, trust_remote_code=trust_remote_code)
+    check_processor(processor, name_or_path)
     options = {"dtype": dtype, "device_map": device_map, "attn_implementation": attn_implementation}
     # None means "transformers' default", so it is not passed at all.
     kwargs = {key: value for key, value in options.items() if value is not None}
@@ -263,7 +298,7 @@ def load_mllm(
     )
     if load_in_4bit:
         disable_bnb_cpu_inference_repack(model)
-    return model, load_processor(name_or_path, trust_remote_code=trust_remote_code)
+    return model, processor
 
 
 # ---------------------------------------------------------------- the tiny embedded default

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from agcl.embedded import resolve_model
 from agcl.encoder import language_lora_targets
-from agcl.modeling import load_mllm
+from agcl.modeling import check_processor, load_mllm, load_processor
 
 __all__ = ["LM_LORA_TARGETS", "check_policy_processor", "freeze_vision_tower", "load_policy"]
 
@@ -51,18 +51,10 @@ def check_policy_processor(name_or_path: str, *, cache_dir: str = "outputs/embed
                            trust_remote_code: bool = False) -> None:
     """Fail early (no weights loaded) when the policy's processor cannot serve RAR: it must see images
     (an image processor) and render conversations (a chat template, for TRL's conversational prompts)."""
-    from agcl.modeling import load_processor
-
     name = resolve_model(name_or_path, cache_dir)
     if _adapter_base(name) and not (Path(name) / "tokenizer_config.json").is_file():
         name = _adapter_base(name)  # an adapter saved without its processor: the base model's
-    processor = load_processor(name, trust_remote_code=trust_remote_code)
-    if getattr(processor, "image_processor", None) is None:
-        raise ValueError(f"{name}: the processor has no image processor, so the policy cannot see the product image")
-    tokenizer = getattr(processor, "tokenizer", processor)
-    if not (getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)):
-        raise ValueError(f"{name}: the processor and tokenizer have no chat template; RAR's prompts are conversations "
-                         "(add chat_template.jinja to the model directory)")
+    check_processor(load_processor(name, trust_remote_code=trust_remote_code), name)
 
 
 def load_policy(model_args, *, cache_dir: str = "outputs/embedded", freeze_vision: bool = True,
@@ -83,8 +75,6 @@ def load_policy(model_args, *, cache_dir: str = "outputs/embedded", freeze_visio
     base = _adapter_base(name)
     model, processor = load_mllm(base or name, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit,
                                  trust_remote_code=trust_remote_code)
-    if getattr(processor, "image_processor", None) is None:
-        raise ValueError(f"{name}: the processor has no image processor, so the policy cannot see the product image")
     if base is not None:
         from peft import PeftModel
 

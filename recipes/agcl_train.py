@@ -94,10 +94,15 @@ def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args
     return trainer
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: ``argv`` (default ``sys.argv[1:]``) parsed with TrlParser, then ``main``."""
     parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
     try:
-        script_args, training_args, model_args = parser.parse_args_and_config()
+        args = parser.parse_args_and_config(None if argv is None else list(argv))
     except USER_ERRORS as err:  # e.g. AGCLConfig rejecting --false_negative_filter fuzzy
         fail(err)
-    main(script_args, training_args, model_args)
+    return main(*args)
+
+
+if __name__ == "__main__":
+    cli()

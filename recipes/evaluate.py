@@ -19,6 +19,8 @@ from agcl.embedded import resolve_catalog
 from agcl.encoder import EncoderLoadError, ProductEncoder
 from agcl.evaluation import TASKS, attribute_texts, evaluate_encoder, format_results
 
+USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a product encoder on a catalog split.")
@@ -52,9 +54,14 @@ def main(argv=None) -> dict:
     return results
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> dict:
+    """The command line: user errors end with one ``error:`` line and exit code 2."""
     try:
-        main()
-    except (CatalogError, EncoderLoadError, ValueError, FileNotFoundError) as err:
+        return main(argv)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

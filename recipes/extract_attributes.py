@@ -122,10 +122,15 @@ def main(args: ExtractArguments) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: ``argv`` (default ``sys.argv[1:]``) parsed into ExtractArguments, then ``main``."""
     try:
-        (arguments,) = HfArgumentParser(ExtractArguments).parse_args_into_dataclasses()
-        main(arguments)
+        (arguments,) = HfArgumentParser(ExtractArguments).parse_args_into_dataclasses(args=argv)
+        return main(arguments)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

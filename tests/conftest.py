@@ -33,6 +33,17 @@ def load_recipe():
     return _load_recipe
 
 
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if any model weights load (checks that must come first, do)."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the inputs were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tiny_model_dir, tmp_path_factory):
     """An (untrained) AGCL encoder over the tiny backbone, saved the way recipes/agcl_train.py saves one."""
