@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOTrainer, TrlParser
@@ -217,7 +218,12 @@ def cli(argv=None):
         args = parse_args(argv)
     except USER_ERRORS as err:  # e.g. num_generations that does not divide the generation batch
         fail(err)
-    return main(*args)
+    trainer = main(*args)
+    # Each process shuts its process group down itself (a local call, no barrier: the other ranks may still be
+    # evaluating). Left to interpreter exit, the backend's threads were once seen to abort a finished rank.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return trainer
 
 
 if __name__ == "__main__":
