@@ -3,6 +3,7 @@
     python benchmarks/grpo_step_breakdown.py                  # the full run (under a minute on 2 shared cores)
     python benchmarks/grpo_step_breakdown.py --quick          # smoke test: 1 + 2 steps, nothing written
     python benchmarks/grpo_step_breakdown.py --encoder fresh  # untrained encoder instead of outputs/agcl-demo
+    python benchmarks/grpo_step_breakdown.py --policy larger --output docs/grpo_step_breakdown_larger.md
 
 A real ``trl.GRPOTrainer`` run on CPU, one process, one torch thread:
 
@@ -66,7 +67,7 @@ from _machine import describe_machine  # noqa: E402
 from agcl.catalog import load_catalog
 from agcl.embedded import resolve_catalog, resolve_model
 from agcl.encoder import ENCODER_CONFIG_NAME, EncoderConfig, ProductEncoder
-from agcl.modeling import load_mllm
+from agcl.modeling import load_mllm, tiny_mllm_path
 from agcl.synthetic_catalog import ATTRIBUTE_KEYS
 from rar.prompts import build_prompt_dataset
 from rewards import get_reward_funcs, validate_reward_weights
@@ -156,6 +157,10 @@ class StepTimer(transformers.TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------
+# Policies built from config (no download): the demo's, and a wider, deeper one of the same family and tokenizer.
+POLICIES = {"tiny": {}, "larger": {"hidden_size": 384, "num_layers": 6, "num_heads": 6}}
+
+
 def warm_start(model_dir: str, catalog_dir: str, listings: int, steps: int, out_dir: Path) -> Path:
     """The tiny policy after ``steps`` SFT steps of recipes/sft_attributes.py on the first ``listings`` listings."""
     spec = importlib.util.spec_from_file_location("sft_attributes", ROOT / "recipes" / "sft_attributes.py")
@@ -293,7 +298,7 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
         "",
         "## Setup",
         "",
-        f"- Policy: `{setup['policy']}` (tiny Qwen2-VL, {setup['policy_params']:,} parameters), warm-started by recipes/sft_attributes.py, "
+        f"- Policy: `{setup['policy']}` (Qwen2-VL, {setup['policy_params']:,} parameters, random init), warm-started by recipes/sft_attributes.py, "
         f"{args.sft_steps} full-batch SFT steps on the teacher's attribute text of {args.sft_rows} train listings "
         f"({setup['sft_seconds']:.1f} s) so that completions parse.",
         f"- Rewards (`rewards.get_reward_funcs`, weights {REWARD_WEIGHTS}): " + ", ".join(f"`{r}`" for r in REWARDS) + ".",
@@ -406,6 +411,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache_dir", default=str(ROOT / "outputs" / "embedded"),
                    help="where the embedded catalog and tiny model live (built there if missing)")
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
+    p.add_argument("--policy", choices=sorted(POLICIES), default="tiny",
+                   help="policy: 'tiny' (the demo's) or 'larger' (same family and tokenizer, wider and deeper)")
     p.add_argument("--output", default=str(ROOT / "docs" / "grpo_step_breakdown.md"))
     p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up + 2 measured steps, no file written")
     args = p.parse_args(argv)
@@ -424,7 +431,8 @@ def main(argv=None) -> None:
     transformers.logging.set_verbosity_error()
 
     catalog_dir = resolve_catalog("embedded", args.cache_dir)
-    model_dir = resolve_model("tiny-qwen2-vl", args.cache_dir)
+    model_dir = (resolve_model("tiny-qwen2-vl", args.cache_dir) if args.policy == "tiny"
+                 else str(tiny_mllm_path(Path(args.cache_dir) / "tiny-models", **POLICIES[args.policy])))
     train = load_catalog(catalog_dir, split="train", verify_images=False)
     setup = {"catalog": os.path.relpath(catalog_dir, ROOT), "policy": os.path.relpath(model_dir, ROOT),
              "prompts": len(train), "reward_names": list(REWARDS)}
@@ -441,7 +449,7 @@ def main(argv=None) -> None:
             encoder_dir = Path(args.encoder)
         if encoder_dir is None:
             encoder_dir = tmp / "encoder"
-            ProductEncoder.from_backbone(EncoderConfig(backbone=model_dir, lora_r=0), trainable=False).save_pretrained(encoder_dir)
+            ProductEncoder.from_backbone(EncoderConfig(backbone=resolve_model("tiny-qwen2-vl", args.cache_dir), lora_r=0), trainable=False).save_pretrained(encoder_dir)
             setup["encoder"] = "a fresh `ProductEncoder` over the tiny backbone (random weights, no LoRA), saved to a temp dir"
         else:
             setup["encoder"] = f"`{os.path.relpath(encoder_dir, ROOT)}` (a trained encoder)"

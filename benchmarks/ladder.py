@@ -1,0 +1,273 @@
+"""The paper's ablation ladder on the embedded catalog, over seeds: InfoNCE -> + AGCL -> + SFT attributes ->
++ RAR attributes -> + one CIT round. Also the stage-1 ablation (weighting only, filtering only) from the same runs.
+
+    python benchmarks/ladder.py                        # seeds 0 1 2, two at a time; writes docs/ladder.md (+ .json, .png)
+    python benchmarks/ladder.py --seeds 0 --quick      # smoke test: a few steps per stage, nothing written
+
+Per seed, every stage is one of the recipes, run as a child process exactly as a user runs it, with
+``--seed`` set (so the seed moves stage 1's pair draws, the SFT shuffling, GRPO's sampling and CIT):
+
+1. ``agcl_train.py`` four times on the training split of the demo catalog
+   (``recipes/configs/agcl_demo.yaml``; the catalog of ``rar_demo.yaml``, 30% of the train families
+   held out as ``val`` for RL): InfoNCE, + hard-negative weighting, + false-negative filtering,
+   AGCL (both);
+2. ``rar_grpo.py --config recipes/configs/rar_demo.yaml`` over the AGCL encoder: SFT warm start on the
+   teacher's attributes, GRPO with the retrieval-rank reward on ``val``, greedy SFT and RAR
+   attributes for the test split (``attributes.jsonl``);
+3. ``cit.py``: the RAR generator re-annotates the training split and AGCL continues on it.
+
+Every rung is then evaluated on the test split (held-out products) with the same code
+(``agcl.evaluation.evaluate_encoder``): instance Recall@1/5/10, coarse mAP@1, image->text and
+text->image Recall@1. Attributes (SFT or RAR, greedy) are appended to the instance queries only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import describe_machine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE1 = {
+    "InfoNCE": ["--hard_negative_weighting", "false", "--false_negative_filter", "none"],
+    "+ weighting": ["--hard_negative_weighting", "true", "--false_negative_filter", "none"],
+    "+ filtering": ["--hard_negative_weighting", "false", "--false_negative_filter", "attribute"],
+    "AGCL": ["--hard_negative_weighting", "true", "--false_negative_filter", "attribute"],
+}
+RUNGS = ["InfoNCE encoder", "+ AGCL", "+ SFT (distilled) attributes", "+ RAR attributes", "+ one CIT round"]
+# The paper's ladder on M5Product, instance Recall@1 (AFMRL, ACL 2026, its ablation); no CIT rung there.
+PAPER_R1 = {"InfoNCE encoder": 48.05, "+ AGCL": 51.06, "+ SFT (distilled) attributes": 52.42,
+            "+ RAR attributes": 54.28}
+METRICS = [("instance", "recall@1", "instance R@1"), ("instance", "recall@5", "R@5"),
+           ("instance", "recall@10", "R@10"), ("coarse", "mAP@1", "coarse mAP@1"),
+           ("image_to_text", "recall@1", "image→text R@1"), ("text_to_image", "recall@1", "text→image R@1")]
+TASKS = ("instance", "coarse", "image_to_text", "text_to_image")
+
+
+def slug(name: str) -> str:
+    return name.replace("+ ", "plus-").replace(" ", "-").lower()
+
+
+@dataclass
+class Task:
+    """One child process of the ladder; ``done`` is the file it leaves when it has finished."""
+
+    name: str
+    cmd: list[str]
+    done: Path
+    deps: tuple[str, ...] = ()
+
+
+def quick_sft_config(work: Path) -> str:
+    import yaml
+
+    data = yaml.safe_load((ROOT / "recipes/configs/sft_demo.yaml").read_text())
+    data.update(num_train_epochs=1, max_train_listings=32)
+    path = work / "sft_quick.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def seed_tasks(seed: int, work: Path, catalog: str, quick: bool) -> dict[str, list[Task]]:
+    """The stages of one seed, as recipe commands: the critical chain (AGCL -> RAR -> CIT), the other
+    stage-1 variants, and the evaluation of every rung."""
+    work.mkdir(parents=True, exist_ok=True)
+    py, recipes = sys.executable, ROOT / "recipes"
+    stage1 = {}
+    for name, flags in STAGE1.items():
+        out = work / slug(name)
+        stage1[name] = Task(f"seed{seed}/{slug(name)}", [
+            py, str(recipes / "agcl_train.py"), "--config", "recipes/configs/agcl_demo.yaml", "--catalog", catalog,
+            "--output_dir", str(out), "--eval_split", "none", "--seed", str(seed), "--disable_tqdm", "true", *flags,
+            *(["--num_train_epochs", "1"] if quick else [])], out / "encoder_config.json")
+    agcl, rar, cit = work / "agcl", work / "rar", work / "cit"
+    rar_task = Task(f"seed{seed}/rar", [
+        py, str(recipes / "rar_grpo.py"), "--config", "recipes/configs/rar_demo.yaml", "--encoder", str(agcl),
+        "--output_dir", str(rar), "--seed", str(seed), "--disable_tqdm", "true",
+        *(["--max_steps", "4", "--sft_recipe", quick_sft_config(work)] if quick else [])],
+        rar / "metrics.json", (stage1["AGCL"].name,))
+    cit_task = Task(f"seed{seed}/cit", [
+        py, str(recipes / "cit.py"), "--generator", str(rar), "--encoder", str(agcl), "--output_dir", str(cit),
+        "--seed", str(seed), *(["--epochs", "1"] if quick else [])], cit / "cit_metrics.json", (rar_task.name,))
+    others = [t for n, t in stage1.items() if n != "AGCL"]
+    evaluate = Task(f"seed{seed}/evaluate", [py, __file__, "--_evaluate", str(work), catalog], work / "ladder.json",
+                    (cit_task.name, *(t.name for t in others)))
+    return {"chain": [stage1["AGCL"], rar_task, cit_task], "others": others, "evaluate": [evaluate]}
+
+
+def schedule(tasks: list[Task], jobs: int, log_dir: Path, started: float):
+    """Run ``tasks`` as child processes, ``jobs`` at a time, each once its dependencies are done; the first
+    ready task in list order starts first. Finished tasks (their ``done`` file exists) are skipped."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two single-threaded processes beat one two-threaded on 2 cores
+    done = {t.name for t in tasks if t.done.is_file()}
+    pending = [t for t in tasks if t.name not in done]
+    running: dict[str, tuple[Task, subprocess.Popen]] = {}
+    while pending or running:
+        for task in [t for t in pending if all(d in done for d in t.deps)][: jobs - len(running)]:
+            pending.remove(task)
+            log = log_dir / f"{task.name.replace('/', '-')}.log"
+            with log.open("w", encoding="utf-8") as f:
+                f.write("$ " + " ".join(task.cmd) + "\n")
+                f.flush()
+                running[task.name] = (task, subprocess.Popen(task.cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                                             cwd=ROOT))
+        if not running:
+            raise RuntimeError(f"tasks whose dependencies can never finish: {[t.name for t in pending]}")
+        time.sleep(0.5)
+        for name, (task, proc) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0 or not task.done.is_file():
+                for _, other in running.values():
+                    other.kill()
+                raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {log_dir / name.replace('/', '-')}.log")
+            done.add(name)
+            print(f"[ladder] {name} done ({(time.time() - started) / 60:.1f} min)", flush=True)
+
+
+def evaluate_seed(work: Path, catalog: str) -> dict:
+    from agcl.catalog import load_catalog
+    from agcl.encoder import ProductEncoder
+    from agcl.evaluation import evaluate_encoder
+
+    test = load_catalog(catalog, split="test")
+    rows = {json.loads(line)["listing_id"]: json.loads(line)
+            for line in (work / "rar" / "attributes.jsonl").read_text(encoding="utf-8").splitlines()}
+    attributes = {key: [rows[lid][key] or None for lid in test["listing_id"]]
+                  for key in ("sft_attributes", "rar_attributes")}
+    results = {}
+    for name in STAGE1:
+        results[name] = evaluate_encoder(ProductEncoder.from_pretrained(work / slug(name)), test, tasks=TASKS,
+                                         show_progress=False)
+    agcl = ProductEncoder.from_pretrained(work / "agcl")
+    cit = ProductEncoder.from_pretrained(work / "cit" / "encoder")
+    results["InfoNCE encoder"], results["+ AGCL"] = results["InfoNCE"], results["AGCL"]
+    results["+ SFT (distilled) attributes"] = evaluate_encoder(agcl, test, tasks=TASKS, show_progress=False,
+                                                               query_attributes=attributes["sft_attributes"])
+    results["+ RAR attributes"] = evaluate_encoder(agcl, test, tasks=TASKS, show_progress=False,
+                                                   query_attributes=attributes["rar_attributes"])
+    results["+ one CIT round"] = evaluate_encoder(cit, test, tasks=TASKS, show_progress=False,
+                                                  query_attributes=attributes["rar_attributes"])
+    (work / "ladder.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+def mean_std(runs: list[dict], task: str, metric: str) -> tuple[float, float]:
+    values = 100 * np.array([r[task][metric] for r in runs])
+    return float(values.mean()), float(values.std())
+
+
+def plot(path: Path, per_seed: dict[int, dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(per_seed.values())
+    means, stds = zip(*(mean_std([r[rung] for r in runs], "instance", "recall@1") for rung in RUNGS), strict=True)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(len(RUNGS))
+    ax.bar(x - 0.2, means, 0.4, yerr=stds, capsize=4, label=f"embedded catalog ({len(runs)} seeds, mean ± std)")
+    paper = [PAPER_R1.get(rung, np.nan) for rung in RUNGS]
+    ax.bar(x + 0.2, paper, 0.4, label="paper, M5Product", color="0.7")
+    ax.set_xticks(x, [r.replace(" (distilled)", "") for r in RUNGS], rotation=12)
+    ax.set_ylabel("instance Recall@1 (%)")
+    ax.set_title("The ablation ladder: compare the shape, not the values")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, per_seed: dict[int, dict], machine: str, seconds: float, jobs: int):
+    seeds = sorted(per_seed)
+    runs = [per_seed[s] for s in seeds]
+    lines = ["# The ablation ladder on the embedded catalog", "",
+             f"Generated by `python benchmarks/ladder.py --seeds {' '.join(map(str, seeds))} --jobs {jobs}` in "
+             f"{seconds / 60:.1f} min on: {machine}.",
+             "Protocol: the module docstring of `benchmarks/ladder.py`. Test split (held-out products), percent, "
+             f"mean ± std over seeds {', '.join(map(str, seeds))}. The paper's column is its M5Product ladder "
+             "(instance R@1): compare the shape, not the values.", "",
+             "| rung | " + " | ".join(label for _, _, label in METRICS) + " | paper R@1 | Δ R@1 vs previous rung |",
+             "|---|" + "---|" * (len(METRICS) + 2)]
+    previous = None
+    for rung in RUNGS:
+        cells = [f"{m:.1f} ± {s:.1f}" for m, s in (mean_std([r[rung] for r in runs], t, k) for t, k, _ in METRICS)]
+        r1 = np.array([r[rung]["instance"]["recall@1"] for r in runs]) * 100
+        delta = "" if previous is None else f"{(r1 - previous).mean():+.1f} (min {(r1 - previous).min():+.1f})"
+        paper = f"{PAPER_R1[rung]:.2f}" if rung in PAPER_R1 else "—"
+        lines.append(f"| {rung} | " + " | ".join(cells) + f" | {paper} | {delta} |")
+        previous = r1
+    lines += ["", "![ladder](ladder.png)", "", "## Stage 1 alone: which part of AGCL helps", "",
+              "Same runs (the InfoNCE and AGCL encoders are the ladder's first two rungs); instance retrieval, "
+              "no attributes on the queries; Δ against InfoNCE with the same seed.", "",
+              "| variant | R@1 | R@5 | R@10 | mAP@10 | Δ R@1 (pts) |", "|---|---|---|---|---|---|"]
+    base = np.array([r["InfoNCE"]["instance"]["recall@1"] for r in runs]) * 100
+    for name in STAGE1:
+        cells = [f"{m:.1f} ± {s:.1f}" for m, s in (mean_std([r[name] for r in runs], "instance", k)
+                                                   for k in ("recall@1", "recall@5", "recall@10", "mAP@10"))]
+        delta = np.array([r[name]["instance"]["recall@1"] for r in runs]) * 100 - base
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta.mean():+.1f} (min {delta.min():+.1f}) |")
+    lines += ["", "Per seed, instance R@1:", "", "| seed | " + " | ".join(RUNGS) + " |", "|---|" + "---|" * len(RUNGS)]
+    for s in seeds:
+        lines.append(f"| {s} | " + " | ".join(f"{100 * per_seed[s][r]['instance']['recall@1']:.1f}" for r in RUNGS)
+                     + " |")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot(out.with_name("ladder.png"), per_seed)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="Child processes at once, each on one thread.")
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "ladder"),
+                        help="Stages already finished there are reused (delete it to start over).")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "ladder.md"))
+    parser.add_argument("--quick", action="store_true", help="A few steps per stage; nothing written to docs/.")
+    parser.add_argument("--_evaluate", nargs=2, metavar=("SEED_DIR", "CATALOG"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._evaluate:
+        evaluate_seed(Path(args._evaluate[0]), args._evaluate[1])
+        return None
+
+    from agcl.embedded import resolve_catalog
+
+    started = time.time()
+    machine = describe_machine()
+    work = Path(tempfile.mkdtemp(prefix="ladder-quick-")) if args.quick else Path(args.work_dir)
+    catalog = str(resolve_catalog("embedded", "outputs/embedded", val_fraction=0.3))  # the catalog of rar_demo.yaml
+    per_seed = {s: seed_tasks(s, work / f"seed{s}", catalog, args.quick) for s in args.seeds}
+    # Longest chains first, then the independent stage-1 variants, then the evaluations.
+    order = [t for i in range(3) for s in args.seeds for t in per_seed[s]["chain"][i:i + 1]]
+    order += [t for s in args.seeds for t in per_seed[s]["others"]] + [t for s in args.seeds for t in per_seed[s]["evaluate"]]
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    schedule(order, args.jobs, work / "logs", started)
+    results = {s: json.loads((work / f"seed{s}" / "ladder.json").read_text()) for s in args.seeds}
+    summary = {"seeds": results, "machine": machine, "seconds": time.time() - started}
+    if args.quick:
+        print(json.dumps({s: {r: v[r]["instance"]["recall@1"] for r in RUNGS} for s, v in results.items()}, indent=1))
+        return summary
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_report(out, results, machine, time.time() - started, args.jobs)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(out.read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()

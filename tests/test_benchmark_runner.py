@@ -1,0 +1,91 @@
+"""The results runner's own logic: the ladder's task scheduler, RESULTS.md assembly and README's generated block."""
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    return load("ladder")
+
+
+def task(ladder, tmp_path, name, deps=(), code="pass", sleep=0.3):
+    """A child that records its start and end times, then leaves its `done` file."""
+    done = tmp_path / f"{name}.done"
+    script = (f"import time, pathlib; s = time.time(); time.sleep({sleep}); {code}; "
+              f"pathlib.Path({str(done)!r}).write_text(f'{{s}} {{time.time()}}')")
+    return ladder.Task(name, [sys.executable, "-c", script], done, tuple(deps))
+
+
+def span(t):
+    start, end = map(float, t.done.read_text().split())
+    return start, end
+
+
+def test_scheduler_respects_dependencies_and_the_job_limit(ladder, tmp_path):
+    a, b = task(ladder, tmp_path, "a"), task(ladder, tmp_path, "b")
+    c = task(ladder, tmp_path, "c", deps=("a", "b"))
+    d = task(ladder, tmp_path, "d", deps=("a",))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    ladder.schedule([c, d, a, b], jobs=2, log_dir=logs, started=time.time())
+    assert all(t.done.is_file() for t in (a, b, c, d))
+    assert span(c)[0] >= max(span(a)[1], span(b)[1]) and span(d)[0] >= span(a)[1]
+    events = sorted([(s, 1) for s, _ in map(span, (a, b, c, d))] + [(e, -1) for _, e in map(span, (a, b, c, d))])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    assert peak <= 2
+
+
+def test_scheduler_skips_finished_tasks_and_stops_on_a_failure(ladder, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    finished = task(ladder, tmp_path, "finished", code="raise SystemExit('must not run again')")
+    finished.done.write_text("0 0")
+    bad = task(ladder, tmp_path, "bad", code="raise SystemExit(3)")
+    after = task(ladder, tmp_path, "after", deps=("bad",))
+    with pytest.raises(RuntimeError, match=r"bad failed \(exit 3\).*bad\.log"):
+        ladder.schedule([finished, bad, after], jobs=2, log_dir=logs, started=time.time())
+    assert finished.done.read_text() == "0 0" and not after.done.exists()
+
+
+def test_results_page_and_readme_block_come_from_the_generated_pages(tmp_path, monkeypatch, ladder):
+    run_all = load("run_all")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    monkeypatch.setattr(run_all, "DOCS", docs)
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)
+    (docs / "memory.md").write_text("# Memory page\n\nmeasured 1.23\n\n## A part\n\ntext\n")
+    seeds = {str(s): {rung: {"instance": {"recall@1": 0.1 * (i + 1) + 0.01 * s, "recall@5": 0.5, "recall@10": 0.9}}
+                      for i, rung in enumerate(ladder.RUNGS)} for s in (0, 1)}
+    (docs / "ladder.json").write_text(json.dumps({"seeds": seeds}))
+    out = run_all.assemble({"memory": 90.0, "_full_run": {"seconds": 1800, "machine": "test box"}})
+    page = out.read_text()
+    assert "## Memory: LoRA vs QLoRA" in page and "### A part" in page and "measured 1.23" in page
+    assert "# Memory page" not in page and "1.5 min" in page and "30.0 min on: test box" in page
+    assert "ladder.md" not in page  # pages that do not exist are not linked
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{run_all.README_BEGIN}\nold\n{run_all.README_END}\noutro\n")
+    assert run_all.update_readme()
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert f"| {ladder.RUNGS[0]} | 10.5 ± 0.5 | 50.0 ± 0.0 | 90.0 ± 0.0 |" in text
