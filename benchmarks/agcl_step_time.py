@@ -41,6 +41,7 @@ def build(flags: list[str], output_dir: str):
                                          output_dir, "--eval_split", "none", "--report_to", "none", *flags])
     trainer, encoder, _ = agcl_train.setup(*args)
     trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which this loop replaces
     return trainer
 
 

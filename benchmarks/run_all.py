@@ -45,7 +45,7 @@ BENCHMARKS = {
                             ["grpo_step_breakdown.py", "--encoder", str(LADDER_ENCODER)], ["--quick"],
                             "grpo_step_breakdown.md"),
     "grpo_step_breakdown_larger": ("Where a GRPO step goes: a larger policy",
-                                   ["grpo_step_breakdown.py", "--policy", "larger", "--encoder", str(LADDER_ENCODER),
+                                   ["grpo_step_breakdown.py", "--policy", "larger", "--steps", "6", "--encoder", str(LADDER_ENCODER),
                                     "--output", str(DOCS / "grpo_step_breakdown_larger.md")], ["--quick"],
                                    "grpo_step_breakdown_larger.md"),
     "reward_cost": ("The reward's cost: physical limit, gallery size and index type", ["reward_cost.py"], ["--quick"],
