@@ -474,3 +474,21 @@ def group_by_product(dataset: datasets.Dataset) -> dict[str, list[int]]:
     for i, pid in enumerate(ids):
         groups.setdefault(pid, []).append(i)
     return groups
+
+
+def use_title_column(ds: datasets.Dataset, column: str, *, flag: str = "--title_column") -> tuple[datasets.Dataset, int]:
+    """``ds`` with ``column``'s text as its ``title`` (the original kept as ``title_original``); rows where
+    ``column`` is null or blank keep their own title. Returns ``(dataset, rows that kept their own title)``."""
+    if column == "title":
+        return ds, 0
+    if column not in ds.column_names:
+        raise ValueError(f"{flag} {column!r}: the catalog has no such column (columns: {ds.column_names})")
+    titles, replacements = ds["title"], ds[column]
+    bad = [i for i, v in enumerate(replacements) if v is not None and not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"{flag} {column!r}: row {bad[0]} (listing_id {ds[bad[0]]['listing_id']!r}) holds a "
+                           f"{type(replacements[bad[0]]).__name__}, not text ({len(bad)} such rows)")
+    merged = [new if new and new.strip() else old for new, old in zip(replacements, titles, strict=True)]
+    kept = sum(not (new and new.strip()) for new in replacements)
+    ds = ds.rename_column("title", "title_original").add_column("title", merged)
+    return ds, kept

@@ -117,6 +117,10 @@ class AGCLScriptArguments:
                           "retraining); its backbone, LoRA and prompt settings are used and the model flags ignored."},
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
+    title_column: str = field(default="title", metadata={
+        "help": "Column read as the listing's title in training, e.g. `enriched_title` written by "
+                "extract_attributes.py --task title (MOON2.0's title co-augmentation); a row where it is null keeps "
+                "its own title (counted in the log). Evaluation always reads `title`."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow the backbone's own code from the hub to run (off: code execution)."}
     )

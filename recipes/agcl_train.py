@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import set_seed
 from trl import ModelConfig, TrlParser
 
-from agcl.catalog import CatalogError, load_catalog
+from agcl.catalog import CatalogError, load_catalog, use_title_column
 from agcl.config import AGCLConfig, AGCLScriptArguments
 from agcl.embedded import resolve_catalog, resolve_model
 from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder
@@ -45,6 +45,10 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
                               num_products=script_args.embedded_num_products, seed=script_args.embedded_seed,
                               image_size=script_args.embedded_image_size)
     train = load_catalog(catalog, split=script_args.train_split)
+    train, kept = use_title_column(train, script_args.title_column)
+    if kept:
+        logger.warning("%d of %d training rows have no %r: they keep their own title", kept, len(train),
+                       script_args.title_column)
     check_attribute_options(training_args, train)
     eval_split = None if str(script_args.eval_split).lower() in ("", "none") else script_args.eval_split
     test = load_catalog(catalog, split=eval_split) if eval_split else None

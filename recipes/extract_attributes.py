@@ -4,6 +4,8 @@
         --output_dir data/catalog-teacher
     python recipes/extract_attributes.py --model outputs/rar-demo --catalog embedded --output_dir outputs/cit/catalog \
         --prompt_template "Title: {title}\nAttributes:"
+    python recipes/extract_attributes.py --task title --model Qwen/Qwen2.5-VL-7B-Instruct --catalog data/catalog \
+        --output_dir data/catalog-titles      # enriched titles; then agcl_train.py --title_column enriched_title
 
 Each listing gets one greedy completion for the prompt GRPO uses (``rar.prompts``, image + title),
 in batches with a progress bar. Completions are appended to ``<output_dir>/generations.jsonl`` as
@@ -43,11 +45,16 @@ class ExtractArguments:
     catalog: str = field(metadata={"help": "Catalog directory, saved dataset, hub id, or 'embedded'."})
     output_dir: str = field(metadata={"help": "Where the annotated catalog copy and the generations log go."})
     split: str | None = field(default=None, metadata={"help": "Annotate only this split (default: every listing)."})
-    column: str = field(default="attributes", metadata={"help": "Column the parsed attributes are written to."})
+    task: str = field(default="attributes", metadata={
+        "help": "`attributes`: key: value pairs (the teacher and CIT step); `title`: an enriched title that states "
+                "what the image shows (MOON2.0's title co-augmentation; train AGCL on it with --title_column)."})
+    column: str | None = field(default=None, metadata={
+        "help": "Column the result is written to (default: `attributes`, or `enriched_title` for --task title)."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per completion."})
-    prompt_template: str = field(default=DEFAULT_PROMPT, metadata={
-        "help": "User prompt with {title} and {keys}; use the one the generator was trained with."})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": "User prompt with {title} and {keys}; use the one the generator was trained with (default: "
+                "rar.prompts.DEFAULT_PROMPT, or TITLE_PROMPT for --task title)."})
     attribute_keys: list[str] | None = field(default=None, metadata={
         "help": "Keys to ask for (named in the prompt) and to order the written attributes by."})
     limit: int | None = field(default=None, metadata={"help": "Annotate only the first N listings (a dry run)."})
@@ -55,6 +62,20 @@ class ExtractArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit nf4 (bitsandbytes)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's hub code to run."})
     cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where 'embedded' and tiny models are built."})
+
+
+TITLE_PROMPT = ("Product title: {title}\nRewrite the title so that it also states what the image shows (category, "
+                "colours, pattern, logo) and keeps every fact of the original. Answer with the new title only.")
+TASKS = ("attributes", "title")
+
+
+def parse_title(completion: str) -> str | None:
+    """The enriched title in a completion: its first non-empty line, whitespace collapsed; None if empty."""
+    for line in completion.splitlines():
+        line = " ".join(line.split()).strip("\"'` ")
+        if line:
+            return line
+    return None
 
 
 def read_done(path: Path) -> dict[str, str]:
@@ -73,10 +94,14 @@ def read_done(path: Path) -> dict[str, str]:
 def main(args: ExtractArguments) -> dict:
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch_size, --max_new_tokens and --limit must be >= 1")
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
+    column = args.column or ("enriched_title" if args.task == "title" else "attributes")
+    template = args.prompt_template or (TITLE_PROMPT if args.task == "title" else DEFAULT_PROMPT)
     catalog = load_catalog(resolve_catalog(args.catalog, args.cache_dir), split=args.split)
     if args.limit:
         catalog = catalog.select(range(min(args.limit, len(catalog))))
-    prompts = build_prompt_dataset(catalog, prompt_template=args.prompt_template, attribute_keys=args.attribute_keys)
+    prompts = build_prompt_dataset(catalog, prompt_template=template, attribute_keys=args.attribute_keys)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / GENERATIONS
@@ -105,20 +130,24 @@ def main(args: ExtractArguments) -> dict:
             generate_attributes(model, processor, pending, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, on_batch=save)
 
-    parsed = [parse_attributes(done[lid]).attributes for lid in listing_ids]
-    if args.attribute_keys:
-        order = {k: i for i, k in enumerate(args.attribute_keys)}
-        parsed = [dict(sorted(a.items(), key=lambda kv: order.get(kv[0], len(order)))) for a in parsed]
-    values = [a or None for a in parsed]
-    if args.column in catalog.column_names:
-        catalog = catalog.rename_column(args.column, f"{args.column}_previous")
-    write_catalog_dir(catalog, out, extra_columns={args.column: values})
-    summary = {"model": args.model, "source_catalog": args.catalog, "split": args.split, "column": args.column,
+    if args.task == "title":
+        values = [parse_title(done[lid]) for lid in listing_ids]
+    else:
+        parsed = [parse_attributes(done[lid]).attributes for lid in listing_ids]
+        if args.attribute_keys:
+            order = {k: i for i, k in enumerate(args.attribute_keys)}
+            parsed = [dict(sorted(a.items(), key=lambda kv: order.get(kv[0], len(order)))) for a in parsed]
+        values = [a or None for a in parsed]
+    if column in catalog.column_names:
+        catalog = catalog.rename_column(column, f"{column}_previous")
+    write_catalog_dir(catalog, out, extra_columns={column: values})
+    summary = {"model": args.model, "source_catalog": args.catalog, "split": args.split, "task": args.task,
+               "column": column,
                "n_listings": len(catalog), "n_resumed": resumed, "n_generated": len(todo),
                "n_unparsable": sum(v is None for v in values)}
     (out / "extraction_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"[extract_attributes] wrote {out / 'catalog.jsonl'}: {summary['n_unparsable']} of {len(catalog)} "
-          f"completions did not parse (column {args.column!r} is null there)")
+          f"completions did not parse (column {column!r} is null there)")
     return summary
 
 

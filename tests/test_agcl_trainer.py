@@ -121,3 +121,33 @@ def test_recipe_continues_training_from_a_saved_encoder(tiny_model_dir, small_ca
     images, titles = list(test["image"][:4]), list(test["title"][:4])
     before = ProductEncoder.from_pretrained(tmp_path / "start").encode(images, titles)
     assert not (abs(continued.encode(images, titles) - before) < 1e-6).all()  # the adapter trained further
+
+
+def test_recipe_trains_on_the_title_column_it_is_given(tiny_model_dir, small_catalog_dir, tmp_path, load_recipe):
+    """--title_column enriched_title: the encoder's training inputs carry the enriched titles, not the originals."""
+    import json
+    import shutil
+
+    import trl
+
+    from agcl.config import AGCLScriptArguments
+
+    catalog = tmp_path / "catalog"
+    shutil.copytree(small_catalog_dir, catalog)
+    rows = [json.loads(line) for line in (catalog / "catalog.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["enriched_title"] = f"zzenriched {row['title']}"
+    (catalog / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe("agcl_train")
+    parser = trl.TrlParser((AGCLScriptArguments, AGCLConfig, trl.ModelConfig))
+    args = parser.parse_args_and_config(["--config", "recipes/configs/agcl_demo.yaml", "--catalog", str(catalog),
+                                         "--model_name_or_path", str(tiny_model_dir), "--output_dir",
+                                         str(tmp_path / "out"), "--eval_split", "none",
+                                         "--title_column", "enriched_title"])
+    trainer, encoder, _ = recipe.setup(*args)
+    assert trainer.catalog["title"] == [f"zzenriched {t}" for t in trainer.catalog["title_original"]]
+    seen = []
+    build = encoder.build_inputs
+    encoder.build_inputs = lambda images, titles, *a, **k: seen.extend(titles) or build(images, titles, *a, **k)
+    next(iter(trainer.get_train_dataloader()))
+    assert seen and all(t.startswith("zzenriched ") for t in seen)

@@ -432,3 +432,19 @@ def test_mixed_image_and_images_rows_rejected(tmp_path):
         write_catalog(tmp_path, recs),
         r"line 4 \(listing_id 'L3'\): field 'images' is used, but earlier rows use 'image'",
     )
+
+
+def test_title_column_replaces_titles_keeps_blank_rows_and_names_bad_input():
+    from agcl.catalog import use_title_column
+
+    ds = datasets.Dataset.from_dict({"listing_id": ["a", "b", "c"], "title": ["mug", "cup", "jar"],
+                                     "enriched_title": ["red mug with star", None, "  "]})
+    out, kept = use_title_column(ds, "enriched_title")
+    assert out["title"] == ["red mug with star", "cup", "jar"] and out["title_original"] == ["mug", "cup", "jar"]
+    assert kept == 2
+    assert use_title_column(ds, "title") == (ds, 0)
+    with pytest.raises(ValueError, match="--title_column 'nope'"):
+        use_title_column(ds, "nope")
+    numbers = datasets.Dataset.from_dict({"listing_id": ["a"], "title": ["mug"], "t2": [3]})
+    with pytest.raises(ValueError, match="row 0 \\(listing_id 'a'\\) holds a int"):
+        use_title_column(numbers, "t2")

@@ -75,3 +75,30 @@ def test_bad_catalog_fails_before_the_model_loads(recipe, monkeypatch, tmp_path)
     (bad / "catalog.jsonl").write_text('{"listing_id": "L1", "product_id": "P1", "title": "x", "image": "nope.png"}\n')
     with pytest.raises(CatalogError, match="line 1"):
         run(recipe, "tiny-qwen2-vl", bad, tmp_path / "out")
+
+
+def test_title_task_writes_enriched_titles_and_counts_empty_ones(recipe, small_catalog_dir, tmp_path, monkeypatch):
+    """--task title: the title prompt goes to the model, each completion's first non-empty line becomes
+    `enriched_title`, an empty completion becomes null and is counted; the original title is untouched."""
+    completions = iter(["  red  mug with a star logo \nsecond line", "", '"blue striped bottle"', "\n\n  green cap  "])
+    seen_prompts = []
+
+    def fake_generate(model, processor, prompts, *, batch_size, max_new_tokens, on_batch):
+        seen_prompts.extend(str(p[0]["content"]) for p in prompts["prompt"])
+        on_batch(0, [next(completions) for _ in range(len(prompts))])
+
+    monkeypatch.setattr(recipe, "load_policy", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(recipe, "generate_attributes", fake_generate)
+    out = tmp_path / "titles"
+    summary = run(recipe, "tiny-qwen2-vl", small_catalog_dir, out, limit=4, task="title")
+    copy, source = load_catalog(out), load_catalog(small_catalog_dir).select(range(4))
+    assert copy["enriched_title"] == ["red mug with a star logo", None, "blue striped bottle", "green cap"]
+    assert copy["title"] == source["title"] and "attributes_previous" not in copy.column_names
+    assert summary["task"] == "title" and summary["column"] == "enriched_title" and summary["n_unparsable"] == 1
+    assert all("Rewrite the title" in p and title in p for p, title in zip(seen_prompts, source["title"], strict=True))
+
+
+def test_unknown_task_is_refused_before_the_model_loads(recipe, small_catalog_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "load_policy", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match="--task"):
+        run(recipe, "tiny-qwen2-vl", small_catalog_dir, tmp_path / "o", task="caption")
