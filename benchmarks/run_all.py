@@ -37,6 +37,9 @@ LADDER_ENCODER = WORK / "ladder" / "seed0" / "agcl"  # the ladder's seed-0 AGCL 
 BENCHMARKS = {
     "ladder": ("The ablation ladder (3 seeds)", ["ladder.py", "--work_dir", str(WORK / "ladder")], ["--seeds", "0", "--quick"],
                "ladder.md"),
+    "moon_ablation": ("MOON-family options of stage 1 (3 seeds)",
+                      ["moon_ablation.py", "--reuse", str(WORK / "ladder"), "--work_dir", str(WORK / "moon")],
+                      ["--seeds", "0", "--quick"], "moon_ablation.md"),
     "catalog_difficulty": ("How hard the embedded catalog is", ["catalog_difficulty.py"],
                            ["--seeds", "0", "--output", str(WORK / "quick" / "catalog_difficulty.md")],
                            "catalog_difficulty.md"),
