@@ -117,6 +117,11 @@ class AGCLScriptArguments:
                           "retraining); its backbone, LoRA and prompt settings are used and the model flags ignored."},
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
+    moe_experts: int = field(default=0, metadata={
+        "help": "Modality-aware experts on the embedding, routed by image / text / image+text (MOON2.0); 0 = off. "
+                "Saved with the encoder."})
+    moe_entropy_weight: float = field(default=0.01, metadata={
+        "help": "Weight of the routing entropy regulariser (agcl.modality_moe.routing_entropy_loss)."})
     title_column: str = field(default="title", metadata={
         "help": "Column read as the listing's title in training, e.g. `enriched_title` written by "
                 "extract_attributes.py --task title (MOON2.0's title co-augmentation); a row where it is null keeps "

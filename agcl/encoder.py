@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from agcl.modeling import backbone_signature, load_mllm, read_backbone_signature
 
 ENCODER_CONFIG_NAME = "encoder_config.json"
+MOE_FILE = "moe.safetensors"
 ENCODER_FORMAT = "afmrl-product-encoder"
 DEFAULT_INSTRUCTION = "Represent the given product for identical product retrieval."
 
@@ -61,6 +62,11 @@ class EncoderConfig:
         metadata={"help": "Language-model linear layers that get LoRA adapters."},
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen (no LoRA, no gradients)."})
+    moe_experts: int = field(default=0, metadata={
+        "help": "Modality-aware experts on the embedding (MOON2.0, agcl.modality_moe); 0 = off."})
+    moe_hidden_size: int = field(default=0, metadata={"help": "Hidden size of each expert; 0 = the embedding size."})
+    moe_entropy_weight: float = field(default=0.01, metadata={
+        "help": "Weight of the routing entropy regulariser in the training loss (with moe_experts > 0)."})
     backbone_signature: dict | None = field(default=None, metadata={
         "help": "Family and shapes of the backbone the encoder was built over (filled in when it is built); loading "
                 "over a backbone with another signature is refused."})
@@ -238,6 +244,12 @@ class ProductEncoder(torch.nn.Module):
         self.config = config
         # Right padding makes "last non-padding token" = attention_mask.sum() - 1 for every row.
         self.processor.tokenizer.padding_side = "right"
+        self.moe = None
+        self.last_routing = None  # the MoE gates of the latest forward (the trainer's entropy term reads them)
+        if config.moe_experts:
+            from agcl.modality_moe import ModalityMoE
+
+            self.moe = ModalityMoE(self.embedding_dim, config.moe_experts, config.moe_hidden_size or None)
 
     # ------------------------------------------------------------------ construction
 
@@ -277,7 +289,10 @@ class ProductEncoder(torch.nn.Module):
             for name, param in model.named_parameters():
                 if "visual" in name:
                     param.requires_grad_(True)
-        return cls(model, processor, config)
+        encoder = cls(model, processor, config)
+        if encoder.moe is not None:
+            encoder.moe.requires_grad_(trainable)
+        return encoder
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype=None, load_in_4bit=False, trust_remote_code=False,
@@ -302,6 +317,13 @@ class ProductEncoder(torch.nn.Module):
         encoder = cls.from_backbone(config, dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
                                     adapter_dir=path if has_adapter else None, trainable=trainable,
                                     backbone_path=backbone_path)
+        if encoder.moe is not None:
+            moe_file = path / MOE_FILE
+            if not moe_file.is_file():
+                raise EncoderLoadError(f"{str(path)!r} declares {config.moe_experts} experts but has no {MOE_FILE}")
+            from safetensors.torch import load_file
+
+            encoder.moe.load_state_dict(load_file(str(moe_file)), strict=True)
         if not trainable:
             encoder.eval()
         return encoder
@@ -317,6 +339,10 @@ class ProductEncoder(torch.nn.Module):
             self.backbone.save_pretrained(str(path), safe_serialization=True)
             self.processor.save_pretrained(str(path))
             config["backbone"] = "."
+        if self.moe is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.moe.state_dict().items()}, str(path / MOE_FILE))
         (path / ENCODER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------------ inputs
@@ -354,7 +380,18 @@ class ProductEncoder(torch.nn.Module):
             # End on <|im_end|>: the embedding token then closes the whole listing.
             texts.append(chat.rstrip())
             flat_images += [im.convert("RGB") if isinstance(im, Image.Image) else im for im in listing_images]
-        return self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
+        batch = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
+        if self.moe is not None:
+            batch["listing_modality"] = self._modality(
+                [im is not None and (not isinstance(im, list | tuple) or len(im) > 0) for im in images], titles, attributes)
+        return batch
+
+    @staticmethod
+    def _modality(has_image: Sequence[bool], titles, attributes) -> torch.Tensor:
+        from agcl.modality_moe import listing_modality
+
+        has_text = [bool(t) or bool(attributes is not None and attributes[i]) for i, t in enumerate(titles)]
+        return listing_modality(has_image, has_text)
 
     def split_inputs(self, batch, size: int) -> list[dict]:
         """Split ``build_inputs`` output into chunks of ``size`` listings (for GradCache).
@@ -495,6 +532,8 @@ class ProductEncoder(torch.nn.Module):
             inputs["mm_token_type_ids"] = self._mm_token_type_ids(inputs["input_ids"])
         if listings:
             inputs["image_grid_thw"] = grid
+        if self.moe is not None:
+            inputs["listing_modality"] = self._modality([entry.num_images > 0 for entry in rows], titles, attributes)
         return CachedImageBatch(inputs=inputs, listings=listings, level=level)
 
     def cached_model_inputs(self, batch: CachedImageBatch, device=None) -> dict:
@@ -538,13 +577,19 @@ class ProductEncoder(torch.nn.Module):
 
     def forward(self, **inputs) -> torch.Tensor:
         backbone = self.backbone
+        modality = inputs.pop("listing_modality", None)
         # The base model (without the LM head) returns the last hidden states directly: no vocabulary
         # projection is computed for an embedding.
         outputs = backbone.base_model(**inputs, return_dict=True)
         hidden = outputs.last_hidden_state
         last = inputs["attention_mask"].sum(dim=1) - 1
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return F.normalize(pooled.float(), dim=-1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+        if self.moe is not None:
+            if modality is None:
+                raise ValueError("this encoder has modality experts: build its inputs with build_inputs or "
+                                 "build_inputs_cached, which add `listing_modality`")
+            pooled, self.last_routing = self.moe(pooled, modality)
+        return F.normalize(pooled, dim=-1)
 
     @torch.no_grad()
     def encode(self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None = None,

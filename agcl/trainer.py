@@ -21,8 +21,9 @@ from agcl.agcl_loss import AGCLLoss
 from agcl.attributes import BM25Scorer, format_attributes
 from agcl.config import AGCLConfig
 from agcl.data import AGCLCollator, GroupedBatchSampler, ProductPairDataset
-from agcl.encoder import ProductEncoder
+from agcl.encoder import MOE_FILE, ProductEncoder
 from agcl.grad_cache import cached_contrastive_backward
+from agcl.modality_moe import routing_entropy_loss
 
 BM25_FILE = "bm25_idf.json"
 
@@ -64,6 +65,9 @@ class AGCLTrainer(Trainer):
 
     def __init__(self, model: ProductEncoder, args: AGCLConfig, train_dataset: datasets.Dataset, **kwargs):
         check_attribute_options(args, train_dataset)
+        if getattr(model, "moe", None) is not None and args.gradient_cache_chunk_size:
+            raise ValueError("--gradient_cache_chunk_size and an encoder with modality experts (moe_experts > 0) do "
+                             "not go together yet (the routing regulariser needs the whole batch): turn one off")
         self.catalog = train_dataset
         attribute_column = args.attribute_column if args.attribute_column in train_dataset.column_names else None
         self.bm25 = None
@@ -118,13 +122,24 @@ class AGCLTrainer(Trainer):
         }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        query = model(**inputs["query"])
-        candidate = model(**inputs["candidate"])
+        encoder = self.accelerator.unwrap_model(model)
+        routing = []
+
+        def embed(batch):
+            out = model(**batch)
+            if encoder.moe is not None:
+                routing.append(encoder.last_routing)
+            return out
+
+        query = embed(inputs["query"])
+        candidate = embed(inputs["candidate"])
         extra = {}
         if "query_image_only" in inputs:
-            extra = {"image_embeddings": model(**inputs["query_image_only"]),
-                     "text_embeddings": model(**inputs["query_text_only"])}
+            extra = {"image_embeddings": embed(inputs["query_image_only"]),
+                     "text_embeddings": embed(inputs["query_text_only"])}
         loss = self.loss_fn(query, candidate, **self._loss_kwargs(inputs), **extra)
+        if routing and encoder.config.moe_entropy_weight:
+            loss = loss + encoder.config.moe_entropy_weight * routing_entropy_loss(torch.cat(routing))
         return (loss, {"query": query, "candidate": candidate}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -152,6 +167,17 @@ class AGCLTrainer(Trainer):
         silently load nothing; here every saved tensor must match.
         """
         encoder = model if model is not None else self.model
+        self._load_backbone_from_checkpoint(encoder, resume_from_checkpoint)
+        if encoder.moe is not None:
+            from safetensors.torch import load_file
+
+            moe_file = os.path.join(resume_from_checkpoint, MOE_FILE)
+            if not os.path.isfile(moe_file):
+                raise ValueError(f"{resume_from_checkpoint}: no {MOE_FILE} for this encoder's modality experts")
+            encoder.moe.load_state_dict(load_file(moe_file), strict=True)
+
+    @staticmethod
+    def _load_backbone_from_checkpoint(encoder, resume_from_checkpoint):
         path = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
         if hasattr(encoder.model, "peft_config"):
             from peft import set_peft_model_state_dict

@@ -13,6 +13,10 @@ when ``--reuse`` points at a finished ladder), "on" adds one option:
   the way its ``attributes`` column simulates a teacher: the seller's title followed by the teacher's
   (noisy) visible attribute values it does not already mention. A real run writes them with
   ``recipes/extract_attributes.py --task title``. Evaluation reads the original titles.
+* **modality MoE** (MOON2.0): ``--moe_experts 4``, residual experts on the embedding routed by content
+  and modality composition (``agcl.modality_moe``). Every training and test input of this catalog
+  is image + text, so here the router can only split by content; the image-only and text-only
+  inputs of ``--intra_product_weight`` are where modality routing matters.
 
 Instance retrieval on the test split, percent, mean ± std over seeds; Δ against "off" with the same seed.
 """
@@ -35,8 +39,12 @@ from ladder import Task, schedule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VISIBLE_KEYS = ("category", "color", "secondary_color", "pattern", "logo")
-OPTIONS = {"title enrichment": ["--title_column", "enriched_title"]}
+OPTIONS = {"title enrichment": ["--title_column", "enriched_title"], "modality MoE (4 experts)": ["--moe_experts", "4"]}
 METRICS = ("recall@1", "recall@5", "recall@10", "mAP@10")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 def simulated_enriched_title(title: str, teacher: dict | None) -> str:
@@ -88,17 +96,18 @@ def main(argv=None):
     machine = describe_machine()
     work = Path(tempfile.mkdtemp(prefix="moon-quick-")) if args.quick else Path(args.work_dir)
     catalog = str(resolve_catalog("embedded", "outputs/embedded", val_fraction=0.3))
-    catalogs = {"off": catalog, "title enrichment": str(enriched_catalog(catalog, work / "catalog-enriched-titles"))}
+    catalogs = {name: catalog for name in ("off", *OPTIONS)}
+    catalogs["title enrichment"] = str(enriched_catalog(catalog, work / "catalog-enriched-titles"))
     runs, tasks = {}, []
     for seed in args.seeds:
         for name, flags in {"off": [], **OPTIONS}.items():
-            out = work / f"seed{seed}" / name.replace(" ", "-")
+            out = work / f"seed{seed}" / slug(name)
             reused = Path(args.reuse) / f"seed{seed}" / "agcl" if args.reuse and name == "off" else None
             if reused is not None and (reused / "encoder_config.json").is_file():
                 runs[seed, name] = reused
                 continue
             runs[seed, name] = out
-            tasks.append(Task(f"seed{seed}/{name.replace(' ', '-')}", [
+            tasks.append(Task(f"seed{seed}/{slug(name)}", [
                 sys.executable, str(ROOT / "recipes" / "agcl_train.py"), "--config", "recipes/configs/agcl_demo.yaml",
                 "--catalog", catalogs[name], "--output_dir", str(out), "--eval_split", "none", "--seed", str(seed),
                 "--disable_tqdm", "true", *flags, *(["--num_train_epochs", "1"] if args.quick else [])],

@@ -67,6 +67,8 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             freeze_vision=script_args.freeze_vision,
+            moe_experts=script_args.moe_experts,
+            moe_entropy_weight=script_args.moe_entropy_weight,
             **({"lora_target_modules": model_args.lora_target_modules} if model_args.lora_target_modules else {}),
             **({"instruction": script_args.instruction} if script_args.instruction else {}),
         )
