@@ -18,6 +18,8 @@ Columns
     ``image``       str path or ``datasets.Image()`` -- or ``images``: a non-empty list of them.
                     Exactly one of the two per row, and the same one in every row.
     ``category``    str or null, optional.  ``split``: str or null, optional.
+    ``bbox``        [x0, y0, x1, y1] or null, optional: the product's region in pixels of the listing's
+                    first image (0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height); see ``agcl.crops``.
     ``attributes``  object key -> value, or null, optional. Values may be strings, numbers or
                     booleans; numbers become ``str(v)``, booleans ``"true"``/``"false"``. Nulls,
                     lists and nested objects are rejected (for a Dataset whose attributes column is
@@ -63,7 +65,7 @@ __all__ = ["CatalogError", "load_catalog", "group_by_product"]
 CATALOG_FILE = "catalog.jsonl"
 REQUIRED = ("listing_id", "product_id", "title")
 OPTIONAL_STR = ("category", "split")
-KNOWN = (*REQUIRED, "image", "images", *OPTIONAL_STR, "attributes")
+KNOWN = (*REQUIRED, "image", "images", *OPTIONAL_STR, "attributes", "bbox")
 MAX_LISTED = 20
 BAR_MIN_IMAGES = 1000  # below this a progress bar is noise
 _BATCH = 1000
@@ -141,6 +143,11 @@ class _Validator:
         if field == "images" and (not isinstance(values, list) or not values):
             bad(f"{where}: field 'images' must be a non-empty list, found {values!r:.40}")
             return out
+        bbox = rec.get("bbox")
+        if bbox is not None and not _is_box(bbox):
+            bad(f"{where}: field 'bbox' must be [x0, y0, x1, y1] in pixels with 0 <= x0 < x1 and 0 <= y0 < y1, "
+                f"found {bbox!r:.60}")
+            bbox = None
         kind, checked = self.image_kinds.get(field, "path"), []
         for k, ref in enumerate(values):
             name = f"images[{k}]" if field == "images" else "image"
@@ -149,12 +156,13 @@ class _Validator:
                     bad(f"{where}: field '{name}' must be a non-empty path string, found {ref!r:.40}")
                     continue
                 checked.append(os.path.abspath(os.path.join(self.root or os.getcwd(), ref)))
-                ref = (ref, checked[-1], None, self.root)
+                ref = (ref, checked[-1], None, self.root, bbox if k == 0 else None)
             elif not isinstance(ref, dict) or (ref.get("bytes") is None and not ref.get("path")):
                 bad(f"{where}: field '{name}' holds no image (neither bytes nor path)")
                 continue
             else:  # a datasets.Image() value: embedded bytes, or a path datasets resolves itself
-                ref = (ref.get("path") or "<embedded bytes>", ref.get("path"), ref.get("bytes"), None)
+                ref = (ref.get("path") or "<embedded bytes>", ref.get("path"), ref.get("bytes"), None,
+                       bbox if k == 0 else None)
             if check_images:
                 self.jobs.append((where, name, ref))
         if kind == "path":  # absolute paths, so that decoding does not depend on the working directory
@@ -186,9 +194,16 @@ class _Validator:
         return clean
 
 
-def _check_image(ref: tuple, verify: bool) -> str | None:
-    """Problem with one image (written name, absolute path, bytes, root to stay inside), or None."""
-    written, path, data, root = ref
+def _is_box(bbox) -> bool:
+    numbers = isinstance(bbox, list | tuple) and len(bbox) == 4 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+    return numbers and 0 <= bbox[0] < bbox[2] and 0 <= bbox[1] < bbox[3]
+
+
+def _check_image(ref: tuple, verify: bool) -> str | tuple[str, str] | None:
+    """Problem with one image (written name, absolute path, bytes, root to stay inside, the listing's box
+    when this is its first image), or None; a box outside the image is ``("bbox", problem)``."""
+    written, path, data, root, bbox = ref
     if root is not None:  # a string path from a catalog directory
         real, real_root = os.path.realpath(path), os.path.realpath(root)
         if os.path.isabs(written):
@@ -202,6 +217,8 @@ def _check_image(ref: tuple, verify: bool) -> str | None:
     try:
         for check in ("verify", "load"):
             with PILImage.open(path if data is None else io.BytesIO(data)) as im:
+                if check == "verify" and bbox is not None and (bbox[2] > im.width or bbox[3] > im.height):
+                    return "bbox", f"box {list(bbox)} reaches outside the {im.width}x{im.height} image {written!r}"
                 if check == "verify":
                     im.verify()  # structure and checksums; raises SyntaxError/OSError/... when corrupt
                 else:  # verify() passes a truncated JPEG; a decode catches it, at 1/8 scale via draft
@@ -217,6 +234,8 @@ def _run_image_checks(v: _Validator, pool: ThreadPoolExecutor, bar: tqdm, verify
     results = pool.map(lambda job: _check_image(job[2], verify), jobs)
     for (where, field, _), problem in zip(jobs, results, strict=True):
         bar.update(1)
+        if isinstance(problem, tuple):
+            field, problem = problem
         if problem:
             v.problems.append(f"{where}: field '{field}': {problem}")
 
@@ -308,6 +327,8 @@ def _from_jsonl(path: Path, split, verify: bool, workers) -> datasets.Dataset:
             features[c] = datasets.Value("string")
         elif c == "attributes":
             features[c] = datasets.Json()
+        elif c == "bbox":
+            features[c] = datasets.List(datasets.Value("float64"))
         elif c not in KNOWN:
             features[c] = _extra_feature([row.get(c) for row in rows])
     order = [c for c in KNOWN if c in features] + [c for c in columns if c not in KNOWN]

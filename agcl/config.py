@@ -117,6 +117,9 @@ class AGCLScriptArguments:
                           "retraining); its backbone, LoRA and prompt settings are used and the model flags ignored."},
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
+    crop_views: bool = field(default=False, metadata={
+        "help": "The encoder also sees each listing's product-region crop (the catalog's `bbox` column; MOON, "
+                "agcl.crops). Saved with the encoder, so evaluation and the RAR reward crop the same way."})
     moe_experts: int = field(default=0, metadata={
         "help": "Modality-aware experts on the embedding, routed by image / text / image+text (MOON2.0); 0 = off. "
                 "Saved with the encoder."})

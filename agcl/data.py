@@ -22,6 +22,7 @@ import torch
 
 from agcl.attributes import attribute_signature, format_attributes
 from agcl.catalog import group_by_product
+from agcl.crops import listing_views, uses_crops
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,9 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         return iter([i for ids in groups for i in ids])
 
 
-def _first_image(row: dict):
-    return row["image"] if "image" in row else row["images"]
+def _listing_images(row: dict, crop: bool = False):
+    """A row's image(s) as the encoder sees them (plus the product-region crop when ``crop``)."""
+    return listing_views(row["image"] if "image" in row else row["images"], row.get("bbox"), crop)
 
 
 class AGCLCollator:
@@ -137,6 +139,7 @@ class AGCLCollator:
         self.query_attribute_probability = query_attribute_probability
         self.with_modalities = with_modalities
         self.seed = seed
+        self.crop = uses_crops(encoder)
 
     def _coin(self, item: dict[str, int]) -> float:
         """Uniform [0, 1) per (seed, pair): deterministic across resumes, fresh when the pair changes."""
@@ -161,8 +164,8 @@ class AGCLCollator:
         appended = [a if a and self._coin(item) < self.query_attribute_probability else None
                     for a, item in zip(q_attr, items, strict=True)]
         batch = {
-            "query": self.encoder.build_inputs([_first_image(r) for r in queries], [r["title"] for r in queries], appended),
-            "candidate": self.encoder.build_inputs([_first_image(r) for r in positives], [r["title"] for r in positives]),
+            "query": self.encoder.build_inputs([_listing_images(r, self.crop) for r in queries], [r["title"] for r in queries], appended),
+            "candidate": self.encoder.build_inputs([_listing_images(r, self.crop) for r in positives], [r["title"] for r in positives]),
             "product_ids": [r["product_id"] for r in queries],
             "query_attributes": q_attr,
             "candidate_attributes": c_attr,
@@ -170,6 +173,6 @@ class AGCLCollator:
             "candidate_signatures": [self._signature(r) for r in positives],
         }
         if self.with_modalities:
-            batch["query_image_only"] = self.encoder.build_inputs([_first_image(r) for r in queries], [None] * len(queries))
+            batch["query_image_only"] = self.encoder.build_inputs([_listing_images(r, self.crop) for r in queries], [None] * len(queries))
             batch["query_text_only"] = self.encoder.build_inputs([None] * len(queries), [r["title"] for r in queries])
         return batch

@@ -62,6 +62,8 @@ class EncoderConfig:
         metadata={"help": "Language-model linear layers that get LoRA adapters."},
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen (no LoRA, no gradients)."})
+    crop_views: bool = field(default=False, metadata={
+        "help": "Show a listing with a `bbox` as its image(s) plus the crop to the box (MOON; agcl.crops)."})
     moe_experts: int = field(default=0, metadata={
         "help": "Modality-aware experts on the embedding (MOON2.0, agcl.modality_moe); 0 = off."})
     moe_hidden_size: int = field(default=0, metadata={"help": "Hidden size of each expert; 0 = the embedding size."})

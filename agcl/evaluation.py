@@ -22,14 +22,16 @@ import datasets
 import numpy as np
 
 from agcl.attributes import format_attributes
+from agcl.crops import catalog_views, uses_crops
 from agcl.metrics import metrics_from_search
 from agcl.retrieval import GalleryIndex
 
 TASKS = ("instance", "coarse", "image_to_text", "text_to_image", "image_to_multimodal", "classification")
 
 
-def listing_images(ds: datasets.Dataset) -> list:
-    return list(ds["image"]) if "image" in ds.column_names else list(ds["images"])
+def listing_images(ds: datasets.Dataset, encoder=None) -> list:
+    """Each listing's image(s) as ``encoder`` sees them (with product-region crops when it uses them)."""
+    return catalog_views(ds, uses_crops(encoder))
 
 
 def attribute_texts(ds: datasets.Dataset, source: str | None, key_order: Sequence[str] | None = None) -> list[str] | None:
@@ -78,7 +80,7 @@ def instance_retrieval(encoder, ds: datasets.Dataset, query_attribute_sets: Mapp
     for name, texts in [("gallery_attributes", gallery_attributes), *query_attribute_sets.items()]:
         if texts is not None and len(texts) != len(ds):
             raise ValueError(f"{name}: {len(texts)} attribute texts for {len(ds)} listings")
-    images, titles = listing_images(ds), list(ds["title"])
+    images, titles = listing_images(ds, encoder), list(ds["title"])
     products = np.asarray(ds["product_id"])
     enc = {"show_progress": show_progress, "batch_size": batch_size}
     gallery_texts = None if gallery_attributes is None else list(gallery_attributes)
@@ -108,7 +110,7 @@ def evaluate_encoder(encoder, ds: datasets.Dataset, *, query_attributes: list[st
         raise ValueError(f"unknown task(s) {unknown}; valid: {list(TASKS)}")
     if len(ds) < 2:
         raise ValueError(f"evaluation needs at least 2 listings, the split has {len(ds)}")
-    images, titles = listing_images(ds), list(ds["title"])
+    images, titles = listing_images(ds, encoder), list(ds["title"])
     products = np.asarray(ds["product_id"])
     own = np.arange(len(ds))
     enc = {"show_progress": show_progress, "batch_size": batch_size}

@@ -36,8 +36,12 @@ by ``seed``, so the same arguments give byte-identical files):
    ``REDUNDANT_VALUES`` (condition, shipping, style) is added with ``teacher_redundancy_rate``.
    The ground truth is kept beside it in ``true_attributes``.
 
+With ``clutter``, every photo is then shrunk onto a scene of coloured shapes at a random spot (its
+own random stream) and the product's box in the first photo is written to ``bbox``: the setting
+of MOON's product-region crops (``agcl.crops``).
+
 Columns written to ``catalog.jsonl``: listing_id, product_id, title, image (or ``images`` when
-``images_per_listing > 1``), category, attributes, true_attributes, family_id, split.
+``images_per_listing > 1``), [bbox,] category, attributes, true_attributes, family_id, split.
 """
 
 from __future__ import annotations
@@ -129,6 +133,10 @@ class SyntheticCatalogConfig:
     images_per_listing: int = field(
         default=1, metadata={"help": "Images per listing; > 1 writes an `images` list instead of `image`."}
     )
+    clutter: bool = field(default=False, metadata={
+        "help": "Shrink each product photo onto a busy scene of coloured shapes and record where it is in a `bbox` "
+                "column (for product-region crops, agcl.crops); drawn from its own random stream, so titles and "
+                "attributes are those of the catalog without clutter. Off leaves the catalog byte-identical."})
     teacher_omission_rate: float = field(default=0.15, metadata={"help": "Teacher drops each true attribute with this rate."})
     teacher_error_rate: float = field(default=0.1, metadata={"help": "Teacher gives a wrong value for an attribute with this rate."})
     teacher_redundancy_rate: float = field(
@@ -364,6 +372,25 @@ def render_product_image(attrs: dict, rng: np.random.Generator, size: int = 64) 
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
+def place_on_clutter(product: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, list[int]]:
+    """``product`` shrunk to 42-58% of its side and pasted at a random spot of a same-size scene of
+    coloured shapes (palette colours: they compete with the product's own); returns (scene, box)."""
+    size = product.width
+    tone = int(rng.integers(150, 230))
+    scene = Image.new("RGB", (size, size), (tone, tone, tone))
+    draw = ImageDraw.Draw(scene)
+    colors = list(PALETTE.values())
+    for _ in range(int(rng.integers(5, 10))):
+        x0, y0 = (float(v) for v in rng.uniform(-0.2, 0.9, 2) * size)
+        w, h = (float(v) for v in rng.uniform(0.1, 0.45, 2) * size)
+        fill = colors[int(rng.integers(len(colors)))]
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=fill)
+    side = max(8, round(size * rng.uniform(0.42, 0.58)))
+    ox, oy = (int(v) for v in rng.integers(0, size - side + 1, 2))
+    scene.paste(product.resize((side, side), Image.Resampling.LANCZOS), (ox, oy))
+    return scene, [ox, oy, ox + side, oy + side]
+
+
 # ---------------------------------------------------------------- catalog
 
 
@@ -400,20 +427,27 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
         _, family_id, _, attrs = train_products[int(k)]
         products.append((f"P{len(products):05d}", family_id, "train", dict(attrs)))
 
+    clutter_rng = np.random.default_rng([cfg.seed, 2]) if cfg.clutter else None  # the main stream stays untouched
     rows = []
     for product_id, family_id, split, attrs in products:
         for _ in range(int(rng.integers(cfg.min_listings, cfg.max_listings + 1))):
             listing_id = f"L{len(rows):06d}"
-            paths = []
+            paths, boxes = [], []
             for v in range(cfg.images_per_listing):
                 rel = f"images/{listing_id}.png" if cfg.images_per_listing == 1 else f"images/{listing_id}_{v}.png"
-                render_product_image(attrs, rng, cfg.image_size).save(out / rel, format="PNG")
+                image = render_product_image(attrs, rng, cfg.image_size)
+                if clutter_rng is not None:
+                    image, box = place_on_clutter(image, clutter_rng)
+                    boxes.append(box)
+                image.save(out / rel, format="PNG")
                 paths.append(rel)
             row = {"listing_id": listing_id, "product_id": product_id, "title": _title(rng, attrs)}
             if cfg.images_per_listing == 1:
                 row["image"] = paths[0]
             else:
                 row["images"] = paths
+            if boxes:
+                row["bbox"] = boxes[0]  # the product's region in the listing's first image
             row.update(
                 category=attrs["category"],
                 attributes=_teacher_attributes(cfg, rng, attrs),

@@ -50,6 +50,9 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
         logger.warning("%d of %d training rows have no %r: they keep their own title", kept, len(train),
                        script_args.title_column)
     check_attribute_options(training_args, train)
+    if script_args.crop_views and "bbox" not in train.column_names:
+        raise ValueError(f"--crop_views: the catalog has no 'bbox' column to crop to (columns: {train.column_names}); "
+                         "write boxes with recipes/extract_attributes.py --task bbox")
     eval_split = None if str(script_args.eval_split).lower() in ("", "none") else script_args.eval_split
     test = load_catalog(catalog, split=eval_split) if eval_split else None
 
@@ -67,6 +70,7 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             freeze_vision=script_args.freeze_vision,
+            crop_views=script_args.crop_views,
             moe_experts=script_args.moe_experts,
             moe_entropy_weight=script_args.moe_entropy_weight,
             **({"lora_target_modules": model_args.lora_target_modules} if model_args.lora_target_modules else {}),

@@ -6,6 +6,8 @@
         --prompt_template "Title: {title}\nAttributes:"
     python recipes/extract_attributes.py --task title --model Qwen/Qwen2.5-VL-7B-Instruct --catalog data/catalog \
         --output_dir data/catalog-titles      # enriched titles; then agcl_train.py --title_column enriched_title
+    python recipes/extract_attributes.py --task bbox --model Qwen/Qwen3-VL-8B-Instruct --catalog data/catalog \
+        --output_dir data/catalog-boxes       # product boxes; then agcl_train.py --crop_views
 
 Each listing gets one greedy completion for the prompt GRPO uses (``rar.prompts``, image + title),
 in batches with a progress bar. Completions are appended to ``<output_dir>/generations.jsonl`` as
@@ -18,6 +20,7 @@ existed is kept as ``<column>_previous``.
 """
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +50,14 @@ class ExtractArguments:
     split: str | None = field(default=None, metadata={"help": "Annotate only this split (default: every listing)."})
     task: str = field(default="attributes", metadata={
         "help": "`attributes`: key: value pairs (the teacher and CIT step); `title`: an enriched title that states "
-                "what the image shows (MOON2.0's title co-augmentation; train AGCL on it with --title_column)."})
+                "what the image shows (MOON2.0's title co-augmentation; train AGCL on it with --title_column); "
+                "`bbox`: the product's box from a grounding-capable MLLM (MOON's crops; agcl_train --crop_views)."})
     column: str | None = field(default=None, metadata={
-        "help": "Column the result is written to (default: `attributes`, or `enriched_title` for --task title)."})
+        "help": "Column the result is written to (default: `attributes`, `enriched_title` or `bbox` by --task)."})
+    bbox_coordinates: str = field(default="per_mille", metadata={
+        "help": "How the model states a box (--task bbox): `per_mille` (0-1000 of width and height, as Qwen2-VL and "
+                "Qwen3-VL answer) or `pixels` of the original image. Qwen2.5-VL answers in pixels of its resized "
+                "input: rescale, or prompt it for per-mille coordinates."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per completion."})
     prompt_template: str | None = field(default=None, metadata={
@@ -66,7 +74,25 @@ class ExtractArguments:
 
 TITLE_PROMPT = ("Product title: {title}\nRewrite the title so that it also states what the image shows (category, "
                 "colours, pattern, logo) and keeps every fact of the original. Answer with the new title only.")
-TASKS = ("attributes", "title")
+BBOX_PROMPT = ("Product title: {title}\nLocate the product in the image. Answer with its bounding box as "
+               "[x0, y0, x1, y1], coordinates from 0 to 1000.")
+TASKS = ("attributes", "title", "bbox")
+DEFAULT_COLUMN = {"attributes": "attributes", "title": "enriched_title", "bbox": "bbox"}
+DEFAULT_TEMPLATE = {"attributes": DEFAULT_PROMPT, "title": TITLE_PROMPT, "bbox": BBOX_PROMPT}
+
+
+def parse_bbox(completion: str, width: int, height: int, coordinates: str = "per_mille") -> list[int] | None:
+    """The first four numbers of a completion as a pixel box [x0, y0, x1, y1] of a width x height image,
+    clipped to the image; None when there are fewer than four or the box is empty after clipping."""
+    numbers = [float(x) for x in re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?", completion)[:4]]  # not the 2 of bbox_2d
+    if len(numbers) < 4:
+        return None
+    if coordinates == "per_mille":
+        numbers = [v / 1000 * (width if i % 2 == 0 else height) for i, v in enumerate(numbers)]
+    x0, y0, x1, y1 = (round(v) for v in numbers)
+    x0, x1 = sorted((min(max(x0, 0), width), min(max(x1, 0), width)))
+    y0, y1 = sorted((min(max(y0, 0), height), min(max(y1, 0), height)))
+    return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else None
 
 
 def parse_title(completion: str) -> str | None:
@@ -96,8 +122,10 @@ def main(args: ExtractArguments) -> dict:
         raise ValueError("--batch_size, --max_new_tokens and --limit must be >= 1")
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
-    column = args.column or ("enriched_title" if args.task == "title" else "attributes")
-    template = args.prompt_template or (TITLE_PROMPT if args.task == "title" else DEFAULT_PROMPT)
+    if args.bbox_coordinates not in ("per_mille", "pixels"):
+        raise ValueError(f"--bbox_coordinates must be per_mille or pixels, got {args.bbox_coordinates!r}")
+    column = args.column or DEFAULT_COLUMN[args.task]
+    template = args.prompt_template or DEFAULT_TEMPLATE[args.task]
     catalog = load_catalog(resolve_catalog(args.catalog, args.cache_dir), split=args.split)
     if args.limit:
         catalog = catalog.select(range(min(args.limit, len(catalog))))
@@ -132,6 +160,10 @@ def main(args: ExtractArguments) -> dict:
 
     if args.task == "title":
         values = [parse_title(done[lid]) for lid in listing_ids]
+    elif args.task == "bbox":  # boxes are in pixels of each listing's first image
+        images = catalog["image"] if "image" in catalog.column_names else [ims[0] for ims in catalog["images"]]
+        values = [parse_bbox(done[lid], *image.size, coordinates=args.bbox_coordinates)
+                  for lid, image in zip(listing_ids, images, strict=True)]
     else:
         parsed = [parse_attributes(done[lid]).attributes for lid in listing_ids]
         if args.attribute_keys:

@@ -166,10 +166,3 @@ def _as_catalog(catalog, split: str | None = None, verify_images: bool = False):
     from agcl.catalog import load_catalog
 
     return load_catalog(catalog, split=split, verify_images=verify_images), str(Path(catalog).resolve())
-
-
-def _catalog_images(ds) -> list:
-    return list(ds["image"]) if "image" in ds.column_names else list(ds["images"])
-
-
-# ---------------------------------------------------------------------------------------------

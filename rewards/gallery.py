@@ -49,11 +49,11 @@ from typing import Any
 import faiss
 import numpy as np
 
+from agcl.crops import catalog_views, uses_crops
 from agcl.retrieval import GalleryIndex
 from rewards.fingerprints import (  # noqa: F401  (re-exported: the gallery's public vocabulary)
     ENCODER_FINGERPRINT_KINDS,
     _as_catalog,
-    _catalog_images,
     _fingerprint_of,
     _short,
     catalog_fingerprint,
@@ -206,7 +206,8 @@ class ProductGallery:
         # "weights" too, so that an in-memory copy of the encoder can be checked later
         fingerprint.update(encoder_fingerprints(encoder, kinds=("files", "custom", "weights")))
         embeddings = encoder.encode(
-            _catalog_images(ds), list(ds["title"]), attribute_texts, batch_size=batch_size, show_progress=show_progress
+            catalog_views(ds, uses_crops(encoder)), list(ds["title"]), attribute_texts, batch_size=batch_size,
+            show_progress=show_progress,
         )
         info = {
             "catalog_source": source,

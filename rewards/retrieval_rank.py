@@ -110,6 +110,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from agcl.attributes import format_attributes, normalize_key, parse_attributes
+from agcl.crops import listing_views, uses_crops
 from agcl.metrics import metrics_from_search
 from rewards.attribute_rewards import completion_text
 from rewards.fingerprints import _as_catalog, catalog_fingerprint
@@ -372,6 +373,7 @@ class RetrievalRankReward:
             titles=list(ds["title"]),
             images=ds.select_columns([image_column]) if image_column else None,
             image_column=image_column,
+            bboxes=list(ds["bbox"]) if uses_crops(encoder) and "bbox" in ds.column_names else None,
             gallery_row=g_rows,
             code=codes,
             positives=gallery.positives_count(codes, g_rows),
@@ -427,6 +429,8 @@ class RetrievalRankReward:
             return [None] * len(rows)
         distinct = list(dict.fromkeys(rows))
         fetched = dict(zip(distinct, st.images[distinct][st.image_column], strict=True))
+        if st.bboxes is not None:  # the encoder sees each listing's product-region crop too
+            fetched = {r: listing_views(image, st.bboxes[r]) for r, image in fetched.items()}
         return [fetched[r] for r in rows]
 
     def score(self, listing_ids: Sequence, completions: Sequence) -> RankDetails:
