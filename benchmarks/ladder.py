@@ -14,7 +14,8 @@ Per seed, every stage is one of the recipes, run as a child process exactly as a
 2. ``rar_grpo.py --config recipes/configs/rar_demo.yaml`` over the AGCL encoder: SFT warm start on the
    teacher's attributes, GRPO with the retrieval-rank reward on ``val``, greedy SFT and RAR
    attributes for the test split (``attributes.jsonl``);
-3. ``cit.py``: the RAR generator re-annotates the training split and AGCL continues on it.
+3. ``cit.py --fraction 0.3``: the RAR generator re-annotates 30% of the training products and AGCL
+   continues on them (the paper's one round on about 30% of the data).
 
 Every rung is then evaluated on the test split (held-out products) with the same code
 (``agcl.evaluation.evaluate_encoder``): instance Recall@1/5/10, coarse mAP@1, image->text and
@@ -99,7 +100,7 @@ def seed_tasks(seed: int, work: Path, catalog: str, quick: bool) -> dict[str, li
         rar / "metrics.json", (stage1["AGCL"].name,))
     cit_task = Task(f"seed{seed}/cit", [
         py, str(recipes / "cit.py"), "--generator", str(rar), "--encoder", str(agcl), "--output_dir", str(cit),
-        "--seed", str(seed), *(["--epochs", "1"] if quick else [])], cit / "cit_metrics.json", (rar_task.name,))
+        "--seed", str(seed), "--fraction", "0.3", *(["--epochs", "1"] if quick else [])], cit / "cit_metrics.json", (rar_task.name,))
     others = [t for n, t in stage1.items() if n != "AGCL"]
     evaluate = Task(f"seed{seed}/evaluate", [py, __file__, "--_evaluate", str(work), catalog], work / "ladder.json",
                     (cit_task.name, *(t.name for t in others)))

@@ -51,7 +51,8 @@ BENCHMARKS = {
                                    ["grpo_step_breakdown.py", "--policy", "larger", "--steps", "6", "--encoder", str(LADDER_ENCODER),
                                     "--output", str(DOCS / "grpo_step_breakdown_larger.md")], ["--quick"],
                                    "grpo_step_breakdown_larger.md"),
-    "reward_cost": ("The reward's cost: physical limit, gallery size and index type", ["reward_cost.py"], ["--quick"],
+    "reward_cost": ("The reward's cost: physical limit, gallery size and index type",
+                    ["reward_cost.py", "--hnsw_max_size", "100000"], ["--quick"],
                     "reward_cost.md"),
     "memory": ("Memory: LoRA vs QLoRA, and the real sizes", ["memory.py"], ["--quick"], "memory.md"),
 }
