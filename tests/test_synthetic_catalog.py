@@ -144,3 +144,24 @@ def test_vocabulary_corpus_covers_every_attribute_value(catalog):
         assert set(r["title"].lower().split()) <= words
         for key, value in r["attributes"].items():
             assert set(f"{key} {value}".lower().split()) <= words
+
+
+@pytest.mark.parametrize("option", [{"val_fraction": 0.3}, {"clutter": True}])
+def test_options_change_only_what_they_are_for(tmp_path, catalog, option):
+    """val_fraction relabels whole train families as 'val'; clutter redraws the pixels and adds `bbox`.
+    Everything else is byte for byte the catalog without the option (their draws use their own streams)."""
+    other = make_synthetic_catalog(tmp_path / "o", num_products=120, seed=3, **option)
+    base, changed = rows(catalog), rows(other)
+    assert len(base) == len(changed)
+    for a, b in zip(base, changed, strict=True):
+        if "val_fraction" in option:
+            assert {**b, "split": a["split"]} == a and (b["split"] == a["split"] or (a["split"], b["split"]) == (
+                "train", "val"))
+        else:
+            assert {k: v for k, v in b.items() if k != "bbox"} == a and len(b["bbox"]) == 4
+    if "val_fraction" in option:
+        val_families = {r["family_id"] for r in changed if r["split"] == "val"}
+        assert val_families and all(r["split"] == "val" for r in changed if r["family_id"] in val_families)
+    else:
+        digests, clutter_digests = tree_digest(catalog), tree_digest(other)
+        assert digests["images/L000000.png"] != clutter_digests["images/L000000.png"]
