@@ -89,3 +89,19 @@ def test_results_page_and_readme_block_come_from_the_generated_pages(tmp_path, m
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert f"| {ladder.RUNGS[0]} | 10.5 ± 0.5 | 50.0 ± 0.0 | 90.0 ± 0.0 |" in text
+
+
+def test_ladder_report_without_the_stage1_ablation(ladder, tmp_path):
+    def metrics(r1):
+        return {"instance": {"recall@1": r1, "recall@5": 0.8, "recall@10": 0.9, "mAP@10": 0.4},
+                "coarse": {"mAP@1": 0.9}, "image_to_text": {"recall@1": 0.1}, "text_to_image": {"recall@1": 0.1}}
+
+    per_seed = {s: {**{rung: metrics(0.40 + 0.01 * i + 0.02 * s) for i, rung in enumerate(ladder.RUNGS)},
+                    "InfoNCE": metrics(0.40 + 0.02 * s), "AGCL": metrics(0.43 + 0.02 * s)} for s in (0, 1)}
+    out = tmp_path / "ladder.md"
+    ladder.write_report(out, per_seed, "test box", 60.0, 2, " --stage1_ablation false")
+    text = out.read_text()
+    assert "--stage1_ablation false" in text and "were not run here" in text
+    assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.0 |" in text and "| +1.0 (min +1.0) |" in text
+    assert "| AGCL | 44.0 ± 1.0 | 80.0 ± 0.0 | 90.0 ± 0.0 | 40.0 ± 0.0 | +3.0 (min +3.0) |" in text
+    assert "| + weighting |" not in text and (tmp_path / "ladder.png").is_file()
