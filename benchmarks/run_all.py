@@ -138,13 +138,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="Every benchmark's smoke test; docs/ untouched.")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="Run these only, then reassemble.")
     parser.add_argument("--reuse", action="store_true",
-                        help="Keep the ladder's finished stages in outputs/run-all (default: start from scratch).")
+                        help="Keep the finished stages of the ladder and the MOON ablation in outputs/run-all "
+                             "(default: start from scratch).")
     args = parser.parse_args(argv)
     names = args.only or list(BENCHMARKS)
     started = time.time()
     machine = describe_machine()
-    if "ladder" in names and not args.reuse and not args.quick:
-        shutil.rmtree(WORK / "ladder", ignore_errors=True)
+    if not args.reuse and not args.quick:  # finished stages are reused by both: start them from scratch
+        for name in ("ladder", "moon_ablation"):
+            if name in names:
+                shutil.rmtree(WORK / {"ladder": "ladder", "moon_ablation": "moon"}[name], ignore_errors=True)
     seconds_file = DOCS / "run_all_seconds.json"
     seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() and not args.quick else {}
     for name in names:
