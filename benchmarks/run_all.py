@@ -31,20 +31,23 @@ from _machine import describe_machine  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 WORK = ROOT / "outputs" / "run-all"
-LADDER_ENCODER = WORK / "ladder" / "seed0" / "agcl"  # the ladder's seed-0 AGCL encoder serves the timing runs
+# Paths handed to the benchmarks are relative to the repository (their working directory), so that the
+# commands they print in the docs hold on any clone.
+REL_WORK = Path("outputs") / "run-all"
+LADDER_ENCODER = REL_WORK / "ladder" / "seed0" / "agcl"  # the ladder's seed-0 AGCL encoder serves the timing runs
 
 # name -> (section title, script + arguments, quick arguments, page it writes)
 BENCHMARKS = {
     # The weighting-only / filtering-only encoders are left to agcl_ablation.py and a plain ladder.py run: at
     # about 4 minutes they would take run_all past its 30-minute budget on 2 cores.
     "ladder": ("The ablation ladder (3 seeds)",
-               ["ladder.py", "--work_dir", str(WORK / "ladder"), "--stage1_ablation", "false"],
+               ["ladder.py", "--work_dir", str(REL_WORK / "ladder"), "--stage1_ablation", "false"],
                ["--seeds", "0", "--quick"], "ladder.md"),
     "moon_ablation": ("MOON-family options of stage 1 (3 seeds)",
-                      ["moon_ablation.py", "--reuse", str(WORK / "ladder"), "--work_dir", str(WORK / "moon")],
+                      ["moon_ablation.py", "--reuse", str(REL_WORK / "ladder"), "--work_dir", str(REL_WORK / "moon")],
                       ["--seeds", "0", "--quick"], "moon_ablation.md"),
     "catalog_difficulty": ("How hard the embedded catalog is", ["catalog_difficulty.py"],
-                           ["--seeds", "0", "--output", str(WORK / "quick" / "catalog_difficulty.md")],
+                           ["--seeds", "0", "--output", str(REL_WORK / "quick" / "catalog_difficulty.md")],
                            "catalog_difficulty.md"),
     "agcl_step_time": ("AGCL step time against InfoNCE", ["agcl_step_time.py"], ["--steps", "3"], "agcl_step_time.md"),
     "grpo_step_breakdown": ("Where a GRPO step goes: the demo's policy",
@@ -52,7 +55,7 @@ BENCHMARKS = {
                             "grpo_step_breakdown.md"),
     "grpo_step_breakdown_larger": ("Where a GRPO step goes: a larger policy",
                                    ["grpo_step_breakdown.py", "--policy", "larger", "--steps", "6", "--encoder", str(LADDER_ENCODER),
-                                    "--output", str(DOCS / "grpo_step_breakdown_larger.md")], ["--quick"],
+                                    "--output", "docs/grpo_step_breakdown_larger.md"], ["--quick"],
                                    "grpo_step_breakdown_larger.md"),
     "reward_cost": ("The reward's cost: physical limit, gallery size and index type",
                     ["reward_cost.py", "--hnsw_max_size", "100000"], ["--quick"],
