@@ -430,7 +430,13 @@ class RetrievalRankReward:
         distinct = list(dict.fromkeys(rows))
         fetched = dict(zip(distinct, st.images[distinct][st.image_column], strict=True))
         if st.bboxes is not None:  # the encoder sees each listing's product-region crop too
-            fetched = {r: listing_views(image, st.bboxes[r]) for r, image in fetched.items()}
+            cache = st.image_cache
+            # Cropping decodes the photo. A listing whose image work is cached is not read again, unless this
+            # call's new entries could evict it first: then every listing gets its crop.
+            new = 0 if cache is None else sum(st.listing_ids[r] not in cache for r in distinct)
+            keep = cache is not None and len(cache) + new <= cache.max_entries
+            fetched = {r: image if keep and st.listing_ids[r] in cache else listing_views(image, st.bboxes[r])
+                       for r, image in fetched.items()}
         return [fetched[r] for r in rows]
 
     def score(self, listing_ids: Sequence, completions: Sequence) -> RankDetails:

@@ -100,6 +100,15 @@ def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, clu
     fetched = reward._fetch_images(state, [0, 0, 5])
     assert [len(f) for f in fetched] == [2, 2, 2] and fetched[2][1].size == tuple(
         np.subtract(ds[5]["bbox"][2:], ds[5]["bbox"][:2]).astype(int))
+    # once a listing's image work is cached, its photo is neither decoded nor cropped again; the rewards equal
+    # those of a reward without the cache (every query encoded from [image, crop])
+    ids, completions = [ds[i]["listing_id"] for i in (0, 0, 5)], ["color: red", "color: blue", "color: red"]
+    cached = reward.score(ids, completions).rewards
+    assert all(lid in state.image_cache for lid in ids)
+    again = reward._fetch_images(state, [0, 7])
+    assert isinstance(again[0], Image.Image) and len(again[1]) == 2  # cached: not read; new: image and crop
+    uncached = RetrievalRankReward(encoder=crop_encoder, catalog=ds, image_cache_size=0).score(ids, completions)
+    assert np.allclose(cached, uncached.rewards, atol=1e-5)
     # a catalog without boxes is seen as before, crops or not
     assert all(isinstance(v, Image.Image) for v in catalog_views(load_catalog(small_catalog_dir), crop=True))
 
