@@ -226,7 +226,8 @@ def backbone_signature(config) -> dict:
     signature = {"model_type": config.model_type, "hidden_size": text.hidden_size,
                  "num_hidden_layers": text.num_hidden_layers, "vocab_size": text.vocab_size}
     if vision is not None:
-        signature["vision_hidden_size"] = getattr(vision, "hidden_size", None) or getattr(vision, "embed_dim", None)
+        # The vision tower's own width: Qwen2-VL calls it embed_dim (its hidden_size is the merger's output).
+        signature["vision_hidden_size"] = getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", None)
     return signature
 
 

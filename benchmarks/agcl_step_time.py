@@ -17,6 +17,7 @@ import argparse
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def main(argv=None):
     torch.manual_seed(0)
     started = time.time()
     machine = describe_machine()
-    trainers = {name: build(flags, f"/tmp/agcl-step-time-{name}") for name, flags in VARIANTS.items()}
+    workdir = tempfile.mkdtemp(prefix="agcl-step-time-")  # the trainers save nothing; they only need a directory
+    trainers = {name: build(flags, f"{workdir}/{name}") for name, flags in VARIANTS.items()}
     # One encoder state for both: the InfoNCE trainer gets a copy of the AGCL trainer's model.
     trainers["InfoNCE"].model.load_state_dict(copy.deepcopy(trainers["AGCL"].model.state_dict()))
     batch = next(iter(trainers["AGCL"].get_train_dataloader()))

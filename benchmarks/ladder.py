@@ -148,8 +148,8 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
     from agcl.evaluation import evaluate_encoder
 
     test = load_catalog(catalog, split="test")
-    rows = {json.loads(line)["listing_id"]: json.loads(line)
-            for line in (work / "rar" / "attributes.jsonl").read_text(encoding="utf-8").splitlines()}
+    lines = (work / "rar" / "attributes.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = {row["listing_id"]: row for row in map(json.loads, lines)}
     attributes = {key: [rows[lid][key] or None for lid in test["listing_id"]]
                   for key in ("sft_attributes", "rar_attributes")}
     results = {}

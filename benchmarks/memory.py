@@ -127,7 +127,8 @@ def model_state_bytes(counts: dict, method: str, zero: str, n: int = N_GPUS) -> 
 
 # ----------------------------------------------------------------------------- (ii) measured, one process each
 
-def _kib(field: str) -> int:
+def _status_bytes(field: str) -> int:
+    """A /proc/self/status memory field (reported in kB), in bytes."""
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
@@ -140,7 +141,7 @@ def measure(model_dir: str, variant: str, steps: int, batch: int, seq: int) -> d
     from rar.policy import LM_LORA_TARGETS
 
     torch.manual_seed(0)
-    before = _kib("VmRSS")
+    before = _status_bytes("VmRSS")
     started = time.perf_counter()
     model, _ = load_mllm(model_dir, dtype=torch.bfloat16, load_in_4bit=variant == "qlora")
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, bias="none",
@@ -150,7 +151,7 @@ def measure(model_dir: str, variant: str, steps: int, batch: int, seq: int) -> d
             param.detach().sum()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what loading freed (bitsandbytes quantises via temporaries)
-    loaded = _kib("VmRSS") - before
+    loaded = _status_bytes("VmRSS") - before
     storages = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
@@ -169,7 +170,7 @@ def measure(model_dir: str, variant: str, steps: int, batch: int, seq: int) -> d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - t)
-    return {"variant": variant, "after_load_bytes": loaded, "tensor_bytes": tensor_bytes, "peak_bytes": _kib("VmHWM") - before,
+    return {"variant": variant, "after_load_bytes": loaded, "tensor_bytes": tensor_bytes, "peak_bytes": _status_bytes("VmHWM") - before,
             "load_s": load_s, "step_s": sorted(step_s)[len(step_s) // 2], "loss": float(loss)}
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from test_reliability_images import huge_header_png
 
 ENTRY_POINTS = {
     "agcl_train": ["recipes/agcl_train.py", "--config", "recipes/configs/agcl_demo.yaml", "--catalog", "{catalog}",
@@ -80,20 +81,6 @@ IN_PROCESS = {
 }
 
 
-def _png_with_huge_header(path, side=20000):
-    """A 1x1 PNG whose header claims side x side pixels."""
-    import struct
-    import zlib
-
-    from PIL import Image
-
-    Image.new("RGB", (1, 1)).save(path)
-    data = bytearray(path.read_bytes())
-    data[16:24] = struct.pack(">II", side, side)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
-    path.write_bytes(bytes(data))
-
-
 # case -> (how line 3 is broken, what the error must name besides "line 3")
 def _break(case, row, first, image_dir):
     if case == "missing_field":
@@ -114,7 +101,7 @@ def _break(case, row, first, image_dir):
         (image_dir / "truncated.png").write_bytes(good[: len(good) // 2])
         return {**row, "image": "images/truncated.png"}, "image"
     if case == "huge_image":
-        _png_with_huge_header(image_dir / "huge.png")
+        huge_header_png(image_dir / "huge.png")
         return {**row, "image": "images/huge.png"}, "DecompressionBomb"
     if case == "outside_path":
         return {**row, "image": "../outside.png"}, "image"
@@ -150,9 +137,13 @@ def broken_catalogs(small_catalog_dir, tmp_path_factory):
 
 
 def run_in_process(load_recipe, capsys, entry, argv) -> str:
-    """``recipes/<entry>.py``'s cli on ``argv``: must exit 2 with exactly one ``error:`` line; returns it."""
+    """``recipes/<entry>.py``'s cli on ``argv``: must exit 2 with exactly one ``error:`` line; returns it.
+    No stage may start a child recipe (rar_grpo's stage 1 / SFT) before the inputs are checked."""
+    module = load_recipe(entry)
+    if hasattr(module, "run_recipe"):
+        module.run_recipe = lambda *a, **k: pytest.fail(f"a stage ran: {a[0]}")
     with pytest.raises(SystemExit) as info:
-        load_recipe(entry).cli(argv)
+        module.cli(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2, err[-2000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -163,13 +154,11 @@ def run_in_process(load_recipe, capsys, entry, argv) -> str:
 @pytest.mark.usefixtures("no_weights")
 @pytest.mark.parametrize("case", BAD_ROW_CASES)
 @pytest.mark.parametrize("entry", list(IN_PROCESS))
-def test_every_bad_row_through_every_entry_point(entry, case, broken_catalogs, load_recipe, capsys, monkeypatch,
-                                                 tmp_path):
+def test_every_bad_row_through_every_entry_point(entry, case, broken_catalogs, load_recipe, capsys, tmp_path):
     """Each catalog-reading entry point x each way a row can be bad: exit 2, one error line naming line 3, the
     field (or the other line) and the listing id, and no weights loaded."""
     catalogs, split = broken_catalogs
     catalog, must_name, listing_id = catalogs[case]
-    monkeypatch.setattr(load_recipe("rar_grpo"), "run_recipe", lambda *a: pytest.fail("a stage ran"))
     argv = [a.format(catalog=catalog, out=tmp_path / "out", split=split) for a in IN_PROCESS[entry]]
     error = run_in_process(load_recipe, capsys, entry, argv)
     assert "line 3" in error and must_name in error, error

@@ -35,11 +35,13 @@ def point_at(encoder_dir, backbone, tmp_path, drop_signature=False):
     return copy
 
 
-def test_saved_encoder_records_its_backbone_signature(lora_encoder_dir):
+def test_saved_encoder_records_its_backbone_signature(lora_encoder_dir, tiny_model_dir):
     config = json.loads((lora_encoder_dir / "encoder_config.json").read_text())
-    assert config["backbone_signature"] == {"model_type": "qwen2_vl", "hidden_size": 64, "num_hidden_layers": 2,
-                                            "vocab_size": config["backbone_signature"]["vocab_size"],
-                                            "vision_hidden_size": config["backbone_signature"]["vision_hidden_size"]}
+    backbone = json.loads((tiny_model_dir / "config.json").read_text())
+    text, vision = backbone.get("text_config", backbone), backbone["vision_config"]
+    assert config["backbone_signature"] == {
+        "model_type": "qwen2_vl", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": text["vocab_size"],
+        "vision_hidden_size": vision.get("embed_dim") or vision.get("hidden_size")}
 
 
 @pytest.mark.usefixtures("no_weights")
