@@ -10,7 +10,8 @@
         --output_dir data/catalog-boxes       # product boxes; then agcl_train.py --crop_views
 
 Each listing gets one greedy completion for the prompt GRPO uses (``rar.prompts``, image + title),
-in batches with a progress bar. Completions are appended to ``<output_dir>/generations.jsonl`` as
+in batches with a progress bar. Completions are appended to ``<output_dir>/generations.jsonl``
+(``generations-<task>.jsonl`` for ``--task title`` / ``bbox``) as
 each batch finishes, so an interrupted run started again with the same arguments skips the
 listings already done. At the end the completions are parsed (``agcl.attributes.parse_attributes``)
 into ``--column`` of a copy of the catalog in ``<output_dir>`` (``catalog.jsonl`` + ``images/``);
@@ -132,7 +133,8 @@ def main(args: ExtractArguments) -> dict:
     prompts = build_prompt_dataset(catalog, prompt_template=template, attribute_keys=args.attribute_keys)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / GENERATIONS
+    # One log per task: a rerun with another --task in the same directory must not resume the other's answers.
+    log_path = out / (GENERATIONS if args.task == "attributes" else f"generations-{args.task}.jsonl")
     done = read_done(log_path)
     listing_ids = list(catalog["listing_id"])  # read the column once
     resumed = sum(lid in done for lid in listing_ids)

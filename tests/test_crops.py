@@ -140,3 +140,8 @@ def test_extract_bbox_task_writes_pixel_boxes(load_recipe, small_catalog_dir, tm
     assert copy["bbox"][1] is None and copy["bbox"][3] is None  # no numbers; an empty box
     assert copy["bbox"][2] == [round(0.9 * side), round(0.9 * side), side, side]  # clipped to the image
     assert summary["n_unparsable"] == 2
+    # another task in the same directory starts its own log instead of resuming the boxes as its answers
+    completions = iter(["red mug"] * 4)
+    summary = recipe.main(recipe.ExtractArguments(model="tiny-qwen2-vl", catalog=str(small_catalog_dir),
+                                                  output_dir=str(tmp_path / "boxes"), limit=4, task="title"))
+    assert summary["n_resumed"] == 0 and load_catalog(tmp_path / "boxes")["enriched_title"] == ["red mug"] * 4
