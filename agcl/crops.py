@@ -13,7 +13,10 @@ gallery and queries) goes through ``listing_views`` / ``catalog_views`` here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+
+logger = logging.getLogger(__name__)
 
 
 def uses_crops(encoder) -> bool:
@@ -37,6 +40,9 @@ def catalog_views(ds, crop: bool = False) -> list:
     """Every listing's images of a catalog Dataset (``image`` or ``images`` column), with crop views when
     ``crop`` and the catalog has a ``bbox`` column."""
     images = list(ds["image"]) if "image" in ds.column_names else list(ds["images"])
+    if crop and "bbox" not in ds.column_names:
+        logger.warning("the encoder was trained with product-region crops, but this catalog has no 'bbox' column: "
+                       "its listings are encoded without crops")
     if not crop or "bbox" not in ds.column_names:
         return images
     return [listing_views(im, box) for im, box in zip(images, ds["bbox"], strict=True)]

@@ -363,6 +363,9 @@ class RetrievalRankReward:
                 "%s: the lookup catalog (%d rows) is not the catalog the gallery (%d rows) was built from; the %d "
                 "listings in both agree on product_id", self.__name__, len(ds), gallery.size, int(shared.sum())
             )
+        if uses_crops(encoder) and "bbox" not in ds.column_names:
+            logger.warning("%s: the encoder was trained with product-region crops, but the lookup catalog has no "
+                           "'bbox' column: queries are encoded without crops", self.__name__)
         new_cache = getattr(encoder, "new_image_cache", None)
         self._state = SimpleNamespace(
             encoder=encoder,

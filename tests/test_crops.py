@@ -72,7 +72,7 @@ def encoders(tiny_model_dir):
     return make(False), make(True)
 
 
-def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, cluttered, small_catalog_dir):
+def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, cluttered, small_catalog_dir, caplog):
     from agcl.data import AGCLCollator
     from agcl.evaluation import evaluate_encoder
     from rewards import RetrievalRankReward
@@ -109,8 +109,10 @@ def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, clu
     assert isinstance(again[0], Image.Image) and len(again[1]) == 2  # cached: not read; new: image and crop
     uncached = RetrievalRankReward(encoder=crop_encoder, catalog=ds, image_cache_size=0).score(ids, completions)
     assert np.allclose(cached, uncached.rewards, atol=1e-5)
-    # a catalog without boxes is seen as before, crops or not
-    assert all(isinstance(v, Image.Image) for v in catalog_views(load_catalog(small_catalog_dir), crop=True))
+    # a catalog without boxes is seen as before, crops or not, and a crop encoder says so
+    with caplog.at_level("WARNING", logger="agcl.crops"):
+        assert all(isinstance(v, Image.Image) for v in catalog_views(load_catalog(small_catalog_dir), crop=True))
+    assert "no 'bbox' column" in caplog.text
 
 
 def test_crop_views_is_saved_and_needs_boxes(encoders, tmp_path, load_recipe, capsys, small_catalog_dir,
