@@ -81,6 +81,12 @@ class AGCLConfig(TrainingArguments):
         metadata={"help": "Probability of appending a query's attribute text to its input during training, so the "
                           "encoder uses attributes when a query has them (stage 2) and works without them."},
     )
+    candidate_attribute_probability: float = field(
+        default=0.0,
+        metadata={"help": "Probability of appending the positive's attribute text to its input (drawn independently "
+                          "of the query's), for galleries that carry attributes too (an annotated catalog; stage 2's "
+                          "--gallery_attributes). 0 keeps candidates as image + title."},
+    )
     # Trainer defaults that differ for contrastive training.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (pairs are built by the collator)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
@@ -91,6 +97,8 @@ class AGCLConfig(TrainingArguments):
             raise ValueError(f"--false_negative_filter {self.false_negative_filter!r} is not one of {list(FALSE_NEGATIVE_FILTERS)}")
         if not 0.0 <= self.query_attribute_probability <= 1.0:
             raise ValueError("--query_attribute_probability must be in [0, 1]")
+        if not 0.0 <= self.candidate_attribute_probability <= 1.0:
+            raise ValueError("--candidate_attribute_probability must be in [0, 1]")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0")
         super().__post_init__()

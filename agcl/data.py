@@ -121,13 +121,17 @@ class AGCLCollator:
     query_attribute_probability: chance that a query's attribute text is appended to its input, so
         that the encoder learns to use attributes when a query has them (stage 2 re-embeds queries
         with generated attributes) and to work without them.
+    candidate_attribute_probability: the same for the positive (candidate) side, drawn
+        independently: for galleries whose listings carry attribute text too (an annotated catalog,
+        stage 2's ``--gallery_attributes``), so the encoder learns to match attributes on both sides.
     with_modalities: also return image-only and text-only inputs of the queries (for the
         intra-product image-text term).
     """
 
     def __init__(self, encoder, catalog: datasets.Dataset, *, attribute_column: str | None = "attributes",
                  attribute_keys: Sequence[str] | None = None, signature_keys: Sequence[str] | None = None,
-                 query_attribute_probability: float = 0.0, with_modalities: bool = False, seed: int | None = None):
+                 query_attribute_probability: float = 0.0, candidate_attribute_probability: float = 0.0,
+                 with_modalities: bool = False, seed: int | None = None):
         if attribute_column is not None and attribute_column not in catalog.column_names:
             raise ValueError(f"attribute_column {attribute_column!r} is not a column of the catalog "
                              f"(columns: {catalog.column_names})")
@@ -137,15 +141,17 @@ class AGCLCollator:
         self.attribute_keys = list(attribute_keys) if attribute_keys else None
         self.signature_keys = list(signature_keys) if signature_keys else None
         self.query_attribute_probability = query_attribute_probability
+        self.candidate_attribute_probability = candidate_attribute_probability
         self.with_modalities = with_modalities
         self.seed = seed
         self.crop = uses_crops(encoder)
 
-    def _coin(self, item: dict[str, int]) -> float:
-        """Uniform [0, 1) per (seed, pair): deterministic across resumes, fresh when the pair changes."""
+    def _coin(self, item: dict[str, int], side: str = "query") -> float:
+        """Uniform [0, 1) per (seed, pair, side): deterministic across resumes, fresh when the pair changes."""
         if self.seed is None:
             return random.random()
-        return random.Random(f"{self.seed}|{item['query']}|{item['positive']}").random()
+        tag = "" if side == "query" else f"{side}|"  # the query's stream predates the candidate's: kept as it was
+        return random.Random(f"{self.seed}|{tag}{item['query']}|{item['positive']}").random()
 
     def _attribute_text(self, row: dict) -> str:
         return format_attributes(row.get(self.attribute_column), self.attribute_keys) if self.attribute_column else ""
@@ -163,9 +169,13 @@ class AGCLCollator:
         c_attr = [self._attribute_text(r) for r in positives]
         appended = [a if a and self._coin(item) < self.query_attribute_probability else None
                     for a, item in zip(q_attr, items, strict=True)]
+        c_appended = None
+        if self.candidate_attribute_probability > 0:
+            c_appended = [a if a and self._coin(item, "candidate") < self.candidate_attribute_probability else None
+                          for a, item in zip(c_attr, items, strict=True)]
         batch = {
             "query": self.encoder.build_inputs([_listing_images(r, self.crop) for r in queries], [r["title"] for r in queries], appended),
-            "candidate": self.encoder.build_inputs([_listing_images(r, self.crop) for r in positives], [r["title"] for r in positives]),
+            "candidate": self.encoder.build_inputs([_listing_images(r, self.crop) for r in positives], [r["title"] for r in positives], c_appended),
             "product_ids": [r["product_id"] for r in queries],
             "query_attributes": q_attr,
             "candidate_attributes": c_attr,

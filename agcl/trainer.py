@@ -37,6 +37,8 @@ def check_attribute_options(args: AGCLConfig, catalog: datasets.Dataset) -> None
         needs.append("--false_negative_filter attribute")
     if args.query_attribute_probability > 0:
         needs.append("--query_attribute_probability")
+    if args.candidate_attribute_probability > 0:
+        needs.append("--candidate_attribute_probability")
     if not needs:
         return
     column = args.attribute_column
@@ -96,6 +98,7 @@ class AGCLTrainer(Trainer):
         collator = kwargs.pop("data_collator", None) or AGCLCollator(
             model, train_dataset, attribute_column=attribute_column, signature_keys=args.signature_keys,
             query_attribute_probability=args.query_attribute_probability,
+            candidate_attribute_probability=args.candidate_attribute_probability,
             with_modalities=args.intra_product_weight > 0, seed=args.seed,
         )
         pairs = ProductPairDataset(train_dataset, seed=args.seed)

@@ -66,3 +66,40 @@ def test_grouped_sampler_keeps_groups_contiguous_and_reshuffles_each_epoch():
     assert orders[0] != orders[1] != orders[2]
     sampler.set_epoch(1)
     assert list(sampler) == orders[1]  # deterministic per (seed, epoch)
+
+
+def test_candidate_attributes_are_appended_with_their_own_coin_and_queries_stay_as_they_were(
+        tiny_encoder_dir, small_catalog_dir):
+    from agcl.attributes import format_attributes
+    from agcl.catalog import load_catalog
+    from agcl.data import AGCLCollator
+    from agcl.encoder import ProductEncoder
+
+    encoder = ProductEncoder.from_pretrained(tiny_encoder_dir)
+    catalog = load_catalog(small_catalog_dir, split="train")
+    items = [{"query": 0, "positive": 1}, {"query": 2, "positive": 3}, {"query": 5, "positive": 6}]
+    positives = [catalog[i["positive"]] for i in items]
+
+    def collate(p_query, p_candidate):
+        return AGCLCollator(encoder, catalog, query_attribute_probability=p_query,
+                            candidate_attribute_probability=p_candidate, seed=7)(items)
+
+    plain = encoder.build_inputs([r["image"] for r in positives], [r["title"] for r in positives])
+    annotated = encoder.build_inputs([r["image"] for r in positives], [r["title"] for r in positives],
+                                     [format_attributes(r["attributes"]) for r in positives])
+    assert collate(0.5, 0.0)["candidate"]["input_ids"].equal(plain["input_ids"])
+    assert collate(0.5, 1.0)["candidate"]["input_ids"].equal(annotated["input_ids"])
+    # The query's coins do not move when candidates get attributes (runs without the option are unchanged).
+    assert collate(0.5, 1.0)["query"]["input_ids"].equal(collate(0.5, 0.0)["query"]["input_ids"])
+    # The two sides draw independently: at 0.5 some pair appends on one side only.
+    collator = AGCLCollator(encoder, catalog, query_attribute_probability=0.5, candidate_attribute_probability=0.5, seed=7)
+    pairs = [{"query": q, "positive": q + 1} for q in range(0, 40, 2)]
+    sides = {(collator._coin(p) < 0.5, collator._coin(p, "candidate") < 0.5) for p in pairs}
+    assert {(True, False), (False, True)} <= sides
+
+
+def test_candidate_attribute_probability_out_of_range_is_named(tmp_path):
+    from agcl.config import AGCLConfig
+
+    with pytest.raises(ValueError, match="--candidate_attribute_probability"):
+        AGCLConfig(output_dir=str(tmp_path), candidate_attribute_probability=1.5)
