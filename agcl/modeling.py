@@ -347,7 +347,7 @@ def _mrope_section(head_dim: int, family: str) -> list[int]:
     return [half - 2 * spatial, spatial, spatial]
 
 
-def _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads):
+def _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads, vision_hidden_size=32):
     if hidden_size % num_heads or (hidden_size // num_heads) % 4:
         raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of a multiple of 4")
     head_dim = hidden_size // num_heads
@@ -366,19 +366,19 @@ def _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads):
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
     )  # fmt: skip
-    # A vision tower of two blocks of width 32: small, but it really reads the pixels.
-    vision_embed = 32
+    # A vision tower of two blocks (width 32 by default): small, but it really reads the pixels.
+    vision_embed = vision_hidden_size
     if family == "qwen2_vl":
         config_cls = Qwen2VLConfig
         vision = dict(depth=2, embed_dim=vision_embed, hidden_size=hidden_size, num_heads=2, mlp_ratio=2)
     elif family == "qwen2_5_vl":
         config_cls = Qwen2_5_VLConfig
-        vision = dict(depth=2, hidden_size=vision_embed, intermediate_size=64, num_heads=2,
+        vision = dict(depth=2, hidden_size=vision_embed, intermediate_size=2 * vision_embed, num_heads=2,
                       out_hidden_size=hidden_size, fullatt_block_indexes=[1])  # fmt: skip
     else:  # qwen3_vl (build_tiny_mllm checked the family)
         config_cls = Qwen3VLConfig
         text["head_dim"] = head_dim  # Qwen3 has an explicit head_dim (default 128)
-        vision = dict(depth=2, hidden_size=vision_embed, intermediate_size=64, num_heads=2,
+        vision = dict(depth=2, hidden_size=vision_embed, intermediate_size=2 * vision_embed, num_heads=2,
                       out_hidden_size=hidden_size, num_position_embeddings=64,
                       deepstack_visual_indexes=[0])  # fmt: skip
     return config_cls(
@@ -392,7 +392,7 @@ def _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads):
     )
 
 
-def _tiny_image_processor(family: str, max_image_tokens: int) -> Qwen2VLImageProcessorPil:
+def _tiny_image_processor(family: str, max_image_tokens: int, min_image_tokens: int = 4) -> Qwen2VLImageProcessorPil:
     """Images are resized to multiples of patch*merge (28 for Qwen2(.5)-VL, 32 for Qwen3-VL) with
     between 4 and `max_image_tokens` LLM tokens: a 64x64 image becomes 56x56 (Qwen2) or 64x64
     (Qwen3), 16 patches, 4 tokens; larger images are scaled down to at most `max_image_tokens`.
@@ -404,7 +404,7 @@ def _tiny_image_processor(family: str, max_image_tokens: int) -> Qwen2VLImagePro
         patch_size=patch,
         merge_size=2,
         temporal_patch_size=2,
-        size={"shortest_edge": 4 * factor**2, "longest_edge": max_image_tokens * factor**2},
+        size={"shortest_edge": min_image_tokens * factor**2, "longest_edge": max_image_tokens * factor**2},
         **mean_std,
     )
 
@@ -418,6 +418,8 @@ def build_tiny_mllm(
     num_heads: int = 4,
     vocab_size: int = 2048,
     max_image_tokens: int = 16,
+    min_image_tokens: int = 4,
+    vision_hidden_size: int = 32,
     seed: int = 0,
 ):
     """A random-init Qwen-VL model and processor, built locally; same arguments, same weights.
@@ -432,7 +434,9 @@ def build_tiny_mllm(
 
         corpus = vocabulary_corpus()
     tokenizer = train_tokenizer(corpus, vocab_size)
-    config = _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads)
+    if not 1 <= min_image_tokens <= max_image_tokens:
+        raise ValueError(f"need 1 <= min_image_tokens ({min_image_tokens}) <= max_image_tokens ({max_image_tokens})")
+    config = _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads, vision_hidden_size)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
@@ -442,7 +446,7 @@ def build_tiny_mllm(
     )
     model.eval()
     processor = _PROCESSOR_FOR_FAMILY[family](
-        image_processor=_tiny_image_processor(family, max_image_tokens),
+        image_processor=_tiny_image_processor(family, max_image_tokens, min_image_tokens),
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
