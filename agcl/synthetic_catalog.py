@@ -79,6 +79,8 @@ ATTRIBUTE_VALUES = {
 
 # Keys that distinguish near-duplicates. Category and brand stay fixed inside a family.
 FAMILY_VARYING_KEYS = ("color", "secondary_color", "pattern", "logo", "size")
+# Keys the rendered photo does not show (as on real photos, they live only in text).
+INVISIBLE_KEYS = ("brand", "size")
 
 # Attributes a real teacher adds although they say nothing about which product this is.
 REDUNDANT_VALUES = {
@@ -139,6 +141,10 @@ class SyntheticCatalogConfig:
                 "attributes are those of the catalog without clutter. Off leaves the catalog byte-identical."})
     teacher_omission_rate: float = field(default=0.15, metadata={"help": "Teacher drops each true attribute with this rate."})
     teacher_error_rate: float = field(default=0.1, metadata={"help": "Teacher gives a wrong value for an attribute with this rate."})
+    teacher_sees: str = field(default="product", metadata={
+        "help": "What the simulated teacher knows. `listing`: like an MLLM run on one listing, it reads the photo and "
+                "the title, so brand and size (not drawn) appear only when that listing's title states them. "
+                "`product`: it knows every true attribute of the product (an oracle for the invisible keys)."})
     teacher_redundancy_rate: float = field(
         default=0.3, metadata={"help": "Teacher adds each non-discriminative key (condition, shipping, style) with this rate."}
     )
@@ -156,13 +162,14 @@ class SyntheticCatalogConfig:
             "teacher_omission_rate": 0.0 <= self.teacher_omission_rate <= 1.0,
             "teacher_error_rate": 0.0 <= self.teacher_error_rate <= 1.0,
             "teacher_redundancy_rate": 0.0 <= self.teacher_redundancy_rate <= 1.0,
+            "teacher_sees": self.teacher_sees in ("listing", "product"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
                 f"invalid synthetic catalog argument(s) {bad}: need num_products >= 2, image_size >= 16, "
                 "2 <= min_listings <= max_listings, 1 <= min_family_size <= max_family_size <= 4, "
-                "rates in [0, 1], test_fraction and val_fraction in [0, 1), duplicate_sku_fraction in [0, 0.5)"
+                "rates in [0, 1], teacher_sees listing or product, test_fraction and val_fraction in [0, 1), duplicate_sku_fraction in [0, 0.5)"
             )
 
 
@@ -209,16 +216,19 @@ def _sample_families(cfg: SyntheticCatalogConfig, rng: np.random.Generator, num_
     return families
 
 
-def _teacher_attributes(cfg: SyntheticCatalogConfig, rng: np.random.Generator, true_attrs: dict) -> dict:
+def _teacher_attributes(cfg: SyntheticCatalogConfig, rng: np.random.Generator, true_attrs: dict,
+                        title_keys: set[str]) -> dict:
     out = {}
     for key in ATTRIBUTE_KEYS:
-        omit, wrong = rng.random(), rng.random()
+        omit, wrong = rng.random(), rng.random()  # drawn in every mode: the other columns keep their bytes
         if omit < cfg.teacher_omission_rate:
             continue
         value = true_attrs[key]
         if wrong < cfg.teacher_error_rate:
             others = [v for v in ATTRIBUTE_VALUES[key] if v != value]
             value = _choice(rng, others)
+        if cfg.teacher_sees == "listing" and key in INVISIBLE_KEYS and key not in title_keys:
+            continue  # not in the photo, not in this title: a teacher reading the listing cannot know it
         out[key] = value
     for key, values in REDUNDANT_VALUES.items():
         add, pick = rng.random(), _choice(rng, values)
@@ -227,7 +237,8 @@ def _teacher_attributes(cfg: SyntheticCatalogConfig, rng: np.random.Generator, t
     return out
 
 
-def _title(rng: np.random.Generator, attrs: dict) -> str:
+def _title(rng: np.random.Generator, attrs: dict) -> tuple[str, set[str]]:
+    """A seller's title and the keys it states."""
     phrases = []
     keep = {key: rng.random() >= p for key, p in TITLE_OMISSION.items()}
     if keep["brand"]:
@@ -249,7 +260,8 @@ def _title(rng: np.random.Generator, attrs: dict) -> str:
     for _ in range(int(rng.integers(1, 4))):
         filler = _choice(rng, FILLER_WORDS)
         words.insert(int(rng.integers(len(words) + 1)), filler)
-    return " ".join(words)
+    stated = {key for key, kept in keep.items() if kept and not (key == "logo" and attrs["logo"] == "none")}
+    return " ".join(words), stated
 
 
 # ---------------------------------------------------------------- rendering
@@ -441,7 +453,8 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
                     boxes.append(box)
                 image.save(out / rel, format="PNG")
                 paths.append(rel)
-            row = {"listing_id": listing_id, "product_id": product_id, "title": _title(rng, attrs)}
+            title, title_keys = _title(rng, attrs)
+            row = {"listing_id": listing_id, "product_id": product_id, "title": title}
             if cfg.images_per_listing == 1:
                 row["image"] = paths[0]
             else:
@@ -450,7 +463,7 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
                 row["bbox"] = boxes[0]  # the product's region in the listing's first image
             row.update(
                 category=attrs["category"],
-                attributes=_teacher_attributes(cfg, rng, attrs),
+                attributes=_teacher_attributes(cfg, rng, attrs, title_keys),
                 true_attributes={key: attrs[key] for key in ATTRIBUTE_KEYS},
                 family_id=family_id,
                 split=split,

@@ -165,3 +165,27 @@ def test_options_change_only_what_they_are_for(tmp_path, catalog, option):
     else:
         digests, clutter_digests = tree_digest(catalog), tree_digest(other)
         assert digests["images/L000000.png"] != clutter_digests["images/L000000.png"]
+
+
+def test_a_listing_teacher_knows_brand_and_size_only_from_the_title(tmp_path, catalog):
+    """teacher_sees='listing': the invisible keys (brand, size) appear only when that listing's title states
+    them; every other attribute, title, image and split is byte for byte the oracle teacher's catalog."""
+    listing = rows(make_synthetic_catalog(tmp_path / "l", num_products=120, seed=3, teacher_sees="listing"))
+    kept = dropped = 0
+    for a, b in zip(rows(catalog), listing, strict=True):
+        assert {k: v for k, v in b.items() if k != "attributes"} == {k: v for k, v in a.items() if k != "attributes"}
+        visible = {k: v for k, v in a["attributes"].items() if k not in ("brand", "size")}
+        assert {k: v for k, v in b["attributes"].items() if k not in ("brand", "size")} == visible
+        title = b["title"].lower()
+        stated = {"brand": b["true_attributes"]["brand"] in title.split(),
+                  "size": f"size {b['true_attributes']['size'].lower()}" in title}
+        for key in ("brand", "size"):
+            if key in b["attributes"]:
+                assert stated[key] and b["attributes"][key] == a["attributes"][key]
+                kept += 1
+            elif key in a["attributes"]:
+                assert not stated[key]
+                dropped += 1
+    assert kept > 50 and dropped > 50
+    with pytest.raises(ValueError, match="teacher_sees"):
+        SyntheticCatalogConfig(output_dir=str(tmp_path), teacher_sees="everything")
