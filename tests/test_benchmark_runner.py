@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -105,3 +106,43 @@ def test_ladder_report_without_the_stage1_ablation(ladder, tmp_path):
     assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.0 |" in text and "| +1.0 (min +1.0) |" in text
     assert "| AGCL | 44.0 ± 1.0 | 80.0 ± 0.0 | 90.0 ± 0.0 | 40.0 ± 0.0 | +3.0 (min +3.0) |" in text
     assert "| + weighting |" not in text and (tmp_path / "ladder.png").is_file()
+
+
+def test_attribute_headroom_counts_emitted_right_and_perceived_values_per_key():
+    import datasets
+
+    headroom = load("attribute_headroom")
+    ds = datasets.Dataset.from_dict({
+        "title": ["Acme red mug size M", "mug", "mug with green trim"],
+        "true_attributes": [{"brand": "acme", "color": "red", "size": "M"},
+                            {"brand": "lumo", "color": "blue", "size": "S"},
+                            {"brand": "lumo", "color": "black", "size": "L"}],
+        "attributes": [{}, {}, {}],
+    })
+    generated = ["brand: acme; color: blue; size: m", "color: blue; size: l; shipping: free", "oops"]
+    rows = headroom.key_accuracy(ds, generated)
+    assert rows["brand"]["emitted"] == 1 / 3 and rows["brand"]["right"] == 1.0
+    assert math.isnan(rows["brand"]["right_when_not_in_title"])  # "Acme" is in the title: copied, not perceived
+    assert rows["color"]["emitted"] == 2 / 3 and rows["color"]["right"] == 0.5
+    assert rows["color"]["right_when_not_in_title"] == 1.0  # listing 0's red is in its title: only listing 1 counts
+    assert rows["size"]["right"] == 0.5 and rows["size"]["right_when_not_in_title"] == 0.0  # "size: l" vs S, not stated
+    assert rows["shipping"]["right"] == 0.0  # a key the reference does not have is never right
+    assert headroom._states("nice size M mug", "M") and not headroom._states("small mug", "M")
+
+
+def test_errors_by_key_finds_each_familys_varying_key_and_its_chance_level():
+    import datasets
+
+    errors = load("errors_by_key")
+    ds = datasets.Dataset.from_dict({
+        "family_id": ["F0"] * 5 + ["F1"] * 2,
+        "product_id": ["a", "a", "a", "b", "b", "c", "c"],
+        "true_attributes": [{"color": "red", "logo": "star"}] * 3 + [{"color": "red", "logo": "moon"}] * 2
+                           + [{"color": "blue", "logo": "star"}] * 2,
+    })
+    keys = errors.varying_keys(ds)
+    assert keys == ["logo"] * 5 + ["single product"] * 2
+    chance = errors.family_chance(ds, keys)
+    # a's listings: 2 of the 4 others in the family are positives; b's: 1 of 4; c is alone in its family.
+    assert chance["logo"] == pytest.approx((3 * 2 / 4 + 2 * 1 / 4) / 5)
+    assert chance["single product"] == 1.0

@@ -1,0 +1,111 @@
+"""How much can attributes help this encoder, and how good are the generated ones? Two diagnostics for stage 2.
+
+    python benchmarks/attribute_headroom.py --encoder DIR --catalog DIR [--generated RUN/attributes.jsonl]
+
+1. **Headroom**: instance Recall@1/5 on the split for queries with no attributes, the catalog's own
+   (teacher) attributes, the true attributes (synthetic catalogs have ``true_attributes``) and each
+   generated column, against the image + title gallery and against a gallery that carries the teacher's
+   attributes too (``--gallery_attributes reference`` in rar_grpo). Attributes the encoder cannot use
+   cannot be rewarded: the "true" row bounds what any generator can add through this encoder.
+2. **Generated attributes per key** (with ``--generated``, the ``attributes.jsonl`` rar_grpo writes):
+   how often each key is emitted, how often its value is right (against ``true_attributes``, else the
+   teacher's), and how often it is right when the listing's title does not state it (the value's words
+   do not occur in the title, an approximation): what the generator perceives rather than copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from agcl.attributes import format_attributes, parse_attributes
+from agcl.catalog import load_catalog
+from agcl.encoder import ProductEncoder
+from agcl.evaluation import instance_retrieval
+
+
+def _texts(dicts) -> list[str | None]:
+    return [format_attributes(d) if d else None for d in dicts]
+
+
+def _states(title: str, value: object) -> bool:
+    words = re.findall(r"\w+", str(value).lower())
+    return bool(words) and re.search(r"\b" + r"\W+".join(map(re.escape, words)) + r"\b", title.lower()) is not None
+
+
+def key_accuracy(ds, generated: list[str | None]) -> dict[str, dict[str, float]]:
+    """Per key: emitted fraction, right fraction of the emitted, right fraction when the title does not state it."""
+    reference = ds["true_attributes"] if "true_attributes" in ds.column_names else ds["attributes"]
+    emitted, right, unstated, right_unstated = Counter(), Counter(), Counter(), Counter()
+    for title, truth, text in zip(ds["title"], reference, generated, strict=True):
+        truth = truth or {}
+        for key, value in parse_attributes(text).attributes.items():
+            emitted[key] += 1
+            if key not in truth:
+                continue  # a key the reference does not have (e.g. the teacher's redundant ones): never right
+            ok = str(value).strip().lower() == str(truth[key]).strip().lower()
+            right[key] += ok
+            if not _states(title, truth[key]):
+                unstated[key] += 1
+                right_unstated[key] += ok
+    return {key: {"emitted": emitted[key] / len(ds), "right": right[key] / emitted[key],
+                  "right_when_not_in_title": right_unstated[key] / unstated[key] if unstated[key] else float("nan")}
+            for key in sorted(emitted)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", required=True)
+    parser.add_argument("--catalog", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--generated", nargs="*", default=[], help="attributes.jsonl files written by rar_grpo.py")
+    parser.add_argument("--output", default=None, help="Write the markdown here (default: print only).")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    ds = load_catalog(args.catalog, split=args.split)
+    encoder = ProductEncoder.from_pretrained(args.encoder)
+    sources: dict[str, list[str | None] | None] = {"none": None, "teacher": _texts(ds["attributes"])}
+    if "true_attributes" in ds.column_names:
+        sources["true"] = _texts(ds["true_attributes"])
+    ids = ds["listing_id"]
+    for path in args.generated:
+        rows = {r["listing_id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
+        for column in sorted({k for r in rows.values() for k in r if k != "listing_id"}):
+            missing = [i for i in ids if i not in rows]
+            if missing:
+                raise SystemExit(f"error: {path} has no row for listing {missing[0]!r} of split {args.split!r}")
+            sources[f"{Path(path).parent.name}/{column}"] = [rows[i][column] for i in ids]
+
+    lines = [f"Encoder `{args.encoder}`, catalog `{args.catalog}` split `{args.split}` ({len(ds)} listings).", "",
+             "| query attributes | gallery: image+title R@1 | R@5 | gallery: + teacher attributes R@1 | R@5 |",
+             "|---|---|---|---|---|"]
+    with torch.no_grad():
+        plain = instance_retrieval(encoder, ds, sources, show_progress=False)
+        annotated = instance_retrieval(encoder, ds, sources, gallery_attributes=sources["teacher"], show_progress=False)
+    for name in sources:
+        a, b = plain[name], annotated[name]
+        lines.append(f"| {name} | {100 * a['recall@1']:.1f} | {100 * a['recall@5']:.1f} | "
+                     f"{100 * b['recall@1']:.1f} | {100 * b['recall@5']:.1f} |")
+    for name, texts in sources.items():
+        if "/" not in name:
+            continue
+        lines += ["", f"`{name}` per key: emitted / right / right when the title does not state it (%)", "",
+                  "| key | emitted | right | right, not in title |", "|---|---|---|---|"]
+        for key, row in key_accuracy(ds, texts).items():
+            lines.append(f"| {key} | {100 * row['emitted']:.0f} | {100 * row['right']:.0f} | "
+                         f"{100 * row['right_when_not_in_title']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    print(text)
+    return plain, annotated
+
+
+if __name__ == "__main__":
+    main()
