@@ -394,8 +394,9 @@ def _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads, vision_h
 
 def _tiny_image_processor(family: str, max_image_tokens: int, min_image_tokens: int = 4) -> Qwen2VLImageProcessorPil:
     """Images are resized to multiples of patch*merge (28 for Qwen2(.5)-VL, 32 for Qwen3-VL) with
-    between 4 and `max_image_tokens` LLM tokens: a 64x64 image becomes 56x56 (Qwen2) or 64x64
-    (Qwen3), 16 patches, 4 tokens; larger images are scaled down to at most `max_image_tokens`.
+    between `min_image_tokens` and `max_image_tokens` LLM tokens: with the default 4, a 64x64 image
+    becomes 56x56 (Qwen2) or 64x64 (Qwen3), 16 patches, 4 tokens (16 tokens with min_image_tokens=16:
+    the image is scaled up); larger images are scaled down to at most `max_image_tokens`.
     """
     patch = 16 if family == "qwen3_vl" else 14
     factor = patch * 2

@@ -23,14 +23,10 @@ from pathlib import Path
 
 import torch
 
-from agcl.attributes import format_attributes, parse_attributes
+from agcl.attributes import parse_attributes
 from agcl.catalog import load_catalog
 from agcl.encoder import ProductEncoder
-from agcl.evaluation import instance_retrieval
-
-
-def _texts(dicts) -> list[str | None]:
-    return [format_attributes(d) if d else None for d in dicts]
+from agcl.evaluation import attribute_texts, instance_retrieval
 
 
 def _states(title: str, value: object) -> bool:
@@ -69,18 +65,20 @@ def main(argv=None):
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     ds = load_catalog(args.catalog, split=args.split)
-    encoder = ProductEncoder.from_pretrained(args.encoder)
-    sources: dict[str, list[str | None] | None] = {"none": None, "teacher": _texts(ds["attributes"])}
+    sources: dict[str, list[str] | None] = {"none": None, "teacher": attribute_texts(ds, "reference")}
     if "true_attributes" in ds.column_names:
-        sources["true"] = _texts(ds["true_attributes"])
+        sources["true"] = attribute_texts(ds, "true_attributes")
     ids = ds["listing_id"]
-    for path in args.generated:
+    for path in args.generated:  # read and checked before the encoder loads
+        if not Path(path).is_file():
+            raise SystemExit(f"error: --generated {path}: no such file (rar_grpo.py writes attributes.jsonl)")
         rows = {r["listing_id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise SystemExit(f"error: {path} has no row for listing {missing[0]!r} of split {args.split!r}")
         for column in sorted({k for r in rows.values() for k in r if k != "listing_id"}):
-            missing = [i for i in ids if i not in rows]
-            if missing:
-                raise SystemExit(f"error: {path} has no row for listing {missing[0]!r} of split {args.split!r}")
-            sources[f"{Path(path).parent.name}/{column}"] = [rows[i][column] for i in ids]
+            sources[f"{Path(path).parent.name}/{column}"] = [rows[i].get(column) for i in ids]
+    encoder = ProductEncoder.from_pretrained(args.encoder)
 
     lines = [f"Encoder `{args.encoder}`, catalog `{args.catalog}` split `{args.split}` ({len(ds)} listings).", "",
              "| query attributes | gallery: image+title R@1 | R@5 | gallery: + teacher attributes R@1 | R@5 |",
