@@ -191,6 +191,12 @@ class ImageCache:
                              "frozen: cached features may be stale (clear() the cache, or keep the vision tower frozen)")
         return self.level
 
+    def touch(self, keys) -> None:
+        """Mark the present ``keys`` most recently used, so that the entries put next evict other keys first."""
+        for key in keys:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+
     def _get(self, key) -> _ListingImages | None:
         entry = self._entries.get(key)
         if entry is not None:

@@ -434,10 +434,12 @@ class RetrievalRankReward:
         fetched = dict(zip(distinct, st.images[distinct][st.image_column], strict=True))
         if st.bboxes is not None:  # the encoder sees each listing's product-region crop too
             cache = st.image_cache
-            # Cropping decodes the photo. A listing whose image work is cached is not read again, unless this
-            # call's new entries could evict it first: then every listing gets its crop.
-            new = 0 if cache is None else sum(st.listing_ids[r] not in cache for r in distinct)
-            keep = cache is not None and len(cache) + new <= cache.max_entries
+            # Cropping decodes the photo: a listing whose image work is cached is not read again. Its entry is
+            # marked most recently used first, so this call's new entries evict other listings, never it, as
+            # long as the call's listings fit in the cache (otherwise every listing gets its crop).
+            keep = cache is not None and len(distinct) <= cache.max_entries
+            if keep:
+                cache.touch(st.listing_ids[r] for r in distinct)
             fetched = {r: image if keep and st.listing_ids[r] in cache else listing_views(image, st.bboxes[r])
                        for r, image in fetched.items()}
         return [fetched[r] for r in rows]

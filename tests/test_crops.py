@@ -109,6 +109,16 @@ def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, clu
     assert isinstance(again[0], Image.Image) and len(again[1]) == 2  # cached: not read; new: image and crop
     uncached = RetrievalRankReward(encoder=crop_encoder, catalog=ds, image_cache_size=0).score(ids, completions)
     assert np.allclose(cached, uncached.rewards, atol=1e-5)
+    # also once the cache is full: a new listing evicts another entry, never one this call reads from the cache
+    full = RetrievalRankReward(encoder=crop_encoder, catalog=ds, image_cache_size=2)
+    full.score([ds[i]["listing_id"] for i in (0, 5)], ["color: red", "color: red"])
+    state = full._ensure_loaded()
+    assert len(state.image_cache) == 2
+    again = full._fetch_images(state, [5, 7])
+    assert isinstance(again[0], Image.Image) and len(again[1]) == 2
+    ids, completions = [ds[i]["listing_id"] for i in (5, 7, 0)], ["color: red", "color: blue", "logo: star"]
+    assert np.allclose(full.score(ids, completions).rewards, RetrievalRankReward(
+        encoder=crop_encoder, catalog=ds, image_cache_size=0).score(ids, completions).rewards, atol=1e-5)
     # a catalog without boxes is seen as before, crops or not, and a crop encoder says so
     with caplog.at_level("WARNING", logger="agcl.crops"):
         assert all(isinstance(v, Image.Image) for v in catalog_views(load_catalog(small_catalog_dir), crop=True))
