@@ -140,3 +140,9 @@ class AGCLScriptArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow the backbone's own code from the hub to run (off: code execution)."}
     )
+
+    def __post_init__(self):
+        if self.moe_experts < 0:
+            raise ValueError(f"--moe_experts must be >= 0 (0 = off), got {self.moe_experts}")
+        if self.moe_entropy_weight < 0:
+            raise ValueError(f"--moe_entropy_weight must be >= 0, got {self.moe_entropy_weight}")

@@ -173,8 +173,9 @@ class AGCLCollator:
         if self.candidate_attribute_probability > 0:
             c_appended = [a if a and self._coin(item, "candidate") < self.candidate_attribute_probability else None
                           for a, item in zip(c_attr, items, strict=True)]
+        q_images = [_listing_images(r, self.crop) for r in queries]  # decoded and cropped once, used twice below
         batch = {
-            "query": self.encoder.build_inputs([_listing_images(r, self.crop) for r in queries], [r["title"] for r in queries], appended),
+            "query": self.encoder.build_inputs(q_images, [r["title"] for r in queries], appended),
             "candidate": self.encoder.build_inputs([_listing_images(r, self.crop) for r in positives], [r["title"] for r in positives], c_appended),
             "product_ids": [r["product_id"] for r in queries],
             "query_attributes": q_attr,
@@ -183,6 +184,6 @@ class AGCLCollator:
             "candidate_signatures": [self._signature(r) for r in positives],
         }
         if self.with_modalities:
-            batch["query_image_only"] = self.encoder.build_inputs([_listing_images(r, self.crop) for r in queries], [None] * len(queries))
+            batch["query_image_only"] = self.encoder.build_inputs(q_images, [None] * len(queries))
             batch["query_text_only"] = self.encoder.build_inputs([None] * len(queries), [r["title"] for r in queries])
         return batch

@@ -21,7 +21,7 @@ from trl import ModelConfig, TrlParser
 from agcl.catalog import CatalogError, load_catalog, use_title_column
 from agcl.config import AGCLConfig, AGCLScriptArguments
 from agcl.embedded import resolve_catalog, resolve_model
-from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder
+from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder, read_encoder_config
 from agcl.evaluation import evaluate_encoder, format_results
 from agcl.trainer import AGCLTrainer, check_attribute_options
 
@@ -50,8 +50,18 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
         logger.warning("%d of %d training rows have no %r: they keep their own title", kept, len(train),
                        script_args.title_column)
     check_attribute_options(training_args, train)
-    if script_args.crop_views and "bbox" not in train.column_names:
-        raise ValueError(f"--crop_views: the catalog has no 'bbox' column to crop to (columns: {train.column_names}); "
+    crop_views = script_args.crop_views
+    if script_args.init_encoder:  # a continued encoder keeps the views and experts it was saved with
+        saved = read_encoder_config(script_args.init_encoder)
+        for flag, given, kept in (("crop_views", script_args.crop_views, saved.crop_views),
+                                  ("moe_experts", script_args.moe_experts, saved.moe_experts)):
+            if given and given != kept:
+                raise ValueError(f"--{flag} {given}: --init_encoder {script_args.init_encoder!r} was saved with "
+                                 f"{flag}={kept}, which a continued encoder keeps; drop --{flag}")
+        crop_views = saved.crop_views
+    if crop_views and "bbox" not in train.column_names:
+        origin = f" (the --init_encoder {script_args.init_encoder!r} was saved with it)" if script_args.init_encoder else ""
+        raise ValueError(f"--crop_views{origin}: the catalog has no 'bbox' column to crop to (columns: {train.column_names}); "
                          "write boxes with recipes/extract_attributes.py --task bbox")
     eval_split = None if str(script_args.eval_split).lower() in ("", "none") else script_args.eval_split
     test = load_catalog(catalog, split=eval_split) if eval_split else None

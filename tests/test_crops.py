@@ -134,6 +134,19 @@ def test_crop_views_is_saved_and_needs_boxes(encoders, tmp_path, load_recipe, ca
                                        "--model_name_or_path", str(tiny_model_dir), "--output_dir",
                                        str(tmp_path / "o"), "--crop_views", "true"])
     assert info.value.code == 2 and "--crop_views" in capsys.readouterr().err
+    # a continued encoder keeps its crops: no boxes is an error without the flag, and flags it was not saved with
+    # are refused by name (they would be ignored); so is a negative expert count
+    common = ["--config", "recipes/configs/agcl_demo.yaml", "--catalog", str(small_catalog_dir), "--output_dir",
+              str(tmp_path / "o")]
+    plain = tmp_path / "plain"
+    encoders[0].save_pretrained(plain)
+    for argv, needle in ((["--init_encoder", str(tmp_path / "enc")], "--crop_views (the --init_encoder"),
+                         (["--init_encoder", str(plain), "--crop_views", "true"], "was saved with crop_views=False"),
+                         (["--init_encoder", str(plain), "--moe_experts", "2"], "was saved with moe_experts=0"),
+                         (["--moe_experts", "-1"], "--moe_experts must be >= 0")):
+        with pytest.raises(SystemExit) as info:
+            load_recipe("agcl_train").cli(common + argv)
+        assert info.value.code == 2 and needle in capsys.readouterr().err
 
 
 def test_extract_bbox_task_writes_pixel_boxes(load_recipe, small_catalog_dir, tmp_path, monkeypatch):
