@@ -145,7 +145,7 @@ def schedule(tasks: list[Task], jobs: int, log_dir: Path, started: float, label:
 def evaluate_seed(work: Path, catalog: str) -> dict:
     from agcl.catalog import load_catalog
     from agcl.encoder import ProductEncoder
-    from agcl.evaluation import evaluate_encoder
+    from agcl.evaluation import evaluate_encoder, instance_retrieval
 
     test = load_catalog(catalog, split="test")
     lines = (work / "rar" / "attributes.jsonl").read_text(encoding="utf-8").splitlines()
@@ -156,13 +156,13 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
     for name in [n for n in STAGE1 if (work / slug(n) / "encoder_config.json").is_file()]:
         results[name] = evaluate_encoder(ProductEncoder.from_pretrained(work / slug(name)), test, tasks=TASKS,
                                          show_progress=False)
-    agcl = ProductEncoder.from_pretrained(work / "agcl")
-    cit = ProductEncoder.from_pretrained(work / "cit" / "encoder")
     results["InfoNCE encoder"], results["+ AGCL"] = results["InfoNCE"], results["AGCL"]
-    results["+ SFT (distilled) attributes"] = evaluate_encoder(agcl, test, tasks=TASKS, show_progress=False,
-                                                               query_attributes=attributes["sft_attributes"])
-    results["+ RAR attributes"] = evaluate_encoder(agcl, test, tasks=TASKS, show_progress=False,
-                                                   query_attributes=attributes["rar_attributes"])
+    # Attributes change only the instance queries: the AGCL encoder's gallery and other tasks are shared.
+    with_attributes = instance_retrieval(ProductEncoder.from_pretrained(work / slug("AGCL")), test, attributes,
+                                         show_progress=False)
+    results["+ SFT (distilled) attributes"] = {**results["AGCL"], "instance": with_attributes["sft_attributes"]}
+    results["+ RAR attributes"] = {**results["AGCL"], "instance": with_attributes["rar_attributes"]}
+    cit = ProductEncoder.from_pretrained(work / "cit" / "encoder")
     results["+ one CIT round"] = evaluate_encoder(cit, test, tasks=TASKS, show_progress=False,
                                                   query_attributes=attributes["rar_attributes"])
     (work / "ladder.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
