@@ -20,13 +20,16 @@ counted in ``extraction_summary.json`` (nothing is dropped silently); a column t
 existed is kept as ``<column>_previous``.
 """
 
+import io
 import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
+from PIL import Image
 from transformers import HfArgumentParser
 from trl import ModelConfig
 
@@ -41,6 +44,17 @@ from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
 
 USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
 GENERATIONS = "generations.jsonl"
+
+
+def first_image_sizes(catalog: datasets.Dataset):
+    """(width, height) of each listing's first image, read from the file header: nothing is decoded."""
+    column = "image" if "image" in catalog.column_names else "images"
+    feature = datasets.Image(decode=False)
+    raw = catalog.cast_column(column, feature if column == "image" else datasets.List(feature))
+    for value in raw[column]:
+        first = value if column == "image" else value[0]
+        with Image.open(first["path"] if first.get("bytes") is None else io.BytesIO(first["bytes"])) as image:
+            yield image.size
 
 
 @dataclass
@@ -163,9 +177,8 @@ def main(args: ExtractArguments) -> dict:
     if args.task == "title":
         values = [parse_title(done[lid]) for lid in listing_ids]
     elif args.task == "bbox":  # boxes are in pixels of each listing's first image
-        images = catalog["image"] if "image" in catalog.column_names else [ims[0] for ims in catalog["images"]]
-        values = [parse_bbox(done[lid], *image.size, coordinates=args.bbox_coordinates)
-                  for lid, image in zip(listing_ids, images, strict=True)]
+        values = [parse_bbox(done[lid], *size, coordinates=args.bbox_coordinates)
+                  for lid, size in zip(listing_ids, first_image_sizes(catalog), strict=True)]
     else:
         parsed = [parse_attributes(done[lid]).attributes for lid in listing_ids]
         if args.attribute_keys:
