@@ -122,7 +122,8 @@ class AGCLScriptArguments:
     init_encoder: str | None = field(
         default=None,
         metadata={"help": "Continue training a saved encoder directory (e.g. an InfoNCE warm start, or CIT's "
-                          "retraining); its backbone, LoRA and prompt settings are used and the model flags ignored."},
+                          "retraining); its backbone, LoRA, prompt, crop and expert settings are kept: the model flags are "
+                          "ignored, and a --crop_views / --moe_experts that differs from the saved one is refused."},
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
     crop_views: bool = field(default=False, metadata={
