@@ -353,6 +353,24 @@ class ProductEncoder(torch.nn.Module):
             save_file({k: v.detach().contiguous().cpu() for k, v in self.moe.state_dict().items()}, str(path / MOE_FILE))
         (path / ENCODER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
+    # ------------------------------------------------------------------ memory
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """Recompute the backbone's activations in backward (``--gradient_checkpointing true``).
+
+        The Trainer calls this on the model it trains, which is this wrapper, not a transformers
+        model; the backbone does the work (and makes its input embeddings require grad, which
+        reentrant checkpointing needs to reach LoRA adapters behind frozen embeddings).
+        """
+        self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+                                                      offload=offload)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether any backbone module recomputes its activations."""
+        return self.backbone.is_activation_checkpointing
+
     # ------------------------------------------------------------------ inputs
 
     @property
