@@ -2,9 +2,14 @@
 
     python benchmarks/agcl_ablation.py                     # writes docs/agcl_ablation.md (+ .json)
     python benchmarks/agcl_ablation.py --seeds 0 --num_train_epochs 5   # a quick look
+    python benchmarks/agcl_ablation.py --config recipes/configs/agcl_qwen2vl_2b.yaml \
+        --catalog data/my_catalog --output docs/agcl_ablation_2b.md      # paper scale (GPU, weights)
+
+Flags the script does not know go to `recipes/agcl_train.py` for every variant (`--catalog`,
+`--num_train_epochs`, ...).
 
 Same encoder, catalog, steps and seed for every variant; only the loss options change. Reports
-instance Recall@1/5/10 on the embedded catalog's test split and the step-time ratio AGCL/InfoNCE
+instance Recall@1/5/10 on the catalog's test split and the step-time ratio AGCL/InfoNCE
 measured in the same process.
 """
 
@@ -47,10 +52,14 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def run(variant_flags: list[str], seed: int, extra: list[str], output_dir: str) -> tuple[dict, list[float]]:
+DEMO_RECIPE = "recipes/configs/agcl_demo.yaml"
+
+
+def run(variant_flags: list[str], seed: int, extra: list[str], output_dir: str,
+        config: str = DEMO_RECIPE) -> tuple[dict, list[float]]:
     parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
     args = parser.parse_args_and_config(
-        ["--config", "recipes/configs/agcl_demo.yaml", "--seed", str(seed), "--output_dir", output_dir,
+        ["--config", config, "--seed", str(seed), "--output_dir", output_dir,
          "--disable_tqdm", "true", *variant_flags, *extra]
     )
     timer = StepTimer()
@@ -69,11 +78,21 @@ def run(variant_flags: list[str], seed: int, extra: list[str], output_dir: str) 
     return results, timer.times
 
 
+def write_report(output: str, lines: list[str], summary: dict) -> None:
+    """The markdown page, its numbers as JSON beside it, and the page on stdout."""
+    text = "\n".join(lines) + "\n"
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(text, encoding="utf-8")
+    Path(output).with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", default="docs/agcl_ablation.md")
     parser.add_argument("--work_dir", default="outputs/agcl-ablation")
+    parser.add_argument("--config", default=DEMO_RECIPE, help="The agcl_train recipe every variant starts from.")
     args, extra = parser.parse_known_args(argv)
 
     table: dict[str, list[dict]] = {name: [] for name in VARIANTS}
@@ -81,7 +100,7 @@ def main(argv=None):
     for seed in args.seeds:
         for name, flags in VARIANTS.items():
             out = f"{args.work_dir}/seed{seed}-{name.replace(' ', '').replace('+', 'plus').replace('(', '').replace(')', '')}"
-            results, times = run(flags, seed, extra, out)
+            results, times = run(flags, seed, extra, out, args.config)
             table[name].append(results["instance"])
             step_times[name] += times[1:]  # the first step pays for warm-up
             print(f"seed {seed} {name}: R@1 {100 * results['instance']['recall@1']:.1f}", flush=True)
@@ -91,8 +110,9 @@ def main(argv=None):
         "# AGCL ablation on the embedded catalog",
         "",
         f"Made by `python benchmarks/agcl_ablation.py --seeds {' '.join(map(str, args.seeds))}"
+        f"{'' if args.config == DEMO_RECIPE else ' --config ' + args.config}"
         f"{(' ' + ' '.join(extra)) if extra else ''}` on {platform.node() or 'this machine'} "
-        f"({platform.machine()}, Python {platform.python_version()}); recipe `recipes/configs/agcl_demo.yaml`.",
+        f"({platform.machine()}, Python {platform.python_version()}); recipe `{args.config}`.",
         "",
         "Instance retrieval on the test split (held-out products), mean ± std over seeds; Δ R@1 is against InfoNCE "
         "with the same seed.",
@@ -113,11 +133,7 @@ def main(argv=None):
         summary[name] = {"runs": runs, "delta_recall@1": delta.tolist(), "median_step_s": float(np.median(step_times[name]))}
     lines += ["", "Step time: median wall time of an optimizer step (collation, two encoder passes, loss, backward,",
               "update), ratios measured in one process so that machine noise cancels."]
-    text = "\n".join(lines) + "\n"
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text, encoding="utf-8")
-    Path(args.output).with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(text)
+    write_report(args.output, lines, summary)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ BENCHMARKS = {
 }
 # Pages written by benchmarks that run_all does not rerun (too long for its budget); included when present.
 STANDALONE = {"agcl_ablation": ("Stage-1 ablation, standalone run", "agcl_ablation.md"),
+              "agcl_conditions": ("When AGCL beats InfoNCE: stage 1 under several conditions", "agcl_conditions.md"),
+              "errors_by_key": ("Stage-1 errors by the key that separates near-duplicates", "errors_by_key.md"),
+              "attribute_headroom": ("How much attributes can lift the encoder", "attribute_headroom.md"),
               "rar_seeds": ("Seed spread of the demo's GRPO stage", "rar_seeds.md")}
 README_BEGIN, README_END = "<!-- results:begin (benchmarks/run_all.py writes this block) -->", "<!-- results:end -->"
 
