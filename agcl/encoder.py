@@ -357,7 +357,7 @@ class ProductEncoder(torch.nn.Module):
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False) -> None:
-        """Recompute the backbone's activations in backward (``--gradient_checkpointing true``).
+        """Recompute the backbone's activations in backward (``--activation_checkpointing true``).
 
         The Trainer calls this on the model it trains, which is this wrapper, not a transformers
         model; the backbone does the work (and makes its input embeddings require grad, which

@@ -155,7 +155,7 @@ def test_recipe_trains_on_the_title_column_it_is_given(tiny_model_dir, small_cat
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_gives_the_same_gradients(tiny_model_dir, small_catalog_dir, tmp_path, reentrant):
-    """--gradient_checkpointing on a LoRA encoder: same loss and gradients, every adapter still gets one.
+    """--activation_checkpointing on a LoRA encoder: same loss and gradients, every adapter still gets one.
 
     Reentrant checkpointing reaches the adapters only when the (frozen) embeddings' output requires
     grad, so both modes are checked.
@@ -190,8 +190,8 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_model_dir, small
         torch.testing.assert_close(g_b[name], g_a[name], atol=1e-5, rtol=1e-4)
 
 
-def test_recipe_trains_with_gradient_checkpointing(tiny_model_dir, small_catalog_dir, tmp_path, load_recipe):
-    """The paper-scale recipe turns on --gradient_checkpointing; the Trainer then calls it on the encoder."""
+def test_recipe_trains_with_activation_checkpointing(tiny_model_dir, small_catalog_dir, tmp_path, load_recipe):
+    """The paper-scale recipe turns on --activation_checkpointing; the Trainer then calls it on the encoder."""
     from trl import ModelConfig, TrlParser
 
     from agcl.config import AGCLScriptArguments
@@ -200,7 +200,7 @@ def test_recipe_trains_with_gradient_checkpointing(tiny_model_dir, small_catalog
     parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
     args = parser.parse_args_and_config([
         "--catalog", str(small_catalog_dir), "--model_name_or_path", str(tiny_model_dir), "--use_peft", "true",
-        "--lora_r", "4", "--gradient_checkpointing", "true", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+        "--lora_r", "4", "--activation_checkpointing", "true", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
         "--per_device_train_batch_size", "8", "--eval_split", "none", "--use_cpu", "true", "--save_strategy", "no",
         "--report_to", "none",
     ])

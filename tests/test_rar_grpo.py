@@ -52,16 +52,19 @@ def changed_and_frozen(snapshot, model):
     return changed, frozen_moved
 
 
+@pytest.mark.parametrize("checkpointing", ["false", "true"])  # the paper-scale recipes turn it on
 def test_lora_grpo_trains_adapters_only_and_reports(recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir,
-                                                    warm_policy_dir, tmp_path):
+                                                    warm_policy_dir, tmp_path, checkpointing):
     spy = Snapshot(trl.GRPOTrainer)
     monkeypatch.setattr(recipe, "GRPOTrainer", spy.cls)
     out = tmp_path / "run"
     trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out,
-                                   "--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16"))
+                                   "--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16",
+                                   "--activation_checkpointing", checkpointing))
 
     assert spy.trainable and all("lora_" in n for n in spy.trainable)
     assert not any("visual" in n for n in spy.trainable)  # LoRA on the language model only
+    assert trainer.model.get_base_model().is_activation_checkpointing == (checkpointing == "true")
     changed, frozen_moved = changed_and_frozen(spy, trainer.model)
     assert changed == spy.trainable, f"LoRA tensors that did not change: {sorted(spy.trainable - changed)[:5]}"
     assert not frozen_moved, f"base weights moved: {sorted(frozen_moved)[:5]}"
