@@ -107,7 +107,7 @@ def main(argv=None):
 
     base = np.array([r["recall@1"] for r in table["InfoNCE"]])
     lines = [
-        "# AGCL ablation on the embedded catalog",
+        "# AGCL ablation" + ("" if any(a.startswith("--catalog") for a in extra) else " on the embedded catalog"),
         "",
         f"Made by `python benchmarks/agcl_ablation.py --seeds {' '.join(map(str, args.seeds))}"
         f"{'' if args.config == DEMO_RECIPE else ' --config ' + args.config}"
