@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe_machine  # noqa: E402
 from agcl_ablation import VARIANTS, run, write_report  # noqa: E402
+from moon_ablation import slug  # noqa: E402
 
 from agcl.embedded import resolve_catalog  # noqa: E402
 from agcl.synthetic_catalog import make_synthetic_catalog  # noqa: E402
@@ -56,8 +57,7 @@ def catalog_for(condition: Condition, work_dir: Path) -> str:
         return resolve_catalog("embedded", "outputs/embedded")
     if set(condition.catalog) == {"image_size"}:  # the embedded cache names this one
         return resolve_catalog("embedded", "outputs/embedded", image_size=condition.catalog["image_size"])
-    slug = "-".join(f"{k}{v}" for k, v in sorted(condition.catalog.items()))
-    out = work_dir / f"catalog-{slug}"
+    out = work_dir / f"catalog-{slug(condition.name)}"
     if not (out / "catalog.jsonl").is_file():
         make_synthetic_catalog(out, seed=0, **condition.catalog)
     return str(out)
@@ -88,8 +88,7 @@ def main(argv=None):
                     rows[condition.name][name].append(cache[key])
                     continue
                 extra = ["--catalog", catalog, *condition.flags] + (condition.agcl_flags if name == "AGCL" else [])
-                slug = condition.name.replace(" ", "_").replace("%", "pct").replace("=", "").replace("λ", "lambda")
-                results, _ = run(variant, seed, extra, str(work_dir / slug / f"seed{seed}-{name}"))
+                results, _ = run(variant, seed, extra, str(work_dir / slug(condition.name) / f"seed{seed}-{name}"))
                 r1 = 100 * results["instance"]["recall@1"]
                 rows[condition.name][name].append(r1)
                 if name == "InfoNCE":

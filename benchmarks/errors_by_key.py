@@ -72,6 +72,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     ds = load_catalog(args.catalog, split=args.split)
+    missing = [c for c in ("family_id", "true_attributes") if c not in ds.column_names]
+    if missing:
+        raise SystemExit(f"error: --catalog {args.catalog}: no {' / '.join(missing)} column; this diagnostic needs "
+                         "the synthetic catalog's families and true attributes (recipes/make_catalog.py)")
     keys = varying_keys(ds)
     counts = {k: keys.count(k) for k in set(keys)}
     results = {path: recall_by_key(ProductEncoder.from_pretrained(path), ds, keys) for path in args.encoders}

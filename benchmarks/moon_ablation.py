@@ -50,7 +50,8 @@ METRICS = ("recall@1", "recall@5", "recall@10", "mAP@10")
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    """A directory name for a row label: ASCII letters and digits, the rest turned into dashes."""
+    return "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 def simulated_enriched_title(title: str, teacher: dict | None) -> str:
