@@ -148,6 +148,12 @@ class SyntheticCatalogConfig:
     teacher_redundancy_rate: float = field(
         default=0.3, metadata={"help": "Teacher adds each non-discriminative key (condition, shipping, style) with this rate."}
     )
+    exclude_products_of_seeds: list[int] = field(default_factory=list, metadata={
+        "help": "Never draw a product (attribute vector) that a catalog of one of these seeds holds, for catalogs of up "
+                "to --exclude_up_to products with the default family sizes: a pretraining corpus disjoint from the "
+                "demo, test and benchmark catalogs. Empty leaves the catalog byte-identical."})
+    exclude_up_to: int = field(default=5000, metadata={
+        "help": "With --exclude_products_of_seeds: how many products of each excluded seed are reserved."})
 
     def __post_init__(self):
         checks = {
@@ -163,6 +169,7 @@ class SyntheticCatalogConfig:
             "teacher_error_rate": 0.0 <= self.teacher_error_rate <= 1.0,
             "teacher_redundancy_rate": 0.0 <= self.teacher_redundancy_rate <= 1.0,
             "teacher_sees": self.teacher_sees in ("listing", "product"),
+            "exclude_up_to": self.exclude_up_to >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -194,9 +201,10 @@ def _choice(rng: np.random.Generator, values):
     return values[int(rng.integers(len(values)))]
 
 
-def _sample_families(cfg: SyntheticCatalogConfig, rng: np.random.Generator, num_products: int):
-    """Return a list of families, each a list of attribute dicts (distinct full vectors)."""
-    families, seen = [], set()
+def _sample_families(cfg: SyntheticCatalogConfig, rng: np.random.Generator, num_products: int,
+                     reserved: set | frozenset = frozenset()):
+    """Return a list of families, each a list of attribute dicts (distinct full vectors, none in ``reserved``)."""
+    families, seen = [], set(reserved)
     while sum(len(f) for f in families) < num_products:
         remaining = num_products - sum(len(f) for f in families)
         size = min(int(rng.integers(cfg.min_family_size, cfg.max_family_size + 1)), remaining)
@@ -406,6 +414,20 @@ def place_on_clutter(product: Image.Image, rng: np.random.Generator) -> tuple[Im
 # ---------------------------------------------------------------- catalog
 
 
+def _duplicate_count(cfg: SyntheticCatalogConfig) -> int:
+    return int(round(cfg.duplicate_sku_fraction * cfg.num_products * (1 - cfg.test_fraction)))
+
+
+def products_of_seed(seed: int, num_products: int) -> set[tuple]:
+    """The attribute vectors (values in ``ATTRIBUTE_KEYS`` order) of the catalog with this seed and
+    ``num_products`` at the default family sizes. Families are the generator's first draws and are
+    drawn one after another, so every smaller catalog of the same seed holds a subset of these."""
+    cfg = SyntheticCatalogConfig(output_dir="", num_products=num_products, seed=seed)
+    families = _sample_families(cfg, np.random.default_rng(seed), num_products - _duplicate_count(cfg))
+    return {tuple(m[k] for k in ATTRIBUTE_KEYS) for members in families for m in members}
+
+
+
 def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Path:
     """Write a synthetic catalog (``catalog.jsonl`` + ``images/``) and return its directory.
 
@@ -421,8 +443,9 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
 
-    num_dup = int(round(cfg.duplicate_sku_fraction * cfg.num_products * (1 - cfg.test_fraction)))
-    families = _sample_families(cfg, rng, cfg.num_products - num_dup)
+    num_dup = _duplicate_count(cfg)
+    reserved = set().union(*(products_of_seed(s, cfg.exclude_up_to) for s in cfg.exclude_products_of_seeds))
+    families = _sample_families(cfg, rng, cfg.num_products - num_dup, reserved)
     order = rng.permutation(len(families))
     num_test = int(round(cfg.test_fraction * len(families)))
     if cfg.test_fraction > 0 and len(families) >= 2:

@@ -2,10 +2,18 @@
 
 The question RAR optimises, asked on products the policy never saw: each listing of the held-out
 split is a query once, its other listings are the positives, and the frozen stage-1 encoder embeds
-the query as image + title (+ the generated attributes) against a gallery of image + title
-(``agcl.evaluation.instance_retrieval``, the ``instance`` task of the suite, the gallery encoded once
-for all sources; the same protocol as the reward; with
-``--gallery_attributes`` the gallery side also carries the catalog's stored attributes). The
+image + title (+ attributes) (``agcl.evaluation.instance_retrieval``, the ``instance`` task). Two
+protocols:
+
+- ``both_sides`` (deployment): the generator under test annotates every listing once, and queries
+  and gallery alike are embedded with their own generated attributes. This is what a marketplace
+  runs, so the demo reports it as its headline numbers.
+- ``query_only``: only the query carries generated attributes; the gallery is image + title (or the
+  catalog's stored attributes with ``--gallery_attributes``), encoded once for all sources -- the
+  reward's protocol.
+
+With no attributes (or a generator whose every output is empty) the two protocols are the same
+computation and give the same numbers. The
 attributes come from ``rar.generation.generate_attributes`` (greedy), are parsed with the reward's
 tolerant parser and re-written canonically; a completion that does not parse adds nothing to its
 query (as in the reward, which scores it but has no text to append).
@@ -24,10 +32,11 @@ from pathlib import Path
 from agcl.attributes import parse_attributes
 from agcl.evaluation import instance_retrieval
 
-__all__ = ["SOURCES", "canonical_attributes", "evaluate_attribute_sources", "format_table", "reward_trend",
-           "write_report"]
+__all__ = ["PROTOCOLS", "SOURCES", "canonical_attributes", "evaluate_attribute_sources", "format_table",
+           "reward_trend", "write_report"]
 
 SOURCES = ("no_attributes", "sft_attributes", "rar_attributes")
+PROTOCOLS = ("both_sides", "query_only")
 REPORTED = ("recall@1", "recall@5", "recall@10", "mAP@10", "mrr")
 
 
@@ -37,12 +46,24 @@ def canonical_attributes(completions: Sequence[str], key_order: Sequence[str] | 
 
 
 def evaluate_attribute_sources(encoder, catalog, sources: Mapping[str, Sequence[str | None] | None], *,
-                               gallery_attributes: Sequence[str | None] | None = None,
+                               protocol: str = "query_only", gallery_attributes: Sequence[str | None] | None = None,
                                batch_size: int = 32, show_progress: bool | None = None) -> dict[str, dict]:
-    """Instance retrieval on ``catalog`` with each source of query attributes (None = no attributes);
-    ``gallery_attributes``: texts appended to the gallery side (the reward's gallery protocol)."""
-    scores = instance_retrieval(encoder, catalog, sources, gallery_attributes=gallery_attributes,
-                                batch_size=batch_size, show_progress=show_progress)  # the gallery is encoded once
+    """Instance retrieval on ``catalog`` for each source of attributes (None = no attributes).
+
+    ``protocol="query_only"``: the sources annotate the queries, and ``gallery_attributes`` (texts, or None for
+    image + title) the gallery, encoded once. ``"both_sides"``: each source annotates queries and gallery alike
+    (one gallery encoding per source); ``gallery_attributes`` must then be None."""
+    options = {"batch_size": batch_size, "show_progress": show_progress}
+    if protocol == "query_only":
+        scores = instance_retrieval(encoder, catalog, sources, gallery_attributes=gallery_attributes, **options)
+    elif protocol == "both_sides":
+        if gallery_attributes is not None:
+            raise ValueError("protocol 'both_sides' annotates the gallery with each source: gallery_attributes must "
+                             "be None")
+        scores = {name: instance_retrieval(encoder, catalog, {name: texts}, gallery_attributes=texts, **options)[name]
+                  for name, texts in sources.items()}
+    else:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     results = {}
     for name, texts in sources.items():
         instance = scores[name]

@@ -73,8 +73,11 @@ def test_lora_grpo_trains_adapters_only_and_reports(recipe, monkeypatch, small_c
     assert len(steps) == 3 and all(math.isfinite(h["rewards/retrieval_rank/mean"]) for h in steps)
     assert (out / "adapter_model.safetensors").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocol"] == "both_sides"
+    assert metrics["query_only"]["no_attributes"] == metrics["no_attributes"]  # the two protocols agree without text
     for source in ("no_attributes", "sft_attributes", "rar_attributes"):
         assert set(metrics[source]) >= {"recall@1", "recall@5", "recall@10"}
+        assert set(metrics["query_only"][source]) >= {"recall@1", "recall@5", "recall@10"}
         assert all(0.0 <= metrics[source][k] <= 1.0 for k in ("recall@1", "recall@5", "recall@10"))
         assert metrics[source]["n_queries"] + metrics[source]["n_skipped"] == 24
     assert (out / "reward_curve.png").stat().st_size > 0 and (out / "recall.png").stat().st_size > 0

@@ -1,0 +1,185 @@
+"""Pretraining tiny MLLMs (agcl.pretraining, recipes/pretrain_tiny.py) and the shipped pretrained models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agcl.catalog import load_catalog
+from agcl.embedded import PRETRAINED_MODELS, resolve_model
+from agcl.pretraining import (
+    build_pretraining_dataset,
+    conversation,
+    perception_accuracy,
+    stated_keys,
+    visible_keys,
+)
+from agcl.synthetic_catalog import ATTRIBUTE_KEYS, make_synthetic_catalog, products_of_seed
+
+HIDDEN = ("brand", "size")
+
+
+def _texts(messages):
+    return [block["text"] for m in messages for block in m["content"] if block.get("type") == "text"]
+
+
+def _write_catalog(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as a .jsonl beside the corpus's own catalog.jsonl (so its relative image paths resolve)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "catalog.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return make_synthetic_catalog(tmp_path_factory.mktemp("pretrain") / "c", num_products=40, seed=11,
+                                  test_fraction=0.2, exclude_products_of_seeds=[0])
+
+
+def test_the_corpus_holds_no_product_of_an_excluded_seed(tmp_path):
+    excluded = products_of_seed(0, 300)
+    demo = {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS)
+            for r in _rows(make_synthetic_catalog(tmp_path / "demo", num_products=300, seed=0))}
+    assert demo <= excluded  # a smaller catalog of the seed holds a subset of what is reserved
+    corpus = make_synthetic_catalog(tmp_path / "corpus", num_products=3000, seed=0, exclude_products_of_seeds=[0],
+                                    exclude_up_to=300)
+    drawn = {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS) for r in _rows(corpus)}
+    assert len(drawn) > 2500 and not drawn & excluded
+    plain = make_synthetic_catalog(tmp_path / "plain", num_products=3000, seed=0)
+    assert {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS) for r in _rows(plain)} & excluded  # same seed
+
+
+def test_conversations_name_what_the_photo_and_the_title_show():
+    attributes = {"category": "mug", "brand": "acme", "color": "red", "secondary_color": "blue",
+                  "pattern": "solid", "logo": "none", "size": "M"}
+    keys = [k for k in ATTRIBUTE_KEYS if k not in HIDDEN]
+    title = "Acme red coffee mug size M hot sale"
+    assert stated_keys(title, attributes, ATTRIBUTE_KEYS) == ["category", "brand", "color", "size"]
+    seen = set()
+    for i in range(200):
+        messages = conversation(title, attributes, keys, ATTRIBUTE_KEYS, np.random.default_rng([0, i]))
+        question, reply = _texts(messages)
+        assert messages[0]["content"][0] == {"type": "image"} and ":" not in reply.replace("title:", "")
+        if question.startswith("Title:"):
+            seen.add("title")
+            assert "acme" in reply and "size m" in reply and "blue" not in reply
+        elif "?" in question and question not in ("What do you see in this picture?",):
+            seen.add("ask")
+        else:
+            seen.add("describe")
+            for word in ("mug", "red", "blue", "plain"):
+                assert word in reply.lower()
+            assert "acme" not in reply.lower() and " M" not in reply  # hidden keys only from the title
+    assert seen == {"title", "ask", "describe"}
+
+
+def test_any_catalog_keys_get_generic_phrasing(tmp_path, corpus_dir):
+    rows = _rows(corpus_dir)
+    for r in rows:
+        a = r["true_attributes"]
+        r["true_attributes"] = {"hue": a["color"], "material": "cotton" if a["pattern"] == "solid" else "wool",
+                                "brand": a["brand"]}
+    other = _write_catalog(corpus_dir / "other_keys.jsonl", rows)
+    catalog = load_catalog(other, split="train")
+    keys = visible_keys(catalog, HIDDEN)
+    assert keys == ["hue", "material"]
+    ds = build_pretraining_dataset(catalog, keys, passes=2, seed=0)
+    assert len(ds) == 2 * len(catalog)
+    replies = " ".join(_texts(ds[i]["messages"])[1] for i in range(len(ds)))
+    assert "hue" in replies and "material" in replies and ("cotton" in replies or "wool" in replies)
+    again = build_pretraining_dataset(catalog, keys, passes=2, seed=0)
+    assert again["messages"] == ds["messages"]
+    assert build_pretraining_dataset(catalog, keys, passes=2, seed=1)["messages"] != ds["messages"]
+
+
+def test_visible_keys_refuse_a_catalog_without_them(tmp_path, corpus_dir):
+    catalog = load_catalog(corpus_dir, split="train")
+    with pytest.raises(ValueError, match="'nope'"):
+        visible_keys(catalog, HIDDEN, column="nope")
+    with pytest.raises(ValueError, match="'true_attributes': none of its keys"):
+        visible_keys(catalog, ATTRIBUTE_KEYS)
+
+
+def _recipe(args, env_extra=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "recipes/pretrain_tiny.py", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("case", ["no column", "all hidden", "no catalog"])
+def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, corpus_dir, case):
+    rows = _rows(corpus_dir)
+    for r in rows:
+        if case == "no column":
+            del r["true_attributes"]
+    catalog = _write_catalog(corpus_dir / f"bad_{case.replace(' ', '_')}.jsonl", rows)
+    args = ["--config", "recipes/configs/pretrain_tiny_encoder.yaml", "--output_dir", str(tmp_path / "out")]
+    if case != "no catalog":
+        args += ["--catalog", str(catalog)]
+    if case == "all hidden":
+        args += ["--hidden_keys", *ATTRIBUTE_KEYS]
+    result = _recipe(args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in result.stderr
+    assert {"no column": "'true_attributes'", "all hidden": "none of its keys",
+            "no catalog": "--catalog"}[case] in error[0]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_short_pretraining_run_is_reproduced_bit_for_bit(tmp_path, corpus_dir):
+    """Two runs with the same flags (CPU, one thread) write identical weights; another seed does not."""
+    common = ["--config", "recipes/configs/pretrain_tiny_encoder.yaml", "--catalog", str(corpus_dir),
+              "--max_steps", "6", "--per_device_train_batch_size", "8", "--save_strategy", "no",
+              "--max_eval_listings", "8", "--disable_tqdm", "true"]
+    weights = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        result = _recipe([*common, "--output_dir", str(tmp_path / name), "--seed", seed])
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights.append((tmp_path / name / "model.safetensors").read_bytes())
+        perception = json.loads((tmp_path / name / "perception.json").read_text())["perception"]
+        assert set(perception) == {"category", "color", "secondary_color", "pattern", "logo"}
+        assert "pretrain_tiny.py" in (tmp_path / name / "README.md").read_text()
+    assert weights[0] == weights[1] and weights[0] != weights[2]
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAINED_MODELS))
+def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_dir, one_thread):
+    """A learning test on photos no pretraining run saw (the demo seed's catalog): the shipped model names the
+    visible attributes well above chance."""
+    from agcl.evaluation import listing_images
+    from agcl.modeling import load_mllm
+
+    path = resolve_model(name, "unused-cache-dir")
+    assert Path(path).is_dir() and (Path(path) / "model.safetensors").is_file()
+    card = (Path(path) / "README.md").read_text()
+    assert "recipes/pretrain_tiny.py" in card and "seed" in card
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        model, processor = load_mllm(path)
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+    catalog = load_catalog(small_catalog_dir, split="test").select(range(48))
+    keys = ["category", "color", "secondary_color", "pattern", "logo"]
+    from agcl.synthetic_catalog import ATTRIBUTE_VALUES
+
+    with torch.no_grad():
+        accuracy = perception_accuracy(model, processor, listing_images(catalog), catalog["true_attributes"], keys,
+                                       {k: ATTRIBUTE_VALUES[k] for k in keys})
+    chance = {k: 1 / len(ATTRIBUTE_VALUES[k]) for k in keys}
+    for key in ("category", "color", "secondary_color"):
+        assert accuracy[key] >= chance[key] + 0.4, (key, accuracy)
+    assert sum(accuracy.values()) / len(keys) >= 0.6, accuracy
