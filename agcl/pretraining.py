@@ -147,9 +147,10 @@ def visible_keys(catalog: datasets.Dataset, hidden_keys: Sequence[str] = (), col
 
 
 def conversation(title: str | None, attributes: Mapping, keys: Sequence[str], all_keys: Sequence[str],
-                 rng: np.random.Generator) -> list[dict]:
-    """One user/assistant exchange about a photo (the image block goes before the user text)."""
-    task = TASKS[int(rng.choice(len(TASKS), p=TASK_PROBABILITIES))]
+                 rng: np.random.Generator, task_probabilities: Sequence[float] = TASK_PROBABILITIES) -> list[dict]:
+    """One user/assistant exchange about a photo (the image block goes before the user text); the task is drawn
+    with ``task_probabilities`` over ``TASKS`` (describe, ask, title)."""
+    task = TASKS[int(rng.choice(len(TASKS), p=np.asarray(task_probabilities) / np.sum(task_probabilities)))]
     present = [k for k in keys if attributes.get(k) not in (None, "")]
     if task == "title" or not present:
         stated = stated_keys(title, attributes, all_keys)
@@ -168,7 +169,8 @@ def conversation(title: str | None, attributes: Mapping, keys: Sequence[str], al
 
 
 def build_pretraining_dataset(catalog: datasets.Dataset, keys: Sequence[str], *, passes: int = 1, seed: int = 0,
-                              column: str = "true_attributes") -> datasets.Dataset:
+                              column: str = "true_attributes",
+                              task_probabilities: Sequence[float] = TASK_PROBABILITIES) -> datasets.Dataset:
     """``passes`` conversations per listing (``messages`` + its ``image``), each drawn afresh."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
@@ -178,7 +180,7 @@ def build_pretraining_dataset(catalog: datasets.Dataset, keys: Sequence[str], *,
 
     def draw(title, attributes, index, *, offset):
         rng = np.random.default_rng([seed, offset, index])
-        return {"messages": conversation(title, attributes or {}, keys, all_keys, rng)}
+        return {"messages": conversation(title, attributes or {}, keys, all_keys, rng, task_probabilities)}
 
     parts = [base.map(draw, input_columns=["title", column], with_indices=True, fn_kwargs={"offset": p},
                       remove_columns=["title", column], desc=f"pretraining conversations (pass {p + 1})")

@@ -54,6 +54,10 @@ class RARScriptArguments:
     encoder_recipe: str | None = field(default=None, metadata={
         "help": "When --encoder does not exist yet, train it first with recipes/agcl_train.py and this YAML "
                 "(the demo does); None = the encoder must exist."})
+    encoder_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Backbone of the encoder that --encoder_recipe trains (the demo: the smaller pretrained tiny model, "
+                "as the paper's embedder is smaller than its generator); None = --model_name_or_path. A "
+                "--model_name_or_path given on the command line without this flag sets both."})
     gallery_attributes: str = field(default="none", metadata={
         "help": "Index the gallery with the catalog's stored attributes appended: 'none' (image + title only), "
                 "'reference' (the `attributes` column) or a column name. Used by the reward and the evaluation alike; "

@@ -57,6 +57,8 @@ class PretrainScriptArguments:
                 "catalog's brand and size)."})
     passes: int = field(default=3, metadata={
         "help": "Conversations per listing, each with a freshly drawn task and phrasing."})
+    task_probabilities: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.2], metadata={
+        "help": "How often each task is drawn: describe the photo, ask about one visible key, read the title."})
     family: str = field(default="qwen2_vl", metadata={"help": f"Architecture family, one of {FAMILIES}."})
     hidden_size: int = field(default=64, metadata={"help": "Language model width."})
     num_layers: int = field(default=2, metadata={"help": "Language model depth."})
@@ -120,8 +122,12 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig):
         if script_args.eval_split not in (None, "", "none"):
             held_out = load_catalog(script_args.catalog, split=script_args.eval_split)
             held_out = held_out.select(range(min(script_args.max_eval_listings, len(held_out))))
+        if len(script_args.task_probabilities) != 3 or min(script_args.task_probabilities) < 0 or not sum(
+                script_args.task_probabilities):
+            raise ValueError("--task_probabilities takes 3 weights >= 0 (describe, ask, title), not all 0")
         dataset = build_pretraining_dataset(catalog, keys, passes=script_args.passes, seed=training_args.seed,
-                                            column=script_args.attribute_column)
+                                            column=script_args.attribute_column,
+                                            task_probabilities=script_args.task_probabilities)
         model, processor = build_tiny_mllm(
             script_args.family, corpus=tokenizer_corpus(catalog, keys, script_args.attribute_column),
             hidden_size=script_args.hidden_size, num_layers=script_args.num_layers, num_heads=script_args.num_heads,

@@ -152,6 +152,7 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
         if not (Path(script_args.encoder) / "encoder_config.json").is_file():
             run_recipe("agcl_train.py", script_args.encoder_recipe,
                        {"catalog": catalog, "cache_dir": script_args.cache_dir, "output_dir": script_args.encoder,
+                        "model_name_or_path": script_args.encoder_model_name_or_path or model_args.model_name_or_path,
                         "seed": training_args.seed})
         policy_path = model_args.model_name_or_path
         if script_args.sft_recipe:
@@ -220,7 +221,11 @@ def parse_args(argv=None):
     if not argv:  # the embedded demo
         argv = ["--config", str(DEFAULT_CONFIG)]
     parser = TrlParser((RARScriptArguments, GRPOConfig, ModelConfig))
-    return parser.parse_args_and_config(argv)
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if "--model_name_or_path" in given and "--encoder_model_name_or_path" not in given:
+        script_args.encoder_model_name_or_path = model_args.model_name_or_path  # one flag sets every base model
+    return script_args, training_args, model_args
 
 
 def cli(argv=None):
