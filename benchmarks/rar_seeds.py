@@ -63,7 +63,8 @@ def main(argv=None):
         "",
         f"Made by `python benchmarks/rar_seeds.py --seeds {' '.join(map(str, args.seeds))}` on {platform.node()} "
         f"({platform.machine()}, Python {platform.python_version()}) in {time.time() - start:.0f} s, from the encoder and "
-        f"SFT generator of `{demo}`; held-out instance retrieval (630 listings), percent.",
+        f"SFT generator of `{demo}`; held-out instance retrieval (630 listings), every listing annotated by the generator "
+        "under test (the deployment protocol, metrics.json's top level), percent.",
         "",
         *rows,
         "",
