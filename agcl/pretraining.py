@@ -19,8 +19,8 @@ any catalog's keys work. Keys the photo cannot show (``hidden_keys``, e.g. brand
 only where the title states them. Every draw comes from ``numpy`` streams seeded by (seed, row,
 pass), so the same arguments give the same conversations in any order.
 
-``perception_accuracy`` scores a model the way the probe in docs/pretraining.md does: for each
-held-out photo and visible key, the value whose answer ("It is red.") the model finds most likely.
+``perception_accuracy`` scores a model (docs/pretraining.md): for each held-out photo and visible
+key, is the true value the one whose answer ("It is red.") the model finds most likely?
 
     corpus = load_catalog("outputs/pretrain-corpus", split="train")
     keys = visible_keys(corpus, hidden_keys=("brand", "size"))
@@ -36,7 +36,7 @@ import datasets
 import numpy as np
 import torch
 
-__all__ = ["ask_question", "build_pretraining_dataset", "conversation", "describe", "perception_accuracy",
+__all__ = ["TASK_PROBABILITIES", "ask_question", "build_pretraining_dataset", "conversation", "describe", "perception_accuracy",
            "stated_keys", "visible_keys"]
 
 TASKS = ("describe", "ask", "title")

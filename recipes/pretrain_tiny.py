@@ -32,7 +32,13 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from agcl.catalog import CatalogError, load_catalog
 from agcl.encoder import DEFAULT_INSTRUCTION
 from agcl.modeling import FAMILIES, build_tiny_mllm
-from agcl.pretraining import build_pretraining_dataset, conversation, perception_accuracy, visible_keys
+from agcl.pretraining import (
+    TASK_PROBABILITIES,
+    build_pretraining_dataset,
+    conversation,
+    perception_accuracy,
+    visible_keys,
+)
 from agcl.synthetic_catalog import vocabulary_corpus
 from rar.prompts import DEFAULT_PROMPT
 
@@ -57,7 +63,7 @@ class PretrainScriptArguments:
                 "catalog's brand and size)."})
     passes: int = field(default=3, metadata={
         "help": "Conversations per listing, each with a freshly drawn task and phrasing."})
-    task_probabilities: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.2], metadata={
+    task_probabilities: list[float] = field(default_factory=lambda: list(TASK_PROBABILITIES), metadata={
         "help": "How often each task is drawn: describe the photo, ask about one visible key, read the title."})
     family: str = field(default="qwen2_vl", metadata={"help": f"Architecture family, one of {FAMILIES}."})
     hidden_size: int = field(default=64, metadata={"help": "Language model width."})
@@ -89,14 +95,15 @@ def tokenizer_corpus(catalog, keys, column: str) -> list[str]:
     return texts
 
 
-def model_card(script_args, training_args, perception: dict, elapsed: float, n_listings: int, corpus_note: str) -> str:
+def model_card(script_args, training_args, perception: dict, elapsed: float, n_listings: int, corpus_note: str,
+               command: list[str]) -> str:
     sizes = {k: getattr(script_args, k) for k in ("family", "hidden_size", "num_layers", "num_heads",
                                                   "vision_hidden_size", "min_image_tokens", "max_image_tokens")}
     lines = ["# A pretrained tiny Qwen-VL-class MLLM (afmrl embedded default)", "",
              "Made by `recipes/pretrain_tiny.py`: the tiny-model factory's architecture, random init with seed "
              f"{training_args.seed}, trained with TRL's SFTTrainer on describe / ask / read-the-title conversations "
              "(agcl/pretraining.py) about the photos of a synthetic catalog.", "",
-             f"- command: `{' '.join(['python recipes/pretrain_tiny.py', *sys.argv[1:]])}`",
+             f"- command: `{' '.join(['python recipes/pretrain_tiny.py', *command])}`",
              f"- sizes: {json.dumps(sizes)}",
              f"- corpus: {script_args.catalog} split {script_args.split!r}, {n_listings} photos x {script_args.passes} "
              f"conversations; {corpus_note}",
@@ -108,7 +115,7 @@ def model_card(script_args, training_args, perception: dict, elapsed: float, n_l
     return "\n".join(lines) + "\n"
 
 
-def main(script_args: PretrainScriptArguments, training_args: SFTConfig):
+def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command: list[str] | None = None):
     started = time.time()
     set_seed(training_args.seed)
     try:  # every input check, before any model is built
@@ -169,18 +176,19 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig):
     (out / "perception.json").write_text(json.dumps({"perception": perception, "minutes": round(elapsed / 60, 1),
                                                      "script_args": asdict(script_args)}, indent=2) + "\n")
     (out / "README.md").write_text(model_card(script_args, training_args, perception, elapsed, len(catalog),
-                                              corpus_note))
+                                              corpus_note, sys.argv[1:] if command is None else command))
     print(f"wrote {out} ({elapsed / 60:.1f} min)")
     return trainer, perception
 
 
 def cli(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = TrlParser((PretrainScriptArguments, SFTConfig))
     try:
-        args = parser.parse_args_and_config(None if argv is None else list(argv))
+        args = parser.parse_args_and_config(argv)
     except USER_ERRORS as err:
         fail(err)
-    return main(*args)
+    return main(*args, command=argv)
 
 
 if __name__ == "__main__":
