@@ -49,11 +49,11 @@ def test_the_corpus_holds_no_product_of_an_excluded_seed(tmp_path):
     demo = {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS)
             for r in _rows(make_synthetic_catalog(tmp_path / "demo", num_products=300, seed=0))}
     assert demo <= excluded  # a smaller catalog of the seed holds a subset of what is reserved
-    corpus = make_synthetic_catalog(tmp_path / "corpus", num_products=3000, seed=0, exclude_products_of_seeds=[0],
+    corpus = make_synthetic_catalog(tmp_path / "corpus", num_products=500, seed=0, exclude_products_of_seeds=[0],
                                     exclude_up_to=300)
     drawn = {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS) for r in _rows(corpus)}
-    assert len(drawn) > 2500 and not drawn & excluded
-    plain = make_synthetic_catalog(tmp_path / "plain", num_products=3000, seed=0)
+    assert len(drawn) > 450 and not drawn & excluded
+    plain = make_synthetic_catalog(tmp_path / "plain", num_products=500, seed=0)
     assert {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS) for r in _rows(plain)} & excluded  # same seed
 
 
