@@ -123,15 +123,15 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
             raise ValueError("--catalog is required: the pretraining corpus (a catalog with a true_attributes column)")
         if script_args.family not in FAMILIES:
             raise ValueError(f"--family {script_args.family!r}: choose one of {', '.join(FAMILIES)}")
+        if len(script_args.task_probabilities) != 3 or min(script_args.task_probabilities) < 0 or not sum(
+                script_args.task_probabilities):
+            raise ValueError("--task_probabilities takes 3 weights >= 0 (describe, ask, title), not all 0")
         catalog = load_catalog(script_args.catalog, split=script_args.split)
         keys = visible_keys(catalog, script_args.hidden_keys, script_args.attribute_column)
         held_out = None
         if script_args.eval_split not in (None, "", "none"):
             held_out = load_catalog(script_args.catalog, split=script_args.eval_split)
             held_out = held_out.select(range(min(script_args.max_eval_listings, len(held_out))))
-        if len(script_args.task_probabilities) != 3 or min(script_args.task_probabilities) < 0 or not sum(
-                script_args.task_probabilities):
-            raise ValueError("--task_probabilities takes 3 weights >= 0 (describe, ask, title), not all 0")
         dataset = build_pretraining_dataset(catalog, keys, passes=script_args.passes, seed=training_args.seed,
                                             column=script_args.attribute_column,
                                             task_probabilities=script_args.task_probabilities)
