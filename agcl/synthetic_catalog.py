@@ -427,7 +427,6 @@ def products_of_seed(seed: int, num_products: int) -> set[tuple]:
     return {tuple(m[k] for k in ATTRIBUTE_KEYS) for members in families for m in members}
 
 
-
 def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Path:
     """Write a synthetic catalog (``catalog.jsonl`` + ``images/``) and return its directory.
 
