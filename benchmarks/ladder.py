@@ -19,7 +19,9 @@ Per seed, every stage is one of the recipes, run as a child process exactly as a
 
 Every rung is then evaluated on the test split (held-out products) with the same code
 (``agcl.evaluation.evaluate_encoder``): instance Recall@1/5/10, coarse mAP@1, image->text and
-text->image Recall@1. Attributes (SFT or RAR, greedy) are appended to the instance queries only.
+text->image Recall@1. Attributes (SFT or RAR, greedy) change the instance task under two protocols: in
+the headline (deployment) the generator under test annotates every listing, queries and gallery alike; the
+second table annotates the queries only, against an image + title gallery.
 """
 
 from __future__ import annotations
@@ -143,28 +145,41 @@ def schedule(tasks: list[Task], jobs: int, log_dir: Path, started: float, label:
 
 
 def evaluate_seed(work: Path, catalog: str) -> dict:
+    """Every rung of one seed on the test split. ``instance`` is the deployment protocol (the generator under
+    test annotates every listing, queries and gallery alike); ``instance_query_only`` beside it annotates the
+    queries only (the reward's protocol, against an image + title gallery)."""
     from agcl.catalog import load_catalog
     from agcl.encoder import ProductEncoder
     from agcl.evaluation import evaluate_encoder, instance_retrieval
+    from rar.evaluation import canonical_attributes
 
     test = load_catalog(catalog, split="test")
     lines = (work / "rar" / "attributes.jsonl").read_text(encoding="utf-8").splitlines()
     rows = {row["listing_id"]: row for row in map(json.loads, lines)}
-    attributes = {key: [rows[lid][key] or None for lid in test["listing_id"]]
+    # Parsed and re-written canonically, as rar_grpo's own evaluation does.
+    attributes = {key: canonical_attributes([rows[lid][key] or "" for lid in test["listing_id"]])
                   for key in ("sft_attributes", "rar_attributes")}
+
+    def both_sides(encoder, texts):
+        return instance_retrieval(encoder, test, {"a": texts}, gallery_attributes=texts, show_progress=False)["a"]
+
     results = {}
     for name in [n for n in STAGE1 if (work / slug(n) / "encoder_config.json").is_file()]:
         results[name] = evaluate_encoder(ProductEncoder.from_pretrained(work / slug(name)), test, tasks=TASKS,
                                          show_progress=False)
+        results[name]["instance_query_only"] = results[name]["instance"]  # no attributes: one protocol
     results["InfoNCE encoder"], results["+ AGCL"] = results["InfoNCE"], results["AGCL"]
-    # Attributes change only the instance queries: the AGCL encoder's gallery and other tasks are shared.
-    with_attributes = instance_retrieval(ProductEncoder.from_pretrained(work / slug("AGCL")), test, attributes,
-                                         show_progress=False)
-    results["+ SFT (distilled) attributes"] = {**results["AGCL"], "instance": with_attributes["sft_attributes"]}
-    results["+ RAR attributes"] = {**results["AGCL"], "instance": with_attributes["rar_attributes"]}
+    # Attributes change only the instance task: the AGCL encoder's other tasks are shared.
+    agcl = ProductEncoder.from_pretrained(work / slug("AGCL"))
+    query_only = instance_retrieval(agcl, test, attributes, show_progress=False)
+    for rung, key in (("+ SFT (distilled) attributes", "sft_attributes"), ("+ RAR attributes", "rar_attributes")):
+        results[rung] = {**results["AGCL"], "instance": both_sides(agcl, attributes[key]),
+                         "instance_query_only": query_only[key]}
     cit = ProductEncoder.from_pretrained(work / "cit" / "encoder")
     results["+ one CIT round"] = evaluate_encoder(cit, test, tasks=TASKS, show_progress=False,
                                                   query_attributes=attributes["rar_attributes"])
+    results["+ one CIT round"]["instance_query_only"] = results["+ one CIT round"]["instance"]
+    results["+ one CIT round"]["instance"] = both_sides(cit, attributes["rar_attributes"])
     (work / "ladder.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
@@ -217,6 +232,19 @@ def write_report(out: Path, per_seed: dict[int, dict], machine: str, seconds: fl
         paper = f"{PAPER_R1[rung]:.2f}" if rung in PAPER_R1 else "—"
         lines.append(f"| {rung} | " + " | ".join(cells) + f" | {paper} | {delta} |")
         previous = r1
+    lines += ["", "Instance retrieval under both protocols (R@1; Δ vs the previous rung, mean and min over seeds): "
+              "*both sides* is the table above (every listing annotated by the generator under test, as deployed), "
+              "*query only* annotates the queries and leaves the gallery image + title.", "",
+              "| rung | both sides R@1 | Δ | query only R@1 | Δ |", "|---|---|---|---|---|"]
+    previous = {}
+    for rung in RUNGS:
+        cells = []
+        for task in ("instance", "instance_query_only"):
+            r1 = np.array([r[rung][task]["recall@1"] for r in runs]) * 100
+            delta = "" if task not in previous else f"{(r1 - previous[task]).mean():+.1f} (min {(r1 - previous[task]).min():+.1f})"
+            cells += [f"{r1.mean():.1f} ± {r1.std():.1f}", delta]
+            previous[task] = r1
+        lines.append(f"| {rung} | " + " | ".join(cells) + " |")
     lines += ["", "![ladder](ladder.png)", "", "## Stage 1 alone: which part of AGCL helps", "",
               "Same runs (the InfoNCE and AGCL encoders are the ladder's first two rungs); instance retrieval, "
               "no attributes on the queries; Δ against InfoNCE with the same seed.", "",
