@@ -60,6 +60,8 @@ import datasets
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
+from agcl.hub import HubRepoNotFound, download_hint, hub_offline, hub_unreachable
+
 __all__ = ["CatalogError", "load_catalog", "group_by_product"]
 
 CATALOG_FILE = "catalog.jsonl"
@@ -479,9 +481,20 @@ def load_catalog(
     looks_like_path = text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or text.endswith(".jsonl")
     if looks_like_path or path.exists():
         raise CatalogError(text, [f"no such catalog directory: {text}"])
-    try:  # a hub id
-        loaded = datasets.load_dataset(text, split=split, num_proc=num_proc)
-    except Exception as e:  # offline, unknown repo, unknown split, ...: say what datasets said
+    try:  # a hub id: ask the hub once first, so that no network means one clear line, not a minute of retries
+        reason = hub_unreachable(text, "dataset")
+    except HubRepoNotFound as e:
+        raise CatalogError(text, [f"not a local catalog, and {e}"]) from None
+    try:
+        if reason:
+            with hub_offline():  # a cached copy still loads
+                loaded = datasets.load_dataset(text, split=split, num_proc=num_proc)
+        else:
+            loaded = datasets.load_dataset(text, split=split, num_proc=num_proc)
+    except Exception as e:  # unknown split, bad files, ...: say what datasets said
+        if reason:
+            raise CatalogError(text, [f"not a local catalog, not in the local cache, and the hub {reason}: "
+                                      f"{download_hint(text, 'dataset')}"]) from None
         raise CatalogError(text, [f"could not load hub dataset {text!r} (split {split!r}): {e}"]) from e
     if isinstance(loaded, datasets.DatasetDict):
         return _from_dict(loaded, text, None, None, verify, workers)

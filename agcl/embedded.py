@@ -24,6 +24,11 @@ PRETRAINED_MODELS = {
 }
 
 
+def is_embedded_model(name: str) -> bool:
+    """A tiny model the package builds or ships (resolved by ``resolve_model``), not a path or hub id."""
+    return name in TINY_MODELS or name in PRETRAINED_MODELS
+
+
 def resolve_catalog(source: str, cache_dir: str | Path, *, num_products: int = 600, seed: int = 0,
                     image_size: int = 64, val_fraction: float = 0.0) -> str:
     """``embedded`` → the synthetic catalog's directory (built if missing); anything else unchanged."""

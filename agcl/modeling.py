@@ -41,6 +41,8 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from agcl.hub import download_hint, hub_unreachable
+
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # The Qwen2-VL special tokens, in Qwen's order. `<|vision_pad|>` and the box/quad markers are not
@@ -154,6 +156,26 @@ def _check_path(name_or_path, *, need_config: bool) -> None:
     looks_local = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) or "\\" in text
     if looks_local or not _HUB_ID.match(text):
         raise FileNotFoundError(f"Model path does not exist: {text} (and it is not a hub id like 'org/name')")
+    _check_hub_model(text)
+
+
+def check_model_source(name_or_path) -> None:
+    """Fail at once, saying what to do, when a model is neither a saved model directory nor a hub id that is
+    cached or can be fetched now (no weights are read)."""
+    _check_path(name_or_path, need_config=True)
+
+
+def _check_hub_model(repo_id: str) -> None:
+    """A hub id that is not in the local cache needs the hub: say at once when it cannot be reached, instead of
+    after transformers' retries (minutes) with a message about some processor file."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: loads offline
+    reason = hub_unreachable(repo_id, "model")
+    if reason:
+        raise FileNotFoundError(f"{repo_id} is neither a local directory nor in the local Hugging Face cache, and the "
+                                f"hub {reason}: {download_hint(repo_id, 'model')}")
 
 
 def _model_type(name_or_path) -> str:
@@ -242,6 +264,19 @@ def read_backbone_signature(name_or_path, trust_remote_code: bool = False) -> di
 # ---------------------------------------------------------------- loading models
 
 
+QUANTIZATION_INSTALL = "pip install 'afmrl[quantization]' (bitsandbytes)"
+
+
+def require_bitsandbytes(flag: str = "--load_in_4bit") -> None:
+    """4-bit loading needs bitsandbytes, an optional extra (as in TRL's ``[quantization]``): without it, say so
+    with the install line, before any model loads. (Where it is installed, importing transformers' trainer
+    utilities imports it through peft, so it is only installed for those who quantise.)"""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{flag} needs bitsandbytes, which is not installed: {QUANTIZATION_INSTALL}")
+
+
 def disable_bnb_cpu_inference_repack(model) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns layers touched.
 
@@ -279,6 +314,8 @@ def load_mllm(
     on CUDA and float32 on CPU. Returns `(model, processor)`; the model is in eval mode.
     """
     _check_path(name_or_path, need_config=True)
+    if load_in_4bit:
+        require_bitsandbytes()
     # The processor first: a model that cannot be served fails before gigabytes of weights load.
     processor = load_processor(name_or_path, trust_remote_code=trust_remote_code)
     check_processor(processor, name_or_path)

@@ -49,8 +49,9 @@ class RARScriptArguments:
     cache_dir: str = field(default="outputs/embedded", metadata={
         "help": "Where the embedded catalog and the tiny models are built."})
     # ---------------------------------------------------------------- encoder and gallery
-    encoder: str = field(default="outputs/rar-demo/encoder", metadata={
-        "help": "Directory of a stage-1 encoder (recipes/agcl_train.py output). Frozen during RL."})
+    encoder: str | None = field(default=None, metadata={
+        "help": "Directory of a stage-1 encoder (recipes/agcl_train.py output), frozen during RL; None = "
+                "<output_dir>/encoder (where --encoder_recipe trains it)."})
     encoder_recipe: str | None = field(default=None, metadata={
         "help": "When --encoder does not exist yet, train it first with recipes/agcl_train.py and this YAML "
                 "(the demo does); None = the encoder must exist."})

@@ -1,40 +1,38 @@
 """Stage 1: train a product encoder with Attribute-Guided Contrastive Learning (AGCL).
 
-    python recipes/agcl_train.py --config recipes/configs/agcl_demo.yaml
+    python recipes/agcl_train.py                                   # the embedded demo (agcl_demo.yaml)
+    python recipes/agcl_train.py --output_dir outputs/mine --num_train_epochs 2   # flags override the demo
     python recipes/agcl_train.py --config recipes/configs/agcl_demo.yaml \
         --catalog data/my_catalog --output_dir outputs/my-encoder \
         --hard_negative_weighting false --false_negative_filter relative
     accelerate launch recipes/agcl_train.py --config recipes/configs/agcl_qwen2vl_2b.yaml
 
 Flags: the fields of agcl.config.AGCLScriptArguments, agcl.config.AGCLConfig (all of
-transformers.TrainingArguments plus the loss options) and trl.ModelConfig (backbone, LoRA, 4-bit).
+transformers.TrainingArguments plus the loss options) and trl.ModelConfig (backbone, LoRA, 4-bit). Without
+``--config`` they are layered over recipes/configs/agcl_demo.yaml.
 """
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 from transformers import set_seed
 from trl import ModelConfig, TrlParser
 
 from agcl.catalog import CatalogError, load_catalog, use_title_column
+from agcl.cli import default_config_epilog, fail, parse_recipe_args, with_default_config
 from agcl.config import AGCLConfig, AGCLScriptArguments
 from agcl.embedded import resolve_catalog, resolve_model
 from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder, read_encoder_config
 from agcl.evaluation import evaluate_encoder, format_results
 from agcl.trainer import AGCLTrainer, check_attribute_options
+from rewards.fingerprints import write_training_record
 
 logger = logging.getLogger("agcl_train")
 
 
 USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError)
-
-
-def fail(err: Exception):
-    """User errors (bad catalog, bad flag, missing path) end with one clear line and exit code 2."""
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "agcl_demo.yaml"
 
 
 def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args: ModelConfig):
@@ -45,6 +43,7 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
                               num_products=script_args.embedded_num_products, seed=script_args.embedded_seed,
                               image_size=script_args.embedded_image_size)
     train = load_catalog(catalog, split=script_args.train_split)
+    trained_on = train  # as loaded: what training_catalog.json fingerprints
     train, kept = use_title_column(train, script_args.title_column)
     if kept:
         logger.warning("%d of %d training rows have no %r: they keep their own title", kept, len(train),
@@ -90,12 +89,12 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
                                                load_in_4bit=model_args.load_in_4bit,
                                                trust_remote_code=script_args.trust_remote_code)
     trainer = AGCLTrainer(model=encoder, args=training_args, train_dataset=train)
-    return trainer, encoder, test
+    return trainer, encoder, test, (catalog, trained_on)
 
 
 def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args: ModelConfig):
     try:
-        trainer, encoder, test = setup(script_args, training_args, model_args)
+        trainer, encoder, test, (catalog, trained_on) = setup(script_args, training_args, model_args)
     except USER_ERRORS as err:
         fail(err)
 
@@ -103,6 +102,8 @@ def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args
     #    on are not user input errors: they keep their traceback.
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        write_training_record(training_args.output_dir, trained_on, catalog=catalog, split=script_args.train_split)
 
     # 4. Evaluate on the held-out split.
     if test is not None and trainer.is_world_process_zero():
@@ -114,11 +115,16 @@ def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args
     return trainer
 
 
+def parse_args(argv=None):
+    """``argv`` (default ``sys.argv[1:]``) over the demo YAML (or over ``--config``), parsed with TrlParser."""
+    parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig), epilog=default_config_epilog(DEFAULT_CONFIG))
+    return parse_recipe_args(parser, with_default_config(argv, DEFAULT_CONFIG))
+
+
 def cli(argv=None):
-    """The command line: ``argv`` (default ``sys.argv[1:]``) parsed with TrlParser, then ``main``."""
-    parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
+    """The command line: ``parse_args``, then ``main``."""
     try:
-        args = parser.parse_args_and_config(None if argv is None else list(argv))
+        args = parse_args(argv)
     except USER_ERRORS as err:  # e.g. AGCLConfig rejecting --false_negative_filter fuzzy
         fail(err)
     return main(*args)

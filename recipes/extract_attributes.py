@@ -38,6 +38,7 @@ from agcl.catalog import CatalogError, load_catalog
 from agcl.catalog_writer import write_catalog_dir
 from agcl.embedded import resolve_catalog
 from agcl.encoder import EncoderLoadError
+from agcl.modeling import require_bitsandbytes
 from rar.generation import generate_attributes
 from rar.policy import load_policy
 from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
@@ -139,6 +140,8 @@ def main(args: ExtractArguments) -> dict:
         raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
     if args.bbox_coordinates not in ("per_mille", "pixels"):
         raise ValueError(f"--bbox_coordinates must be per_mille or pixels, got {args.bbox_coordinates!r}")
+    if args.load_in_4bit:
+        require_bitsandbytes()
     column = args.column or DEFAULT_COLUMN[args.task]
     template = args.prompt_template or DEFAULT_TEMPLATE[args.task]
     catalog = load_catalog(resolve_catalog(args.catalog, args.cache_dir), split=args.split)

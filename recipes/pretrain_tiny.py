@@ -30,6 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from agcl.catalog import CatalogError, load_catalog
+from agcl.cli import fail, parse_recipe_args
 from agcl.encoder import DEFAULT_INSTRUCTION
 from agcl.modeling import FAMILIES, build_tiny_mllm
 from agcl.pretraining import (
@@ -74,11 +75,6 @@ class PretrainScriptArguments:
         "help": "Fewest LLM tokens per image (16 scales a 64 px photo up to 112 px)."})
     max_image_tokens: int = field(default=16, metadata={"help": "Most LLM tokens per image."})
     vocab_size: int = field(default=2048, metadata={"help": "Tokenizer vocabulary size (trained on the corpus)."})
-
-
-def fail(err: Exception):
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
 
 
 def tokenizer_corpus(catalog, keys, column: str) -> list[str]:
@@ -185,7 +181,7 @@ def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = TrlParser((PretrainScriptArguments, SFTConfig))
     try:
-        args = parser.parse_args_and_config(argv)
+        args = parse_recipe_args(parser, argv)
     except USER_ERRORS as err:
         fail(err)
     return main(*args, command=argv)

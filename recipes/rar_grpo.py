@@ -1,6 +1,7 @@
 """Stage 2: Retrieval-aware Attribute Reinforcement (RAR) with TRL's GRPOTrainer (or RLOOTrainer).
 
     accelerate launch recipes/rar_grpo.py                                   # the embedded demo (rar_demo.yaml)
+    accelerate launch recipes/rar_grpo.py --output_dir outputs/mine --max_steps 50   # flags override the demo
     accelerate launch recipes/rar_grpo.py --config recipes/configs/rar_qwen25vl_3b.yaml
     python recipes/rar_grpo.py --config recipes/configs/rar_qlora_7b.yaml --catalog data/my_catalog
     accelerate launch --config_file deepspeed_configs/zero3.yaml recipes/rar_grpo.py --config ...
@@ -11,10 +12,11 @@ in the gallery (``rewards.RetrievalRankReward``). Steps, in order:
 
 1. check every input (catalog rows, encoder directory, reward names and weights, prompt template,
    batch divisibility) -- a user error ends here with one line and exit code 2, before any model loads;
-2. train the stage-1 encoder with recipes/agcl_train.py if ``--encoder`` is missing and
-   ``--encoder_recipe`` names a YAML (reused when present);
+2. train the stage-1 encoder with recipes/agcl_train.py if ``--encoder`` (default
+   ``<output_dir>/encoder``) is missing and ``--encoder_recipe`` names a YAML (reused when present and
+   trained on this catalog; one trained on another catalog is refused by name);
 3. warm-start the policy with recipes/sft_attributes.py when ``--sft_recipe`` names a YAML
-   (``<output_dir>/sft``, reused when present): the paper's distilled generator;
+   (``<output_dir>/sft``, reused as the encoder is): the paper's distilled generator;
 4. GRPO (or RLOO) with the rewards; ``--resume_from_checkpoint`` continues a run;
 5. on ``--eval_split`` (held-out products): greedy attributes of the starting policy and of the RL
    policy, instance Recall@1/5/10 with no / SFT / RAR attributes, every listing annotated by the
@@ -22,7 +24,8 @@ in the gallery (``rewards.RetrievalRankReward``). Steps, in order:
    only (``metrics.json["query_only"]``); writes ``metrics.json``, ``attributes.jsonl``,
    ``reward_curve.png`` and ``recall.png``.
 
-Flags: the fields of rar.config.RARScriptArguments, trl.GRPOConfig and trl.ModelConfig.
+Flags: the fields of rar.config.RARScriptArguments, trl.GRPOConfig and trl.ModelConfig; without
+``--config`` they are layered over recipes/configs/rar_demo.yaml.
 """
 
 import json
@@ -39,9 +42,11 @@ from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOTrainer, TrlParser
 
 from agcl.catalog import CatalogError, load_catalog
-from agcl.embedded import resolve_catalog
+from agcl.cli import default_config_epilog, fail, given_flags, parse_recipe_args, with_default_config
+from agcl.embedded import is_embedded_model, resolve_catalog
 from agcl.encoder import EncoderLoadError, ProductEncoder, read_encoder_config
 from agcl.evaluation import attribute_texts
+from agcl.modeling import check_model_source, require_bitsandbytes
 from rar.config import RARScriptArguments, to_rloo_config
 from rar.evaluation import (
     SOURCES,
@@ -54,6 +59,7 @@ from rar.generation import generate_attributes
 from rar.policy import check_policy_processor, load_policy
 from rar.prompts import build_prompt_dataset
 from rewards import get_reward_funcs, validate_reward_weights
+from rewards.fingerprints import check_training_record
 from rewards.retrieval_rank import outside_zero3
 
 logger = logging.getLogger("rar_grpo")
@@ -66,12 +72,6 @@ _DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
                     "MASTER_ADDR", "MASTER_PORT")
 
 
-def fail(err: Exception):
-    """User errors end with one clear line and exit code 2."""
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-
-
 def run_recipe(recipe: str, config: str, overrides: dict):
     """Run another recipe in a clean single-process child (the demo's stage 1 and SFT stages)."""
     cmd = [sys.executable, str(RECIPES / recipe), "--config", config]
@@ -81,7 +81,10 @@ def run_recipe(recipe: str, config: str, overrides: dict):
     env = {k: v for k, v in os.environ.items()
            if k not in _DISTRIBUTED_ENV and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
     print(f"[rar_grpo] running {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, env=env)
+    code = subprocess.run(cmd, env=env).returncode
+    if code:  # the stage printed its own error (one `error:` line for a user error): end with its exit code
+        print(f"[rar_grpo] stage {recipe} failed (exit code {code})", file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
@@ -97,14 +100,26 @@ def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, mod
             evaluation = evaluation.select(range(min(script_args.max_eval_listings, len(evaluation))))
     if Path(script_args.encoder).exists() or not script_args.encoder_recipe:
         read_encoder_config(script_args.encoder)  # not an AGCL encoder -> EncoderLoadError
+    # Stage outputs this recipe trains itself are reused only when they were trained on this catalog.
+    stages = [("--encoder", script_args.encoder, script_args.encoder_recipe),
+              ("--sft_recipe's output", str(Path(training_args.output_dir) / "sft"), script_args.sft_recipe)]
+    for flag, directory, recipe in stages:
+        if recipe and Path(directory).is_dir() and not check_training_record(directory, catalog, flag=flag):
+            logger.warning("%s %s has no training_catalog.json: reused without checking which catalog it was trained on",
+                           flag, directory)
     if script_args.encoder_recipe and not Path(script_args.encoder_recipe).is_file():
         raise FileNotFoundError(f"--encoder_recipe {script_args.encoder_recipe!r} does not exist")
+    backbone = script_args.encoder_model_name_or_path or model_args.model_name_or_path
+    if script_args.encoder_recipe and not Path(script_args.encoder).exists() and backbone and not is_embedded_model(backbone):
+        check_model_source(backbone)  # the encoder this run will train: its base must be loadable
     if script_args.sft_recipe and not Path(script_args.sft_recipe).is_file():
         raise FileNotFoundError(f"--sft_recipe {script_args.sft_recipe!r} does not exist")
     if script_args.gallery and not Path(script_args.gallery).is_dir():
         raise FileNotFoundError(f"--gallery {script_args.gallery!r} is not a directory")
     prompts = build_prompt_dataset(train, prompt_template=script_args.prompt_template,
                                    attribute_keys=script_args.attribute_keys)
+    if model_args.load_in_4bit:
+        require_bitsandbytes()
     check_policy_processor(model_args.model_name_or_path or "tiny-qwen2-vl", cache_dir=script_args.cache_dir,
                            trust_remote_code=training_args.trust_remote_code)  # processor files only, no weights
     # Rewards resolve without loading anything heavy (the retrieval reward loads on its first call).
@@ -217,14 +232,15 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
 
 
 def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:  # the embedded demo
-        argv = ["--config", str(DEFAULT_CONFIG)]
-    parser = TrlParser((RARScriptArguments, GRPOConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    """Flags over the demo YAML (or over ``--config``); derived defaults filled in."""
+    argv = with_default_config(argv, DEFAULT_CONFIG)
+    parser = TrlParser((RARScriptArguments, GRPOConfig, ModelConfig), epilog=default_config_epilog(DEFAULT_CONFIG))
+    script_args, training_args, model_args = parse_recipe_args(parser, argv)
+    given = given_flags(argv)
     if "--model_name_or_path" in given and "--encoder_model_name_or_path" not in given:
         script_args.encoder_model_name_or_path = model_args.model_name_or_path  # one flag sets every base model
+    if script_args.encoder is None:  # the stages this run trains live under its --output_dir
+        script_args.encoder = str(Path(training_args.output_dir) / "encoder")
     return script_args, training_args, model_args
 
 

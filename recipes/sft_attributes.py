@@ -1,6 +1,7 @@
 """Stage 2 warm start: SFT of the attribute generator on the teacher's attributes (the "distilled generator").
 
-    python recipes/sft_attributes.py --config recipes/configs/sft_demo.yaml
+    python recipes/sft_attributes.py                                # the embedded demo (sft_demo.yaml)
+    python recipes/sft_attributes.py --output_dir outputs/my-sft --num_train_epochs 1   # flags override the demo
     python recipes/sft_attributes.py --config recipes/configs/sft_demo.yaml \
         --catalog data/my_catalog --model_name_or_path Qwen/Qwen2-VL-2B-Instruct \
         --use_peft --lora_r 16 --output_dir outputs/my-generator
@@ -13,27 +14,31 @@ skip dataset preparation). With ``assistant_only_loss`` (the demo config) only t
 ``<|im_end|>`` are trained, read from the template's ``{% generation %}`` markers.
 
 Flags: the fields of SFTScriptArguments (below), trl.SFTConfig (all of transformers.TrainingArguments
-plus SFT options) and trl.ModelConfig (policy, LoRA, 4-bit). With ``--use_peft`` the LoRA adapters go
+plus SFT options) and trl.ModelConfig (policy, LoRA, 4-bit), layered over recipes/configs/sft_demo.yaml
+without ``--config``. With ``--use_peft`` the LoRA adapters go
 on the language model's linears only (default q/k/v/o/gate/up/down; ``--lora_target_modules`` names
 others); the vision tower is left untouched.
 """
 
 import logging
-import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from agcl.catalog import CatalogError, load_catalog
+from agcl.cli import default_config_epilog, fail, parse_recipe_args, with_default_config
 from agcl.embedded import resolve_catalog, resolve_model
 from agcl.encoder import language_lora_targets
 from agcl.modeling import load_mllm
 from rar.prompts import DEFAULT_PROMPT, build_sft_dataset
+from rewards.fingerprints import write_training_record
 
 logger = logging.getLogger("sft_attributes")
 
 USER_ERRORS = (CatalogError, ValueError, FileNotFoundError, NotADirectoryError)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft_demo.yaml"
 LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -52,17 +57,13 @@ class SFTScriptArguments:
         "help": "User prompt with {title} and {keys} placeholders (the one GRPO will use)."})
 
 
-def fail(err: Exception):
-    """User errors (bad catalog, bad flag, missing path) end with one clear line and exit code 2."""
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-
-
 def setup(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig):
     """Everything that can fail on user input, in order, before any training step."""
     set_seed(training_args.seed)
     # 1. Data first: a bad catalog fails here, before any model is loaded.
-    catalog = load_catalog(resolve_catalog(script_args.catalog, script_args.cache_dir), split=script_args.split)
+    source = resolve_catalog(script_args.catalog, script_args.cache_dir)
+    catalog = load_catalog(source, split=script_args.split)
+    trained_on = catalog  # the whole split, as loaded: what training_catalog.json fingerprints
     if script_args.max_train_listings is not None:
         if script_args.max_train_listings < 1:
             raise ValueError(f"--max_train_listings must be >= 1, got {script_args.max_train_listings}")
@@ -82,12 +83,12 @@ def setup(script_args: SFTScriptArguments, training_args: SFTConfig, model_args:
         peft_config.target_modules = language_lora_targets(model, model_args.lora_target_modules or LM_LORA_TARGETS)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config)
-    return trainer, processor
+    return trainer, processor, (source, trained_on)
 
 
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig):
     try:
-        trainer, processor = setup(script_args, training_args, model_args)
+        trainer, processor, (source, trained_on) = setup(script_args, training_args, model_args)
     except USER_ERRORS as err:
         fail(err)
 
@@ -96,14 +97,20 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
+        write_training_record(training_args.output_dir, trained_on, catalog=source, split=script_args.split)
     return trainer
 
 
+def parse_args(argv=None):
+    """``argv`` (default ``sys.argv[1:]``) over the demo YAML (or over ``--config``), parsed with TrlParser."""
+    parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig), epilog=default_config_epilog(DEFAULT_CONFIG))
+    return parse_recipe_args(parser, with_default_config(argv, DEFAULT_CONFIG))
+
+
 def cli(argv=None):
-    """The command line: ``argv`` (default ``sys.argv[1:]``) parsed with TrlParser, then ``main``."""
-    parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
+    """The command line: ``parse_args``, then ``main``."""
     try:
-        args = parser.parse_args_and_config(None if argv is None else list(argv))
+        args = parse_args(argv)
     except USER_ERRORS as err:
         fail(err)
     return main(*args)

@@ -7,6 +7,9 @@
   Arrow columns without decoding an image; an image's identity is its path relative to the folder
   that holds all the catalog's images (a moved catalog keeps its fingerprint), or the sha256 of
   its bytes when the dataset embeds them.
+- **training record** (``training_catalog.json``): the catalog fingerprint of the split a stage was
+  trained on, written by the stage-1 and SFT recipes, so that ``recipes/rar_grpo.py`` refuses to reuse a
+  stage output trained on another catalog.
 """
 
 from __future__ import annotations
@@ -166,3 +169,40 @@ def _as_catalog(catalog, split: str | None = None, verify_images: bool = False):
     from agcl.catalog import load_catalog
 
     return load_catalog(catalog, split=split, verify_images=verify_images), str(Path(catalog).resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Which catalog a stage was trained on
+TRAINING_RECORD = "training_catalog.json"
+
+
+def write_training_record(directory: str | Path, dataset, *, catalog: str, split: str | None) -> Path:
+    """Save beside a trained stage (encoder, SFT policy) which catalog split it was trained on, so that a later
+    run can tell whether it may reuse it (``check_training_record``)."""
+    path = Path(directory) / TRAINING_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"catalog": str(catalog), "split": split, "rows": len(dataset), "fingerprint": catalog_fingerprint(dataset)}
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def check_training_record(directory: str | Path, catalog: str, *, flag: str) -> bool:
+    """Raise ValueError when the stage saved in ``directory`` was trained on another catalog than ``catalog``
+    (a path) -- compared by the fingerprint of the split it names. False when it has no record (made before
+    records existed, or by other code): nothing to compare."""
+    path = Path(directory) / TRAINING_RECORD
+    if not path.is_file():
+        return False
+    record = json.loads(path.read_text(encoding="utf-8"))
+    from agcl.catalog import CatalogError, load_catalog
+
+    try:
+        current = catalog_fingerprint(load_catalog(catalog, split=record.get("split")))
+    except CatalogError:  # e.g. the split does not exist in this catalog
+        current = None
+    if current != record.get("fingerprint"):
+        raise ValueError(
+            f"{flag} {str(directory)!r} exists and would be reused, but it was trained on split {record.get('split')!r} "
+            f"of another catalog ({record.get('catalog')}, fingerprint {_short(record.get('fingerprint'))}; this "
+            f"run's {catalog}: {_short(current)}): choose another --output_dir, or delete it to train it again")
+    return True

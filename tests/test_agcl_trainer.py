@@ -144,7 +144,7 @@ def test_recipe_trains_on_the_title_column_it_is_given(tiny_model_dir, small_cat
                                          "--model_name_or_path", str(tiny_model_dir), "--output_dir",
                                          str(tmp_path / "out"), "--eval_split", "none",
                                          "--title_column", "enriched_title"])
-    trainer, encoder, _ = recipe.setup(*args)
+    trainer, encoder, _, _ = recipe.setup(*args)
     assert trainer.catalog["title"] == [f"zzenriched {t}" for t in trainer.catalog["title_original"]]
     seen = []
     build = encoder.build_inputs

@@ -166,6 +166,19 @@ def expect_exit(recipe, capsys, argv, *fragments):
 
 
 @pytest.mark.usefixtures("no_models")
+def test_4bit_without_bitsandbytes_names_the_extra(recipe, capsys, monkeypatch, small_catalog_dir, tiny_encoder_dir,
+                                                   tiny_model_dir, tmp_path):
+    """bitsandbytes is the optional [quantization] extra: --load_in_4bit without it is one line naming it."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path / "o",
+                                          "--use_peft", "true", "--load_in_4bit", "true"),
+                "--load_in_4bit needs bitsandbytes", "afmrl[quantization]")
+
+
+@pytest.mark.usefixtures("no_models")
 def test_encoder_dir_that_is_not_an_agcl_encoder(recipe, capsys, small_catalog_dir, tiny_model_dir, tmp_path):
     expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_model_dir, tiny_model_dir, tmp_path),
                 "is not an AGCL encoder", "encoder_config.json")
@@ -239,10 +252,12 @@ def test_gallery_attributes_column_must_exist(recipe, capsys, small_catalog_dir,
 
 
 @pytest.mark.slow
-def test_demo_stages_train_then_reuse_encoder_and_warm_start(recipe, monkeypatch, small_catalog_dir, tiny_model_dir,
-                                                             tmp_path):
+def test_demo_stages_train_then_reuse_encoder_and_warm_start(recipe, monkeypatch, capsys, small_catalog_dir,
+                                                             tiny_model_dir, tmp_path):
     """--encoder_recipe / --sft_recipe: stage 1 and the SFT warm start run (as child recipes) when their
-    outputs are missing, and are reused, not rerun, when present."""
+    outputs are missing, and are reused, not rerun, when present -- unless they were trained on another catalog."""
+    import shutil
+
     import yaml
 
     def short(config, **changes):
@@ -265,6 +280,14 @@ def test_demo_stages_train_then_reuse_encoder_and_warm_start(recipe, monkeypatch
     monkeypatch.setattr(recipe, "run_recipe", lambda *a, **k: pytest.fail(f"stage rerun: {a[0]}"))
     trainer = recipe.cli(argv)  # both stages reused
     assert trainer.state.global_step == 1
+    assert json.loads((encoder / "training_catalog.json").read_text())["split"] == "train"
+
+    # The same output directories with another catalog: refused by name, before anything loads or trains.
+    other = make_synthetic_catalog(tmp_path / "other", num_products=80, seed=1)
+    argv[argv.index("--catalog") + 1] = str(other)
+    expect_exit(recipe, capsys, argv, f"--encoder {str(encoder)!r} exists and would be reused", "another catalog")
+    shutil.rmtree(encoder)  # with the encoder retrained, the SFT policy is the stale one
+    expect_exit(recipe, capsys, argv, "--sft_recipe's output", "another catalog")
 
 
 @pytest.mark.usefixtures("no_models")

@@ -39,3 +39,40 @@ def test_config_parses(config, load_recipe):
         assert len(training_args.reward_weights or script_args.reward_funcs) == len(script_args.reward_funcs)
     if "qlora" in config.stem:
         assert model_args[0].load_in_4bit and model_args[0].use_peft
+
+
+DEMOS = [("agcl_train", "agcl_demo.yaml"), ("sft_attributes", "sft_demo.yaml"), ("rar_grpo", "rar_demo.yaml")]
+
+
+@pytest.mark.parametrize("recipe,demo", DEMOS, ids=[d for d, _ in DEMOS])
+def test_flags_without_config_override_the_demo_yaml(recipe, demo, load_recipe, tmp_path):
+    """`python recipes/X.py --output_dir D --seed 7` is the demo YAML plus those two flags, not TRL's defaults
+    (which ask for bf16 and fail on a CPU-only machine)."""
+    import dataclasses
+
+    module = load_recipe(recipe)
+    flags = ["--output_dir", str(tmp_path / "mine"), "--seed", "7"]
+    layered = module.parse_args(flags)
+    explicit = module.parse_args(["--config", f"recipes/configs/{demo}", *flags])
+    assert [dataclasses.asdict(a) for a in layered] == [dataclasses.asdict(a) for a in explicit]
+    training_args = layered[1]
+    assert training_args.output_dir == str(tmp_path / "mine") and training_args.seed == 7
+    assert training_args.use_cpu and not training_args.bf16  # the demo's values, kept under the flags
+    demo_values = __import__("yaml").safe_load(open(f"recipes/configs/{demo}"))
+    assert layered[-1].model_name_or_path == demo_values["model_name_or_path"]
+
+
+def test_rar_demo_trains_its_stages_under_output_dir(load_recipe, tmp_path):
+    script_args, training_args, _ = load_recipe("rar_grpo").parse_args(["--output_dir", str(tmp_path / "run")])
+    assert script_args.encoder == str(tmp_path / "run" / "encoder") and script_args.encoder_recipe
+    script_args, _, _ = load_recipe("rar_grpo").parse_args(["--encoder", "elsewhere"])
+    assert script_args.encoder == "elsewhere"
+
+
+@pytest.mark.parametrize("recipe", ["agcl_train", "sft_attributes", "rar_grpo"])
+def test_help_names_the_demo_yaml(recipe, load_recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_recipe(recipe).parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Without --config the recipe runs" in out and "_demo.yaml" in out

@@ -1,0 +1,66 @@
+"""Command-line conventions the recipes share: their demo YAML under the flags, and one-line user errors.
+
+A recipe whose catalog defaults to the embedded one runs its demo YAML when called without ``--config``,
+and flags given on the command line override that YAML, the way TRL and open-r1 recipes layer flags over
+``--config`` (without this, any flag would silently drop the demo and bring back TrainingArguments'
+defaults, such as bf16 on a CPU-only machine)::
+
+    parser = TrlParser((ScriptArguments, GRPOConfig, ModelConfig), epilog=default_config_epilog(DEMO))
+    script_args, training_args, model_args = parser.parse_args_and_config(with_default_config(argv, DEMO))
+
+A user error (bad flag, bad catalog row, missing path) ends with ``error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["default_config_epilog", "fail", "given_flags", "parse_recipe_args", "with_default_config"]
+
+
+def fail(err: BaseException | str):
+    """End the run on a user error: one ``error:`` line on stderr, exit code 2."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def given_flags(argv: Sequence[str]) -> set[str]:
+    """The ``--flags`` present in ``argv`` (``--a=1`` counts as ``--a``)."""
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def with_default_config(argv: Sequence[str] | None, default: str | Path) -> list[str]:
+    """``argv`` (default ``sys.argv[1:]``) with ``--config DEFAULT`` in front when it names no ``--config``
+    (``--help`` then shows the demo's values as the defaults)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:  # TrlParser's own test (it reads `--config PATH` only)
+        return argv
+    return ["--config", str(default), *argv]
+
+
+def default_config_epilog(default: str | Path) -> str:
+    """The ``--help`` footer that names the YAML a recipe runs without ``--config``."""
+    path = Path(default)
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return (f"Without --config the recipe runs {path} (the embedded demo) and the flags given override it; with "
+            "--config, that YAML replaces it.")
+
+
+def parse_recipe_args(parser, argv: Sequence[str]):
+    """``parser.parse_args_and_config(argv)`` (a TrlParser), with transformers' bf16 refusal on a machine
+    without a bf16 GPU re-worded to name the recipe's GPU assumption and the two flags that run it on CPU."""
+    try:
+        return parser.parse_args_and_config(list(argv))
+    except ValueError as err:
+        import torch
+
+        if "bf16" in str(err) and not torch.cuda.is_available():
+            config = argv[argv.index("--config") + 1] if "--config" in argv else "the defaults"
+            raise ValueError(f"{config} trains in bf16 on GPUs and this machine has no CUDA GPU: to run it on the "
+                             "CPU add --bf16 false --use_cpu true") from None
+        raise
