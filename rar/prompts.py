@@ -37,7 +37,7 @@ import datasets
 
 from agcl.attributes import format_attributes
 
-__all__ = ["DEFAULT_PROMPT", "build_prompt_dataset", "build_sft_dataset", "sft_target"]
+__all__ = ["DEFAULT_PROMPT", "build_prompt_dataset", "build_sft_dataset", "sft_target", "PROMPT_FILE", "save_prompt_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +189,18 @@ def build_sft_dataset(
                 input_columns=["prompt", "_target"], remove_columns=["prompt", "_target"], desc="messages")
     kept = [c for c in ds.column_names if c not in ("messages", *image_cols)]
     return ds.select_columns(["messages", *image_cols, *kept])
+
+
+PROMPT_FILE = "attribute_prompt.json"
+
+
+def save_prompt_settings(directory, *, prompt_template: str, attribute_keys: Sequence[str] | None,
+                         max_new_tokens: int) -> None:
+    """Write beside a generator the prompt it was trained with (``attribute_prompt.json``), so that
+    ``recipes/index_catalog.py`` asks it the same way."""
+    import json
+    from pathlib import Path
+
+    settings = {"prompt_template": prompt_template, "attribute_keys": list(attribute_keys) if attribute_keys else None,
+                "max_new_tokens": max_new_tokens}
+    (Path(directory) / PROMPT_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

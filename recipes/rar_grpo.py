@@ -57,7 +57,7 @@ from rar.evaluation import (
 )
 from rar.generation import generate_attributes
 from rar.policy import check_policy_processor, load_policy
-from rar.prompts import build_prompt_dataset
+from rar.prompts import build_prompt_dataset, save_prompt_settings
 from rewards import get_reward_funcs, validate_reward_weights
 from rewards.fingerprints import check_training_record
 from rewards.retrieval_rank import outside_zero3
@@ -198,6 +198,8 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(output_dir))
+        save_prompt_settings(output_dir, prompt_template=script_args.prompt_template,
+                             attribute_keys=script_args.attribute_keys, max_new_tokens=training_args.max_completion_length)
     state.wait_for_everyone()
 
     if evaluation is None or not state.is_main_process:

@@ -32,7 +32,7 @@ from agcl.cli import default_config_epilog, fail, parse_recipe_args, with_defaul
 from agcl.embedded import resolve_catalog, resolve_model
 from agcl.encoder import language_lora_targets
 from agcl.modeling import load_mllm
-from rar.prompts import DEFAULT_PROMPT, build_sft_dataset
+from rar.prompts import DEFAULT_PROMPT, build_sft_dataset, save_prompt_settings
 from rewards.fingerprints import write_training_record
 
 logger = logging.getLogger("sft_attributes")
@@ -98,6 +98,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
         write_training_record(training_args.output_dir, trained_on, catalog=source, split=script_args.split)
+        save_prompt_settings(training_args.output_dir, prompt_template=script_args.prompt_template,
+                             attribute_keys=script_args.attribute_keys, max_new_tokens=64)
     return trainer
 
 

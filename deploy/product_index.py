@@ -1,0 +1,213 @@
+"""A searchable index of a catalog: annotated by the generator, embedded by the encoder, with a match threshold.
+
+What both stages are trained for, put to use: every listing is annotated once (stage 2's generator,
+greedy, or the catalog's stored attributes), embedded as image + title + attributes by the frozen
+stage-1 encoder, and indexed with faiss (``rewards.ProductGallery``: exact up to 100k vectors, IVF
+tuned to a target recall of the exact top-k beyond). A query listing is annotated and embedded the
+same way -- the both-sides protocol of ``rar.evaluation`` -- and answered with its nearest listings.
+``calibrate`` picks the score above which a result is called "the same product" for a target
+precision on a labelled split.
+
+    index = ProductIndex.build("data/catalog", encoder="outputs/rar-demo/encoder", generator="outputs/rar-demo")
+    index.save("outputs/index")
+    index = ProductIndex.load("outputs/index")        # a changed encoder is refused by fingerprint
+    results = index.search(load_catalog("data/catalog", split="test"), k=10)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from agcl.attributes import format_attributes
+from agcl.catalog import load_catalog
+from agcl.crops import catalog_views, uses_crops
+from agcl.encoder import ProductEncoder
+from deploy.calibration import calibrate_threshold
+from rar.evaluation import canonical_attributes
+from rewards.fingerprints import catalog_fingerprint, encoder_fingerprints
+from rewards.gallery import ProductGallery
+
+__all__ = ["INDEX_FILE", "ProductIndex", "annotate"]
+
+INDEX_FILE = "product_index.json"
+ATTRIBUTES_FILE = "attributes.jsonl"
+
+
+def annotate(listings, *, generator: str | None = None, attribute_column: str | None = None,
+             generation: dict | None = None, log_path: str | Path | None = None, batch_size: int = 16,
+             show_progress: bool | None = None) -> list[str | None]:
+    """Canonical attribute text per listing (None = none): greedy completions of ``generator`` (a policy
+    directory) parsed as the reward parses them, or the catalog's ``attribute_column``, or nothing.
+
+    ``generation`` holds the prompt the generator was trained with (``prompt_template``, ``attribute_keys``,
+    ``max_new_tokens``). With ``log_path`` every batch is appended to a JSONL log and listings already
+    there are not generated again (a killed run resumes)."""
+    generation = dict(generation or {})
+    keys = generation.get("attribute_keys")
+    if generator is None:
+        if attribute_column is None:
+            return [None] * len(listings)
+        return [format_attributes(a, keys) or None for a in listings[attribute_column]]
+    import torch
+    from trl import ModelConfig
+
+    from rar.generation import generate_attributes
+    from rar.policy import load_policy
+    from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
+
+    ids = [str(x) for x in listings["listing_id"]]
+    done: dict[str, str] = {}
+    if log_path is not None and Path(log_path).is_file():
+        for line in Path(log_path).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line being written when the run was killed
+            done[row["listing_id"]] = row["completion"]
+    todo = [i for i, lid in enumerate(ids) if lid not in done]
+    if todo:
+        model, processor, _ = load_policy(ModelConfig(model_name_or_path=generator), name_or_path=generator,
+                                          for_training=False)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        prompts = build_prompt_dataset(listings.select(todo), attribute_keys=keys,
+                                       prompt_template=generation.get("prompt_template") or DEFAULT_PROMPT)
+        log = open(log_path, "a", encoding="utf-8") if log_path is not None else None  # noqa: SIM115
+
+        def save(start: int, texts: list[str]):
+            for i, text in zip(todo[start:start + len(texts)], texts, strict=True):
+                done[ids[i]] = text
+                if log is not None:
+                    log.write(json.dumps({"listing_id": ids[i], "completion": text}, ensure_ascii=False) + "\n")
+            if log is not None:
+                log.flush()
+
+        try:
+            generate_attributes(model, processor, prompts, batch_size=batch_size, on_batch=save,
+                                max_new_tokens=generation.get("max_new_tokens", 64), show_progress=show_progress,
+                                desc="annotating listings")
+        finally:
+            if log is not None:
+                log.close()
+    return canonical_attributes([done[lid] for lid in ids], keys)
+
+
+class ProductIndex:
+    """``gallery`` (a ``ProductGallery`` of the annotated listings) + their ``attributes`` + how queries are
+    annotated and embedded (``config``: encoder, generator, attribute column, generation prompt, threshold)."""
+
+    def __init__(self, gallery: ProductGallery, attributes: Sequence[str | None], config: dict):
+        if len(attributes) != gallery.size:
+            raise ValueError(f"{len(attributes)} attribute texts for {gallery.size} indexed listings")
+        self.gallery, self.attributes, self.config = gallery, list(attributes), dict(config)
+        self._encoder = None
+
+    # ------------------------------------------------------------------ build, save, load
+    @classmethod
+    def build(cls, catalog, encoder: str, *, split: str | None = None, generator: str | None = None,
+              attribute_column: str | None = None, generation: dict | None = None, log_path=None,
+              batch_size: int = 32, index_type: str = "auto", target_recall: float = 0.98, recall_k: int = 10,
+              show_progress: bool | None = None) -> ProductIndex:
+        """Annotate, embed and index ``catalog`` (a path or a Dataset from ``load_catalog``; ``split`` selects rows)."""
+        ds = catalog if not isinstance(catalog, str | Path) else load_catalog(catalog, split=split)
+        if len(ds) == 0:
+            raise ValueError(f"the catalog{'' if split is None else f' split {split!r}'} has no listings to index")
+        if attribute_column is not None and attribute_column not in ds.column_names:
+            raise ValueError(f"--attribute_column {attribute_column!r} is not a column of the catalog "
+                             f"(columns: {ds.column_names})")
+        config = {"encoder": str(Path(encoder).resolve()), "generator": None if generator is None else str(generator),
+                  "attribute_column": attribute_column, "generation": dict(generation or {}), "threshold": None,
+                  "catalog": None if not isinstance(catalog, str | Path) else str(catalog), "split": split}
+        attributes = annotate(ds, generator=generator, attribute_column=attribute_column, generation=generation,
+                              log_path=log_path, batch_size=batch_size, show_progress=show_progress)
+        index = cls.__new__(cls)
+        index.config, index._encoder = config, None
+        vectors = index.embed(ds, attributes, batch_size=batch_size, show_progress=show_progress)
+        gallery = ProductGallery.from_embeddings(
+            vectors, list(ds["listing_id"]), list(ds["product_id"]), index_type=index_type, recall_k=recall_k,
+            target_recall=target_recall, encoder_fingerprint=encoder_fingerprints(config["encoder"]),
+            catalog_fingerprint=catalog_fingerprint(ds), info={"catalog_source": config["catalog"], "catalog_split": split})
+        return cls(gallery, attributes, config)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        self.gallery.save(directory)
+        with (directory / ATTRIBUTES_FILE).open("w", encoding="utf-8") as f:
+            for lid, text in zip(self.gallery.listing_ids, self.attributes, strict=True):
+                f.write(json.dumps({"listing_id": lid, "attributes": text}, ensure_ascii=False) + "\n")
+        (directory / INDEX_FILE).write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ProductIndex:
+        """Read a saved index; its encoder directory must still hold the weights it was built with."""
+        directory = Path(directory)
+        if not (directory / INDEX_FILE).is_file():
+            raise FileNotFoundError(f"{str(directory)!r} is not a product index: {INDEX_FILE} is missing "
+                                    "(build one with recipes/index_catalog.py)")
+        config = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
+        gallery = ProductGallery.load(directory)
+        if gallery.size == 0:
+            raise ValueError(f"the product index {str(directory)!r} is empty")
+        gallery.check_encoder(config["encoder"])  # retrained since the index was built -> ValueError (stale)
+        rows = [json.loads(line) for line in (directory / ATTRIBUTES_FILE).read_text(encoding="utf-8").splitlines()]
+        return cls(gallery, [r["attributes"] for r in rows], config)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def encoder(self) -> ProductEncoder:
+        if self._encoder is None:
+            self._encoder = ProductEncoder.from_pretrained(self.config["encoder"])
+        return self._encoder
+
+    def embed(self, listings, attributes: Sequence[str | None], *, batch_size: int = 32,
+              show_progress: bool | None = None) -> np.ndarray:
+        encoder = self.encoder
+        return encoder.encode(catalog_views(listings, uses_crops(encoder)), list(listings["title"]), list(attributes),
+                              batch_size=batch_size, show_progress=show_progress)
+
+    def search(self, listings, k: int = 10, *, batch_size: int = 32, same_product_only: bool = False,
+               show_progress: bool | None = None) -> list[dict]:
+        """For each listing (a catalog Dataset): ``{"listing_id", "attributes", "results": [{"listing_id",
+        "product_id", "score"}, ...]}``, best first. A listing that is itself indexed is left out of its own results.
+        ``same_product_only`` keeps the results at or above the calibrated threshold."""
+        threshold = self.config.get("threshold")
+        if same_product_only and (threshold is None or threshold.get("score") is None):
+            raise ValueError("--same_product_only needs a calibrated threshold: run recipes/index_catalog.py with "
+                             "--calibration_split" + ("" if threshold is None else
+                                                      f" (no score reached precision {threshold['target_precision']})"))
+        config = self.config
+        attributes = annotate(listings, generator=config["generator"], attribute_column=config["attribute_column"],
+                              generation=config["generation"], batch_size=batch_size, show_progress=show_progress)
+        vectors = self.embed(listings, attributes, batch_size=batch_size, show_progress=show_progress)
+        own = self.gallery.rows_of([str(x) for x in listings["listing_id"]])  # -1 where not indexed
+        scores, rows = self.gallery.search(vectors, k, exclude=own)
+        answers = []
+        for lid, text, row_scores, row_ids in zip(listings["listing_id"], attributes, scores, rows, strict=True):
+            results = [{"listing_id": self.gallery.listing_ids[r], "product_id": self.gallery.product_ids[r],
+                        "score": round(float(s), 6)} for s, r in zip(row_scores, row_ids, strict=True) if r >= 0]
+            if same_product_only:
+                results = [r for r in results if r["score"] >= threshold["score"]]
+            answers.append({"listing_id": str(lid), "attributes": text, "results": results})
+        return answers
+
+    def calibrate(self, listings, *, k: int = 10, target_precision: float = 0.95, batch_size: int = 32,
+                  show_progress: bool | None = None) -> dict:
+        """Choose the match threshold on labelled ``listings`` (``deploy.calibration``) and keep it in ``config``
+        (saved with the index); returns the calibration with its precision/recall curve."""
+        answers = self.search(listings, k, batch_size=batch_size, show_progress=show_progress)
+        query_ids, query_products = [str(x) for x in listings["listing_id"]], [str(x) for x in listings["product_id"]]
+        product_of = {**dict(zip(self.gallery.listing_ids, self.gallery.product_ids, strict=True)),
+                      **dict(zip(query_ids, query_products, strict=True))}
+        positives = self.gallery.positives_count(self.gallery.codes_of(query_products),
+                                                 exclude_rows=self.gallery.rows_of(query_ids))
+        calibration = calibrate_threshold(answers, product_of, positives.tolist(), target_precision=target_precision)
+        self.config["threshold"] = {key: calibration[key] for key in ("score", "precision", "recall",
+                                                                      "target_precision", "pairs", "positives")}
+        self.config["threshold"]["k"] = k
+        return calibration
+
