@@ -2,11 +2,12 @@
 
     python benchmarks/attribute_headroom.py --encoder DIR --catalog DIR [--generated RUN/attributes.jsonl]
 
-1. **Headroom**: instance Recall@1/5 on the split for queries with no attributes, the catalog's own
-   (teacher) attributes, the true attributes (synthetic catalogs have ``true_attributes``) and each
-   generated column, against the image + title gallery and against a gallery that carries the teacher's
-   attributes too (``--gallery_attributes reference`` in rar_grpo). Attributes the encoder cannot use
-   cannot be rewarded: the "true" row bounds what any generator can add through this encoder.
+1. **Headroom**: instance Recall@1/5 on the split with no attributes, the catalog's own (teacher)
+   attributes, the true attributes (synthetic catalogs have ``true_attributes``) and each generated
+   column: on both sides (every listing carries that source's attributes, as deployed), and on the
+   queries only, against the image + title gallery and against a gallery that carries the teacher's
+   attributes (``--gallery_attributes reference`` in rar_grpo, the reward's gallery). Attributes the
+   encoder cannot use cannot be rewarded: the "true" row bounds what any generator can add through it.
 2. **Generated attributes per key** (with ``--generated``, the ``attributes.jsonl`` rar_grpo writes):
    how often each key is emitted, how often its value is right (against ``true_attributes``, else the
    teacher's), and how often it is right when the listing's title does not state it (the value's words
@@ -27,6 +28,7 @@ from agcl.attributes import parse_attributes
 from agcl.catalog import load_catalog
 from agcl.encoder import ProductEncoder
 from agcl.evaluation import attribute_texts, instance_retrieval
+from rar.evaluation import canonical_attributes
 
 
 def _states(title: str, value: object) -> bool:
@@ -77,19 +79,22 @@ def main(argv=None):
         if missing:
             raise SystemExit(f"error: {path} has no row for listing {missing[0]!r} of split {args.split!r}")
         for column in sorted({k for r in rows.values() for k in r if k != "listing_id"}):
-            sources[f"{Path(path).parent.name}/{column}"] = [rows[i].get(column) for i in ids]
+            # parsed and re-written canonically, as rar_grpo's evaluation and the deployed index do
+            sources[f"{Path(path).parent.name}/{column}"] = canonical_attributes([rows[i].get(column) or "" for i in ids])
     encoder = ProductEncoder.from_pretrained(args.encoder)
 
     lines = [f"Encoder `{args.encoder}`, catalog `{args.catalog}` split `{args.split}` ({len(ds)} listings).", "",
-             "| query attributes | gallery: image+title R@1 | R@5 | gallery: + teacher attributes R@1 | R@5 |",
-             "|---|---|---|---|---|"]
+             "| attributes | both sides (deployment) R@1 | R@5 | query only, gallery image+title R@1 | R@5 | "
+             "query only, gallery + teacher attributes R@1 | R@5 |",
+             "|---|---|---|---|---|---|---|"]
     with torch.no_grad():
         plain = instance_retrieval(encoder, ds, sources, show_progress=False)
         annotated = instance_retrieval(encoder, ds, sources, gallery_attributes=sources["teacher"], show_progress=False)
+        both = {name: instance_retrieval(encoder, ds, {name: texts}, gallery_attributes=texts, show_progress=False)[name]
+                for name, texts in sources.items()}
     for name in sources:
-        a, b = plain[name], annotated[name]
-        lines.append(f"| {name} | {100 * a['recall@1']:.1f} | {100 * a['recall@5']:.1f} | "
-                     f"{100 * b['recall@1']:.1f} | {100 * b['recall@5']:.1f} |")
+        cells = [f"{100 * r[k]:.1f}" for r in (both[name], plain[name], annotated[name]) for k in ("recall@1", "recall@5")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, texts in sources.items():
         if "/" not in name:
             continue
@@ -102,7 +107,7 @@ def main(argv=None):
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     print(text)
-    return plain, annotated
+    return plain, annotated, both
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 from rar.prompts import DEFAULT_PROMPT
 
-__all__ = ["RL_ALGORITHMS", "RARScriptArguments", "to_rloo_config"]
+__all__ = ["POLICY_COLUMN", "RL_ALGORITHMS", "RARScriptArguments", "to_rloo_config"]
 
 RL_ALGORITHMS = ("grpo", "rloo")
+POLICY_COLUMN = "policy_attributes"  # the gallery's attributes written by the starting policy (--gallery_attributes policy)
 
 
 @dataclass
@@ -60,9 +61,10 @@ class RARScriptArguments:
                 "as the paper's embedder is smaller than its generator); None = --model_name_or_path. A "
                 "--model_name_or_path given on the command line without this flag sets both."})
     gallery_attributes: str = field(default="none", metadata={
-        "help": "Index the gallery with the catalog's stored attributes appended: 'none' (image + title only), "
-                "'reference' (the `attributes` column) or a column name. Used by the reward and the evaluation alike; "
-                "models a catalog that is already annotated, with queries annotated by the generator."})
+        "help": "What the reward's gallery carries besides image + title, annotated once before RL: 'none', "
+                "'policy' (the starting policy's greedy attributes, as a deployed catalog annotated by the generator; "
+                "reward = the deployment protocol at step 0), 'reference' (the stored `attributes` column) or a "
+                "column name. The query-only evaluation uses the same gallery."})
     gallery: str | None = field(default=None, metadata={
         "help": "A saved rewards.ProductGallery directory; None = encode --gallery_split with the encoder in each process."})
     # ---------------------------------------------------------------- policy warm start
@@ -104,9 +106,10 @@ class RARScriptArguments:
 
     @property
     def gallery_attribute_column(self) -> str | None:
+        """The catalog column the gallery's attributes come from; 'policy' writes POLICY_COLUMN before RL."""
         if self.gallery_attributes in (None, "", "none"):
             return None
-        return "attributes" if self.gallery_attributes == "reference" else self.gallery_attributes
+        return {"reference": "attributes", "policy": POLICY_COLUMN}.get(self.gallery_attributes, self.gallery_attributes)
 
     def reward_kwargs_dict(self) -> dict[str, dict]:
         if not self.reward_kwargs:

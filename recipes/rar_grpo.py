@@ -41,13 +41,14 @@ from accelerate import PartialState
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOTrainer, TrlParser
 
+from agcl.attributes import parse_attributes
 from agcl.catalog import CatalogError, load_catalog
 from agcl.cli import default_config_epilog, fail, given_flags, parse_recipe_args, with_default_config
 from agcl.embedded import is_embedded_model, resolve_catalog
 from agcl.encoder import EncoderLoadError, ProductEncoder, read_encoder_config
 from agcl.evaluation import attribute_texts
 from agcl.modeling import check_model_source, require_bitsandbytes
-from rar.config import RARScriptArguments, to_rloo_config
+from rar.config import POLICY_COLUMN, RARScriptArguments, to_rloo_config
 from rar.evaluation import (
     SOURCES,
     canonical_attributes,
@@ -124,18 +125,46 @@ def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, mod
                            trust_remote_code=training_args.trust_remote_code)  # processor files only, no weights
     # Rewards resolve without loading anything heavy (the retrieval reward loads on its first call).
     column = script_args.gallery_attribute_column
-    if column is not None:
+    if script_args.gallery_attributes == "policy" and script_args.gallery:
+        raise ValueError("--gallery_attributes policy annotates and encodes the gallery in this run: drop --gallery")
+    if column is not None and script_args.gallery_attributes != "policy":
         for name, ds in (("--split", train), ("--eval_split", evaluation)):
             if ds is not None and column not in ds.column_names:
                 raise ValueError(f"--gallery_attributes {script_args.gallery_attributes!r}: the {name} rows have no "
                                  f"column {column!r}")
-    reward_funcs = get_reward_funcs(
+    reward_funcs = make_rewards(script_args, catalog)
+    validate_reward_weights(training_args.reward_weights, reward_funcs)
+    return catalog, prompts, evaluation, reward_funcs
+
+
+def make_rewards(script_args: RARScriptArguments, catalog):
+    """The reward functions over ``catalog`` (a path, or the catalog with the policy's gallery attributes)."""
+    column = script_args.gallery_attribute_column
+    return get_reward_funcs(
         script_args.reward_entries(), encoder=script_args.encoder, catalog=catalog, gallery=script_args.gallery,
         split=script_args.gallery_split or script_args.split, known_keys=script_args.attribute_keys,
         key_order=script_args.attribute_keys,
         **({"gallery_options": {"attribute_column": column, "key_order": script_args.attribute_keys}} if column else {}))
-    validate_reward_weights(training_args.reward_weights, reward_funcs)
-    return catalog, prompts, evaluation, reward_funcs
+
+
+def annotate_gallery(script_args, training_args, model_args, policy_path, catalog: str, write: bool):
+    """``--gallery_attributes policy``: the reward's gallery split annotated once by the starting policy (greedy),
+    as a catalog is annotated by its generator in deployment; the whole catalog comes back with the parsed
+    attributes in POLICY_COLUMN (None outside the gallery split). The main process writes them (reused)."""
+    path = Path(training_args.output_dir) / "gallery_attributes.jsonl"
+    full = load_catalog(catalog)
+    split = script_args.gallery_split or script_args.split
+    rows = list(range(len(full))) if "split" not in full.column_names else \
+        [i for i, s in enumerate(full["split"]) if s == split]
+    if write and not path.is_file():
+        gallery = full.select(rows)
+        texts = generate_eval_attributes(script_args, training_args, model_args, policy_path, gallery)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"listing_id": lid, "completion": t}, ensure_ascii=False) + "\n"
+                                for lid, t in zip(gallery["listing_id"], texts, strict=True)), encoding="utf-8")
+    done = {r["listing_id"]: r["completion"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    values = [parse_attributes(done[lid]).attributes or None if lid in done else None for lid in full["listing_id"]]
+    return full.add_column(POLICY_COLUMN, values)
 
 
 def generate_eval_attributes(script_args, training_args, model_args, policy_path, evaluation) -> list[str]:
@@ -179,6 +208,12 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
                             "prompt_template": script_args.prompt_template,
                             "attribute_keys": script_args.attribute_keys, "seed": training_args.seed})
 
+        if script_args.gallery_attributes == "policy" and state.is_main_process:
+            annotate_gallery(script_args, training_args, model_args, policy_path, catalog, write=True)
+    if script_args.gallery_attributes == "policy":  # every process: the reward's gallery carries those attributes
+        reward_funcs = make_rewards(script_args, annotate_gallery(script_args, training_args, model_args, policy_path,
+                                                                  catalog, write=False))
+
     # The starting policy's attributes on held-out products ("SFT attributes"), before RL touches it.
     generated = {}
     if evaluation is not None and state.is_main_process:
@@ -214,7 +249,8 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
     # reward's protocol (query only, against the --gallery_attributes gallery) sits beside it.
     results = evaluate_attribute_sources(encoder, evaluation, sources, protocol="both_sides",
                                          batch_size=script_args.eval_batch_size)
-    gallery_texts = attribute_texts(evaluation, script_args.gallery_attributes, script_args.attribute_keys)
+    gallery_texts = (sources["sft_attributes"] if script_args.gallery_attributes == "policy" else
+                     attribute_texts(evaluation, script_args.gallery_attributes, script_args.attribute_keys))
     query_only = evaluate_attribute_sources(encoder, evaluation, sources, protocol="query_only",
                                             gallery_attributes=gallery_texts, batch_size=script_args.eval_batch_size)
     paths = write_report(output_dir, {k: results[k] for k in SOURCES}, log_history=trainer.state.log_history,

@@ -8,6 +8,7 @@ import torch
 import trl
 from safetensors.torch import load_file
 
+from agcl.catalog import load_catalog
 from agcl.synthetic_catalog import make_synthetic_catalog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,6 +243,27 @@ def test_annotated_gallery_protocol(recipe, small_catalog_dir, tiny_encoder_dir,
     assert reward._state.gallery.info["attribute_column"] == "attributes"
     assert reward.counters["gallery_baselines"] == 0  # baselines re-encoded: gallery vectors carry attributes
     assert json.loads((out / "metrics.json").read_text())["gallery_attributes"] == "reference"
+
+
+def test_policy_annotated_gallery(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
+    """--gallery_attributes policy: before RL the starting policy annotates the reward's gallery split once
+    (greedy, written to gallery_attributes.jsonl) and the reward's gallery vectors carry those attributes;
+    the query-only evaluation's gallery carries the starting policy's attributes too."""
+    from agcl.attributes import parse_attributes
+
+    out = tmp_path / "run"
+    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out,
+                                   "--gallery_attributes", "policy", "--max_steps", "1"))
+    train_ids = set(load_catalog(small_catalog_dir, split="train")["listing_id"])
+    written = [json.loads(line) for line in (out / "gallery_attributes.jsonl").read_text().splitlines()]
+    assert {row["listing_id"] for row in written} == train_ids  # the gallery split (--split train), once each
+    assert sum(bool(parse_attributes(row["completion"]).attributes) for row in written) > len(written) // 2
+    gallery = trainer.reward_funcs[0]._state.gallery
+    assert gallery.info["attribute_column"] == "policy_attributes" and gallery.size == len(train_ids)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["gallery_attributes"] == "policy"
+    # At step 0 the two protocols coincide for the starting policy: its attributes on queries and gallery.
+    assert metrics["query_only"]["sft_attributes"]["recall@1"] == metrics["sft_attributes"]["recall@1"]
 
 
 @pytest.mark.usefixtures("no_models")
