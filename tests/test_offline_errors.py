@@ -34,11 +34,35 @@ def test_paper_recipe_with_an_uncached_model_offline(small_catalog_dir, tmp_path
                      "HF_HUB_OFFLINE=1", "hf download Qwen/Qwen2-VL-2B-Instruct")
 
 
-def test_uncached_hub_catalog_offline(tmp_path):
-    proc, _ = run(["recipes/agcl_train.py", "--catalog", "someorg/products", "--output_dir", str(tmp_path / "o")],
-                  tmp_path, HF_HUB_OFFLINE="1")
-    assert_one_error(proc, "someorg/products", "not in the local cache", "HF_HUB_OFFLINE=1",
-                     "hf download someorg/products --repo-type dataset")
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 and an empty cache, in this process (the subprocess test above sets the variable)."""
+    import datasets.config
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+
+
+def expect_exit(recipe, argv, capsys, *fragments):
+    started = time.time()
+    with pytest.raises(SystemExit) as info:
+        recipe.cli(argv)
+    assert info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return time.time() - started
+
+
+@pytest.mark.usefixtures("hub_offline")
+def test_uncached_hub_catalog_offline(tmp_path, load_recipe, capsys):
+    elapsed = expect_exit(load_recipe("agcl_train"), ["--catalog", "someorg/products", "--output_dir", str(tmp_path)],
+                          capsys, "someorg/products", "not in the local cache", "HF_HUB_OFFLINE=1",
+                          "hf download someorg/products --repo-type dataset")
+    assert elapsed < 30
 
 
 def test_unreachable_hub_fails_at_once_without_retries(small_catalog_dir, tmp_path, load_recipe, capsys):
@@ -65,8 +89,7 @@ def test_unreachable_hub_fails_at_once_without_retries(small_catalog_dir, tmp_pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the bf16 refusal only happens without a CUDA GPU")
-def test_paper_recipe_on_cpu_names_the_two_flags(small_catalog_dir, tmp_path):
-    proc, _ = run(["recipes/agcl_train.py", "--config", "recipes/configs/agcl_qwen2vl_2b.yaml", "--catalog",
-                   str(small_catalog_dir), "--output_dir", str(tmp_path / "o")], tmp_path)
-    assert_one_error(proc, "recipes/configs/agcl_qwen2vl_2b.yaml trains in bf16 on GPUs",
-                     "--bf16 false --use_cpu true")
+def test_paper_recipe_on_cpu_names_the_two_flags(small_catalog_dir, tmp_path, load_recipe, capsys):
+    expect_exit(load_recipe("agcl_train"), ["--config", "recipes/configs/agcl_qwen2vl_2b.yaml", "--catalog",
+                                            str(small_catalog_dir), "--output_dir", str(tmp_path / "o")],
+                capsys, "recipes/configs/agcl_qwen2vl_2b.yaml trains in bf16 on GPUs", "--bf16 false --use_cpu true")
