@@ -90,6 +90,7 @@ def test_agcl_run_survives_sigkill(small_catalog_dir, tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_grpo_run_survives_sigkill(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
     cmd = [sys.executable, "recipes/rar_grpo.py", "--config", "recipes/configs/rar_demo.yaml",
+           "--gallery_attributes", "reference", "--beta", "0.0",
            "--catalog", str(small_catalog_dir), "--encoder", str(tiny_encoder_dir), "--encoder_recipe", "",
            "--sft_recipe", "", "--model_name_or_path", str(warm_policy_dir), "--split", "train",
            "--max_train_listings", "8", "--num_generations", "4", "--per_device_train_batch_size", "4",

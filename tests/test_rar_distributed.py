@@ -35,7 +35,8 @@ def test_grpo_with_two_processes(setup, small_catalog_dir, tiny_encoder_dir, war
         pytest.skip(f"DeepSpeed is not installed; to run the ZeRO tests: {install}")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[setup], "recipes/rar_grpo.py",
-           "--config", "recipes/configs/rar_demo.yaml", "--catalog", str(small_catalog_dir),
+           "--config", "recipes/configs/rar_demo.yaml", "--gallery_attributes", "reference", "--beta", "0.0",
+           "--catalog", str(small_catalog_dir),
            "--encoder", str(tiny_encoder_dir), "--encoder_recipe", "", "--sft_recipe", "",
            "--model_name_or_path", str(warm_policy_dir), "--output_dir", str(out), "--split", "train", "--max_train_listings", "8",
            "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "24",

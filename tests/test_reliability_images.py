@@ -68,7 +68,8 @@ def test_non_rgb_images_encode_generate_and_train(tmp_path, tiny_encoder_dir, wa
 
     recipe = load_recipe("rar_grpo")
     trainer = recipe.cli([
-        "--config", "recipes/configs/rar_demo.yaml", "--catalog", str(root), "--encoder", str(tiny_encoder_dir),
+        "--config", "recipes/configs/rar_demo.yaml", "--gallery_attributes", "reference", "--beta", "0.0",
+        "--catalog", str(root), "--encoder", str(tiny_encoder_dir),
         "--encoder_recipe", "", "--sft_recipe", "", "--model_name_or_path", str(warm_policy_dir),
         "--output_dir", str(tmp_path / "run"), "--split", "train", "--eval_split", "train", "--num_generations", "2",
         "--per_device_train_batch_size", "2", "--max_completion_length", "16", "--max_steps", "2",
