@@ -1,6 +1,6 @@
 """Regenerate docs/RESULTS.md and its plots from scratch on the embedded catalog: every benchmark, one command.
 
-    python benchmarks/run_all.py                 # about 30 minutes on 2 CPU cores
+    python benchmarks/run_all.py                 # about 50 minutes on 2 CPU cores (ladder 22, MOON ablation 21)
     python benchmarks/run_all.py --quick         # every benchmark in its smoke-test mode; docs/ untouched
     python benchmarks/run_all.py --only memory   # rerun some; RESULTS.md is reassembled from all of docs/
 
@@ -39,7 +39,7 @@ LADDER_ENCODER = REL_WORK / "ladder" / "seed0" / "agcl"  # the ladder's seed-0 A
 # name -> (section title, script + arguments, quick arguments, page it writes)
 BENCHMARKS = {
     # The weighting-only / filtering-only encoders are left to agcl_ablation.py and a plain ladder.py run: at
-    # about 4 minutes they would take run_all past its 30-minute budget on 2 cores.
+    # about 4 minutes they would take run_all further past its budget on 2 cores.
     "ladder": ("The ablation ladder (3 seeds)",
                ["ladder.py", "--work_dir", str(REL_WORK / "ladder"), "--stage1_ablation", "false"],
                ["--seeds", "0", "--quick"], "ladder.md"),
