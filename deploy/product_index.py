@@ -55,19 +55,12 @@ def annotate(listings, *, generator: str | None = None, attribute_column: str | 
     import torch
     from trl import ModelConfig
 
-    from rar.generation import generate_attributes
+    from rar.generation import generate_attributes, read_generation_log
     from rar.policy import load_policy
     from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
 
     ids = [str(x) for x in listings["listing_id"]]
-    done: dict[str, str] = {}
-    if log_path is not None and Path(log_path).is_file():
-        for line in Path(log_path).read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line being written when the run was killed
-            done[row["listing_id"]] = row["completion"]
+    done = read_generation_log(log_path)
     todo = [i for i, lid in enumerate(ids) if lid not in done]
     if todo:
         model, processor, _ = load_policy(ModelConfig(model_name_or_path=generator), name_or_path=generator,

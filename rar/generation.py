@@ -16,7 +16,25 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["generate_attributes", "user_messages"]
+__all__ = ["generate_attributes", "read_generation_log", "user_messages"]
+
+
+def read_generation_log(path) -> dict[str, str]:
+    """listing_id -> completion from a JSONL log of an earlier (possibly interrupted) run, as
+    ``recipes/extract_attributes.py`` and ``deploy.annotate`` append it batch by batch; a torn last line
+    is ignored, and a missing file is an empty log."""
+    import json
+    from pathlib import Path
+
+    done: dict[str, str] = {}
+    if path is not None and Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line being written when the run was killed
+            done[row["listing_id"]] = row["completion"]
+    return done
 
 
 def user_messages(prompt: Sequence[dict], num_images: int) -> list[dict]:

@@ -39,7 +39,7 @@ from agcl.catalog_writer import write_catalog_dir
 from agcl.embedded import resolve_catalog
 from agcl.encoder import EncoderLoadError
 from agcl.modeling import require_bitsandbytes
-from rar.generation import generate_attributes
+from rar.generation import generate_attributes, read_generation_log
 from rar.policy import load_policy
 from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
 
@@ -120,19 +120,6 @@ def parse_title(completion: str) -> str | None:
     return None
 
 
-def read_done(path: Path) -> dict[str, str]:
-    """listing_id -> completion from an earlier (possibly interrupted) run; a torn last line is ignored."""
-    done = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line being written when the run was killed
-            done[row["listing_id"]] = row["completion"]
-    return done
-
-
 def main(args: ExtractArguments) -> dict:
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch_size, --max_new_tokens and --limit must be >= 1")
@@ -152,7 +139,7 @@ def main(args: ExtractArguments) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # One log per task: a rerun with another --task in the same directory must not resume the other's answers.
     log_path = out / (GENERATIONS if args.task == "attributes" else f"generations-{args.task}.jsonl")
-    done = read_done(log_path)
+    done = read_generation_log(log_path)
     listing_ids = list(catalog["listing_id"])  # read the column once
     resumed = sum(lid in done for lid in listing_ids)
     todo = [i for i, lid in enumerate(listing_ids) if lid not in done]

@@ -208,11 +208,10 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
                             "prompt_template": script_args.prompt_template,
                             "attribute_keys": script_args.attribute_keys, "seed": training_args.seed})
 
-        if script_args.gallery_attributes == "policy" and state.is_main_process:
-            annotate_gallery(script_args, training_args, model_args, policy_path, catalog, write=True)
-    if script_args.gallery_attributes == "policy":  # every process: the reward's gallery carries those attributes
-        reward_funcs = make_rewards(script_args, annotate_gallery(script_args, training_args, model_args, policy_path,
-                                                                  catalog, write=False))
+        # every process: the reward's gallery carries the starting policy's attributes (the main one writes them)
+        if script_args.gallery_attributes == "policy":
+            reward_funcs = make_rewards(script_args, annotate_gallery(script_args, training_args, model_args,
+                                                                      policy_path, catalog, write=state.is_main_process))
 
     # The starting policy's attributes on held-out products ("SFT attributes"), before RL touches it.
     generated = {}
