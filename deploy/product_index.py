@@ -51,6 +51,9 @@ def annotate(listings, *, generator: str | None = None, attribute_column: str | 
     if generator is None:
         if attribute_column is None:
             return [None] * len(listings)
+        if attribute_column not in listings.column_names:
+            raise ValueError(f"the index carries the catalog's {attribute_column!r} attributes, but these listings "
+                             f"have no such column (columns: {listings.column_names})")
         return [format_attributes(a, keys) or None for a in listings[attribute_column]]
     import torch
     from trl import ModelConfig

@@ -97,6 +97,8 @@ def test_bad_input_is_one_clear_line(tiny_encoder_dir, tiny_model_dir, small_cat
     index_catalog.cli([*base, "--split", "test", "--attribute_column", "attributes"])
     query = ["--index", str(out), "--catalog", str(small_catalog_dir), "--split", "test"]
     expect_exit(search, [*query, "--same_product_only", "true"], "needs a calibrated threshold")
+    with pytest.raises(ValueError, match="carries the catalog's 'attributes' attributes"):
+        ProductIndex.load(out).search(test_split.remove_columns("attributes"))
     expect_exit(search, [*query, "--listing_ids", "NOPE"], "NOPE")
     expect_exit(search, ["--index", str(tmp_path), "--catalog", str(small_catalog_dir)], "is not a product index")
     # The encoder retrained after indexing: the index is stale and refused by fingerprint.
