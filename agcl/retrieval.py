@@ -18,7 +18,13 @@ Index types (``GalleryIndex.build(..., index_type=...)``):
 - ``"hnsw"``  — ``IndexHNSWFlat`` (M = ``hnsw_m``, efConstruction = max(40, 2M), efSearch =
   ``ef_search``). No training, fast queries, more memory; recall >= 0.97 of the top-10 on the
   20k x 64 mixtures we tried with the defaults.
-- ``"auto"``  — flat up to ``exact_max_size`` vectors, IVF beyond.
+- ``"ivfpq"`` — ``IndexIVFPQ``: IVF whose vectors are product-quantised to ``pq_m`` bytes each
+  (8 bits per sub-quantiser) instead of 4 x dim, for galleries whose float32 vectors do not fit
+  in memory. Built in chunks, so ``embeddings`` may be a ``np.memmap`` larger than memory; its
+  ``rerank_factor`` x k candidates are re-scored exactly with ``embeddings`` (read from disk when
+  memory-mapped; saved as ``vectors.npy``), see ``agcl.ivfpq``. Measured in docs/index_scale.md.
+- ``"auto"``  — flat up to ``exact_max_size`` vectors, IVF beyond, IVF-PQ once the float32
+  vectors would take more than ``memory_budget`` bytes (default: half the machine's memory).
 
 Search never changes faiss's global thread count (``faiss.omp_set_num_threads``); set it yourself
 if you need to.
@@ -35,6 +41,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,13 +50,35 @@ from typing import Any
 import faiss
 import numpy as np
 
-INDEX_TYPES = ("flat", "ivf", "hnsw", "auto")
+from agcl.ivfpq import build_ivfpq, rerank_search
+
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq", "auto")
+BUILT_TYPES = INDEX_TYPES[:-1]
 INDEX_FILE = "index.faiss"
+VECTORS_FILE = "vectors.npy"  # IVF-PQ's float vectors for exact re-ranking, memory-mapped
 META_FILE = "gallery.json"
 FORMAT_VERSION = 1
 _NORM_TOLERANCE = 1e-3
 _CALIBRATION_QUERIES = 256
 _CALIBRATION_K = 10
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resolve_index_type(n: int, dim: int, index_type: str = "auto", exact_max_size: int = 100_000,
+                       memory_budget: int | None = None) -> str:
+    """The index ``"auto"`` picks for ``n`` vectors of ``dim`` floats: flat up to ``exact_max_size``, IVF
+    while the float32 vectors fit in ``memory_budget`` bytes (default: half the physical memory), IVF-PQ beyond."""
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"unknown index_type {index_type!r}; valid: {', '.join(INDEX_TYPES)}")
+    if index_type != "auto":
+        return index_type
+    if n <= exact_max_size:
+        return "flat"
+    budget = physical_memory_bytes() // 2 if memory_budget is None else memory_budget
+    return "ivf" if 4 * n * dim <= budget else "ivfpq"
 
 
 def _as_float32_matrix(x: Any, name: str) -> np.ndarray:
@@ -83,9 +113,10 @@ class GalleryIndex:
         ids: Sequence[str] | None = None,
         metadata: dict | None = None,
         params: dict | None = None,
+        rerank_vectors: np.ndarray | None = None,
     ):
-        if index_type not in ("flat", "ivf", "hnsw"):
-            raise ValueError(f"index_type must be one of 'flat', 'ivf', 'hnsw' here, got {index_type!r}")
+        if index_type not in BUILT_TYPES:
+            raise ValueError(f"index_type must be one of {', '.join(map(repr, BUILT_TYPES))} here, got {index_type!r}")
         if ids is not None and len(ids) != index.ntotal:
             raise ValueError(f"{len(ids)} ids for {index.ntotal} gallery vectors")
         self.index = index
@@ -93,6 +124,9 @@ class GalleryIndex:
         self.ids = None if ids is None else [str(i) for i in ids]
         self.metadata = dict(metadata or {})
         self.params = dict(params or {})
+        if rerank_vectors is not None and rerank_vectors.shape != (index.ntotal, index.d):
+            raise ValueError(f"rerank_vectors has shape {rerank_vectors.shape}, the index {index.ntotal} x {index.d}")
+        self.rerank_vectors = rerank_vectors
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -107,6 +141,9 @@ class GalleryIndex:
         hnsw_m: int = 32,
         ef_search: int = 128,
         *,
+        pq_m: int | None = None,
+        rerank_factor: int = 8,
+        memory_budget: int | None = None,
         target_recall: float = 0.95,
         normalize: bool = False,
         metadata: dict | None = None,
@@ -115,30 +152,18 @@ class GalleryIndex:
         """Index ``embeddings`` (N, dim), row i has id ``ids[i]`` (default: none, use row numbers).
 
         Rows must be L2-normalised (norm 1 within 1e-3) unless ``normalize=True`` normalises them.
-        ``nlist``/``nprobe``/``target_recall`` concern IVF, ``hnsw_m``/``ef_search`` HNSW; see the
+        ``nlist``/``nprobe``/``target_recall`` concern IVF and IVF-PQ, ``pq_m`` (bytes per code, a divisor
+        of dim) and ``rerank_factor`` IVF-PQ, ``hnsw_m``/``ef_search`` HNSW, ``memory_budget`` the choice of ``"auto"``; see the
         module docstring for the defaults. ``metadata`` (JSON-serialisable) is kept and saved.
         """
-        if index_type not in INDEX_TYPES:
-            raise ValueError(f"unknown index_type {index_type!r}; valid: {', '.join(INDEX_TYPES)}")
-        x = _as_float32_matrix(embeddings, "embeddings")
-        n, dim = x.shape
+        if not hasattr(embeddings, "shape") or len(embeddings.shape) != 2:
+            embeddings = _as_float32_matrix(embeddings, "embeddings")
+        n, dim = embeddings.shape
         if n == 0:
             raise ValueError("embeddings is empty: a gallery needs at least one vector")
-        norms = np.linalg.norm(x, axis=1)
-        if normalize:
-            if (norms == 0).any():
-                raise ValueError(
-                    f"embeddings row {int(np.flatnonzero(norms == 0)[0])} is all zeros and cannot be normalised"
-                )
-            x = np.ascontiguousarray(x / norms[:, None], dtype=np.float32)
-        else:
-            off = np.abs(norms - 1.0) > _NORM_TOLERANCE
-            if off.any():
-                row = int(np.flatnonzero(off)[0])
-                raise ValueError(
-                    f"embeddings row {row} has L2 norm {norms[row]:.4f}, expected 1 (inner product is cosine only "
-                    f"for normalised vectors); {int(off.sum())} rows are off. Pass normalize=True to normalise them."
-                )
+        index_type = resolve_index_type(n, dim, index_type, exact_max_size, memory_budget)
+        if index_type != "ivfpq":  # the others hold every float32 vector in memory anyway
+            embeddings = _normalised_rows(embeddings, 0, n, normalize=normalize)
         if ids is not None:
             ids = [str(i) for i in ids]
             if len(ids) != n:
@@ -151,15 +176,21 @@ class GalleryIndex:
                         break
                     seen.add(i)
                 raise ValueError(f"ids must be unique; {dup!r} appears more than once")
-        if index_type == "auto":
-            index_type = "flat" if n <= exact_max_size else "ivf"
-
+        x, rerank = embeddings, None
         params: dict[str, Any] = {}
         if index_type == "flat":
             index = faiss.IndexFlatIP(dim)
             index.add(x)
         elif index_type == "ivf":
             index, params = cls._build_ivf(x, nlist, nprobe, target_recall, seed)
+        elif index_type == "ivfpq":
+            if normalize:
+                raise ValueError("an IVF-PQ index re-ranks with the vectors as given: normalise them first")
+            if rerank_factor < 1:
+                raise ValueError(f"rerank_factor must be >= 1, got {rerank_factor}")
+            index, params = build_ivfpq(x, _normalised_rows, nlist=nlist, nprobe=nprobe, pq_m=pq_m, seed=seed)
+            params["rerank_factor"] = int(rerank_factor)
+            rerank = x if isinstance(x, np.ndarray) and x.dtype == np.float32 else _normalised_rows(x, 0, n)
         else:
             if hnsw_m < 2 or ef_search < 1:
                 raise ValueError(f"hnsw_m must be >= 2 and ef_search >= 1, got {hnsw_m} and {ef_search}")
@@ -168,7 +199,7 @@ class GalleryIndex:
             index.hnsw.efSearch = ef_search
             index.add(x)
             params = {"hnsw_m": hnsw_m, "ef_construction": index.hnsw.efConstruction, "ef_search": ef_search}
-        return cls(index, index_type, ids=ids, metadata=metadata, params=params)
+        return cls(index, index_type, ids=ids, metadata=metadata, params=params, rerank_vectors=rerank)
 
     @staticmethod
     def _build_ivf(x, nlist, nprobe, target_recall, seed):
@@ -215,11 +246,11 @@ class GalleryIndex:
 
     @property
     def nprobe(self) -> int | None:
-        return self.index.nprobe if self.index_type == "ivf" else None
+        return self.index.nprobe if self.index_type in ("ivf", "ivfpq") else None
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        if self.index_type != "ivf":
+        if self.index_type not in ("ivf", "ivfpq"):
             raise ValueError(f"nprobe applies to IVF indexes, this one is {self.index_type!r}")
         if not 1 <= value <= self.index.nlist:
             raise ValueError(f"nprobe must be between 1 and nlist={self.index.nlist}, got {value}")
@@ -266,7 +297,7 @@ class GalleryIndex:
             raise ValueError(f"query dim {q.shape[1]} does not match the index dim {self.dim}")
         nq = len(q)
         if exclude is None:
-            scores, indices = self.index.search(q, k)
+            scores, indices = self._search(q, k)
         else:
             ex = np.asarray(exclude)
             if ex.shape != (nq,) or not (np.issubdtype(ex.dtype, np.integer) or nq == 0):
@@ -279,7 +310,7 @@ class GalleryIndex:
                 raise ValueError(
                     f"exclude[{bad}] = {int(ex[bad])} is not a gallery row (0..{self.size - 1}) or -1"
                 )
-            scores, indices = self.index.search(q, k + 1)
+            scores, indices = self._search(q, k + 1)
             hit = (indices == ex[:, None]) & (ex[:, None] >= 0)
             drop = np.where(hit.any(axis=1), hit.argmax(axis=1), k)  # the excluded row, else the extra one
             keep = np.ones(indices.shape, dtype=bool)
@@ -288,6 +319,11 @@ class GalleryIndex:
             indices = indices[keep].reshape(nq, k)
         scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
         return scores, indices.astype(np.int64)
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.rerank_vectors is None:
+            return self.index.search(q, k)
+        return rerank_search(self.index, self.rerank_vectors, q, k, self.params.get("rerank_factor", 8))
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
@@ -315,6 +351,8 @@ class GalleryIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(directory / INDEX_FILE))
+        if self.rerank_vectors is not None:
+            _save_vectors(self.rerank_vectors, directory / VECTORS_FILE)
         (directory / META_FILE).write_text(text)
         return directory
 
@@ -339,13 +377,63 @@ class GalleryIndex:
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{directory / INDEX_FILE} is not an inner-product index")
         params = info.get("params", {})
-        if info["index_type"] == "ivf":
+        if info["index_type"] in ("ivf", "ivfpq"):
             index.nprobe = params.get("nprobe", index.nprobe)
         elif info["index_type"] == "hnsw":
             index.hnsw.efSearch = params.get("ef_search", index.hnsw.efSearch)
+        rerank = None
+        if info["index_type"] == "ivfpq":
+            if not (directory / VECTORS_FILE).is_file():
+                raise FileNotFoundError(f"the IVF-PQ index {str(directory)!r} lacks {VECTORS_FILE} (its vectors for re-ranking)")
+            rerank = np.load(directory / VECTORS_FILE, mmap_mode="r")
         return cls(
-            index, info["index_type"], ids=info.get("ids"), metadata=info.get("metadata"), params=params
+            index, info["index_type"], ids=info.get("ids"), metadata=info.get("metadata"), params=params,
+            rerank_vectors=rerank,
         )
+
+
+def _save_vectors(vectors: np.ndarray, path: Path) -> None:
+    """Write ``vectors`` as a float32 .npy in chunks; nothing to do when they are that file, memory-mapped."""
+    if isinstance(vectors, np.memmap) and vectors.filename and Path(vectors.filename).resolve() == path.resolve():
+        return
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=vectors.shape)
+    for start in range(0, len(vectors), 65_536):
+        out[start:start + 65_536] = vectors[start:start + 65_536]
+    out.flush()
+    del out
+
+
+def _normalised_rows(x, start: int, stop: int, rows: np.ndarray | None = None, normalize: bool = False) -> np.ndarray:
+    """Rows ``start:stop`` of ``x`` (only those in the sorted ``rows`` when given) as checked float32,
+    L2-normalised when ``normalize``; errors name the row of ``x``."""
+    if rows is not None:
+        rows = rows[(rows >= start) & (rows < stop)]
+        offsets = rows
+        chunk = x[rows]
+    else:
+        offsets = np.arange(start, stop)
+        chunk = x[start:stop]
+    try:
+        chunk = _as_float32_matrix(chunk, "embeddings")
+    except ValueError as err:  # the row number of the chunk -> the row of x
+        found = re.search(r"in row (\d+)", str(err))
+        if found is None:
+            raise
+        raise ValueError(str(err).replace(found.group(0), f"in row {int(offsets[int(found.group(1))])}")) from None
+    norms = np.linalg.norm(chunk, axis=1)
+    if normalize:
+        if (norms == 0).any():
+            raise ValueError(f"embeddings row {int(offsets[np.flatnonzero(norms == 0)[0]])} is all zeros and "
+                             "cannot be normalised")
+        return np.ascontiguousarray(chunk / norms[:, None], dtype=np.float32)
+    off = np.abs(norms - 1.0) > _NORM_TOLERANCE
+    if off.any():
+        row = int(np.flatnonzero(off)[0])
+        raise ValueError(
+            f"embeddings row {int(offsets[row])} has L2 norm {norms[row]:.4f}, expected 1 (inner product is cosine "
+            f"only for normalised vectors); {int(off.sum())} rows are off. Pass normalize=True to normalise them."
+        )
+    return chunk
 
 
 def _calibrate_nprobe(index, x, nlist, target_recall, rng) -> tuple[int, dict]:

@@ -21,7 +21,8 @@ them:
   elsewhere keeps its fingerprint), or the sha256 of its bytes when the dataset embeds them.
 
 Index choice: exact (``IndexFlatIP``) up to ``exact_max_size`` rows (100k by default), IVF above
-it (``index_type="auto"``); ``"flat"``, ``"ivf"`` and ``"hnsw"`` force one, and ``index_options``
+it, IVF-PQ once the float32 vectors would not fit in memory (``index_type="auto"``; ``agcl.retrieval.
+resolve_index_type``); ``"flat"``, ``"ivf"``, ``"ivfpq"`` and ``"hnsw"`` force one, and ``index_options``
 pass through to ``GalleryIndex.build`` (``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``, ...).
 An approximate index is then tuned by ``tune_search``: the smallest ``nprobe`` / ``efSearch``
 whose recall of the exact top-``recall_k`` (50, the reward's K) reaches ``target_recall`` (0.98)
@@ -50,7 +51,7 @@ import faiss
 import numpy as np
 
 from agcl.crops import catalog_views, uses_crops
-from agcl.retrieval import GalleryIndex
+from agcl.retrieval import GalleryIndex, resolve_index_type
 from rewards.fingerprints import (  # noqa: F401  (re-exported: the gallery's public vocabulary)
     ENCODER_FINGERPRINT_KINDS,
     _as_catalog,
@@ -134,12 +135,12 @@ class ProductGallery:
         ``target_recall`` of the exact top-``recall_k`` unless ``target_recall`` is None or the
         caller fixed ``nprobe`` (IVF) / ``ef_search`` (HNSW); ``tune_rows`` go to ``tune_search(rows=...)``.
         """
-        n = len(embeddings)
-        resolved = index_type if index_type != "auto" else ("flat" if n <= exact_max_size else "ivf")
-        fixed = (resolved == "ivf" and index_options.get("nprobe") is not None) or (
+        n, dim = (len(embeddings), None) if not hasattr(embeddings, "shape") else embeddings.shape[:2]
+        resolved = resolve_index_type(n, dim or 0, index_type, exact_max_size, index_options.get("memory_budget"))
+        fixed = (resolved in ("ivf", "ivfpq") and index_options.get("nprobe") is not None) or (
             resolved == "hnsw" and "ef_search" in index_options
         )
-        tune = resolved in ("ivf", "hnsw") and target_recall is not None and not fixed
+        tune = resolved in ("ivf", "ivfpq", "hnsw") and target_recall is not None and not fixed
         if tune and resolved == "ivf":
             index_options["nprobe"] = 1  # skip GalleryIndex's top-10 calibration: tune_search replaces it
         index = GalleryIndex.build(
@@ -269,10 +270,13 @@ class ProductGallery:
         return counts
 
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
-        """The stored embeddings of gallery ``rows`` (float32, (len(rows), dim))."""
+        """The stored embeddings of gallery ``rows`` (float32, (len(rows), dim)); IVF-PQ reads them from its
+        re-ranking vectors (on disk when memory-mapped)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.index.rerank_vectors is not None:
+            return np.asarray(self.index.rerank_vectors[rows], dtype=np.float32)
         if self.index.index_type == "ivf" and not self._reconstructable:
             self.index.index.make_direct_map()
             self._reconstructable = True
@@ -291,6 +295,7 @@ class ProductGallery:
         num_queries: int = 512,
         seed: int = 0,
         rows: Sequence[int] | None = None,
+        base: np.ndarray | None = None,
     ) -> dict:
         """Set the smallest nprobe (IVF) / efSearch (HNSW) whose recall of the exact top-``k`` reaches
         ``target_recall``; returns what it measured (also stored in ``index.params["tuning"]``).
@@ -302,7 +307,8 @@ class ProductGallery:
         about another: ``benchmarks/reward_cost.py`` shows IVF tuned on uniform rows missing a
         quarter of the top-50 of queries from a small dense region). The sample aims
         halfway between the target and 1 (as ``GalleryIndex``'s calibration), so that the recall
-        on unseen queries clears the target. A flat index is exact: nothing to tune.
+        on unseen queries clears the target. A flat index is exact: nothing to tune. ``base`` is the
+        gallery's float32 vectors by row (default: the stored ones; may be memory-mapped).
         """
         kind = self.index.index_type
         if kind == "flat":
@@ -312,24 +318,27 @@ class ProductGallery:
         if k < 1:
             return {"recall": 1.0, "k": k}
         rng = np.random.default_rng(seed)
-        base = self.vectors(np.arange(n))
+        if base is None:
+            base = self.index.rerank_vectors if self.index.rerank_vectors is not None else self.vectors(np.arange(n))
+        if len(base) != n:
+            raise ValueError(f"base has {len(base)} vectors for a gallery of {n}")
         if queries is None:
             pool = np.arange(n) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
             sample = np.sort(rng.choice(pool, min(len(pool), num_queries), replace=False))
-            q, exclude = np.ascontiguousarray(base[sample]), sample
+            q, exclude = np.ascontiguousarray(base[sample], dtype=np.float32), sample
         else:
             q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
             exclude = None
-        _, truth = GalleryIndex(faiss_flat(base), "flat").search(q, k, exclude=exclude)
+        truth = exact_top_k(q, base, k, exclude)
         goal = 1.0 - (1.0 - target_recall) / 2
-        if kind == "ivf":
+        if kind in ("ivf", "ivfpq"):
             nlist = self.index.index.nlist
             ladder = sorted({min(nlist, max(1, int(round(2 ** (i / 2))))) for i in range(2 * int(math.log2(nlist)) + 3)})
         else:
             ladder = sorted({max(k, int(round(k * 2 ** (i / 2)))) for i in range(0, 14)})
         recall, value = 0.0, ladder[-1]
         for value in ladder:
-            if kind == "ivf":
+            if kind != "hnsw":
                 self.index.nprobe = value
             else:
                 self.index.ef_search = value
@@ -338,7 +347,7 @@ class ProductGallery:
             if recall >= goal:
                 break
         del base
-        result = {"param": "nprobe" if kind == "ivf" else "ef_search", "value": int(value), "recall": recall,
+        result = {"param": "ef_search" if kind == "hnsw" else "nprobe", "value": int(value), "recall": recall,
                   "goal": goal, "target_recall": target_recall, "k": k, "queries": len(q)}
         if recall < goal:
             warnings.warn(
@@ -481,18 +490,24 @@ class ProductGallery:
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in ("index", "_row_of", "_code_of", "_reconstructable")}
         idx = self.index
-        state["_index_state"] = (faiss.serialize_index(idx.index), idx.index_type, idx.ids, idx.metadata, idx.params)
+        rerank = idx.rerank_vectors
+        if isinstance(rerank, np.memmap) and rerank.filename:  # the file, not its contents
+            rerank = ("mmap", str(rerank.filename))
+        state["_index_state"] = (faiss.serialize_index(idx.index), idx.index_type, idx.ids, idx.metadata, idx.params,
+                                 rerank)
         return state
 
     def __setstate__(self, state: dict) -> None:
-        blob, index_type, ids, metadata, params = state.pop("_index_state")
+        blob, index_type, ids, metadata, params, rerank = state.pop("_index_state")
+        if isinstance(rerank, tuple):
+            rerank = np.load(rerank[1], mmap_mode="r")
         self.__dict__.update(state)
         index = faiss.deserialize_index(blob)
-        if index_type == "ivf":
+        if index_type in ("ivf", "ivfpq"):
             index.nprobe = params.get("nprobe", index.nprobe)
         elif index_type == "hnsw":
             index.hnsw.efSearch = params.get("ef_search", index.hnsw.efSearch)
-        self.index = GalleryIndex(index, index_type, ids=ids, metadata=metadata, params=params)
+        self.index = GalleryIndex(index, index_type, ids=ids, metadata=metadata, params=params, rerank_vectors=rerank)
         self._derive()
 
 
@@ -501,6 +516,24 @@ def faiss_flat(vectors: np.ndarray) -> faiss.Index:
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return index
+
+
+def exact_top_k(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None,
+                chunk: int = 262_144) -> np.ndarray:
+    """Rows of the exact top-``k`` of ``base`` (read ``chunk`` rows at a time, so it may be memory-mapped) by
+    inner product for each query; ``exclude[i]`` is a row left out of query i's results (-1: none)."""
+    nq, extra = len(queries), 0 if exclude is None else 1
+    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((nq, 0), dtype=np.int64)
+    for start in range(0, len(base), chunk):
+        block = np.ascontiguousarray(base[start:start + chunk], dtype=np.float32)
+        s, i = faiss.knn(queries, block, min(k + extra, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        best_s, best_i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i + start], axis=1)
+        if exclude is not None:
+            best_s = np.where(best_i == np.asarray(exclude)[:, None], -np.inf, best_s)
+        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+    return np.where(np.isfinite(best_s), best_i, -1)
 
 
 def _overlap(found: np.ndarray, truth: np.ndarray) -> float:

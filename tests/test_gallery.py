@@ -60,12 +60,12 @@ def test_round_trip_gives_identical_search_and_checks_pass(tmp_path):
     np.testing.assert_array_equal(again.search(q, 5)[1], loaded.search(q, 5)[1])
 
 
-@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw", "ivfpq"])
 def test_approximate_index_is_tuned_and_round_trips(tmp_path, index_type):
     data = _clustered(4300)
     x, q = data[:4000], data[4000:]  # unseen queries from the same distribution
     ids = [f"L{i}" for i in range(len(x))]
-    opts = {"nlist": 64} if index_type == "ivf" else {"hnsw_m": 8}
+    opts = {"ivf": {"nlist": 64}, "hnsw": {"hnsw_m": 8}, "ivfpq": {"nlist": 16}}[index_type]
     gallery = ProductGallery.from_embeddings(x, ids, [f"P{i // 4}" for i in range(len(x))], index_type=index_type,
                                              recall_k=20, target_recall=0.95, **opts)
     tuning = gallery.index.params["tuning"]
@@ -78,6 +78,7 @@ def test_approximate_index_is_tuned_and_round_trips(tmp_path, index_type):
     gallery.save(tmp_path / "g")
     loaded = ProductGallery.load(tmp_path / "g")
     np.testing.assert_array_equal(loaded.search(q, 20)[1], found)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(loaded)).search(q, 20)[1], found)  # IVF-PQ: its memmap
     np.testing.assert_allclose(loaded.vectors([0, 3999]), x[[0, 3999]], atol=1e-6)
     assert ProductGallery.from_embeddings(x[:50], ids[:50], ids[:50]).index.index_type == "flat"
 

@@ -181,7 +181,7 @@ def test_input_errors_name_the_problem(small):
     bad_gallery[11] = np.nan
     with pytest.raises(ValueError, match="embeddings has NaN or infinite values in row 11"):
         GalleryIndex.build(bad_gallery)
-    with pytest.raises(ValueError, match="unknown index_type 'annoy'; valid: flat, ivf, hnsw, auto"):
+    with pytest.raises(ValueError, match="unknown index_type 'annoy'; valid: flat, ivf, hnsw, ivfpq, auto"):
         GalleryIndex.build(gallery, index_type="annoy")
     with pytest.raises(ValueError, match="row 0 has L2 norm 2.0000.*normalize=True"):
         GalleryIndex.build(gallery * 2)
@@ -232,3 +232,48 @@ def test_evaluation_from_index_matches_dense_metrics():
     for name in ("recall@1", "recall@5", "recall@10", "recall_fraction@10", "mAP@10"):
         assert got[name] == pytest.approx(ref[name], abs=1e-6), name
     assert 0.3 < got["recall@1"] < 1.0  # a non-trivial problem
+
+
+def test_auto_picks_ivfpq_once_the_float_vectors_exceed_the_memory_budget(small):
+    gallery, _ = small
+    size = gallery.nbytes  # 500 x 32 float32
+    assert GalleryIndex.build(gallery, exact_max_size=499, memory_budget=size).index_type == "ivf"
+    assert GalleryIndex.build(gallery, exact_max_size=499, memory_budget=size - 1).index_type == "ivfpq"
+    with pytest.raises(ValueError, match="pq_m must divide the dimension 32, got 5"):
+        GalleryIndex.build(gallery, index_type="ivfpq", pq_m=5)
+    with pytest.raises(ValueError, match="normalise them first"):
+        GalleryIndex.build(gallery, index_type="ivfpq", normalize=True)
+
+
+def test_ivfpq_from_a_memmap_in_chunks_reranks_exactly_and_round_trips(mixture, tmp_path, monkeypatch):
+    import agcl.ivfpq
+
+    gallery, queries, _ = mixture
+    gallery = gallery[:3000]
+    path = tmp_path / "vectors.npy"
+    np.save(path, gallery)
+    on_disk = np.load(path, mmap_mode="r")
+    monkeypatch.setattr(agcl.ivfpq, "ADD_CHUNK", 1000)  # three chunks
+    index = GalleryIndex.build(on_disk, index_type="ivfpq", nlist=8, nprobe=8, pq_m=32, rerank_factor=50)
+    assert index.params["code_bytes"] == 24 and index.rerank_vectors is on_disk  # 256 B -> 32 x 6 bits; no copy
+    in_memory = GalleryIndex.build(gallery, index_type="ivfpq", nlist=8, nprobe=8, pq_m=32, rerank_factor=50)
+    scores, idx = index.search(queries, 10, exclude=np.full(len(queries), 3))
+    np.testing.assert_array_equal(idx, in_memory.search(queries, 10, exclude=np.full(len(queries), 3))[1])
+    # every list probed and 500 candidates re-scored exactly: the exact top-10 with exact scores
+    assert_same_topk(scores, idx, *brute_force(queries, gallery, 10, exclude=np.full(len(queries), 3)))
+    index.nprobe = 1  # fewer candidates: still exact scores, for the rows found
+    scores, idx = index.search(queries, 10)
+    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", gallery[idx], queries), atol=1e-5)
+    index.save(tmp_path / "index", metadata={"encoder": "e"})
+    loaded = GalleryIndex.load(tmp_path / "index")
+    assert isinstance(loaded.rerank_vectors, np.memmap) and loaded.nprobe == 1
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], idx)
+    index.save(tmp_path)  # the memmap's own file: left as it is
+    assert np.load(path).shape == (3000, 64)
+    (tmp_path / "index" / "vectors.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks vectors.npy"):
+        GalleryIndex.load(tmp_path / "index")
+    bad = np.array(gallery)
+    bad[2321] = np.nan
+    with pytest.raises(ValueError, match="embeddings has NaN or infinite values in row 2321"):
+        GalleryIndex.build(bad, index_type="ivfpq", nlist=8)
