@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 GB = 1e9
+NOTES = "<!-- notes: text below this line is kept when the table is regenerated -->"
 ORDER = ("agcl_2b", "reward_2b", "grpo_3b", "grpo_7b_qlora", "zero3_2b")
 
 
@@ -17,7 +18,7 @@ def _shape(r: dict) -> str:
         chunk = f", GradCache chunk {s['chunk']}" if r["case"] == "agcl_2b" else ", 2 processes"
         return f"{base}; {2 * per} listings/step/process, {s['photo']} px{chunk}"
     if r["case"] == "reward_2b":
-        return f"{base}; gallery {r.get('gallery', {}).get('listings', '?')} listings, {s['photo']} px"
+        return f"{base}; gallery {r.get('gallery', {}).get('listings', '?')} listings, {s['gallery_photo']} px"
     return f"{base}; G={s['G']}, {s['prompts']} prompt(s), {s['tokens']} tokens, {s['photo']} px"
 
 
@@ -32,7 +33,9 @@ def _time(r: dict) -> str:
             parts.append(f"gallery {r['gallery']['seconds']:.0f} s")
         return "; ".join(parts)
     steps = r.get("steps") or [s for rank in r.get("ranks", [])[:1] for s in rank.get("steps", [])]
-    return ", ".join(f"{s['seconds']:.0f} s" for s in steps) + f" (whole case {r.get('seconds', 0):.0f} s)"
+    cpu = " (CPU time of the process: " + ", ".join(f"{s['cpu_seconds']:.0f} s" for s in steps) + ")" \
+        if steps and all("cpu_seconds" in s for s in steps) else ""
+    return ", ".join(f"{s['seconds']:.0f} s" for s in steps) + cpu + f"; whole case {r.get('seconds', 0):.0f} s"
 
 
 def _peak(r: dict) -> str:
@@ -79,8 +82,8 @@ def write(results_dir: Path, path: Path, mode: str) -> Path:
         lines.append(f"| {case}: {r['what']} | {_shape(r)} | {_time(r) if 'skipped' not in r and 'error' not in r else '-'} "
                      f"| {_peak(r) if 'skipped' not in r else '-'} | {r['estimate_bytes'] / GB:.1f} GB ({r['estimate_of']}) "
                      f"| {_checks(r)} |")
-    notes = path.with_name("real_size_notes.md")
-    if notes.is_file():
-        lines += ["", notes.read_text(encoding="utf-8").strip()]
+    # Hand-written notes below the marker survive regeneration.
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    lines += ["", NOTES + old.split(NOTES, 1)[1].rstrip() if NOTES in old else NOTES]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

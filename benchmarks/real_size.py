@@ -48,9 +48,14 @@ CASES = {
     "zero3_2b": ("2b", "stage 1: 2 AGCL steps under DeepSpeed ZeRO-3, 2 processes (no GradCache: refused with DeepSpeed)"),
 }
 DISTINCT = "_real_size_models:distinct_reward"  # random weights: all completions score alike without it
-SETTINGS = {  # listings per AGCL step = 2 x pairs; G completions; gallery = listings of `products` products
-    "cpu": dict(pairs=2, chunk=2, G=2, prompts=1, tokens=32, products=60, photo=448, reward_queries=4),
-    "cuda": dict(pairs=4, chunk=2, G=4, prompts=2, tokens=32, products=60, photo=448, reward_queries=8),
+# listings per AGCL step = 2 x pairs; G completions of `tokens` per prompt; the reward's gallery = the train listings of
+# `gallery_products` products with `gallery_photo` px photos (on CPU smaller photos: one 448 px listing is ~17 s of 2B
+# encoder forward on 2 cores, so 200 of them would take about an hour)
+SETTINGS = {
+    "cpu": dict(pairs=2, chunk=2, G=2, prompts=1, tokens=32, products=60, photo=448, reward_queries=4,
+                gallery_products=75, gallery_photo=112),
+    "cuda": dict(pairs=4, chunk=2, G=4, prompts=2, tokens=32, products=60, photo=448, reward_queries=8,
+                 gallery_products=75, gallery_photo=448),
 }
 
 
@@ -70,7 +75,7 @@ def probe_callback(case: str, result: dict):
             progress(case, f"training starts ({state.max_steps} steps)")
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
@@ -80,11 +85,13 @@ def probe_callback(case: str, result: dict):
                           "examples": (missing or zero)[:2]}
 
         def on_step_end(self, args, state, control, **kwargs):
-            step = {"seconds": time.perf_counter() - self.started, **getattr(self, "grads", {})}
+            step = {"seconds": time.perf_counter() - self.started, "cpu_seconds": time.process_time() - self.cpu_started,
+                    **getattr(self, "grads", {})}
             result["steps"].append(step)
             if torch.cuda.is_available():
                 step["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
-            progress(case, f"step {state.global_step}/{state.max_steps} in {step['seconds']:.0f} s; LoRA tensors "
+            progress(case, f"step {state.global_step}/{state.max_steps} in {step['seconds']:.0f} s (CPU time of the "
+                           f"process {step['cpu_seconds']:.0f} s); LoRA tensors "
                            f"with a gradient: {step.get('lora_tensors', 0) - step.get('without_finite_grad', 0)}/"
                            f"{step.get('lora_tensors', 0)} ({step.get('zero_grad', 0)} exactly zero)")
 
@@ -142,14 +149,15 @@ def run_reward(ctx: dict, result: dict) -> None:
     s, case = ctx["settings"], ctx["case"]
     device = "cuda" if ctx["device"] == "cuda" else "cpu"
     encoder = ProductEncoder.from_pretrained(ensure_encoder(ctx)).to(device)
-    catalog = load_catalog(ctx["catalog"], split="train")
-    progress(case, f"encoder loaded; building the gallery of {len(catalog)} listings ({s['photo']} px photos)")
-    started = time.perf_counter()
+    catalog = load_catalog(ctx["reward_catalog"], split="train")
+    progress(case, f"encoder loaded; building the gallery of {len(catalog)} listings ({s['gallery_photo']} px photos)")
+    started, cpu = time.perf_counter(), time.process_time()
     gallery = ProductGallery.build(catalog, encoder, batch_size=8, show_progress=True)
-    result["gallery"] = {"listings": len(catalog), "seconds": time.perf_counter() - started}
+    result["gallery"] = {"listings": len(catalog), "seconds": time.perf_counter() - started,
+                         "cpu_seconds": time.process_time() - cpu}
     gallery.save(ctx["work"] / "gallery")
     progress(case, f"gallery built in {result['gallery']['seconds']:.0f} s; saved for grpo_* cases")
-    reward = RetrievalRankReward(encoder=encoder, gallery=gallery, catalog=ctx["catalog"], split="train")
+    reward = RetrievalRankReward(encoder=encoder, gallery=gallery, catalog=ctx["reward_catalog"], split="train")
     rows = catalog.select(range(0, len(catalog), max(1, len(catalog) // s["reward_queries"]))[:s["reward_queries"]])
     keys = ("color", "pattern", "logo", "category", "secondary_color")
     calls = []
@@ -161,20 +169,22 @@ def run_reward(ctx: dict, result: dict) -> None:
                 kept = [k for k in keys[: 2 + (g + call) % 4] if attrs.get(k)]
                 ids.append(row["listing_id"])
                 completions.append([{"role": "assistant", "content": "; ".join(f"{k}: {attrs[k]}" for k in kept)}])
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         values = reward(prompts=[None] * len(ids), completions=completions, listing_id=ids)
         seconds = time.perf_counter() - started
         calls.append({"completions": len(ids), "seconds": seconds, "per_completion_s": seconds / len(ids),
+                      "cpu_seconds": time.process_time() - cpu,
                       "finite": all(v is None or v == v for v in values), "timings": reward.last_timings})
         progress(case, f"reward call {call + 1}: {len(ids)} completions in {seconds:.1f} s")
     result["calls"] = calls
     texts = [c[0]["content"] for c in completions]
     images = [im for im in rows["image"] for _ in range(4)]
     titles = [t for t in rows["title"] for _ in range(4)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     encoder.encode(images, titles, texts, batch_size=8)
     limit = (time.perf_counter() - started) / len(texts)
     result["encoder_forward_per_query_s"] = limit
+    result["encoder_forward_per_query_cpu_s"] = (time.process_time() - cpu) / len(texts)
     progress(case, f"physical limit: {limit:.2f} s per enriched query (one encoder forward, image included)")
     if device == "cuda":
         result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -192,7 +202,7 @@ def run_grpo(ctx: dict, result: dict) -> None:
         rewards = ["--reward_funcs", "retrieval_rank", "attribute_format", DISTINCT, "--reward_weights", "1.0", "0.1", "1.0",
                    "--gallery", str(gallery)]
     argv = ["--config", str(ROOT / "recipes/configs" / ("rar_qlora_7b.yaml" if big else "rar_qwen25vl_3b.yaml")),
-            "--catalog", ctx["catalog"], "--encoder", str(ensure_encoder(ctx)), "--model_name_or_path", ctx["model_dir"],
+            "--catalog", ctx["reward_catalog" if ctx["grpo_retrieval"] else "catalog"], "--encoder", str(ensure_encoder(ctx)), "--model_name_or_path", ctx["model_dir"],
             "--output_dir", str(ctx["work"] / ctx["case"]), "--sft_recipe", "", "--eval_split", "none",
             "--reward_kwargs", "", *rewards, "--num_generations", str(s["G"]),
             "--per_device_train_batch_size", str(s["G"] * s["prompts"]), "--gradient_accumulation_steps", "1",
@@ -208,7 +218,8 @@ def run_grpo(ctx: dict, result: dict) -> None:
 
 
 def run_zero3(ctx: dict, result: dict) -> None:
-    """Two processes (torchrun, gloo on CPU) each running agcl_train's main under ZeRO-3; each reports its peak."""
+    """Two processes (``accelerate launch --config_file deepspeed_configs/zero3.yaml``, as a user starts ZeRO-3; gloo
+    on CPU) each running agcl_train's main; each reports its own steps and peak."""
     s = ctx["settings"]
     out = ctx["work"] / "zero3"
     out.mkdir(parents=True, exist_ok=True)
@@ -217,12 +228,11 @@ def run_zero3(ctx: dict, result: dict) -> None:
             "--per_device_train_batch_size", str(max(1, s["pairs"] // 2)), "--gradient_cache_chunk_size", "0",
             "--max_steps", "2", "--eval_split", "none", "--save_strategy", "no", "--logging_steps", "1",
             "--report_to", "none", "--dataloader_num_workers", "0", "--warmup_steps", "0", "--disable_tqdm", "true",
-            "--deepspeed",
-            str(ROOT / "deepspeed_configs/zero3.json"), "--use_cpu", str(ctx["device"] == "cpu").lower()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, "--_rank", str(out),
-           "--", *argv]
+            "--use_cpu", str(ctx["device"] == "cpu").lower()]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "deepspeed_configs/zero3.yaml"), "--num_processes", "2", __file__, "--_rank", str(out), "--", *argv]
     result["argv"] = argv
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
     result["ranks"] = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
@@ -247,7 +257,8 @@ def child(case: str, ctx_file: str) -> None:
     started = time.perf_counter()
     progress(case, "starts")
     RUNNERS[case](ctx, result)
-    result.update(seconds=time.perf_counter() - started, peak_rss_bytes=M.status_bytes("VmHWM"))
+    result.update(seconds=time.perf_counter() - started, cpu_seconds=time.process_time(),
+                  peak_rss_bytes=M.status_bytes("VmHWM"))
     Path(ctx_file).with_suffix(".result.json").write_text(json.dumps(result, default=str))
 
 
@@ -318,11 +329,12 @@ def main(argv=None):
     work = Path(args.workdir)
     results_dir = work / mode
     results_dir.mkdir(parents=True, exist_ok=True)
-    settings = dict(SETTINGS[args.device], **({"products": 12} if args.quick else {}))
+    settings = dict(SETTINGS[args.device], **({"products": 12, "gallery_products": 12} if args.quick else {}))
     specs = {k: M.quick_spec(ARCHITECTURES[v]) if args.quick else ARCHITECTURES[v] for k, v in MODELS.items()}
     counts = {k: meta_counts(spec) for k, spec in specs.items()}
     grpo_retrieval = args.device == "cuda" if args.grpo_retrieval == "auto" else args.grpo_retrieval == "true"
     catalog = M.photo_catalog(work / "data", settings["products"], settings["photo"])
+    reward_catalog = M.photo_catalog(work / "data", settings["gallery_products"], settings["gallery_photo"])
     for case in args.only or list(CASES):
         out = results_dir / f"{case}.json"
         if out.is_file() and not args.force:
@@ -349,7 +361,8 @@ def main(argv=None):
                 raise SystemExit(f"building {key} failed:\n" + "\n".join(tail))
             print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
         ctx = {"work": str(work / ("quick" if args.quick else "full")), "device": args.device, "settings": settings,
-               "catalog": catalog, "model_dir": str(model_dir), "grpo_retrieval": record["grpo_retrieval"],
+               "catalog": catalog, "reward_catalog": reward_catalog, "model_dir": str(model_dir),
+               "grpo_retrieval": record["grpo_retrieval"],
                "models": {k: str(work / "models" / (k + ("-quick" if args.quick else ""))) for k in MODELS}}
         Path(ctx["work"]).mkdir(parents=True, exist_ok=True)
         ctx_file = results_dir / f"{case}.ctx.json"
