@@ -3,10 +3,11 @@
 What both stages are trained for, put to use: every listing is annotated once (stage 2's generator,
 greedy, or the catalog's stored attributes), embedded as image + title + attributes by the frozen
 stage-1 encoder, and indexed with faiss (``rewards.ProductGallery``: exact up to 100k vectors, IVF
-tuned to a target recall of the exact top-k beyond). A query listing is annotated and embedded the
-same way -- the both-sides protocol of ``rar.evaluation`` -- and answered with its nearest listings.
-``calibrate`` picks the score above which a result is called "the same product" for a target
-precision on a labelled split.
+tuned to a target recall of the exact top-k beyond, IVF-PQ re-ranked from disk once the vectors
+outgrow memory). A query listing is annotated and embedded the same way -- the both-sides protocol
+of ``rar.evaluation`` -- and answered with its nearest listings. ``calibrate`` picks the score above
+which a result is called "the same product" for a target precision on a labelled split. Large
+catalogs are annotated and embedded in shards over several processes (``deploy.sharding``).
 
     index = ProductIndex.build("data/catalog", encoder="outputs/rar-demo/encoder", generator="outputs/rar-demo")
     index.save("outputs/index")
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from agcl.attributes import format_attributes
 from agcl.catalog import load_catalog
@@ -31,7 +33,7 @@ from rar.evaluation import canonical_attributes
 from rewards.fingerprints import catalog_fingerprint, encoder_fingerprints
 from rewards.gallery import ProductGallery
 
-__all__ = ["INDEX_FILE", "ProductIndex", "annotate"]
+__all__ = ["INDEX_FILE", "ProductIndex", "annotate", "check_listings"]
 
 INDEX_FILE = "product_index.json"
 ATTRIBUTES_FILE = "attributes.jsonl"
@@ -55,7 +57,6 @@ def annotate(listings, *, generator: str | None = None, attribute_column: str | 
             raise ValueError(f"the index carries the catalog's {attribute_column!r} attributes, but these listings "
                              f"have no such column (columns: {listings.column_names})")
         return [format_attributes(a, keys) or None for a in listings[attribute_column]]
-    import torch
     from trl import ModelConfig
 
     from rar.generation import generate_attributes, read_generation_log
@@ -92,6 +93,14 @@ def annotate(listings, *, generator: str | None = None, attribute_column: str | 
     return canonical_attributes([done[lid] for lid in ids], keys)
 
 
+def check_listings(listings, split: str | None, attribute_column: str | None) -> None:
+    if len(listings) == 0:
+        raise ValueError(f"the catalog{'' if split is None else f' split {split!r}'} has no listings to index")
+    if attribute_column is not None and attribute_column not in listings.column_names:
+        raise ValueError(f"--attribute_column {attribute_column!r} is not a column of the catalog "
+                         f"(columns: {listings.column_names})")
+
+
 class ProductIndex:
     """``gallery`` (a ``ProductGallery`` of the annotated listings) + their ``attributes`` + how queries are
     annotated and embedded (``config``: encoder, generator, attribute column, generation prompt, threshold)."""
@@ -104,30 +113,41 @@ class ProductIndex:
 
     # ------------------------------------------------------------------ build, save, load
     @classmethod
+    def configure(cls, encoder: str, *, generator: str | None = None, attribute_column: str | None = None,
+                  generation: dict | None = None, catalog: str | None = None, split: str | None = None) -> ProductIndex:
+        """An index with nothing in it yet, only how listings are annotated and embedded: what
+        ``annotate`` and ``embed`` use (``deploy.sharding`` builds from several such processes)."""
+        index = cls.__new__(cls)
+        index.gallery, index.attributes, index._encoder = None, [], None
+        index.config = {"encoder": str(Path(encoder).resolve()), "generator": None if generator is None else str(generator),
+                        "attribute_column": attribute_column, "generation": dict(generation or {}), "threshold": None,
+                        "catalog": catalog, "split": split}
+        return index
+
+    @classmethod
     def build(cls, catalog, encoder: str, *, split: str | None = None, generator: str | None = None,
               attribute_column: str | None = None, generation: dict | None = None, log_path=None,
-              batch_size: int = 32, index_type: str = "auto", target_recall: float = 0.98, recall_k: int = 10,
-              show_progress: bool | None = None) -> ProductIndex:
-        """Annotate, embed and index ``catalog`` (a path or a Dataset from ``load_catalog``; ``split`` selects rows)."""
+              batch_size: int = 32, show_progress: bool | None = None, **index_options) -> ProductIndex:
+        """Annotate, embed and index ``catalog`` (a path or a Dataset from ``load_catalog``; ``split`` selects
+        rows) in this process; ``index_options`` go to ``from_vectors``."""
         ds = catalog if not isinstance(catalog, str | Path) else load_catalog(catalog, split=split)
-        if len(ds) == 0:
-            raise ValueError(f"the catalog{'' if split is None else f' split {split!r}'} has no listings to index")
-        if attribute_column is not None and attribute_column not in ds.column_names:
-            raise ValueError(f"--attribute_column {attribute_column!r} is not a column of the catalog "
-                             f"(columns: {ds.column_names})")
-        config = {"encoder": str(Path(encoder).resolve()), "generator": None if generator is None else str(generator),
-                  "attribute_column": attribute_column, "generation": dict(generation or {}), "threshold": None,
-                  "catalog": None if not isinstance(catalog, str | Path) else str(catalog), "split": split}
-        attributes = annotate(ds, generator=generator, attribute_column=attribute_column, generation=generation,
-                              log_path=log_path, batch_size=batch_size, show_progress=show_progress)
-        index = cls.__new__(cls)
-        index.config, index._encoder = config, None
+        check_listings(ds, split, attribute_column)
+        index = cls.configure(encoder, generator=generator, attribute_column=attribute_column, generation=generation,
+                              catalog=None if not isinstance(catalog, str | Path) else str(catalog), split=split)
+        attributes = index.annotate(ds, log_path=log_path, batch_size=batch_size, show_progress=show_progress)
         vectors = index.embed(ds, attributes, batch_size=batch_size, show_progress=show_progress)
+        return index.from_vectors(ds, vectors, attributes, **index_options)
+
+    def from_vectors(self, listings, vectors: np.ndarray, attributes: Sequence[str | None], *, index_type: str = "auto",
+                     target_recall: float = 0.98, recall_k: int = 10, memory_budget: int | None = None) -> ProductIndex:
+        """The faiss index over ``vectors`` (row i = ``listings[i]`` annotated with ``attributes[i]``; may be
+        memory-mapped), chosen by size (``agcl.retrieval``) and tuned to ``target_recall`` of the exact top-k."""
         gallery = ProductGallery.from_embeddings(
-            vectors, list(ds["listing_id"]), list(ds["product_id"]), index_type=index_type, recall_k=recall_k,
-            target_recall=target_recall, encoder_fingerprint=encoder_fingerprints(config["encoder"]),
-            catalog_fingerprint=catalog_fingerprint(ds), info={"catalog_source": config["catalog"], "catalog_split": split})
-        return cls(gallery, attributes, config)
+            vectors, list(listings["listing_id"]), list(listings["product_id"]), index_type=index_type, recall_k=recall_k,
+            target_recall=target_recall, memory_budget=memory_budget,
+            encoder_fingerprint=encoder_fingerprints(self.config["encoder"]), catalog_fingerprint=catalog_fingerprint(listings),
+            info={"catalog_source": self.config["catalog"], "catalog_split": self.config["split"]})
+        return type(self)(gallery, attributes, self.config)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -158,7 +178,16 @@ class ProductIndex:
     def encoder(self) -> ProductEncoder:
         if self._encoder is None:
             self._encoder = ProductEncoder.from_pretrained(self.config["encoder"])
+            if torch.cuda.is_available():  # this process's GPU under accelerate launch
+                self._encoder = self._encoder.to("cuda")
         return self._encoder
+
+    def annotate(self, listings, *, log_path=None, batch_size: int = 32, show_progress: bool | None = None):
+        """Each listing's attribute text as this index annotates listings (``annotate`` with its config)."""
+        config = self.config
+        return annotate(listings, generator=config["generator"], attribute_column=config["attribute_column"],
+                        generation=config["generation"], log_path=log_path, batch_size=batch_size,
+                        show_progress=show_progress)
 
     def embed(self, listings, attributes: Sequence[str | None], *, batch_size: int = 32,
               show_progress: bool | None = None) -> np.ndarray:
@@ -176,9 +205,7 @@ class ProductIndex:
             raise ValueError("--same_product_only needs a calibrated threshold: run recipes/index_catalog.py with "
                              "--calibration_split" + ("" if threshold is None else
                                                       f" (no score reached precision {threshold['target_precision']})"))
-        config = self.config
-        attributes = annotate(listings, generator=config["generator"], attribute_column=config["attribute_column"],
-                              generation=config["generation"], batch_size=batch_size, show_progress=show_progress)
+        attributes = self.annotate(listings, batch_size=batch_size, show_progress=show_progress)
         vectors = self.embed(listings, attributes, batch_size=batch_size, show_progress=show_progress)
         own = self.gallery.rows_of([str(x) for x in listings["listing_id"]])  # -1 where not indexed
         scores, rows = self.gallery.search(vectors, k, exclude=own)

@@ -5,20 +5,27 @@
     python recipes/index_catalog.py --catalog data/my_catalog --encoder ENCODER --output_dir INDEX   # no generator:
         # the catalog's stored attributes with --attribute_column attributes, or none
 
-Every listing is annotated once (greedy, batched; the generations log makes a killed run resume), embedded
-as image + title + attributes by the frozen encoder and indexed with faiss (exact up to --exact_max_size
-vectors, IVF tuned to --target_recall of the exact top-k beyond; ``deploy.ProductIndex``). With
+    accelerate launch --num_processes 4 recipes/index_catalog.py --catalog DIR --encoder ENC --output_dir INDEX
+
+Every listing is annotated once (greedy, batched), embedded as image + title + attributes by the frozen
+encoder and indexed with faiss (exact up to 100k vectors, IVF tuned to --target_recall of the exact top-10
+beyond, IVF-PQ re-ranked from disk once the float vectors exceed --max_memory_gb; ``deploy.ProductIndex``).
+The work is cut into shards of --shard_size listings, spread over the processes of ``accelerate launch``
+and saved as each finishes, so a killed run resumes where it stopped (``deploy.sharding``). With
 ``--calibration_split`` the "same product" score threshold is chosen there for --target_precision and saved
 with the index (precision_recall.png beside it); ``recipes/search.py --same_product_only`` then uses it.
 The generator's prompt is read from its ``attribute_prompt.json`` (written by rar_grpo.py / sft_attributes.py).
 """
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from agcl.catalog import CatalogError, load_catalog
@@ -26,6 +33,8 @@ from agcl.cli import fail
 from agcl.embedded import resolve_catalog
 from agcl.encoder import EncoderLoadError, read_encoder_config
 from deploy import ProductIndex, plot_precision_recall
+from deploy.product_index import check_listings
+from deploy.sharding import encode_shards, merge_shards, remove_shards
 from rar.prompts import PROMPT_FILE
 
 USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
@@ -46,8 +55,15 @@ class IndexArguments:
     attribute_keys: list[str] | None = field(default=None, metadata={"help": "Keys to ask for (default: attribute_prompt.json)."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Tokens per completion (default: attribute_prompt.json, else 64)."})
     batch_size: int = field(default=32, metadata={"help": "Listings per generation / encoding batch."})
-    index_type: str = field(default="auto", metadata={"help": "flat, ivf, hnsw or auto (flat up to 100k vectors, IVF beyond)."})
+    index_type: str = field(default="auto", metadata={
+        "help": "flat, ivf, ivfpq, hnsw or auto (flat up to 100k vectors, IVF beyond, IVF-PQ above --max_memory_gb)."})
     target_recall: float = field(default=0.98, metadata={"help": "An approximate index is tuned to this recall of the exact top-10."})
+    max_memory_gb: float | None = field(default=None, metadata={
+        "help": "With --index_type auto: IVF-PQ (codes in memory, vectors on disk) once the float32 vectors exceed this "
+                "(default: half of this machine's memory)."})
+    shard_size: int = field(default=20_000, metadata={
+        "help": "Listings per shard: the unit of work of each process and of resuming a killed run."})
+    keep_shards: bool = field(default=False, metadata={"help": "Keep <output_dir>/shards once the index is saved."})
     calibration_split: str | None = field(default=None, metadata={
         "help": "A labelled split (product ids) to choose the match threshold on; its listings are queried against the index."})
     target_precision: float = field(default=0.95, metadata={"help": "Precision the match threshold must reach."})
@@ -66,40 +82,67 @@ def generation_settings(args: IndexArguments) -> dict:
     return {**saved, **{k: v for k, v in given.items() if v is not None}}
 
 
-def main(args: IndexArguments) -> ProductIndex:
+def main(args: IndexArguments) -> ProductIndex | None:
+    """Index the catalog; under ``accelerate launch`` every process encodes its shards and the main one
+    builds and saves the index (it returns the index, the others None)."""
     started = time.time()
+    # On a CPU-only machine accelerate must be told so, or every launched process sets itself up as the
+    # only one (and all of them would encode every shard).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != int(os.environ.get("WORLD_SIZE", 1)):
+        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
+                           f"{state.num_processes}: check the accelerate config")
     if args.generator and args.attribute_column:
         raise ValueError("pass --generator or --attribute_column, not both")
     if args.generator and not Path(args.generator).is_dir():
         raise FileNotFoundError(f"--generator {args.generator!r} is not a directory")
+    if args.shard_size < 1:
+        raise ValueError(f"--shard_size must be >= 1, got {args.shard_size}")
     read_encoder_config(args.encoder)  # not an AGCL encoder -> one clear line
-    catalog = resolve_catalog(args.catalog, args.cache_dir, val_fraction=args.embedded_val_fraction)
+    with state.main_process_first():  # the embedded catalog is built once
+        catalog = resolve_catalog(args.catalog, args.cache_dir, val_fraction=args.embedded_val_fraction)
     listings = load_catalog(catalog, split=args.split)
+    check_listings(listings, args.split, args.attribute_column)
     labelled = load_catalog(catalog, split=args.calibration_split) if args.calibration_split else None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index = ProductIndex.build(listings, args.encoder, split=args.split, generator=args.generator,
-                               attribute_column=args.attribute_column, generation=generation_settings(args),
-                               log_path=out / "generations.jsonl" if args.generator else None,
-                               batch_size=args.batch_size, index_type=args.index_type, target_recall=args.target_recall)
-    index.config["catalog"] = str(catalog)
-    print(f"[index_catalog] indexed {index.gallery.size} listings ({index.gallery.index.index_type}) in "
-          f"{time.time() - started:.0f} s", flush=True)
+    index = ProductIndex.configure(args.encoder, generator=args.generator, attribute_column=args.attribute_column,
+                                   generation=generation_settings(args), catalog=str(catalog), split=args.split)
+    encode_shards(listings, index, out, shard_size=args.shard_size, rank=state.process_index,
+                  world_size=state.num_processes, batch_size=args.batch_size)
+    if not state.is_main_process:
+        return None
+    vectors, attributes = merge_shards(len(listings), out, shard_size=args.shard_size)
+    budget = None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30)
+    index = index.from_vectors(listings, vectors, attributes, index_type=args.index_type,
+                               target_recall=args.target_recall, memory_budget=budget)
+    kind = index.gallery.index.index_type
+    print(f"[index_catalog] indexed {index.gallery.size} listings ({kind}, {state.num_processes} process"
+          f"{'es' if state.num_processes > 1 else ''}) in {time.time() - started:.0f} s", flush=True)
     if labelled is not None:
-        calibration = index.calibrate(labelled, k=args.calibration_k, target_precision=args.target_precision,
-                                      batch_size=args.batch_size)
-        plot_precision_recall(calibration, out / "precision_recall.png")
-        (out / "calibration.json").write_text(json.dumps(calibration) + "\n", encoding="utf-8")
-        if calibration["score"] is None:
-            print(f"[index_catalog] no score threshold reaches precision {args.target_precision} on split "
-                  f"{args.calibration_split!r}: --same_product_only will be refused", flush=True)
-        else:
-            print(f"[index_catalog] same product when score >= {calibration['score']:.4f}: precision "
-                  f"{calibration['precision']:.3f}, recall {calibration['recall']:.3f} on split "
-                  f"{args.calibration_split!r} ({out / 'precision_recall.png'})", flush=True)
+        calibrate(index, labelled, args, out)
     index.save(out)
+    del vectors
+    if kind != "ivfpq":  # the index holds the vectors; IVF-PQ re-ranks from this file
+        (out / "vectors.npy").unlink(missing_ok=True)
+    if not args.keep_shards:
+        remove_shards(out)
     print(f"[index_catalog] wrote {out} ({time.time() - started:.0f} s in all)")
     return index
+
+
+def calibrate(index: ProductIndex, labelled, args: IndexArguments, out: Path) -> None:
+    calibration = index.calibrate(labelled, k=args.calibration_k, target_precision=args.target_precision,
+                                  batch_size=args.batch_size)
+    plot_precision_recall(calibration, out / "precision_recall.png")
+    (out / "calibration.json").write_text(json.dumps(calibration) + "\n", encoding="utf-8")
+    if calibration["score"] is None:
+        print(f"[index_catalog] no score threshold reaches precision {args.target_precision} on split "
+              f"{args.calibration_split!r}: --same_product_only will be refused", flush=True)
+    else:
+        print(f"[index_catalog] same product when score >= {calibration['score']:.4f}: precision "
+              f"{calibration['precision']:.3f}, recall {calibration['recall']:.3f} on split "
+              f"{args.calibration_split!r} ({out / 'precision_recall.png'})", flush=True)
 
 
 def cli(argv=None):

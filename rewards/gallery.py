@@ -337,18 +337,27 @@ class ProductGallery:
         else:
             ladder = sorted({max(k, int(round(k * 2 ** (i / 2)))) for i in range(0, 14)})
         recall, value = 0.0, ladder[-1]
-        for value in ladder:
-            if kind != "hnsw":
-                self.index.nprobe = value
-            else:
-                self.index.ef_search = value
-            _, found = self.index.search(q, k, exclude=exclude)
-            recall = _overlap(found, truth)
+        # IVF-PQ: when probing more lists is not enough, re-rank more of its candidates
+        factors = (8, 16, 32, 64, 128) if kind == "ivfpq" else (None,)
+        for factor in factors:
+            if factor is not None:
+                self.index.params["rerank_factor"] = factor
+            for value in ladder:
+                if kind != "hnsw":
+                    self.index.nprobe = value
+                else:
+                    self.index.ef_search = value
+                _, found = self.index.search(q, k, exclude=exclude)
+                recall = _overlap(found, truth)
+                if recall >= goal:
+                    break
             if recall >= goal:
                 break
         del base
         result = {"param": "ef_search" if kind == "hnsw" else "nprobe", "value": int(value), "recall": recall,
                   "goal": goal, "target_recall": target_recall, "k": k, "queries": len(q)}
+        if kind == "ivfpq":
+            result["rerank_factor"] = self.index.params["rerank_factor"]
         if recall < goal:
             warnings.warn(
                 f"{kind} gallery: recall of the exact top-{k} is {recall:.3f} at the largest "

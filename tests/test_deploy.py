@@ -110,3 +110,36 @@ def test_bad_input_is_one_clear_line(tiny_encoder_dir, tiny_model_dir, small_cat
     tensors[name] = tensors[name] + 1
     save_file(tensors, weights)
     expect_exit(search, query, "fingerprint")
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_single_process_index_and_a_killed_run_resumes(
+        tiny_encoder_dir, small_catalog_dir, test_split, tmp_path, load_recipe, capsys):
+    """accelerate launch with two CPU processes: each encodes its shards, the main one merges them into the
+    index that one process builds; a rerun recomputes only the shard whose stamp is gone."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "index"
+    args = ["--catalog", str(small_catalog_dir), "--split", "test", "--encoder", str(tiny_encoder_dir),
+            "--attribute_column", "attributes", "--output_dir", str(out), "--batch_size", "16", "--shard_size", "7"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "deepspeed_configs/cpu_2proc.yaml",
+           "recipes/index_catalog.py", *args, "--keep_shards", "true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = -(-len(test_split) // 7)
+    assert {int(s) for s in __import__("re").findall(r"rank 1: shard (\d+)", proc.stdout)} == set(range(1, shards, 2))
+    assert "2 processes" in proc.stdout and not (out / "vectors.npy").exists()  # flat: the index holds the vectors
+
+    merged = ProductIndex.load(out)
+    single = ProductIndex.build(test_split, str(tiny_encoder_dir), attribute_column="attributes", batch_size=16)
+    assert merged.gallery.listing_ids == single.gallery.listing_ids and merged.attributes == single.attributes
+    got, want = merged.search(test_split, k=5), single.search(test_split, k=5)
+    assert [[r["listing_id"] for r in a["results"]] for a in got] == [[r["listing_id"] for r in a["results"]] for a in want]
+
+    (out / "shards" / "00002" / "done.json").unlink()  # killed while writing shard 2
+    capsys.readouterr()
+    load_recipe("index_catalog").cli(args)
+    assert __import__("re").findall(r"shard (\d+) \(rows", capsys.readouterr().out) == ["2"]
+    assert not (out / "shards").exists()  # removed once the index is saved
+    assert ProductIndex.load(out).search(test_split, k=5) == got
