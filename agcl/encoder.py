@@ -389,7 +389,20 @@ class ProductEncoder(torch.nn.Module):
             parts.append(title)
         if attributes:
             parts.append(self.config.attribute_prefix + attributes)
-        return "\n".join(parts)
+        return self._truncate("\n".join(parts))
+
+    def _truncate(self, text: str) -> str:
+        """``text`` cut to ``config.max_length`` tokens (the text part of a listing; image tokens come on top).
+
+        Real titles can run to hundreds of words; without a bound one such listing sets the sequence length, and so
+        the memory, of its whole batch. A byte-level tokenizer makes at most one token per byte, so short texts
+        skip the tokenizer."""
+        limit = self.config.max_length
+        if not limit or len(text.encode("utf-8")) <= limit:
+            return text
+        tokenizer = self.processor.tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= limit else tokenizer.decode(ids[:limit])
 
     def build_inputs(self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None = None):
         """Tokenise a batch. ``images[i]`` is a PIL image, a list of them, or None (text-only)."""

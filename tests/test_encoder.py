@@ -110,3 +110,21 @@ def test_split_inputs_reassembles_the_batch(tiny_model_dir, listings):
         whole = enc(**batch)
         parts = torch.cat([enc(**chunk) for chunk in enc.split_inputs(batch, 3)])
     torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_max_length_bounds_the_text_part_of_a_listing(tiny_model_dir, listings):
+    """EncoderConfig.max_length said it truncated the text but nothing read it: a real catalog's long title set the
+    sequence length (and memory) of its whole batch. The text part is now cut to max_length tokens, alike in
+    build_inputs and the image-cached path."""
+    enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), max_length=24)).eval()
+    images, titles = listings
+    long_title = " ".join([titles[0]] * 40)
+    tokenizer = enc.processor.tokenizer
+    assert len(tokenizer(enc.listing_text(long_title, "color: red"), add_special_tokens=False)["input_ids"]) <= 24
+    plain = enc.build_inputs([images[0]], [long_title])
+    cached = enc.build_inputs_cached([images[0]], [long_title], None, ["a"], enc.new_image_cache())
+    assert torch.equal(plain["input_ids"], cached.inputs["input_ids"])
+    image_tokens = int((plain["input_ids"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+    assert plain["input_ids"].shape[1] <= 24 + image_tokens + 16  # + the chat template's own tokens
+    enc.config.max_length = 256  # the default: a catalog title is left as it is
+    assert enc.listing_text(titles[1]) == enc.config.instruction + "\n" + titles[1]
