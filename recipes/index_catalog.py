@@ -90,7 +90,7 @@ def main(args: IndexArguments) -> ProductIndex | None:
     # only one (and all of them would encode every shard).
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes != int(os.environ.get("WORLD_SIZE", 1)):
-        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
+        raise ValueError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
                            f"{state.num_processes}: check the accelerate config")
     if args.generator and args.attribute_column:
         raise ValueError("pass --generator or --attribute_column, not both")

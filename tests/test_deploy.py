@@ -94,6 +94,7 @@ def test_bad_input_is_one_clear_line(tiny_encoder_dir, tiny_model_dir, small_cat
     expect_exit(index_catalog, [*base, "--split", "nosuchsplit"], "nosuchsplit")
     expect_exit(index_catalog, [*base, "--attribute_column", "nope"], "'nope' is not a column")
     expect_exit(index_catalog, [*base, "--encoder", str(tiny_model_dir)], "not an AGCL encoder")
+    expect_exit(index_catalog, [*base, "--shard_size", "0"], "--shard_size must be >= 1, got 0")
     index_catalog.cli([*base, "--split", "test", "--attribute_column", "attributes"])
     query = ["--index", str(out), "--catalog", str(small_catalog_dir), "--split", "test"]
     expect_exit(search, [*query, "--same_product_only", "true"], "needs a calibrated threshold")
