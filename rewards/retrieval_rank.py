@@ -2,96 +2,20 @@
 
 AFMRL stage 2 (arXiv 2604.20135, "RAR"): the stage-1 encoder is frozen and the gallery is encoded
 once (``rewards.gallery.ProductGallery``). For every sampled completion the generated attributes
-are parsed, appended to the query listing's input (its image and title, then
-``attribute_prefix`` + the canonical attribute text), the query is re-embedded, the gallery is
-ranked with the query's own listing excluded, and the listings with the same ``product_id`` are
-the true identical products.
+are parsed and appended to the query listing's image and title, the query is re-embedded, the
+gallery is ranked with the query's own listing excluded, and the listings with the same
+``product_id`` are the true identical products. The default reward is the improvement of the true
+product's reciprocal rank over the same query without attributes (``mode="rank_improvement"``);
+the paper's Recall@K (``"recall_at_k"``) and plain MRR (``"mrr"``) are the other modes. Unparsable
+output scores ``invalid_reward`` (-0.1, the paper's eta), never an exception; a query whose product
+has no other gallery listing scores None (not applicable). All queries of a call go through one
+encoder forward and one search, with the G completions' shared image encoded once.
 
-Modes (``mode=``)
-    ``"rank_improvement"`` (default, the design card's reward): the improvement of the true
-        product's rank over the same query WITHOUT attributes, bounded.
-        ``rank_transform="reciprocal"`` (default): 1/r_with - 1/r_without, in (-1, 1), where 1/r
-        is the expected reciprocal rank under random tie-breaking (the MRR of ``agcl.metrics``).
-        ``rank_transform="log"``: (log r_without - log r_with) / log(gallery size), in [-1, 1]
-        (a rank never exceeds min(D + 1, gallery size)), with r the expected rank.
-        Why reciprocal by default: GRPO normalises advantages within the group of completions of
-        one prompt, so the per-query baseline term cancels and only the with-attribute part
-        orders the group (the baseline is there for a readable, roughly zero-centred reward and
-        for logging); reciprocal rank is what users report (MRR, and Recall@1 is its top-heavy
-        relative), so the policy is pushed where the evaluation looks; it is bounded, so one
-        lucky query cannot dominate a batch. The log transform credits moving a product from
-        rank 80 to 40 as much as from 2 to 1; it gives more signal early in training, when the
-        true product is usually deep and reciprocal differences are tiny; switch to it when
-        ``rewards/retrieval_rank/std`` stays near zero.
-    ``"recall_at_k"`` (the paper's): the fraction of the query's true products in the top ``k``
-        (expected value under ties; k=50 in the paper).
-    ``"mrr"``: the expected reciprocal rank of the first true product with attributes.
+    reward = RetrievalRankReward(encoder="runs/agcl", gallery="runs/gallery", catalog="data/catalog")
+    trainer = GRPOTrainer(..., reward_funcs=[reward])   # logs retrieval_rank/rank, recall@1, mrr, ...
 
-Depth. The gallery is searched ``D = max(k, rank_depth)`` deep (``rank_depth=100``), plus one
-place so that ties around place ``k`` are seen whole. A true product not found within the first
-``D`` places counts as rank ``D + 1`` (reciprocal ``1/(D + 1)``): the reward then cannot tell
-"rank 101" from "rank 10 000", which is the price of a search that costs the same whatever the
-gallery size (set ``rank_depth`` to the gallery size for exact ranks on small galleries). With the
-default the mean reciprocal rank equals MRR@D except that misses score ``1/(D+1)`` instead of 0.
-
-Ranks, reciprocal ranks and recall come from ``agcl.metrics.metrics_from_search``, the function
-the evaluation uses, so training and evaluation share the tie rule (expected value under uniformly
-random tie-breaking).
-
-Special cases (never an exception, never NaN or inf)
-    * unparsable output (no ``key: value`` pair; see ``agcl.attributes.parse_attributes``):
-      ``invalid_reward`` (-0.1, the paper's eta); also when the encoder returns a non-finite
-      embedding for the query.
-    * a query whose product has no other listing in the gallery cannot be ranked: the reward is
-      ``unscorable_reward``, by default None, which TRL reads as "not applicable" (NaN). Why not a
-      constant: all G completions of a prompt share the listing, so a constant would cancel in
-      GRPO's group normalisation anyway, but it would bias the logged reward mean and, next to
-      other rewards, add nothing; None keeps the statistics honest and TRL zeroes the advantage
-      of rows that every reward declines. Unparsable output for such a query still gets
-      ``invalid_reward``. Such queries are counted in ``unscorable_rate``.
-    * completions may be strings or message lists (``[{"role": "assistant", "content": ...}]``,
-      content a string, a list of blocks, or None); assistant messages are read.
-
-Cost. Identical (listing, attribute text) pairs inside one call are encoded once; all queries of
-a call go through ONE ``encoder.encode`` and ONE index search. The no-attribute baseline of a
-listing is the gallery's own vector when the listing is in the gallery (exactly what evaluation
-uses for an attribute-free query; ``baseline_from_gallery=False`` re-encodes instead) and its
-ranks are cached per listing across calls (LRU, ``baseline_cache_size``). ``benchmarks/
-reward_cost.py`` measures the reward against an encoder forward plus a search
-(``docs/reward_cost.md``). The G completions of a prompt share their listing's image: with an
-encoder that offers it (``ProductEncoder.new_image_cache``), the image processing and the vision
-tower run once per listing and are kept across calls (``agcl.encoder.ImageCache``, keyed by
-``listing_id``, LRU of ``image_cache_size`` listings; the encoder is frozen); only the language
-model runs per query. Same embeddings up to float rounding; ``image_cache_size=0`` switches it off.
-
-Loading and processes. Heavy state (encoder, gallery index, catalog lookups) loads on the first
-call. When given as paths it is dropped by pickling, so every process (TRL's workers, accelerate
-or DeepSpeed ranks) loads its own copy on its own device, with transformers' ZeRO-3 hook switched
-off during the load (a frozen helper model must not be partitioned). In-memory objects are kept
-(and pickled with the reward).
-
-What to pass. ``encoder`` (directory or object) and at least one of ``catalog`` and ``gallery``:
-
-    RetrievalRankReward(encoder="runs/agcl", catalog="data/catalog", split="train")  # builds the gallery per process
-    RetrievalRankReward(encoder="runs/agcl", gallery="runs/gallery", catalog="data/catalog")  # recommended
-    RetrievalRankReward(encoder="runs/agcl", gallery="runs/gallery")
-
-The catalog is always needed to look up each query listing's image and title. With only a gallery
-directory, the catalog path (and split) recorded when the gallery was built from a catalog path
-is used; a gallery built from an in-memory dataset records none, and the reward then raises a
-ValueError asking for ``catalog=``. The lookup catalog may be a different set of rows than the
-gallery (e.g. queries from a split the gallery lacks: nothing is excluded for them); listings in
-both must agree on ``product_id`` (ValueError otherwise) and a differing catalog fingerprint is
-logged as a warning. The prompt dataset must carry a ``listing_id`` column (TRL passes it).
-
-Logged per call (when TRL passes ``log_metric`` / ``log_extra``), names prefixed by ``__name__``
-(``retrieval_rank/...``): ``rank`` and ``rank_without_attributes`` (mean expected rank of the
-first true product, scored completions), ``recall@1`` and ``recall@{k}`` (hit rate with
-attributes, as evaluation reports Recall@K), ``mrr``, ``invalid_rate`` (all completions),
-``unscorable_rate`` (all completions), ``num_attributes`` (mean pairs per parsable completion).
-A metric with nothing to average in a call is not logged (never NaN). ``log_extra``:
-``retrieval_rank/attributes`` (the canonical attribute text, "" when unparsable) and
-``retrieval_rank/rank`` (None where not scored).
+Modes, rank transforms, search depth, ties, special cases, cost, processes and logged metrics, with
+the reasons for each default: docs/retrieval_rank_reward.md.
 """
 
 from __future__ import annotations
