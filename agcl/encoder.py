@@ -74,6 +74,13 @@ class EncoderConfig:
                 "over a backbone with another signature is refused."})
     format: str = field(default=ENCODER_FORMAT, metadata={"help": "Marks the directory as a saved product encoder."})
 
+    @property
+    def hidden_size(self) -> int | None:
+        """The backbone language model's width (from ``backbone_signature``; not a saved field). The Trainer reads
+        ``model.config.hidden_size`` to fill DeepSpeed's "auto" bucket sizes (deepspeed_configs/zero*.json); without
+        it AGCL under ZeRO-2/3 stopped at start with "The model's config file has neither `hidden_size` ..."."""
+        return (self.backbone_signature or {}).get("hidden_size")
+
     @classmethod
     def from_dict(cls, data: dict) -> EncoderConfig:
         known = {f.name for f in fields(cls)}

@@ -18,7 +18,7 @@ def _shape(r: dict) -> str:
         chunk = f", GradCache chunk {s['chunk']}" if r["case"] == "agcl_2b" else ", 2 processes"
         return f"{base}; {2 * per} listings/step/process, {s['photo']} px{chunk}"
     if r["case"] == "reward_2b":
-        return f"{base}; gallery {r.get('gallery', {}).get('listings', '?')} listings, {s['gallery_photo']} px"
+        return f"{base}; gallery {r.get('gallery', {}).get('listings', '?')} listings, {s.get('gallery_photo', s['photo'])} px"
     return f"{base}; G={s['G']}, {s['prompts']} prompt(s), {s['tokens']} tokens, {s['photo']} px"
 
 
@@ -55,8 +55,11 @@ def _checks(r: dict) -> str:
     if r["case"] == "reward_2b":
         return "rewards finite" if all(c["finite"] for c in r.get("calls", [])) else "non-finite reward"
     steps = r.get("steps") or [s for rank in r.get("ranks", []) for s in rank.get("steps", [])]
-    losses = [log["loss"] for log in r.get("logs", []) if "loss" in log]
+    logs = r.get("logs") or (r.get("ranks") or [{}])[0].get("logs", [])
+    losses = [log["loss"] for log in logs if "loss" in log]
     last = steps[-1] if steps else {}
+    if "gradients" in last:
+        return f"loss {', '.join(f'{x:.3g}' for x in losses) or '?'} (each rank); gradients {last['gradients']}"
     ok = last.get("lora_tensors", 0) - last.get("without_finite_grad", 0)
     return (f"loss {', '.join(f'{x:.3g}' for x in losses) or '?'}; LoRA tensors with a finite gradient at the last "
             f"step {ok}/{last.get('lora_tensors', 0)} ({last.get('zero_grad', 0)} exactly zero)")

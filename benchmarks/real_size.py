@@ -79,6 +79,9 @@ def probe_callback(case: str, result: dict):
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+            if any(hasattr(p, "ds_id") for _, p in lora):  # ZeRO-3: DeepSpeed holds (and has applied) the gradients
+                self.grads = {"gradients": "held by DeepSpeed (not inspected; see the loss)"}
+                return
             missing = [n for n, p in lora if p.grad is None or not torch.isfinite(p.grad).all()]
             zero = [n for n, p in lora if p.grad is not None and not p.grad.any()]
             self.grads = {"lora_tensors": len(lora), "without_finite_grad": len(missing), "zero_grad": len(zero),
@@ -90,10 +93,11 @@ def probe_callback(case: str, result: dict):
             result["steps"].append(step)
             if torch.cuda.is_available():
                 step["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+            grads = step.get("gradients") or (
+                f"LoRA tensors with a gradient: {step.get('lora_tensors', 0) - step.get('without_finite_grad', 0)}/"
+                f"{step.get('lora_tensors', 0)} ({step.get('zero_grad', 0)} exactly zero)")
             progress(case, f"step {state.global_step}/{state.max_steps} in {step['seconds']:.0f} s (CPU time of the "
-                           f"process {step['cpu_seconds']:.0f} s); LoRA tensors "
-                           f"with a gradient: {step.get('lora_tensors', 0) - step.get('without_finite_grad', 0)}/"
-                           f"{step.get('lora_tensors', 0)} ({step.get('zero_grad', 0)} exactly zero)")
+                           f"process {step['cpu_seconds']:.0f} s); {grads}")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             result.setdefault("logs", []).append({k: v for k, v in (logs or {}).items() if isinstance(v, int | float)})

@@ -128,3 +128,21 @@ def test_max_length_bounds_the_text_part_of_a_listing(tiny_model_dir, listings):
     assert plain["input_ids"].shape[1] <= 24 + image_tokens + 16  # + the chat template's own tokens
     enc.config.max_length = 256  # the default: a catalog title is left as it is
     assert enc.listing_text(titles[1]) == enc.config.instruction + "\n" + titles[1]
+
+
+def test_deepspeed_auto_bucket_sizes_fill_from_the_encoder(tiny_model_dir, tmp_path):
+    """The Trainer fills DeepSpeed's "auto" bucket sizes from model.config.hidden_size; a ProductEncoder's config had
+    none, so AGCL under deepspeed_configs/zero3.json stopped before the first step (found by benchmarks/real_size.py)."""
+    from pathlib import Path
+
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir)))
+    assert enc.config.hidden_size == enc.embedding_dim
+    root = Path(__file__).resolve().parents[1]
+    ds = HfTrainerDeepSpeedConfig(json.loads((root / "deepspeed_configs/zero3.json").read_text()))
+    ds.trainer_config_finalize(TrainingArguments(output_dir=str(tmp_path), use_cpu=True), enc, 10)
+    assert ds.get_value("zero_optimization.reduce_bucket_size") == enc.embedding_dim**2
+    enc.save_pretrained(tmp_path / "enc")  # a property, not a saved field: the saved config stays loadable
+    assert "hidden_size" not in json.loads((tmp_path / "enc" / "encoder_config.json").read_text())
