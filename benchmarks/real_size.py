@@ -284,6 +284,12 @@ def estimate_bytes(case: str, counts: dict, grpo_retrieval: bool) -> tuple[float
     return value, label
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def wait_quiet(lock=Path("/tmp/quiet.lock")) -> None:
     while lock.exists():
         print(f"[{time.strftime('%H:%M:%S')}] {lock} exists (someone is timing): waiting", flush=True)
@@ -351,6 +357,9 @@ def main(argv=None):
                   "grpo_retrieval": grpo_retrieval and case.startswith("grpo"), "machine": describe_machine()}
         if args.device == "cpu" and estimate > args.max_rss_gb * GB:
             record["skipped"] = f"estimate {estimate / GB:.1f} GB > --max_rss_gb {args.max_rss_gb:g}"
+        elif args.device == "cuda" and case == "zero3_2b" and gpu_count() < 2:
+            record["skipped"] = f"ZeRO-3 over 2 processes needs 2 GPUs; {gpu_count()} found"
+        if "skipped" in record:
             out.write_text(json.dumps(record, indent=1))
             print(f"{case}: skipped, {record['skipped']}", flush=True)
             continue
