@@ -18,7 +18,8 @@ def _shape(r: dict) -> str:
         chunk = f", GradCache chunk {s['chunk']}" if r["case"] == "agcl_2b" else ", 2 processes"
         return f"{base}; {2 * per} listings/step/process, {s['photo']} px{chunk}"
     if r["case"] == "reward_2b":
-        return f"{base}; gallery {r.get('gallery', {}).get('listings', '?')} listings, {s.get('gallery_photo', s['photo'])} px"
+        return (f"{base}; gallery {r.get('gallery', {}).get('listings', '?')} listings, "
+                f"{s.get('gallery_photo', s['photo'])} px; {s['reward_queries']} query listings x 4 completions per call")
     return f"{base}; G={s['G']}, {s['prompts']} prompt(s), {s['tokens']} tokens, {s['photo']} px"
 
 
