@@ -70,8 +70,13 @@ def probe_callback(case: str, result: dict):
     from transformers import TrainerCallback
 
     class Probe(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
             result.setdefault("steps", [])
+            held = {}  # bytes of parameters this process holds, by dtype (ZeRO-3: its partitions)
+            for p in model.parameters():
+                key = str(getattr(p, "ds_tensor", p).dtype)
+                held[key] = held.get(key, 0) + getattr(p, "ds_tensor", p).numel() * getattr(p, "ds_tensor", p).element_size()
+            result["parameter_bytes_held"] = held
             progress(case, f"training starts ({state.max_steps} steps)")
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -347,8 +352,8 @@ def main(argv=None):
     reward_catalog = M.photo_catalog(work / "data", settings["gallery_products"], settings["gallery_photo"])
     for case in args.only or list(CASES):
         out = results_dir / f"{case}.json"
-        if out.is_file() and not args.force:
-            print(f"{case}: done before ({out}); --force reruns it", flush=True)
+        if out.is_file() and not args.force and "error" not in json.loads(out.read_text()):
+            print(f"{case}: done before ({out}); --force reruns it (a failed case reruns by itself)", flush=True)
             continue
         key = CASES[case][0]
         estimate, label = estimate_bytes(case, counts, grpo_retrieval and case.startswith("grpo"))
