@@ -369,130 +369,39 @@ class RetrievalRankReward:
         return [fetched[r] for r in rows]
 
     def score(self, listing_ids: Sequence, completions: Sequence) -> RankDetails:
-        """Rank every completion's query; returns per-completion details and the rewards."""
+        """Rank every completion's query; returns per-completion details and the rewards.
+
+        Parse each distinct completion once, encode each distinct (listing, attribute text) query once
+        together with the attribute-free baselines not yet known, search once, then assemble."""
         t0 = time.perf_counter()
         n = len(completions)
         if len(listing_ids) != n:
             raise ValueError(f"{len(listing_ids)} listing ids for {n} completions")
         st = self._ensure_loaded()
         t_load = time.perf_counter()
-
-        cat_rows = np.empty(n, dtype=np.int64)
-        missing = []
-        for i, lid in enumerate(listing_ids):
-            row = st.row_of.get(str(lid))
-            if row is None:
-                missing.append(lid)
-                row = -1
-            cat_rows[i] = row
-        if missing:
-            raise ValueError(
-                f"{len(missing)} listing id(s) of the batch are not in the lookup catalog, e.g. {missing[0]!r}: the "
-                "prompt dataset and the reward's catalog disagree (pass the catalog the prompts were built from)"
-            )
-
-        # Parse: each distinct completion text once.
-        parsed: dict[str, tuple[str | None, int]] = {}
-        texts: list[str | None] = []
-        num_attrs = np.zeros(n, dtype=np.int64)
-        for i, completion in enumerate(completions):
-            raw = completion_text(completion)
-            hit = parsed.get(raw)
-            if hit is None:
-                hit = parsed[raw] = self._canonical(raw)
-            texts.append(hit[0])
-            num_attrs[i] = hit[1]
+        cat_rows = self._catalog_rows(st, listing_ids)
+        texts, num_attrs = self._parse_completions(completions)
         valid = np.fromiter((t is not None for t in texts), dtype=bool, count=n)
         scorable = st.positives[cat_rows] > 0
         need = valid & scorable
         t_parse = time.perf_counter()
 
-        # Unique enriched queries and the baselines still unknown.
-        uid_of: dict[tuple[int, str], int] = {}
-        uid = np.full(n, -1, dtype=np.int64)
-        for i in np.flatnonzero(need):
-            uid[i] = uid_of.setdefault((int(cat_rows[i]), texts[i]), len(uid_of))
-        q_rows = np.fromiter((r for r, _ in uid_of), dtype=np.int64, count=len(uid_of))
-        q_texts = [t for _, t in uid_of]
-        base_rows = [int(r) for r in dict.fromkeys(cat_rows[need].tolist())]
-        cached = {r: self._baselines[r] for r in base_rows if r in self._baselines}
-        for r in cached:
-            self._baselines.move_to_end(r)
-        todo = np.array([r for r in base_rows if r not in cached], dtype=np.int64)
-        in_gallery = st.gallery_row[todo] >= 0 if st.baseline_from_gallery else np.zeros(len(todo), dtype=bool)
-        base_from_gallery, base_encode = todo[in_gallery], todo[~in_gallery]
-
-        # One encoder call: enriched queries, then attribute-free queries of listings outside the gallery.
-        enc_rows = np.concatenate([q_rows, base_encode])
-        if len(enc_rows):
-            enc_titles = [st.titles[r] for r in enc_rows.tolist()]
-            cache = {} if st.image_cache is None else {
-                "image_keys": [st.listing_ids[r] for r in enc_rows.tolist()], "image_cache": st.image_cache}
-            embeddings = st.encoder.encode(self._fetch_images(st, enc_rows.tolist()), enc_titles,
-                                           q_texts + [None] * len(base_encode), batch_size=self.batch_size,
-                                           show_progress=False, **cache)
-            embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(enc_rows), -1)
-        else:
-            embeddings = np.zeros((0, st.gallery.dim), dtype=np.float32)
+        plan = self._plan_queries(st, cat_rows, texts, need)
+        queries, query_rows = self._embed_queries(st, plan)
         t_encode = time.perf_counter()
-        queries = np.concatenate([embeddings, st.gallery.vectors(st.gallery_row[base_from_gallery])])
-        all_rows = np.concatenate([enc_rows, base_from_gallery])
         ok = np.isfinite(queries).all(axis=1)
         stats = np.zeros((len(queries), 5))
         if ok.any():
-            stats[ok] = self._rank_stats(st.gallery, queries[ok], st.gallery_row[all_rows[ok]], st.code[all_rows[ok]])
+            stats[ok] = self._rank_stats(st.gallery, queries[ok], st.gallery_row[query_rows[ok]], st.code[query_rows[ok]])
         t_search = time.perf_counter()
 
-        n_q = len(q_rows)
-        q_ok = ok[:n_q]
-        base_stats = dict(cached)
-        for j, r in enumerate(all_rows[n_q:].tolist()):
-            if ok[n_q + j]:
-                base_stats[r] = stats[n_q + j]
-                self._baselines[r] = stats[n_q + j]
-        while len(self._baselines) > self.baseline_cache_size:
-            self._baselines.popitem(last=False)
-
-        # Per completion.
-        nan5 = np.full(5, np.nan)
-        with_attr = np.full((n, 5), np.nan)
-        without = np.full((n, 5), np.nan)
-        idx = np.flatnonzero(need)
-        if len(idx):
-            u = uid[idx]
-            with_attr[idx] = np.where(q_ok[u][:, None], stats[:n_q][u], np.nan)
-            without[idx] = np.stack([base_stats.get(int(r), nan5) for r in cat_rows[idx]])
+        with_attr, without = self._per_completion(plan, stats, ok, query_rows, cat_rows, need)
         failed = need & ~(np.isfinite(with_attr[:, 0]) & np.isfinite(without[:, 0]))
         scored = need & ~failed
-        if self.mode == "rank_improvement":
-            if self.rank_transform == "reciprocal":
-                value = with_attr[:, 1] - without[:, 1]
-            else:
-                value = (np.log(without[:, 0]) - np.log(with_attr[:, 0])) / st.log_norm
-        elif self.mode == "recall_at_k":
-            value = with_attr[:, 2]
-        else:
-            value = with_attr[:, 1]
-        rewards: list = []
-        for i in range(n):
-            if scored[i] and math.isfinite(value[i]):
-                rewards.append(float(value[i]))
-            elif not valid[i] or failed[i] or scored[i]:
-                rewards.append(self.invalid_reward)
-            else:  # valid output, query cannot be ranked
-                rewards.append(self.unscorable_reward)
+        rewards = self._rewards(st, with_attr, without, valid, scored, failed)
         t_end = time.perf_counter()
 
-        c = self.counters
-        c["calls"] += 1
-        c["completions"] += n
-        c["invalid"] += int((~valid).sum())
-        c["unscorable"] += int((~scorable).sum())
-        c["encoded_queries"] += int(n_q)
-        c["encoded_baselines"] += int(len(base_encode))
-        c["gallery_baselines"] += int(len(base_from_gallery))
-        c["baseline_cache_hits"] += len(cached)
-        c["encoder_failures"] += int(failed.sum())
+        self._count(n, valid, scorable, failed, plan)
         timings = {"load": t_load - t0, "parse": t_parse - t_load, "encode": t_encode - t_parse,
                    "search": t_search - t_encode, "assemble": t_end - t_search, "total": t_end - t0}
         self.last_timings = timings
@@ -505,6 +414,118 @@ class RetrievalRankReward:
             recall_fraction=np.where(scored, with_attr[:, 2], np.nan), hit_at_1=np.where(scored, with_attr[:, 3], np.nan),
             hit_at_k=np.where(scored, with_attr[:, 4], np.nan), timings=timings,
         )
+
+    # ------------------------------------------------------------------ the steps of score
+    @staticmethod
+    def _catalog_rows(st: SimpleNamespace, listing_ids: Sequence) -> np.ndarray:
+        rows = [st.row_of.get(str(lid)) for lid in listing_ids]
+        missing = [lid for lid, row in zip(listing_ids, rows, strict=True) if row is None]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} listing id(s) of the batch are not in the lookup catalog, e.g. {missing[0]!r}: the "
+                "prompt dataset and the reward's catalog disagree (pass the catalog the prompts were built from)"
+            )
+        return np.asarray(rows, dtype=np.int64).reshape(len(rows))
+
+    def _parse_completions(self, completions: Sequence) -> tuple[list[str | None], np.ndarray]:
+        """Canonical attribute text (None = unparsable) and pair count per completion; each distinct text once."""
+        parsed: dict[str, tuple[str | None, int]] = {}
+        texts: list[str | None] = []
+        num_attrs = np.zeros(len(completions), dtype=np.int64)
+        for i, completion in enumerate(completions):
+            raw = completion_text(completion)
+            hit = parsed.get(raw)
+            if hit is None:
+                hit = parsed[raw] = self._canonical(raw)
+            texts.append(hit[0])
+            num_attrs[i] = hit[1]
+        return texts, num_attrs
+
+    def _plan_queries(self, st: SimpleNamespace, cat_rows: np.ndarray, texts: list, need: np.ndarray) -> SimpleNamespace:
+        """The distinct enriched queries (``uid`` per completion), and the attribute-free baselines: cached,
+        read from the gallery, or to encode."""
+        uid_of: dict[tuple[int, str], int] = {}
+        uid = np.full(len(texts), -1, dtype=np.int64)
+        for i in np.flatnonzero(need):
+            uid[i] = uid_of.setdefault((int(cat_rows[i]), texts[i]), len(uid_of))
+        base_rows = [int(r) for r in dict.fromkeys(cat_rows[need].tolist())]
+        cached = {r: self._baselines[r] for r in base_rows if r in self._baselines}
+        for r in cached:
+            self._baselines.move_to_end(r)
+        todo = np.array([r for r in base_rows if r not in cached], dtype=np.int64)
+        in_gallery = st.gallery_row[todo] >= 0 if st.baseline_from_gallery else np.zeros(len(todo), dtype=bool)
+        return SimpleNamespace(
+            uid=uid, q_rows=np.fromiter((r for r, _ in uid_of), dtype=np.int64, count=len(uid_of)),
+            q_texts=[t for _, t in uid_of], cached=cached, base_from_gallery=todo[in_gallery], base_encode=todo[~in_gallery])
+
+    def _embed_queries(self, st: SimpleNamespace, plan: SimpleNamespace) -> tuple[np.ndarray, np.ndarray]:
+        """One encoder call (enriched queries, then attribute-free queries of listings outside the gallery), then
+        the gallery's own vectors as the other baselines; returns the query vectors and their catalog rows."""
+        enc_rows = np.concatenate([plan.q_rows, plan.base_encode])
+        if len(enc_rows):
+            cache = {} if st.image_cache is None else {
+                "image_keys": [st.listing_ids[r] for r in enc_rows.tolist()], "image_cache": st.image_cache}
+            embeddings = st.encoder.encode(self._fetch_images(st, enc_rows.tolist()), [st.titles[r] for r in enc_rows.tolist()],
+                                           plan.q_texts + [None] * len(plan.base_encode), batch_size=self.batch_size,
+                                           show_progress=False, **cache)
+            embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(enc_rows), -1)
+        else:
+            embeddings = np.zeros((0, st.gallery.dim), dtype=np.float32)
+        queries = np.concatenate([embeddings, st.gallery.vectors(st.gallery_row[plan.base_from_gallery])])
+        return queries, np.concatenate([enc_rows, plan.base_from_gallery])
+
+    def _per_completion(self, plan: SimpleNamespace, stats: np.ndarray, ok: np.ndarray, query_rows: np.ndarray,
+                        cat_rows: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 5) rank statistics of each completion's query with its attributes and without (NaN where none);
+        newly ranked baselines enter the LRU cache."""
+        n_q = len(plan.q_rows)
+        base_stats = dict(plan.cached)
+        for j, r in enumerate(query_rows[n_q:].tolist()):
+            if ok[n_q + j]:
+                base_stats[r] = self._baselines[r] = stats[n_q + j]
+        while len(self._baselines) > self.baseline_cache_size:
+            self._baselines.popitem(last=False)
+        with_attr = np.full((len(cat_rows), 5), np.nan)
+        without = np.full((len(cat_rows), 5), np.nan)
+        idx = np.flatnonzero(need)
+        if len(idx):
+            u = plan.uid[idx]
+            with_attr[idx] = np.where(ok[:n_q][u][:, None], stats[:n_q][u], np.nan)
+            without[idx] = np.stack([base_stats.get(int(r), np.full(5, np.nan)) for r in cat_rows[idx]])
+        return with_attr, without
+
+    def _rewards(self, st: SimpleNamespace, with_attr: np.ndarray, without: np.ndarray, valid: np.ndarray,
+                 scored: np.ndarray, failed: np.ndarray) -> list:
+        if self.mode == "rank_improvement":
+            if self.rank_transform == "reciprocal":
+                value = with_attr[:, 1] - without[:, 1]
+            else:
+                value = (np.log(without[:, 0]) - np.log(with_attr[:, 0])) / st.log_norm
+        elif self.mode == "recall_at_k":
+            value = with_attr[:, 2]
+        else:
+            value = with_attr[:, 1]
+        rewards: list = []
+        for i in range(len(value)):
+            if scored[i] and math.isfinite(value[i]):
+                rewards.append(float(value[i]))
+            elif not valid[i] or failed[i] or scored[i]:
+                rewards.append(self.invalid_reward)
+            else:  # valid output, query cannot be ranked
+                rewards.append(self.unscorable_reward)
+        return rewards
+
+    def _count(self, n: int, valid: np.ndarray, scorable: np.ndarray, failed: np.ndarray, plan: SimpleNamespace) -> None:
+        c = self.counters
+        c["calls"] += 1
+        c["completions"] += n
+        c["invalid"] += int((~valid).sum())
+        c["unscorable"] += int((~scorable).sum())
+        c["encoded_queries"] += len(plan.q_rows)
+        c["encoded_baselines"] += len(plan.base_encode)
+        c["gallery_baselines"] += len(plan.base_from_gallery)
+        c["baseline_cache_hits"] += len(plan.cached)
+        c["encoder_failures"] += int(failed.sum())
 
     # ------------------------------------------------------------------ TRL entry point
     def __call__(self, prompts=None, completions=None, listing_id=None, log_metric=None, log_extra=None,
