@@ -17,10 +17,11 @@ them), hence this small module. Sizes and timings: docs/index_scale.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import faiss
 import numpy as np
+
+from agcl.vectors import checked_rows
 
 ADD_CHUNK = 65_536  # rows converted and added at a time
 _QUERY_CHUNK = 256  # queries re-ranked at a time (bounds the candidate-vector buffer)
@@ -32,11 +33,11 @@ def default_pq_m(dim: int) -> int:
     return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
 
 
-def build_ivfpq(x, rows: Callable[..., np.ndarray], *, nlist: int | None = None, nprobe: int | None = None,
-                pq_m: int | None = None, seed: int = 0) -> tuple[faiss.Index, dict]:
-    """An inner-product ``IndexIVFPQ`` over ``x`` ((n, dim), may be a ``np.memmap``): trained on a seeded
-    sample, filled ``ADD_CHUNK`` rows at a time. ``rows(x, start, stop, rows=None)`` returns checked,
-    normalised float32 rows (``agcl.retrieval``'s checks), so no more than a chunk is ever converted."""
+def build_ivfpq(x, *, nlist: int | None = None, nprobe: int | None = None, pq_m: int | None = None,
+                seed: int = 0) -> tuple[faiss.Index, dict]:
+    """An inner-product ``IndexIVFPQ`` over ``x`` ((n, dim), L2-normalised rows, may be a ``np.memmap``):
+    trained on a seeded sample, filled ``ADD_CHUNK`` rows at a time, so no more than a chunk is ever
+    converted to checked float32 (``agcl.vectors.checked_rows``)."""
     n, dim = x.shape
     pq_m = default_pq_m(dim) if pq_m is None else pq_m
     if pq_m < 1 or dim % pq_m:
@@ -50,11 +51,11 @@ def build_ivfpq(x, rows: Callable[..., np.ndarray], *, nlist: int | None = None,
     index.cp.spherical = True  # centroids on the sphere, like the data
     n_train = min(n, max(64 * nlist, 39 * 2**nbits))
     sample = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False)) if n_train < n else None
-    train = np.concatenate([rows(x, s, min(s + ADD_CHUNK, n), rows=sample) for s in range(0, n, ADD_CHUNK)])
+    train = np.concatenate([checked_rows(x, s, min(s + ADD_CHUNK, n), rows=sample) for s in range(0, n, ADD_CHUNK)])
     index.train(train)
     del train
     for start in range(0, n, ADD_CHUNK):
-        index.add(rows(x, start, min(start + ADD_CHUNK, n)))
+        index.add(checked_rows(x, start, min(start + ADD_CHUNK, n)))
     index.nprobe = min(nprobe or 1, nlist)
     params = {"nlist": nlist, "nprobe": int(index.nprobe), "pq_m": pq_m, "nbits": nbits, "n_train": n_train,
               "code_bytes": math.ceil(pq_m * nbits / 8)}

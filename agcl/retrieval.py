@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ import faiss
 import numpy as np
 
 from agcl.ivfpq import build_ivfpq, rerank_search
+from agcl.vectors import as_float32_matrix, checked_rows, save_vectors
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq", "auto")
 BUILT_TYPES = INDEX_TYPES[:-1]
@@ -58,7 +58,6 @@ INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.npy"  # IVF-PQ's float vectors for exact re-ranking, memory-mapped
 META_FILE = "gallery.json"
 FORMAT_VERSION = 1
-_NORM_TOLERANCE = 1e-3
 _CALIBRATION_QUERIES = 256
 _CALIBRATION_K = 10
 
@@ -79,28 +78,6 @@ def resolve_index_type(n: int, dim: int, index_type: str = "auto", exact_max_siz
         return "flat"
     budget = physical_memory_bytes() // 2 if memory_budget is None else memory_budget
     return "ivf" if 4 * n * dim <= budget else "ivfpq"
-
-
-def _as_float32_matrix(x: Any, name: str) -> np.ndarray:
-    """A C-contiguous float32 (n, d) copy/view of x, with non-finite rows reported by index."""
-    if hasattr(x, "detach"):  # a torch tensor (any dtype/device) without importing torch
-        x = x.detach().float().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(
-            f"{name} must be a 2-D array (n, dim), got shape {x.shape}; use x.reshape(1, -1) for one vector"
-        )
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ValueError(
-            f"{name} has NaN or infinite values in row {int(rows[0])}"
-            + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "")
-        )
-    return x
 
 
 class GalleryIndex:
@@ -157,13 +134,13 @@ class GalleryIndex:
         module docstring for the defaults. ``metadata`` (JSON-serialisable) is kept and saved.
         """
         if not hasattr(embeddings, "shape") or len(embeddings.shape) != 2:
-            embeddings = _as_float32_matrix(embeddings, "embeddings")
+            embeddings = as_float32_matrix(embeddings, "embeddings")
         n, dim = embeddings.shape
         if n == 0:
             raise ValueError("embeddings is empty: a gallery needs at least one vector")
         index_type = resolve_index_type(n, dim, index_type, exact_max_size, memory_budget)
         if index_type != "ivfpq":  # the others hold every float32 vector in memory anyway
-            embeddings = _normalised_rows(embeddings, 0, n, normalize=normalize)
+            embeddings = checked_rows(embeddings, 0, n, normalize=normalize)
         if ids is not None:
             ids = [str(i) for i in ids]
             if len(ids) != n:
@@ -188,9 +165,9 @@ class GalleryIndex:
                 raise ValueError("an IVF-PQ index re-ranks with the vectors as given: normalise them first")
             if rerank_factor < 1:
                 raise ValueError(f"rerank_factor must be >= 1, got {rerank_factor}")
-            index, params = build_ivfpq(x, _normalised_rows, nlist=nlist, nprobe=nprobe, pq_m=pq_m, seed=seed)
+            index, params = build_ivfpq(x, nlist=nlist, nprobe=nprobe, pq_m=pq_m, seed=seed)
             params["rerank_factor"] = int(rerank_factor)
-            rerank = x if isinstance(x, np.ndarray) and x.dtype == np.float32 else _normalised_rows(x, 0, n)
+            rerank = x if isinstance(x, np.ndarray) and x.dtype == np.float32 else checked_rows(x, 0, n)
         else:
             if hnsw_m < 2 or ef_search < 1:
                 raise ValueError(f"hnsw_m must be >= 2 and ef_search >= 1, got {hnsw_m} and {ef_search}")
@@ -292,7 +269,7 @@ class GalleryIndex:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         k = int(k)
-        q = _as_float32_matrix(queries, "queries")
+        q = as_float32_matrix(queries, "queries")
         if q.shape[1] != self.dim:
             raise ValueError(f"query dim {q.shape[1]} does not match the index dim {self.dim}")
         nq = len(q)
@@ -352,7 +329,7 @@ class GalleryIndex:
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(directory / INDEX_FILE))
         if self.rerank_vectors is not None:
-            _save_vectors(self.rerank_vectors, directory / VECTORS_FILE)
+            save_vectors(self.rerank_vectors, directory / VECTORS_FILE)
         (directory / META_FILE).write_text(text)
         return directory
 
@@ -390,50 +367,6 @@ class GalleryIndex:
             index, info["index_type"], ids=info.get("ids"), metadata=info.get("metadata"), params=params,
             rerank_vectors=rerank,
         )
-
-
-def _save_vectors(vectors: np.ndarray, path: Path) -> None:
-    """Write ``vectors`` as a float32 .npy in chunks; nothing to do when they are that file, memory-mapped."""
-    if isinstance(vectors, np.memmap) and vectors.filename and Path(vectors.filename).resolve() == path.resolve():
-        return
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=vectors.shape)
-    for start in range(0, len(vectors), 65_536):
-        out[start:start + 65_536] = vectors[start:start + 65_536]
-    out.flush()
-    del out
-
-
-def _normalised_rows(x, start: int, stop: int, rows: np.ndarray | None = None, normalize: bool = False) -> np.ndarray:
-    """Rows ``start:stop`` of ``x`` (only those in the sorted ``rows`` when given) as checked float32,
-    L2-normalised when ``normalize``; errors name the row of ``x``."""
-    if rows is not None:
-        rows = rows[(rows >= start) & (rows < stop)]
-        offsets = rows
-        chunk = x[rows]
-    else:
-        offsets = np.arange(start, stop)
-        chunk = x[start:stop]
-    try:
-        chunk = _as_float32_matrix(chunk, "embeddings")
-    except ValueError as err:  # the row number of the chunk -> the row of x
-        found = re.search(r"in row (\d+)", str(err))
-        if found is None:
-            raise
-        raise ValueError(str(err).replace(found.group(0), f"in row {int(offsets[int(found.group(1))])}")) from None
-    norms = np.linalg.norm(chunk, axis=1)
-    if normalize:
-        if (norms == 0).any():
-            raise ValueError(f"embeddings row {int(offsets[np.flatnonzero(norms == 0)[0]])} is all zeros and "
-                             "cannot be normalised")
-        return np.ascontiguousarray(chunk / norms[:, None], dtype=np.float32)
-    off = np.abs(norms - 1.0) > _NORM_TOLERANCE
-    if off.any():
-        row = int(np.flatnonzero(off)[0])
-        raise ValueError(
-            f"embeddings row {int(offsets[row])} has L2 norm {norms[row]:.4f}, expected 1 (inner product is cosine "
-            f"only for normalised vectors); {int(off.sum())} rows are off. Pass normalize=True to normalise them."
-        )
-    return chunk
 
 
 def _calibrate_nprobe(index, x, nlist, target_recall, rng) -> tuple[int, dict]:
