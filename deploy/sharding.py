@@ -82,12 +82,14 @@ def merge_shards(n: int, output_dir: str | Path, *, shard_size: int, poll_second
     with the attribute texts in row order."""
     bounds = shard_bounds(n, shard_size)
     dirs = [Path(output_dir) / SHARDS_DIR / f"{i:05d}" for i in range(len(bounds))]
-    waited = time.time()
+    waited, reported = time.time(), None
     while missing := [d for d in dirs if not (d / STAMP_FILE).is_file()]:
         if timeout_seconds is not None and time.time() - waited > timeout_seconds:
             raise TimeoutError(f"{len(missing)} of {len(dirs)} shards unfinished after {timeout_seconds:.0f} s "
                                f"(first: {missing[0]})")
-        print(f"[index_catalog] waiting for {len(missing)} of {len(dirs)} shards ...", flush=True)
+        if reported is None or time.time() - reported > 300:  # a line every 5 minutes, not every poll
+            print(f"[index_catalog] waiting for {len(missing)} of {len(dirs)} shards ...", flush=True)
+            reported = time.time()
         time.sleep(poll_seconds)
     dim = np.load(dirs[0] / "vectors.npy", mmap_mode="r").shape[1]
     merged = np.lib.format.open_memmap(Path(output_dir) / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
