@@ -91,7 +91,7 @@ def main(args: IndexArguments) -> ProductIndex | None:
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes != int(os.environ.get("WORLD_SIZE", 1)):
         raise ValueError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
-                           f"{state.num_processes}: check the accelerate config")
+                         f"{state.num_processes}: check the accelerate config")
     if args.generator and args.attribute_column:
         raise ValueError("pass --generator or --attribute_column, not both")
     if args.generator and not Path(args.generator).is_dir():
@@ -112,7 +112,7 @@ def main(args: IndexArguments) -> ProductIndex | None:
                   world_size=state.num_processes, batch_size=args.batch_size)
     if not state.is_main_process:
         return None
-    vectors, attributes = merge_shards(len(listings), out, shard_size=args.shard_size)
+    vectors, attributes = merge_shards(listings, index, out, shard_size=args.shard_size)
     budget = None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30)
     index = index.from_vectors(listings, vectors, attributes, index_type=args.index_type,
                                target_recall=args.target_recall, memory_budget=budget)

@@ -113,6 +113,28 @@ def test_bad_input_is_one_clear_line(tiny_encoder_dir, tiny_model_dir, small_cat
     expect_exit(search, query, "fingerprint")
 
 
+
+def test_a_shard_left_by_another_run_is_redone_not_merged(tiny_encoder_dir, test_split, tmp_path):
+    """The main process merges a shard only when its stamp is this run's: a stamp an earlier run left (another
+    encoder, generator or prompt) is waited for, not merged; and that run's generations log is dropped."""
+    from deploy.sharding import STAMP_FILE, STARTED_FILE, encode_shards, merge_shards
+
+    index = ProductIndex.configure(str(tiny_encoder_dir), attribute_column="attributes")
+    assert encode_shards(test_split, index, tmp_path, shard_size=20) == list(range(-(-len(test_split) // 20)))
+    shard = tmp_path / "shards" / "00001"
+    stale = json.loads((shard / STAMP_FILE).read_text())
+    stale["generator"] = "an earlier generator"
+    for name in (STAMP_FILE, STARTED_FILE):
+        (shard / name).write_text(json.dumps(stale))
+    (shard / "generations.jsonl").write_text('{"listing_id": "x", "completion": "color: red"}\n')
+    with pytest.raises(TimeoutError, match="1 of .* shards unfinished"):
+        merge_shards(test_split, index, tmp_path, shard_size=20, poll_seconds=0.01, timeout_seconds=0)
+    assert encode_shards(test_split, index, tmp_path, shard_size=20) == [1]  # only the stale shard is redone
+    assert not (shard / "generations.jsonl").exists()
+    vectors, attributes = merge_shards(test_split, index, tmp_path, shard_size=20, timeout_seconds=0)
+    assert attributes == index.annotate(test_split)
+    np.testing.assert_allclose(vectors, index.embed(test_split, attributes, batch_size=16), atol=1e-5)
+
 @pytest.mark.slow
 def test_two_processes_build_the_single_process_index_and_a_killed_run_resumes(
         tiny_encoder_dir, small_catalog_dir, test_split, tmp_path, load_recipe, capsys):
