@@ -10,7 +10,9 @@ deterministic. Returns raw completion strings; parse them with ``agcl.attributes
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import datasets
 import torch
@@ -23,9 +25,6 @@ def read_generation_log(path) -> dict[str, str]:
     """listing_id -> completion from a JSONL log of an earlier (possibly interrupted) run, as
     ``recipes/extract_attributes.py`` and ``deploy.annotate`` append it batch by batch; a torn last line
     is ignored, and a missing file is an empty log."""
-    import json
-    from pathlib import Path
-
     done: dict[str, str] = {}
     if path is not None and Path(path).is_file():
         for line in Path(path).read_text(encoding="utf-8").splitlines():

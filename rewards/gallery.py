@@ -295,7 +295,6 @@ class ProductGallery:
         num_queries: int = 512,
         seed: int = 0,
         rows: Sequence[int] | None = None,
-        base: np.ndarray | None = None,
     ) -> dict:
         """Set the smallest nprobe (IVF) / efSearch (HNSW) whose recall of the exact top-``k`` reaches
         ``target_recall``; returns what it measured (also stored in ``index.params["tuning"]``).
@@ -307,8 +306,9 @@ class ProductGallery:
         about another: ``benchmarks/reward_cost.py`` shows IVF tuned on uniform rows missing a
         quarter of the top-50 of queries from a small dense region). The sample aims
         halfway between the target and 1 (as ``GalleryIndex``'s calibration), so that the recall
-        on unseen queries clears the target. A flat index is exact: nothing to tune. ``base`` is the
-        gallery's float32 vectors by row (default: the stored ones; may be memory-mapped).
+        on unseen queries clears the target. A flat index is exact: nothing to tune. IVF-PQ also raises
+        its re-ranking depth (from the one it was built with, doubling up to 128) when probing every
+        list is not enough; its exact top-k comes from its memory-mapped vectors, read in chunks.
         """
         kind = self.index.index_type
         if kind == "flat":
@@ -318,10 +318,7 @@ class ProductGallery:
         if k < 1:
             return {"recall": 1.0, "k": k}
         rng = np.random.default_rng(seed)
-        if base is None:
-            base = self.index.rerank_vectors if self.index.rerank_vectors is not None else self.vectors(np.arange(n))
-        if len(base) != n:
-            raise ValueError(f"base has {len(base)} vectors for a gallery of {n}")
+        base = self.index.rerank_vectors if self.index.rerank_vectors is not None else self.vectors(np.arange(n))
         if queries is None:
             pool = np.arange(n) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
             sample = np.sort(rng.choice(pool, min(len(pool), num_queries), replace=False))
@@ -338,7 +335,8 @@ class ProductGallery:
             ladder = sorted({max(k, int(round(k * 2 ** (i / 2)))) for i in range(0, 14)})
         recall, value = 0.0, ladder[-1]
         # IVF-PQ: when probing more lists is not enough, re-rank more of its candidates
-        factors = (8, 16, 32, 64, 128) if kind == "ivfpq" else (None,)
+        start = self.index.params.get("rerank_factor", 8)
+        factors = (start, *(f for f in (16, 32, 64, 128) if f > start)) if kind == "ivfpq" else (None,)
         for factor in factors:
             if factor is not None:
                 self.index.params["rerank_factor"] = factor
