@@ -24,7 +24,7 @@ import numpy as np
 from agcl.vectors import checked_rows
 
 ADD_CHUNK = 65_536  # rows converted and added at a time
-_QUERY_CHUNK = 256  # queries re-ranked at a time (bounds the candidate-vector buffer)
+_RERANK_BUFFER = 2**26  # floats of candidate vectors gathered at once (256 MiB): bounds the queries per chunk
 
 
 def default_pq_m(dim: int) -> int:
@@ -69,8 +69,9 @@ def rerank_search(index: faiss.Index, vectors, queries: np.ndarray, k: int, fact
     nq = len(queries)
     scores = np.full((nq, k), -np.inf, dtype=np.float32)
     found = np.full((nq, k), -1, dtype=np.int64)
-    for start in range(0, nq, _QUERY_CHUNK):
-        q = queries[start:start + _QUERY_CHUNK]
+    chunk = max(1, min(256, _RERANK_BUFFER // (k * factor * index.d)))
+    for start in range(0, nq, chunk):
+        q = queries[start:start + chunk]
         _, cand = index.search(q, k * factor)
         unique = np.unique(cand[cand >= 0])  # sorted: a forward pass over the file
         block = np.asarray(vectors[unique], dtype=np.float32)
