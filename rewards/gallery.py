@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,11 +53,12 @@ from agcl.retrieval import GalleryIndex, resolve_index_type
 from rewards.fingerprints import (  # noqa: F401  (re-exported: the gallery's public vocabulary)
     ENCODER_FINGERPRINT_KINDS,
     _as_catalog,
-    _fingerprint_of,
     _short,
     catalog_fingerprint,
     encoder_fingerprints,
 )
+from rewards.gallery_checks import check_catalog, check_encoder
+from rewards.gallery_tuning import _overlap, exact_top_k, faiss_flat, tune_search  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -286,155 +285,23 @@ class ProductGallery:
         """``GalleryIndex.search``: (scores, rows), each (num_queries, k)."""
         return self.index.search(queries, k, exclude=exclude)
 
-    # ------------------------------------------------------------------ approximate search tuning
-    def tune_search(
-        self,
-        k: int = 50,
-        target_recall: float = 0.98,
-        queries: np.ndarray | None = None,
-        num_queries: int = 512,
-        seed: int = 0,
-        rows: Sequence[int] | None = None,
-    ) -> dict:
-        """Set the smallest nprobe (IVF) / efSearch (HNSW) whose recall of the exact top-``k`` reaches
-        ``target_recall``; returns what it measured (also stored in ``index.params["tuning"]``).
+    # ------------------------------------------------------------------ approximate search tuning (rewards.gallery_tuning)
+    def tune_search(self, k: int = 50, target_recall: float = 0.98, queries: np.ndarray | None = None,
+                    num_queries: int = 512, seed: int = 0, rows: Sequence[int] | None = None) -> dict:
+        """Set the smallest nprobe (IVF) / efSearch (HNSW) whose recall of the exact top-``k`` on leave-one-out
+        gallery queries (or ``queries``; drawn from ``rows`` when given) reaches ``target_recall``; returns what it
+        measured (also in ``index.params["tuning"]``). See ``rewards.gallery_tuning.tune_search``."""
+        return tune_search(self, k=k, target_recall=target_recall, queries=queries, num_queries=num_queries, seed=seed,
+                           rows=rows)
 
-        Without ``queries``, ``num_queries`` gallery rows are the queries and each one's own row is
-        excluded (leave-one-out, as the reward excludes a query's own listing): drawn uniformly, or
-        from ``rows`` -- pass the gallery rows of the listings your prompts query when they are not
-        a uniform sample of the gallery (a recall measured on one region of the space says little
-        about another: ``benchmarks/reward_cost.py`` shows IVF tuned on uniform rows missing a
-        quarter of the top-50 of queries from a small dense region). The sample aims
-        halfway between the target and 1 (as ``GalleryIndex``'s calibration), so that the recall
-        on unseen queries clears the target. A flat index is exact: nothing to tune. IVF-PQ also raises
-        its re-ranking depth (from the one it was built with, doubling up to 128) when probing every
-        list is not enough; its exact top-k comes from its memory-mapped vectors, read in chunks.
-        """
-        kind = self.index.index_type
-        if kind == "flat":
-            return {"recall": 1.0, "k": k}
-        n = self.size
-        k = int(min(k, n - 1 if queries is None else n))
-        if k < 1:
-            return {"recall": 1.0, "k": k}
-        rng = np.random.default_rng(seed)
-        base = self.index.rerank_vectors if self.index.rerank_vectors is not None else self.vectors(np.arange(n))
-        if queries is None:
-            pool = np.arange(n) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
-            sample = np.sort(rng.choice(pool, min(len(pool), num_queries), replace=False))
-            q, exclude = np.ascontiguousarray(base[sample], dtype=np.float32), sample
-        else:
-            q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
-            exclude = None
-        truth = exact_top_k(q, base, k, exclude)
-        goal = 1.0 - (1.0 - target_recall) / 2
-        if kind in ("ivf", "ivfpq"):
-            nlist = self.index.index.nlist
-            ladder = sorted({min(nlist, max(1, int(round(2 ** (i / 2))))) for i in range(2 * int(math.log2(nlist)) + 3)})
-        else:
-            ladder = sorted({max(k, int(round(k * 2 ** (i / 2)))) for i in range(0, 14)})
-        recall, value = 0.0, ladder[-1]
-        # IVF-PQ: when probing more lists is not enough, re-rank more of its candidates
-        start = self.index.params.get("rerank_factor", 8)
-        factors = (start, *(f for f in (16, 32, 64, 128) if f > start)) if kind == "ivfpq" else (None,)
-        for factor in factors:
-            if factor is not None:
-                self.index.params["rerank_factor"] = factor
-            for value in ladder:
-                if kind != "hnsw":
-                    self.index.nprobe = value
-                else:
-                    self.index.ef_search = value
-                _, found = self.index.search(q, k, exclude=exclude)
-                recall = _overlap(found, truth)
-                if recall >= goal:
-                    break
-            if recall >= goal:
-                break
-        del base
-        result = {"param": "ef_search" if kind == "hnsw" else "nprobe", "value": int(value), "recall": recall,
-                  "goal": goal, "target_recall": target_recall, "k": k, "queries": len(q)}
-        if kind == "ivfpq":
-            result["rerank_factor"] = self.index.params["rerank_factor"]
-        if recall < goal:
-            warnings.warn(
-                f"{kind} gallery: recall of the exact top-{k} is {recall:.3f} at the largest "
-                f"{result['param']}={value}, below the goal {goal:.3f}; use a flat index or more lists",
-                stacklevel=2,
-            )
-        self.index.params["tuning"] = result
-        return result
-
-    # ------------------------------------------------------------------ checks
+    # ------------------------------------------------------------------ checks (rewards.gallery_checks)
     def check_encoder(self, encoder, *, label: str | None = None) -> None:
-        """Raise ValueError when ``encoder`` (an object or a directory) is not the one that built the gallery.
-
-        Checks the embedding dimension (objects with ``embedding_dim``), then the fingerprints of
-        the kinds both sides have. A directory checked against a gallery that has no ``"files"``
-        fingerprint is loaded to compute its ``"weights"`` one. Without any common kind the
-        check cannot be made: a warning says so.
-        """
-        where = label or (f"the encoder at {os.fspath(encoder)}" if isinstance(encoder, str | os.PathLike)
-                          else f"the given {type(encoder).__name__}")
-        dim = getattr(encoder, "embedding_dim", None)
-        if dim is not None and int(dim) != self.dim:
-            raise ValueError(
-                f"dimension mismatch: the gallery holds {self.dim}-dim vectors but {where} embeds into {int(dim)} "
-                "dimensions; rebuild the gallery with this encoder"
-            )
-        stored = self.encoder_fingerprint
-        if not stored:
-            warnings.warn("this gallery records no encoder fingerprint: the encoder cannot be checked", stacklevel=2)
-            return
-        for kind in ENCODER_FINGERPRINT_KINDS:  # the first kind both sides have decides; the cheap ones come first
-            if kind not in stored:
-                continue
-            given = _fingerprint_of(encoder, kind)
-            if given is None:
-                continue
-            if given != stored[kind]:
-                raise ValueError(
-                    f"encoder mismatch: the gallery was built with encoder fingerprint {_short(stored[kind])} ({kind}) "
-                    f"but {where} has {_short(given)}; rebuild the gallery with this encoder "
-                    "(ProductGallery.build) or pass the encoder it was built with"
-                )
-            return
-        if isinstance(encoder, str | os.PathLike):  # the gallery knows only in-memory fingerprints: load to compare
-            from agcl.encoder import ProductEncoder
-
-            return self.check_encoder(ProductEncoder.from_pretrained(encoder), label=where)
-        warnings.warn(
-            f"cannot check {where} against the gallery: no fingerprint kind in common with the gallery's {sorted(stored)}",
-            stacklevel=2,
-        )
+        """Raise ValueError when ``encoder`` (an object or a directory) is not the one that built the gallery."""
+        check_encoder(self, encoder, label=label)
 
     def check_catalog(self, catalog, *, split: str | None = None) -> None:
         """Raise ValueError when ``catalog`` (Dataset or path) is not the catalog the gallery was built from."""
-        ds, source = _as_catalog(catalog, split=split)
-        where = f"the catalog at {source}" if source else "the given catalog"
-        if self.catalog_fingerprint is None:
-            warnings.warn("this gallery records no catalog fingerprint: the catalog cannot be checked", stacklevel=2)
-            return
-        given = catalog_fingerprint(ds)
-        if given == self.catalog_fingerprint:
-            return
-        detail = ""
-        if len(ds) != self.size:
-            detail = f" ({len(ds)} rows there, {self.size} in the gallery)"
-        else:
-            ids = ds["listing_id"]
-            products = ds["product_id"]
-            for i, (lid, pid) in enumerate(zip(ids, products, strict=True)):
-                if lid != self.listing_ids[i] or pid != self.product_ids[i]:
-                    detail = (f" (first difference at row {i}: listing {lid!r} / product {pid!r} there, "
-                              f"{self.listing_ids[i]!r} / {self.product_ids[i]!r} in the gallery)")
-                    break
-            else:
-                detail = " (same listing and product ids: a title or image differs)"
-        raise ValueError(
-            f"catalog mismatch: the gallery was built from a catalog with fingerprint {_short(self.catalog_fingerprint)} "
-            f"but {where} has {_short(given)}{detail}; rebuild the gallery from this catalog"
-        )
+        check_catalog(self, catalog, split=split)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
@@ -516,39 +383,3 @@ class ProductGallery:
             index.hnsw.efSearch = params.get("ef_search", index.hnsw.efSearch)
         self.index = GalleryIndex(index, index_type, ids=ids, metadata=metadata, params=params, rerank_vectors=rerank)
         self._derive()
-
-
-def faiss_flat(vectors: np.ndarray) -> faiss.Index:
-    """An exact inner-product index over ``vectors`` (used as ground truth when tuning)."""
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
-
-
-def exact_top_k(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None,
-                chunk: int = 262_144) -> np.ndarray:
-    """Rows of the exact top-``k`` of ``base`` (read ``chunk`` rows at a time, so it may be memory-mapped) by
-    inner product for each query; ``exclude[i]`` is a row left out of query i's results (-1: none)."""
-    nq, extra = len(queries), 0 if exclude is None else 1
-    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((nq, 0), dtype=np.int64)
-    for start in range(0, len(base), chunk):
-        block = np.ascontiguousarray(base[start:start + chunk], dtype=np.float32)
-        s, i = faiss.knn(queries, block, min(k + extra, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
-        best_s, best_i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i + start], axis=1)
-        if exclude is not None:
-            best_s = np.where(best_i == np.asarray(exclude)[:, None], -np.inf, best_s)
-        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
-    return np.where(np.isfinite(best_s), best_i, -1)
-
-
-def _overlap(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fraction of each row of ``truth`` (exact top-k rows) present in ``found``."""
-    found = np.sort(found, axis=1)
-    pos = np.clip(
-        np.stack([np.searchsorted(f, t) for f, t in zip(found, truth, strict=True)]), 0, found.shape[1] - 1
-    )
-    hit = np.take_along_axis(found, pos, axis=1) == truth
-    valid = truth >= 0
-    return float((hit & valid).sum() / max(valid.sum(), 1))
