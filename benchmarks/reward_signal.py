@@ -1,0 +1,110 @@
+"""Does the retrieval reward point where RL should go? Scores of hand-made attribute lines against the demo's reward.
+
+    accelerate launch recipes/rar_grpo.py          # once: writes outputs/rar-demo (encoder, gallery_attributes.jsonl)
+    python benchmarks/reward_signal.py             # writes docs/reward_signal.md
+
+RL can only move the generator toward what its reward ranks higher. This script rebuilds the demo's
+reward exactly as ``recipes/rar_grpo.py`` does (``retrieval_rank``, the frozen demo encoder, the
+``val`` gallery annotated once by the SFT policy: ``gallery_attributes.jsonl``) and scores, for every
+``val`` listing, attribute lines that differ from the SFT policy's own greedy line in one controlled
+way: the true values, the SFT line with its wrong values removed (an oracle), the SFT line without the
+keys it guesses (pattern, logo, size, brand), the SFT line with its colour changed, and one key only.
+A reward that points the right way scores the true and the oracle lines above the SFT line, and the
+corrupted one below it; the share of listings where a variant beats the SFT line says how often a
+GRPO group containing both would push the policy toward it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agcl.attributes import format_attributes, parse_attributes
+from agcl.catalog import load_catalog
+from rar.config import POLICY_COLUMN
+from rewards import get_reward_funcs
+
+ROOT = Path(__file__).resolve().parents[1]
+GUESSED = ("pattern", "logo", "size", "brand")  # keys the SFT generator names near chance (attribute_headroom.md)
+GALLERIES = {"policy": "annotated once by the SFT policy (the demo's `--gallery_attributes policy`)",
+             "reference": "the catalog's stored teacher attributes (`--gallery_attributes reference`)",
+             "none": "image + title (`--gallery_attributes none`)",
+             "true": "the true attributes (`--gallery_attributes true_attributes`; a diagnostic: no deployment has them)"}
+COLOURS = ("black", "blue", "green", "orange", "purple", "red", "white", "yellow")
+
+
+def variants(sft: dict, true: dict) -> dict[str, dict]:
+    """Attribute dicts derived from the SFT line ``sft`` and the listing's ``true`` attributes."""
+    right = {k: v for k, v in sft.items() if str(true.get(k, "")).lower() == str(v).lower()}
+    other = next(c for c in COLOURS if c != str(sft.get("color", "")).lower() and c != str(true.get("color", "")).lower())
+    return {
+        "SFT line (the policy's own)": sft,
+        "true attributes": {k: v for k, v in true.items() if v not in (None, "")},
+        "SFT, wrong values removed (oracle)": right,
+        "SFT without pattern, logo, size, brand": {k: v for k, v in sft.items() if k not in GUESSED},
+        "SFT with a wrong colour": {**sft, "color": other},
+        "colour only (SFT's)": {"color": sft["color"]} if "color" in sft else {},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", default=str(ROOT / "outputs" / "rar-demo"))
+    parser.add_argument("--catalog", default=str(ROOT / "outputs" / "embedded" / "catalog-600-seed0-val0.3"))
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--galleries", nargs="+", default=["policy", "reference", "none", "true"],
+                        choices=["policy", "reference", "none", "true"],
+                        help="The reward's gallery attributes (rar_grpo.py's --gallery_attributes): the SFT policy's "
+                             "greedy lines (the demo), the catalog's stored teacher attributes, none (image + title), or "
+                             "the true attributes (a diagnostic: no deployment has them).")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "reward_signal.md"))
+    args = parser.parse_args()
+    start = time.time()
+    demo = Path(args.demo)
+    written = {r["listing_id"]: r["completion"]
+               for r in map(json.loads, (demo / "gallery_attributes.jsonl").read_text(encoding="utf-8").splitlines())}
+    full = load_catalog(args.catalog)
+    policy = [parse_attributes(written[lid]).attributes or None if lid in written else None for lid in full["listing_id"]]
+    catalog = full.add_column(POLICY_COLUMN, policy)
+    rows = [i for i, s in enumerate(full["split"]) if s == args.split]
+    ids = [full[i]["listing_id"] for i in rows]
+    per_variant: dict[str, list] = {}
+    for i, lid in zip(rows, ids, strict=True):
+        for name, attrs in variants(parse_attributes(written[lid]).attributes, full[i]["true_attributes"]).items():
+            per_variant.setdefault(name, []).append(format_attributes(attrs) or "none")
+    lines = [
+        "# Does the retrieval reward point where RL should go?",
+        "",
+        f"Made by `python benchmarks/reward_signal.py` from `{demo.name}`: the demo's reward (`retrieval_rank`, "
+        "reciprocal-rank improvement over the same listing without attributes, the frozen demo encoder) over the "
+        f"`{args.split}` gallery, scored on the `{args.split}` listings whose product has another listing in the gallery. "
+        "Each row changes the SFT policy's own greedy line in one way (module docstring); a positive difference is "
+        "where GRPO would push the policy if its group held both lines.",
+    ]
+    for gallery in args.galleries:
+        column = {"policy": POLICY_COLUMN, "reference": "attributes", "none": None, "true": "true_attributes"}[gallery]
+        options = {"gallery_options": {"attribute_column": column}} if column else {}
+        (reward,) = get_reward_funcs(["retrieval_rank"], encoder=str(demo / "encoder"), catalog=catalog,
+                                     split=args.split, **options)
+        scores = {name: np.asarray([np.nan if r is None else r for r in reward(completions=texts, listing_id=ids)],
+                                   dtype=float) for name, texts in per_variant.items()}
+        base = scores["SFT line (the policy's own)"]
+        ok = ~np.isnan(base)
+        lines += ["", f"## Gallery: {GALLERIES[gallery]} ({int(ok.sum())} listings)", "",
+                  "| attribute line | mean reward | minus the SFT line's | listings where it scores higher | lower |",
+                  "|---|---|---|---|---|"]
+        for name, values in scores.items():
+            diff = values[ok] - base[ok]
+            lines.append(f"| {name} | {np.mean(values[ok]):+.3f} | {diff.mean():+.3f} | {100 * (diff > 1e-9).mean():.0f}% | "
+                         f"{100 * (diff < -1e-9).mean():.0f}% |")
+    lines += ["", f"{time.time() - start:.0f} s on the CPU."]
+    Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
