@@ -134,6 +134,21 @@ def test_attribute_headroom_counts_emitted_right_and_perceived_values_per_key():
     assert headroom._states("nice size M mug", "M") and not headroom._states("small mug", "M")
 
 
+def test_reward_signal_variants_change_the_sft_line_in_one_way_each():
+    signal = load("reward_signal")
+    sft = {"brand": "acme", "category": "mug", "color": "red", "pattern": "striped", "size": "m"}
+    true = {"brand": "lumo", "category": "mug", "color": "red", "pattern": "dotted", "size": "M", "logo": "star"}
+    lines = signal.variants(sft, true)
+    assert lines["SFT line (the policy's own)"] == sft
+    assert lines["true attributes"] == true
+    assert lines["SFT, wrong values removed (oracle)"] == {"category": "mug", "color": "red", "size": "m"}  # case-blind
+    assert lines["SFT without pattern, logo, size, brand"] == {"category": "mug", "color": "red"}
+    wrong = lines["SFT with a wrong colour"]
+    assert wrong["color"] != "red" and {k: v for k, v in wrong.items() if k != "color"} == {
+        k: v for k, v in sft.items() if k != "color"}
+    assert lines["colour only (SFT's)"] == {"color": "red"}
+
+
 def test_errors_by_key_finds_each_familys_varying_key_and_its_chance_level():
     import datasets
 
