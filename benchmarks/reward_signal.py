@@ -71,10 +71,11 @@ def main() -> None:
     policy = [parse_attributes(written[lid]).attributes or None if lid in written else None for lid in full["listing_id"]]
     catalog = full.add_column(POLICY_COLUMN, policy)
     rows = [i for i, s in enumerate(full["split"]) if s == args.split]
-    ids = [full[i]["listing_id"] for i in rows]
+    listing_ids, true_attributes = full["listing_id"], full["true_attributes"]  # columns: no image is decoded
+    ids = [listing_ids[i] for i in rows]
     per_variant: dict[str, list] = {}
     for i, lid in zip(rows, ids, strict=True):
-        for name, attrs in variants(parse_attributes(written[lid]).attributes, full[i]["true_attributes"]).items():
+        for name, attrs in variants(parse_attributes(written[lid]).attributes, true_attributes[i]).items():
             per_variant.setdefault(name, []).append(format_attributes(attrs) or "none")
     lines = [
         "# Does the retrieval reward point where RL should go?",
