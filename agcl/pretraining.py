@@ -59,6 +59,19 @@ CLAUSES = {
 }
 NO_LOGO = ("no logo", "without a logo", "no mark on it")
 GENERIC_CLAUSES = ("its {k} is {v}", "{v} {k}", "the {k} is {v}")
+# The same facts with the key named before its value. In "a {v} surface" the value comes first, so a
+# model must guess which key the next word belongs to before it can use the photo; a tiny model
+# learns such slots slowly (docs/pretraining.md, the phrasing probe).
+KEY_FIRST_CLAUSES = {
+    "category": ("the item is a {v}", "this is a {v}", "the product is a {v}"),
+    "color": ("mainly {v}", "the body is {v}", "its main colour is {v}"),
+    "secondary_color": ("trimmed in {v}", "the trim is {v}", "with accents in {v}"),
+    "pattern": ("the pattern is {v}", "its surface is {v}", "covered in a {v} print"),
+    "logo": ("the logo is a {v}", "marked with a {v}", "its logo is a {v}"),
+}
+KEY_FIRST_NO_LOGO = ("the logo is none", "marked with nothing", "its logo is none")  # the prefixes of a logo
+KEY_FIRST_GENERIC_CLAUSES = ("its {k} is {v}", "the {k} is {v}", "with a {k} of {v}")
+PHRASINGS = ("natural", "key_first")
 QUESTIONS = {
     "category": ("What kind of product is this?", "What is this item?"),
     "color": ("What colour is the product?", "What is its main colour?"),
@@ -78,12 +91,18 @@ def _value_words(key: str, value: str) -> str:
     return "plain" if key == "pattern" and value == "solid" else str(value)
 
 
-def clause(key: str, value, rng: np.random.Generator | None = None) -> str:
-    """One phrase saying that ``key`` has ``value``; the first phrasing when ``rng`` is None."""
+def clause(key: str, value, rng: np.random.Generator | None = None, phrasing: str = "natural") -> str:
+    """One phrase saying that ``key`` has ``value``; the first phrasing when ``rng`` is None.
+
+    ``phrasing="key_first"`` only uses phrases that name the key before the value."""
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing {phrasing!r}: choose one of {', '.join(PHRASINGS)}")
+    key_first = phrasing == "key_first"
     if key == "logo" and str(value) == "none":
-        options = NO_LOGO
+        options = KEY_FIRST_NO_LOGO if key_first else NO_LOGO
     else:
-        options = CLAUSES.get(key, GENERIC_CLAUSES)
+        options = (KEY_FIRST_CLAUSES if key_first else CLAUSES).get(
+            key, KEY_FIRST_GENERIC_CLAUSES if key_first else GENERIC_CLAUSES)
     text = options[0 if rng is None else int(rng.integers(len(options)))]
     return text.format(k=_key_words(key), v=_value_words(key, value))
 
@@ -93,11 +112,12 @@ def _sentence(parts: Sequence[str]) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def describe(attributes: Mapping, keys: Sequence[str], rng: np.random.Generator) -> str:
-    """Free text naming the values of ``keys`` in a random order and phrasing."""
+def describe(attributes: Mapping, keys: Sequence[str], rng: np.random.Generator, phrasing: str = "natural",
+             shuffle: bool = True) -> str:
+    """Free text naming the values of ``keys`` in a random phrasing, in a random order (or in ``keys``' order)."""
     present = [k for k in keys if attributes.get(k) not in (None, "")]
-    order = rng.permutation(len(present))
-    return _sentence([clause(present[int(i)], attributes[present[int(i)]], rng) for i in order])
+    order = rng.permutation(len(present)) if shuffle else range(len(present))
+    return _sentence([clause(present[int(i)], attributes[present[int(i)]], rng, phrasing) for i in order])
 
 
 def ask_question(key: str, rng: np.random.Generator | None = None) -> str:
@@ -147,9 +167,11 @@ def visible_keys(catalog: datasets.Dataset, hidden_keys: Sequence[str] = (), col
 
 
 def conversation(title: str | None, attributes: Mapping, keys: Sequence[str], all_keys: Sequence[str],
-                 rng: np.random.Generator, task_probabilities: Sequence[float] = TASK_PROBABILITIES) -> list[dict]:
+                 rng: np.random.Generator, task_probabilities: Sequence[float] = TASK_PROBABILITIES,
+                 phrasing: str = "natural", shuffle: bool = True) -> list[dict]:
     """One user/assistant exchange about a photo (the image block goes before the user text); the task is drawn
-    with ``task_probabilities`` over ``TASKS`` (describe, ask, title)."""
+    with ``task_probabilities`` over ``TASKS`` (describe, ask, title). ``phrasing`` and ``shuffle`` shape the
+    descriptions (``describe``)."""
     task = TASKS[int(rng.choice(len(TASKS), p=np.asarray(task_probabilities) / np.sum(task_probabilities)))]
     present = [k for k in keys if attributes.get(k) not in (None, "")]
     if task == "title" or not present:
@@ -160,7 +182,7 @@ def conversation(title: str | None, attributes: Mapping, keys: Sequence[str], al
         reply = f"{opener} {_sentence(said)[:-1].lower()}." if said else "The title names no detail."
     elif task == "describe":
         question = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
-        reply = describe(attributes, present, rng)
+        reply = describe(attributes, present, rng, phrasing, shuffle)
     else:
         key = present[int(rng.integers(len(present)))]
         question, reply = ask_question(key, rng), answer(key, attributes[key], rng)
@@ -170,17 +192,20 @@ def conversation(title: str | None, attributes: Mapping, keys: Sequence[str], al
 
 def build_pretraining_dataset(catalog: datasets.Dataset, keys: Sequence[str], *, passes: int = 1, seed: int = 0,
                               column: str = "true_attributes",
-                              task_probabilities: Sequence[float] = TASK_PROBABILITIES) -> datasets.Dataset:
+                              task_probabilities: Sequence[float] = TASK_PROBABILITIES, phrasing: str = "natural",
+                              shuffle: bool = True) -> datasets.Dataset:
     """``passes`` conversations per listing (``messages`` + its ``image``), each drawn afresh."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
+    clause("category", "x", None, phrasing)  # an unknown phrasing fails here, before any map
     all_keys = list(dict.fromkeys(k for a in catalog[column] for k in (a or {})))
     image_column = "image" if "image" in catalog.column_names else "images"
     base = catalog.select_columns([image_column, "title", column])
 
     def draw(title, attributes, index, *, offset):
         rng = np.random.default_rng([seed, offset, index])
-        return {"messages": conversation(title, attributes or {}, keys, all_keys, rng, task_probabilities)}
+        return {"messages": conversation(title, attributes or {}, keys, all_keys, rng, task_probabilities, phrasing,
+                                         shuffle)}
 
     parts = [base.map(draw, input_columns=["title", column], with_indices=True, fn_kwargs={"offset": p},
                       remove_columns=["title", column], desc=f"pretraining conversations (pass {p + 1})")

@@ -2,6 +2,8 @@
 
     accelerate launch recipes/rar_grpo.py              # once: builds outputs/rar-demo/{encoder,sft}
     python benchmarks/rar_seeds.py --seeds 0 1 2       # writes docs/rar_seeds.md (+ .json)
+    python benchmarks/rar_seeds.py --doc docs/rar_seeds_reference.md --output_dir outputs/rar-seeds-reference \
+        -- --gallery_attributes reference               # a variant: flags after -- go to recipes/rar_grpo.py
 
 Each seed reruns only the GRPO stage of recipes/configs/rar_demo.yaml (``--seed``; the sampled
 completions and the prompt order change) from the demo's stage-1 encoder and SFT generator, and
@@ -24,11 +26,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_seed(seed: int, demo: Path, out: Path) -> dict:
+def run_seed(seed: int, demo: Path, out: Path, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, str(ROOT / "recipes" / "rar_grpo.py"), "--config", str(ROOT / "recipes/configs/rar_demo.yaml"),
            "--encoder", str(demo / "encoder"), "--encoder_recipe", "", "--sft_recipe", "",
            "--model_name_or_path", str(demo / "sft"), "--output_dir", str(out), "--seed", str(seed),
-           "--disable_tqdm", "true"]
+           "--disable_tqdm", "true", *extra]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "metrics.json").read_text())
 
@@ -39,12 +41,14 @@ def main(argv=None):
     parser.add_argument("--demo_dir", default="outputs/rar-demo", help="Where the demo left encoder/ and sft/.")
     parser.add_argument("--output_dir", default="outputs/rar-seeds")
     parser.add_argument("--doc", default="docs/rar_seeds.md")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     demo = Path(args.demo_dir)
     if not (demo / "encoder" / "encoder_config.json").is_file() or not (demo / "sft" / "config.json").is_file():
         sys.exit(f"error: {demo} has no encoder/ or sft/: run `accelerate launch recipes/rar_grpo.py` first")
     start = time.time()
-    runs = {s: run_seed(s, demo, Path(args.output_dir) / f"seed{s}") for s in args.seeds}
+    runs = {s: run_seed(s, demo, Path(args.output_dir) / f"seed{s}", extra) for s in args.seeds}
     sources = ("no_attributes", "sft_attributes", "rar_attributes")
     rows = ["| seed | none R@1 | SFT R@1 | RAR R@1 | RAR - SFT (pts) | RAR R@5 | retrieval reward, first -> last quarter |",
             "|---|---|---|---|---|---|---|"]
@@ -61,7 +65,7 @@ def main(argv=None):
     doc = "\n".join([
         "# RAR demo: seed spread of the GRPO stage",
         "",
-        f"Made by `python benchmarks/rar_seeds.py --seeds {' '.join(map(str, args.seeds))}` on {platform.node()} "
+        f"Made by `{' '.join(['python benchmarks/rar_seeds.py', *argv])}` on {platform.node()} "
         f"({platform.machine()}, Python {platform.python_version()}) in {time.time() - start:.0f} s, from the encoder and "
         f"SFT generator of `{demo}`; held-out instance retrieval (630 listings), every listing annotated by the generator "
         "under test (the deployment protocol, metrics.json's top level), percent.",

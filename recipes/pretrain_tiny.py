@@ -66,6 +66,11 @@ class PretrainScriptArguments:
         "help": "Conversations per listing, each with a freshly drawn task and phrasing."})
     task_probabilities: list[float] = field(default_factory=lambda: list(TASK_PROBABILITIES), metadata={
         "help": "How often each task is drawn: describe the photo, ask about one visible key, read the title."})
+    phrasing: str = field(default="natural", metadata={
+        "help": "How descriptions are worded: 'natural' (values may come before their key: 'a striped surface') or "
+                "'key_first' (every phrase names its key before the value: 'the pattern is striped')."})
+    shuffle_descriptions: bool = field(default=True, metadata={
+        "help": "Name the keys of a description in a random order (false: the catalog's key order)."})
     family: str = field(default="qwen2_vl", metadata={"help": f"Architecture family, one of {FAMILIES}."})
     hidden_size: int = field(default=64, metadata={"help": "Language model width."})
     num_layers: int = field(default=2, metadata={"help": "Language model depth."})
@@ -77,7 +82,7 @@ class PretrainScriptArguments:
     vocab_size: int = field(default=2048, metadata={"help": "Tokenizer vocabulary size (trained on the corpus)."})
 
 
-def tokenizer_corpus(catalog, keys, column: str) -> list[str]:
+def tokenizer_corpus(catalog, keys, column: str, phrasing: str = "natural") -> list[str]:
     """Texts the tokenizer is trained on: the corpus's titles and conversations, the synthetic vocabulary, and
     the prompts the later stages use (the encoder's instruction, the generator's prompt)."""
     import numpy as np
@@ -85,7 +90,8 @@ def tokenizer_corpus(catalog, keys, column: str) -> list[str]:
     all_keys = list(dict.fromkeys(k for a in catalog[column] for k in (a or {})))
     texts = [*vocabulary_corpus(), DEFAULT_INSTRUCTION, DEFAULT_PROMPT, "Title:", "Attributes:"]
     for i, (title, attributes) in enumerate(zip(catalog["title"], catalog[column], strict=True)):
-        messages = conversation(title, attributes or {}, keys, all_keys, np.random.default_rng([0, 9, i]))
+        messages = conversation(title, attributes or {}, keys, all_keys, np.random.default_rng([0, 9, i]),
+                                phrasing=phrasing)
         texts += [title or ""] + [block["text"] for m in messages for block in m["content"] if "text" in block]
         texts += [f"{k}: {v}" for k, v in (attributes or {}).items()]
     return texts
@@ -130,9 +136,11 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
             held_out = held_out.select(range(min(script_args.max_eval_listings, len(held_out))))
         dataset = build_pretraining_dataset(catalog, keys, passes=script_args.passes, seed=training_args.seed,
                                             column=script_args.attribute_column,
-                                            task_probabilities=script_args.task_probabilities)
+                                            task_probabilities=script_args.task_probabilities,
+                                            phrasing=script_args.phrasing, shuffle=script_args.shuffle_descriptions)
         model, processor = build_tiny_mllm(
-            script_args.family, corpus=tokenizer_corpus(catalog, keys, script_args.attribute_column),
+            script_args.family, corpus=tokenizer_corpus(catalog, keys, script_args.attribute_column,
+                                                        script_args.phrasing),
             hidden_size=script_args.hidden_size, num_layers=script_args.num_layers, num_heads=script_args.num_heads,
             vocab_size=script_args.vocab_size, max_image_tokens=script_args.max_image_tokens,
             min_image_tokens=script_args.min_image_tokens, vision_hidden_size=script_args.vision_hidden_size,

@@ -81,6 +81,37 @@ def test_conversations_name_what_the_photo_and_the_title_show():
     assert seen == {"title", "ask", "describe"}
 
 
+def test_key_first_phrasing_names_the_key_before_any_value_word():
+    """In every key-first phrase, the words before the value are the same for all of that key's values (so a model
+    knows which key it is describing before it must look at the photo), and differ between keys."""
+    from agcl.pretraining import KEY_FIRST_CLAUSES, KEY_FIRST_NO_LOGO, clause
+    from agcl.synthetic_catalog import ATTRIBUTE_VALUES
+
+    class Pick:  # stands in for the random stream: always the i-th phrasing
+        def __init__(self, i):
+            self.i = i
+
+        def integers(self, n):
+            return self.i
+
+    prefixes = {}
+    for key, phrases in KEY_FIRST_CLAUSES.items():
+        values = list(ATTRIBUTE_VALUES[key])
+        for i in range(len(phrases)):
+            texts = [clause(key, v, Pick(i), "key_first") for v in values]
+            assert len(set(texts)) == len(values)
+            common = os.path.commonprefix(texts)
+            assert common.strip() and common.endswith(" "), (key, i, texts)
+            prefixes[(key, i)] = common
+    assert len(KEY_FIRST_NO_LOGO) == len(KEY_FIRST_CLAUSES["logo"])
+    firsts = [p for (_, i), p in prefixes.items()]
+    assert len(set(firsts)) == len(firsts)  # no two keys open a phrase with the same words
+    natural = [clause("pattern", v, Pick(0)) for v in ATTRIBUTE_VALUES["pattern"]]
+    assert not os.path.commonprefix(natural).strip()  # "striped pattern": the natural phrasing leads with the value
+    with pytest.raises(ValueError, match="phrasing 'loud'"):
+        clause("color", "red", None, "loud")
+
+
 def test_any_catalog_keys_get_generic_phrasing(tmp_path, corpus_dir):
     rows = _rows(corpus_dir)
     for r in rows:
