@@ -1,5 +1,3 @@
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -79,20 +77,21 @@ def test_unknown_filter_lists_the_valid_ones():
         AGCLConfig(output_dir="unused", false_negative_filter="fuzzy")
 
 
-def test_recipe_reports_user_errors_without_traceback(tmp_path):
+def test_recipe_reports_user_errors_without_traceback(tmp_path, load_recipe, capsys):
+    """In process (tests/test_entry_points_bad_data.py runs the recipe as a real process too)."""
     bad = tmp_path / "cat"
     bad.mkdir()
     Image.new("RGB", (8, 8)).save(bad / "a.png")
     (bad / "catalog.jsonl").write_text('{"listing_id": "a", "product_id": "p", "title": "", "image": "a.png", "split": "train"}\n')
-    proc = subprocess.run([sys.executable, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_demo.yaml",
-                           "--catalog", str(bad), "--output_dir", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "line 1" in proc.stderr and "'title'" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_demo.yaml",
-                           "--false_negative_filter", "fuzzy"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "fuzzy" in proc.stderr and "dynamic" in proc.stderr
+    recipe = load_recipe("agcl_train")
+    for argv, fragments in (
+            (["--catalog", str(bad), "--output_dir", str(tmp_path / "o")], ("line 1", "'title'")),
+            (["--false_negative_filter", "fuzzy"], ("fuzzy", "dynamic"))):
+        with pytest.raises(SystemExit) as info:
+            recipe.cli(["--config", "recipes/configs/agcl_demo.yaml", *argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err, err[-2000:]
+        assert all(f in err for f in fragments), err[-2000:]
 
 
 def test_recipe_continues_training_from_a_saved_encoder(tiny_model_dir, small_catalog_dir, tmp_path):

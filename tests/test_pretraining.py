@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +43,15 @@ def corpus_dir(tmp_path_factory):
 
 
 def test_the_corpus_holds_no_product_of_an_excluded_seed(tmp_path):
-    excluded = products_of_seed(0, 300)
+    excluded = products_of_seed(0, 150)
     demo = {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS)
-            for r in _rows(make_synthetic_catalog(tmp_path / "demo", num_products=300, seed=0))}
+            for r in _rows(make_synthetic_catalog(tmp_path / "demo", num_products=120, seed=0))}
     assert demo <= excluded  # a smaller catalog of the seed holds a subset of what is reserved
-    corpus = make_synthetic_catalog(tmp_path / "corpus", num_products=500, seed=0, exclude_products_of_seeds=[0],
-                                    exclude_up_to=300)
+    corpus = make_synthetic_catalog(tmp_path / "corpus", num_products=200, seed=0, exclude_products_of_seeds=[0],
+                                    exclude_up_to=150)
     drawn = {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS) for r in _rows(corpus)}
-    assert len(drawn) > 450 and not drawn & excluded
-    plain = make_synthetic_catalog(tmp_path / "plain", num_products=500, seed=0)
+    assert len(drawn) > 180 and not drawn & excluded
+    plain = make_synthetic_catalog(tmp_path / "plain", num_products=200, seed=0)
     assert {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS) for r in _rows(plain)} & excluded  # same seed
 
 
@@ -139,14 +137,10 @@ def test_visible_keys_refuse_a_catalog_without_them(tmp_path, corpus_dir):
         visible_keys(catalog, ATTRIBUTE_KEYS)
 
 
-def _recipe(args, env_extra=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "recipes/pretrain_tiny.py", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
+@pytest.mark.usefixtures("no_weights")
 @pytest.mark.parametrize("case", ["no column", "all hidden", "no catalog"])
-def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, corpus_dir, case):
+def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, corpus_dir, case, load_recipe, capsys):
+    """In process: exit 2 and one `error:` line naming the column, before any model exists."""
     rows = _rows(corpus_dir)
     for r in rows:
         if case == "no column":
@@ -157,25 +151,28 @@ def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, c
         args += ["--catalog", str(catalog)]
     if case == "all hidden":
         args += ["--hidden_keys", *ATTRIBUTE_KEYS]
-    result = _recipe(args, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "Traceback" not in result.stderr
+    recipe = load_recipe("pretrain_tiny")
+    recipe.build_tiny_mllm = lambda *a, **k: pytest.fail("a model was built before the inputs were checked")
+    with pytest.raises(SystemExit) as info:
+        recipe.cli(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err[-2000:]
+    error = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in err
     assert {"no column": "'true_attributes'", "all hidden": "none of its keys",
             "no catalog": "--catalog"}[case] in error[0]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_a_short_pretraining_run_is_reproduced_bit_for_bit(tmp_path, corpus_dir):
+def test_a_short_pretraining_run_is_reproduced_bit_for_bit(tmp_path, corpus_dir, load_recipe, one_thread):
     """Two runs with the same flags (CPU, one thread) write identical weights; another seed does not."""
     common = ["--config", "recipes/configs/pretrain_tiny_encoder.yaml", "--catalog", str(corpus_dir),
               "--max_steps", "6", "--per_device_train_batch_size", "8", "--save_strategy", "no",
               "--max_eval_listings", "8", "--disable_tqdm", "true"]
     weights = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
-        result = _recipe([*common, "--output_dir", str(tmp_path / name), "--seed", seed])
-        assert result.returncode == 0, result.stderr[-3000:]
+        load_recipe("pretrain_tiny").cli([*common, "--output_dir", str(tmp_path / name), "--seed", seed])
         weights.append((tmp_path / name / "model.safetensors").read_bytes())
         perception = json.loads((tmp_path / name / "perception.json").read_text())["perception"]
         assert set(perception) == {"category", "color", "secondary_color", "pattern", "logo"}

@@ -1,8 +1,5 @@
 """recipes/sft_attributes.py: TRL SFTTrainer warm-starts the tiny Qwen2-VL into writing attribute lines."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +12,6 @@ from rar.prompts import build_sft_dataset
 
 trl = pytest.importorskip("trl")
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "sft_attributes.py"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,13 +69,13 @@ def test_sft_recipe_learns_attribute_lines(recipe, tiny_model_dir, small_catalog
         assert len(known_pairs(answer)) >= 2, answer
 
 
-def test_bad_catalog_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(RECIPE), "--catalog", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"),
-         "--use_cpu", "true", "--bf16", "false", "--report_to", "none"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "missing" in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def test_bad_catalog_exits_2_with_one_line(tmp_path, load_recipe, capsys):
+    """In process (tests/test_entry_points_bad_data.py runs the recipe as a real process too)."""
+    with pytest.raises(SystemExit) as info:
+        load_recipe("sft_attributes").cli(["--catalog", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"),
+                                           "--use_cpu", "true", "--bf16", "false", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing" in errors[0], err[-2000:]
+    assert "Traceback" not in err
