@@ -36,11 +36,12 @@ import datasets
 import numpy as np
 import torch
 
-__all__ = ["TASK_PROBABILITIES", "ask_question", "build_pretraining_dataset", "conversation", "describe", "perception_accuracy",
+__all__ = ["TASK_PROBABILITIES", "ask_question", "build_pretraining_dataset", "caption", "conversation", "describe", "perception_accuracy",
            "stated_keys", "visible_keys"]
 
-TASKS = ("describe", "ask", "title")
-TASK_PROBABILITIES = (0.5, 0.3, 0.2)
+TASKS = ("describe", "ask", "title", "caption")
+TASK_PROBABILITIES = (0.5, 0.3, 0.2, 0.0)
+CAPTION_PROMPTS = ("Caption this photo.", "Give the photo a short caption.")
 
 DESCRIBE_PROMPTS = ("Describe the product in the photo.", "What do you see in this picture?",
                     "Write a short description of this item.", "Tell me what this product looks like.")
@@ -120,6 +121,23 @@ def describe(attributes: Mapping, keys: Sequence[str], rng: np.random.Generator,
     return _sentence([clause(present[int(i)], attributes[present[int(i)]], rng, phrasing) for i in order])
 
 
+def caption(attributes: Mapping, keys: Sequence[str]) -> str:
+    """A terse alt-text caption in a fixed word order: "A red striped mug with blue trim and a star logo."
+
+    Every word but the few fixed ones is a value, so nearly all of the loss is on what the photo shows."""
+    present = [k for k in keys if attributes.get(k) not in (None, "")]
+    words = [_value_words(k, attributes[k]) for k in ("color", "pattern") if k in present]
+    noun = str(attributes["category"]) if "category" in present else "item"
+    tails = [f"{attributes['secondary_color']} trim"] if "secondary_color" in present else []
+    if "logo" in present:
+        tails.append("no logo" if str(attributes["logo"]) == "none" else f"a {attributes['logo']} logo")
+    known = {"category", "color", "secondary_color", "pattern", "logo"}
+    tails += [f"{_key_words(k)} {attributes[k]}" for k in present if k not in known]
+    rest = " ".join([*words, noun])
+    head = ("an " if rest[:1] in "aeiou" else "a ") + rest
+    return _sentence([head + (" with " + tails[0] if tails else ""), *tails[1:]])
+
+
 def ask_question(key: str, rng: np.random.Generator | None = None) -> str:
     """A question about ``key``; the first phrasing when ``rng`` is None."""
     options = QUESTIONS.get(key, GENERIC_QUESTIONS)
@@ -170,9 +188,11 @@ def conversation(title: str | None, attributes: Mapping, keys: Sequence[str], al
                  rng: np.random.Generator, task_probabilities: Sequence[float] = TASK_PROBABILITIES,
                  phrasing: str = "natural", shuffle: bool = True) -> list[dict]:
     """One user/assistant exchange about a photo (the image block goes before the user text); the task is drawn
-    with ``task_probabilities`` over ``TASKS`` (describe, ask, title). ``phrasing`` and ``shuffle`` shape the
+    with ``task_probabilities`` over ``TASKS`` (describe, ask, title, caption). ``phrasing`` and ``shuffle`` shape the
     descriptions (``describe``)."""
-    task = TASKS[int(rng.choice(len(TASKS), p=np.asarray(task_probabilities) / np.sum(task_probabilities)))]
+    weights = np.zeros(len(TASKS))
+    weights[:len(task_probabilities)] = task_probabilities  # three weights: no captions (the shipped models' mix)
+    task = TASKS[int(rng.choice(len(TASKS), p=weights / weights.sum()))]
     present = [k for k in keys if attributes.get(k) not in (None, "")]
     if task == "title" or not present:
         stated = stated_keys(title, attributes, all_keys)
@@ -180,6 +200,9 @@ def conversation(title: str | None, attributes: Mapping, keys: Sequence[str], al
         opener = TITLE_OPENERS[int(rng.integers(len(TITLE_OPENERS)))]
         said = [f"{_key_words(k)} {_value_words(k, attributes[k])}" for k in stated]
         reply = f"{opener} {_sentence(said)[:-1].lower()}." if said else "The title names no detail."
+    elif task == "caption":
+        question = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
+        reply = caption(attributes, present)
     elif task == "describe":
         question = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
         reply = describe(attributes, present, rng, phrasing, shuffle)

@@ -65,7 +65,8 @@ class PretrainScriptArguments:
     passes: int = field(default=3, metadata={
         "help": "Conversations per listing, each with a freshly drawn task and phrasing."})
     task_probabilities: list[float] = field(default_factory=lambda: list(TASK_PROBABILITIES), metadata={
-        "help": "How often each task is drawn: describe the photo, ask about one visible key, read the title."})
+        "help": "How often each task is drawn: describe the photo, ask about one visible key, read the title, and "
+                "(a 4th weight, default 0) a terse fixed-order caption."})
     phrasing: str = field(default="natural", metadata={
         "help": "How descriptions are worded: 'natural' (values may come before their key: 'a striped surface') or "
                 "'key_first' (every phrase names its key before the value: 'the pattern is striped')."})
@@ -125,9 +126,9 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
             raise ValueError("--catalog is required: the pretraining corpus (a catalog with a true_attributes column)")
         if script_args.family not in FAMILIES:
             raise ValueError(f"--family {script_args.family!r}: choose one of {', '.join(FAMILIES)}")
-        if len(script_args.task_probabilities) != 3 or min(script_args.task_probabilities) < 0 or not sum(
+        if len(script_args.task_probabilities) not in (3, 4) or min(script_args.task_probabilities) < 0 or not sum(
                 script_args.task_probabilities):
-            raise ValueError("--task_probabilities takes 3 weights >= 0 (describe, ask, title), not all 0")
+            raise ValueError("--task_probabilities takes 3 or 4 weights >= 0 (describe, ask, title[, caption]), not all 0")
         catalog = load_catalog(script_args.catalog, split=script_args.split)
         keys = visible_keys(catalog, script_args.hidden_keys, script_args.attribute_column)
         held_out = None

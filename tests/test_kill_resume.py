@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -36,9 +37,19 @@ def run_until_checkpoint(cmd, checkpoint, timeout=300):
     assert proc.returncode == -signal.SIGKILL
 
 
-def run(cmd):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def start(cmd):
+    """A child run whose stderr goes to a file (a pipe nobody reads while the test waits could fill and block it)."""
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.log = log
+    return proc
+
+
+def finish(proc):
+    proc.wait(timeout=600)
+    proc.log.seek(0)
+    assert proc.returncode == 0, proc.log.read()[-3000:]
 
 
 def history(checkpoint, key):
@@ -56,11 +67,13 @@ def assert_same_weights(a, b, atol):
 def kill_resume_compare(base_cmd, tmp_path, weights_file, key, atol):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     save = ["--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    # The reference runs beside the killed run and its resumption (one thread each): most of each run is imports.
+    uninterrupted = start([*base_cmd, "--output_dir", str(reference), *save, "--max_steps", "4"])
     run_until_checkpoint([*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "1000"],
                          killed / "checkpoint-2")
-    run([*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "4",
-         "--resume_from_checkpoint", str(killed / "checkpoint-2")])
-    run([*base_cmd, "--output_dir", str(reference), *save, "--max_steps", "4"])
+    finish(start([*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "4",
+                  "--resume_from_checkpoint", str(killed / "checkpoint-2")]))
+    finish(uninterrupted)
 
     steps, logged = history(killed / "checkpoint-4", key)
     ref_steps, ref_logged = history(reference / "checkpoint-4", key)

@@ -110,6 +110,24 @@ def test_key_first_phrasing_names_the_key_before_any_value_word():
         clause("color", "red", None, "loud")
 
 
+def test_captions_name_every_visible_value_in_a_fixed_order():
+    from agcl.pretraining import caption
+
+    keys = [k for k in ATTRIBUTE_KEYS if k not in HIDDEN]
+    attributes = {"category": "mug", "brand": "acme", "color": "red", "secondary_color": "blue", "pattern": "striped",
+                  "logo": "star", "size": "M"}
+    assert caption(attributes, keys) == "A red striped mug with blue trim and a star logo."
+    assert caption({**attributes, "pattern": "solid", "logo": "none"}, keys) == "A red plain mug with blue trim and no logo."
+    assert caption({"hue": "orange", "material": "wool"}, ["hue", "material"]) == "An item with hue orange and material wool."
+    three = [conversation("t", attributes, keys, ATTRIBUTE_KEYS, np.random.default_rng([0, i]), (0.5, 0.3, 0.2))
+             for i in range(50)]
+    four = [conversation("t", attributes, keys, ATTRIBUTE_KEYS, np.random.default_rng([0, i]), (0.5, 0.3, 0.2, 0.0))
+            for i in range(50)]
+    assert three == four  # three weights: the shipped models' mix, draw for draw
+    only = conversation("t", attributes, keys, ATTRIBUTE_KEYS, np.random.default_rng(0), (0, 0, 0, 1))
+    assert _texts(only)[1] == caption(attributes, keys)
+
+
 def test_any_catalog_keys_get_generic_phrasing(tmp_path, corpus_dir):
     rows = _rows(corpus_dir)
     for r in rows:
