@@ -11,7 +11,9 @@ this module writes that corpus's conversations from any catalog with a ``true_at
   shows ("A striped mug, mainly red, with blue trim and a star logo.");
 - **ask**: image + a question about one visible key ("What colour is the product?") -> "It is red.";
 - **read the title**: image + title + "What does the title tell you?" -> the values the title
-  states ("The title names brand acme and size M.").
+  states ("The title names brand acme and size M.");
+- **caption** (off unless given a weight): a terse alt-text caption in a fixed word order ("A red
+  striped mug with blue trim and a star logo."), nearly every word a value.
 
 Phrasings are drawn from several alternatives, never the ``key: value`` schema that the SFT stage
 teaches; keys this module has no words for are phrased generically ("its material is cotton"), so
