@@ -3,6 +3,7 @@
     python recipes/make_catalog.py --output_dir outputs/pretrain-corpus ...   # docs/pretraining.md, step 1
     OMP_NUM_THREADS=1 python benchmarks/perception_probe.py --data corpus --out outputs/perception-probe/corpus.json
     OMP_NUM_THREADS=1 python benchmarks/perception_probe.py --data uniform --out outputs/perception-probe/uniform.json
+    python benchmarks/perception_probe.py --score outputs/probe3/D --eval_photos 150 --out outputs/perception-probe/D.json
 
 The issue's first probe (a plain PyTorch loop, compact targets, photos with independently drawn
 attributes) taught the generator-sized tiny model pattern and logo far faster than
@@ -92,9 +93,38 @@ def slot_accuracy(model, processor, images, attributes, batch_size: int = 64) ->
     return result
 
 
+@torch.no_grad()
+def caption_accuracy(model, processor, images, attributes) -> dict[str, float]:
+    """Per key: how often the true value makes the whole caption ("A red striped mug with ...", agcl.pretraining's
+    caption task) likeliest, the other values true. For a model pretrained with captions (--score DIR)."""
+    from agcl.pretraining import CAPTION_PROMPTS, caption
+
+    prefix = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPTS[0]}]}],
+        tokenize=False, add_generation_prompt=True)
+    model.eval()
+    result = {}
+    for key in KEYS:
+        values, correct = list(ATTRIBUTE_VALUES[key]), 0
+        for image, truth in zip(images, attributes, strict=True):
+            replies = [caption({**truth, key: v}, KEYS) + "<|im_end|>" for v in values]
+            batch = processor(text=[prefix + r for r in replies], images=[image.convert("RGB")] * len(values),
+                              padding=True, return_tensors="pt")
+            logprobs = torch.log_softmax(model(**batch).logits.float()[:, :-1], -1).gather(
+                -1, batch["input_ids"][:, 1:, None])[..., 0]
+            last = batch["attention_mask"].shape[1] - batch["attention_mask"].flip(1).argmax(1)
+            scores = [logprobs[row, last[row] - 1 - n:last[row] - 1].sum().item() for row, n in enumerate(
+                len(processor.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies)]
+            correct += int(np.argmax(scores) == values.index(truth[key]))
+        result[key] = correct / len(images)
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", choices=("corpus", "uniform"), required=True)
+    parser.add_argument("--data", choices=("corpus", "uniform"))
+    parser.add_argument("--score", help="Only score this pretrained model (recipes/pretrain_tiny.py with captions) "
+                                        "in the caption format on the corpus's test split.")
     parser.add_argument("--catalog", default="outputs/pretrain-corpus")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -103,6 +133,20 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.score:
+        from agcl.modeling import load_mllm
+
+        model, processor = load_mllm(args.score)
+        held_out = load_catalog(args.catalog, split="test").select(range(args.eval_photos))
+        truth = [{k: str(a[k]) for k in KEYS} for a in held_out["true_attributes"]]
+        result = {"model": args.score, "photos": args.eval_photos,
+                  "caption_accuracy": caption_accuracy(model, processor, listing_images(held_out), truth)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
+    if not args.data:
+        parser.error("--data is required (or --score DIR)")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     corpus = load_catalog(args.catalog, split="train")
