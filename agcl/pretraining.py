@@ -222,7 +222,8 @@ def build_pretraining_dataset(catalog: datasets.Dataset, keys: Sequence[str], *,
     """``passes`` conversations per listing (``messages`` + its ``image``), each drawn afresh."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    clause("category", "x", None, phrasing)  # an unknown phrasing fails here, before any map
+    if phrasing not in PHRASINGS:  # before any map, not on its first row
+        raise ValueError(f"phrasing {phrasing!r}: choose one of {', '.join(PHRASINGS)}")
     all_keys = list(dict.fromkeys(k for a in catalog[column] for k in (a or {})))
     image_column = "image" if "image" in catalog.column_names else "images"
     base = catalog.select_columns([image_column, "title", column])

@@ -69,11 +69,17 @@ def kill_resume_compare(base_cmd, tmp_path, weights_file, key, atol):
     save = ["--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
     # The reference runs beside the killed run and its resumption (one thread each): most of each run is imports.
     uninterrupted = start([*base_cmd, "--output_dir", str(reference), *save, "--max_steps", "4"])
-    run_until_checkpoint([*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "1000"],
-                         killed / "checkpoint-2")
-    finish(start([*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "4",
-                  "--resume_from_checkpoint", str(killed / "checkpoint-2")]))
-    finish(uninterrupted)
+    try:
+        run_until_checkpoint([*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "1000"],
+                             killed / "checkpoint-2")
+        finish(start([*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "4",
+                      "--resume_from_checkpoint", str(killed / "checkpoint-2")]))
+        finish(uninterrupted)
+    finally:  # a failure above must not leave the reference run behind
+        if uninterrupted.poll() is None:
+            uninterrupted.kill()
+            uninterrupted.wait()
+        uninterrupted.log.close()
 
     steps, logged = history(killed / "checkpoint-4", key)
     ref_steps, ref_logged = history(reference / "checkpoint-4", key)
