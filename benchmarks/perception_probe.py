@@ -93,21 +93,30 @@ def slot_accuracy(model, processor, images, attributes, batch_size: int = 64) ->
     return result
 
 
-@torch.no_grad()
-def caption_accuracy(model, processor, images, attributes) -> dict[str, float]:
-    """Per key: how often the true value makes the whole caption ("A red striped mug with ...", agcl.pretraining's
-    caption task) likeliest, the other values true. For a model pretrained with captions (--score DIR)."""
-    from agcl.pretraining import CAPTION_PROMPTS, caption
+def reply_format(name: str):
+    """(prompt, reply writer) of a pretraining task whose whole reply names every visible value: ``caption`` (the
+    fixed-order caption) or ``describe`` (a description in the keys' order, each key's first phrasing)."""
+    from agcl.pretraining import CAPTION_PROMPTS, DESCRIBE_PROMPTS, _sentence, caption, clause
 
+    if name == "caption":
+        return CAPTION_PROMPTS[0], lambda attributes: caption(attributes, KEYS)
+    return DESCRIBE_PROMPTS[0], lambda attributes: _sentence([clause(k, attributes[k]) for k in KEYS])
+
+
+@torch.no_grad()
+def reply_accuracy(model, processor, images, attributes, name: str = "caption") -> dict[str, float]:
+    """Per key: how often the true value makes the whole reply of task ``name`` (``reply_format``) likeliest, the
+    other values true. For a model pretrained by recipes/pretrain_tiny.py with that task (--score DIR)."""
+    question, write = reply_format(name)
     prefix = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPTS[0]}]}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         tokenize=False, add_generation_prompt=True)
     model.eval()
     result = {}
     for key in KEYS:
         values, correct = list(ATTRIBUTE_VALUES[key]), 0
         for image, truth in zip(images, attributes, strict=True):
-            replies = [caption({**truth, key: v}, KEYS) + "<|im_end|>" for v in values]
+            replies = [write({**truth, key: v}) + "<|im_end|>" for v in values]
             batch = processor(text=[prefix + r for r in replies], images=[image.convert("RGB")] * len(values),
                               padding=True, return_tensors="pt")
             logprobs = torch.log_softmax(model(**batch).logits.float()[:, :-1], -1).gather(
@@ -123,8 +132,10 @@ def caption_accuracy(model, processor, images, attributes) -> dict[str, float]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("corpus", "uniform"))
-    parser.add_argument("--score", help="Only score this pretrained model (recipes/pretrain_tiny.py with captions) "
-                                        "in the caption format on the corpus's test split.")
+    parser.add_argument("--score", help="Only score this pretrained model (recipes/pretrain_tiny.py) in the format "
+                                        "of --format on the corpus's test split.")
+    parser.add_argument("--format", choices=("caption", "describe"), default="caption",
+                        help="The task whose replies --score compares (the model should have been trained on it).")
     parser.add_argument("--catalog", default="outputs/pretrain-corpus")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -140,7 +151,8 @@ def main(argv=None):
         held_out = load_catalog(args.catalog, split="test").select(range(args.eval_photos))
         truth = [{k: str(a[k]) for k in KEYS} for a in held_out["true_attributes"]]
         result = {"model": args.score, "photos": args.eval_photos,
-                  "caption_accuracy": caption_accuracy(model, processor, listing_images(held_out), truth)}
+                  f"{args.format}_accuracy": reply_accuracy(model, processor, listing_images(held_out), truth,
+                                                               args.format)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
