@@ -22,7 +22,8 @@ only where the title states them. Every draw comes from ``numpy`` streams seeded
 pass), so the same arguments give the same conversations in any order.
 
 ``perception_accuracy`` scores a model (docs/pretraining.md): for each held-out photo and visible
-key, is the true value the one whose answer ("It is red.") the model finds most likely?
+key, is the true value the one whose answer ("It is red.") or, for a model pretrained on captions,
+whose caption the model finds most likely?
 
     corpus = load_catalog("outputs/pretrain-corpus", split="train")
     keys = visible_keys(corpus, hidden_keys=("brand", "size"))
@@ -38,8 +39,8 @@ import datasets
 import numpy as np
 import torch
 
-__all__ = ["TASK_PROBABILITIES", "ask_question", "build_pretraining_dataset", "caption", "conversation", "describe", "perception_accuracy",
-           "stated_keys", "visible_keys"]
+__all__ = ["PERCEPTION_FORMATS", "TASK_PROBABILITIES", "ask_question", "build_pretraining_dataset", "caption",
+           "conversation", "describe", "perception_accuracy", "perception_scores", "stated_keys", "visible_keys"]
 
 TASKS = ("describe", "ask", "title", "caption")
 TASK_PROBABILITIES = (0.5, 0.3, 0.2, 0.0)
@@ -242,43 +243,67 @@ def build_pretraining_dataset(catalog: datasets.Dataset, keys: Sequence[str], *,
     return ds.select_columns(["messages", "image"])
 
 
-@torch.no_grad()
-def perception_accuracy(model, processor, images: Sequence, attributes: Sequence[Mapping], keys: Sequence[str],
-                        values: Mapping[str, Sequence[str]], batch_size: int = 64) -> dict[str, float]:
-    """Per key, the fraction of photos whose true value the model finds the likeliest answer.
+PERCEPTION_FORMATS = ("ask", "caption")
 
-    Each candidate value of a key is scored by the summed log-probability of its answer ("It is red.")
-    after the first phrasing of the question; photos without a value for the key are not counted."""
+
+def _reply(task: str, key: str, value, attributes: Mapping, keys: Sequence[str]) -> str:
+    """The reply a model of ``task`` would give if ``key`` had ``value`` (the photo's other values true)."""
+    if task == "caption":
+        return caption({**attributes, key: value}, [k for k in keys if attributes.get(k) not in (None, "")])
+    return answer(key, value)
+
+
+@torch.no_grad()
+def perception_scores(model, processor, images: Sequence, attributes: Sequence[Mapping], key: str,
+                      candidates: Sequence[str], keys: Sequence[str], batch_size: int = 64,
+                      task: str = "ask") -> tuple[list[int], np.ndarray]:
+    """The photos with a value for ``key`` and, per photo and candidate value, the summed log-probability of
+    the reply that names it (``perception_accuracy`` says which reply)."""
+    if task not in PERCEPTION_FORMATS:
+        raise ValueError(f"task {task!r}: choose one of {', '.join(PERCEPTION_FORMATS)}")
     tokenizer = processor.tokenizer
-    model.eval()
     device = next(model.parameters()).device
+    rows = [i for i, a in enumerate(attributes) if a.get(key) not in (None, "")]
+    question = ask_question(key) if task == "ask" else CAPTION_PROMPTS[0]
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        tokenize=False, add_generation_prompt=True)
+    pairs = [(i, c) for i in rows for c in range(len(candidates))]
+    scores = np.zeros(len(pairs))
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        replies = [_reply(task, key, candidates[c], attributes[i], keys) + "<|im_end|>" for i, c in chunk]
+        lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies]
+        batch = processor(text=[prompt + r for r in replies], images=[images[i].convert("RGB") for i, _ in chunk],
+                          padding=True, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**batch).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        mask = batch["attention_mask"]
+        ends = mask.shape[1] - mask.flip(1).argmax(1)  # one past each row's last real token, either padding side
+        for j, length in enumerate(lengths):  # the reply is the row's last tokens; logprobs[t] predicts token t+1
+            end = int(ends[j])
+            scores[start + j] = logprobs[j, end - 1 - length:end - 1].sum().item()
+    return rows, scores.reshape(len(rows), len(candidates))
+
+
+def perception_accuracy(model, processor, images: Sequence, attributes: Sequence[Mapping], keys: Sequence[str],
+                        values: Mapping[str, Sequence[str]], batch_size: int = 64, task: str = "ask") -> dict[str, float]:
+    """Per key, the fraction of photos whose true value the model finds the likeliest reply.
+
+    ``task="ask"``: each candidate value is scored by the summed log-probability of its answer ("It is
+    red.") after the first phrasing of the key's question. ``task="caption"``, for a model pretrained on
+    captions: by the log-probability of the whole caption with that value and the photo's other values
+    true ("A red striped mug with ..."). Photos without a value for the key are not counted."""
+    model.eval()
     results = {}
     for key in keys:
-        rows = [i for i, a in enumerate(attributes) if a.get(key) not in (None, "")]
         candidates = list(values[key])
-        if not rows or len(candidates) < 2:
+        if len(candidates) < 2:
             continue
-        question = ask_question(key)
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-            tokenize=False, add_generation_prompt=True)
-        replies = [answer(key, v) + "<|im_end|>" for v in candidates]
-        lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies]
-        pairs = [(i, c) for i in rows for c in range(len(candidates))]
-        scores = np.zeros(len(pairs))
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            batch = processor(text=[prompt + replies[c] for _, c in chunk],
-                              images=[images[i].convert("RGB") for i, _ in chunk], padding=True, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(**batch).logits.float()
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-            mask = batch["attention_mask"]
-            ends = mask.shape[1] - mask.flip(1).argmax(1)  # one past each row's last real token, either padding side
-            for j, (_, c) in enumerate(chunk):  # the reply is the row's last tokens; logprobs[t] predicts token t+1
-                end = int(ends[j])
-                scores[start + j] = logprobs[j, end - 1 - lengths[c]:end - 1].sum().item()
-        best = scores.reshape(len(rows), len(candidates)).argmax(axis=1)
+        rows, scores = perception_scores(model, processor, images, attributes, key, candidates, keys, batch_size, task)
+        if not rows:
+            continue
         truth = [candidates.index(str(attributes[i][key])) if str(attributes[i][key]) in candidates else -1 for i in rows]
-        results[key] = float(np.mean(best == np.asarray(truth)))
+        results[key] = float(np.mean(scores.argmax(axis=1) == np.asarray(truth)))
     return results

@@ -8,8 +8,8 @@
 The model is the tiny-model factory's architecture (``agcl.modeling.build_tiny_mllm``, sizes from
 the flags below) with a tokenizer trained on the corpus's words, randomly initialised with
 ``--seed``, then trained with TRL's ``SFTTrainer`` on ``agcl.pretraining`` conversations (describe
-the photo, answer a question about one visible attribute, read the title; loss on the answers
-only). The corpus is any catalog with a ``true_attributes`` column. The run is deterministic per
+the photo, answer a question about one visible attribute, read the title, or caption the photo;
+loss on the answers only). The corpus is any catalog with a ``true_attributes`` column. The run is deterministic per
 seed on CPU, shows a progress bar, resumes from the last checkpoint in ``--output_dir`` when one
 exists, and ends by printing (and saving in ``perception.json`` and the model card ``README.md``)
 how often the model names each visible attribute of held-out photos right.
@@ -34,6 +34,7 @@ from agcl.cli import fail, parse_recipe_args
 from agcl.encoder import DEFAULT_INSTRUCTION
 from agcl.modeling import FAMILIES, build_tiny_mllm
 from agcl.pretraining import (
+    PERCEPTION_FORMATS,
     TASK_PROBABILITIES,
     build_pretraining_dataset,
     conversation,
@@ -72,6 +73,9 @@ class PretrainScriptArguments:
                 "'key_first' (every phrase names its key before the value: 'the pattern is striped')."})
     shuffle_descriptions: bool = field(default=True, metadata={
         "help": "Name the keys of a description in a random order (false: the catalog's key order)."})
+    perception_format: str = field(default="auto", metadata={
+        "help": "How the held-out photos are scored: 'ask' (the answer to a question about each key), 'caption' (the "
+                "whole caption) or 'auto' (caption when captions outweigh questions in --task_probabilities)."})
     family: str = field(default="qwen2_vl", metadata={"help": f"Architecture family, one of {FAMILIES}."})
     hidden_size: int = field(default=64, metadata={"help": "Language model width."})
     num_layers: int = field(default=2, metadata={"help": "Language model depth."})
@@ -98,21 +102,23 @@ def tokenizer_corpus(catalog, keys, column: str, phrasing: str = "natural") -> l
     return texts
 
 
-def model_card(script_args, training_args, perception: dict, elapsed: float, n_listings: int, corpus_note: str,
+def model_card(script_args, training_args, perception: dict, perception_format: str, elapsed: float, n_listings: int, corpus_note: str,
                command: list[str]) -> str:
     sizes = {k: getattr(script_args, k) for k in ("family", "hidden_size", "num_layers", "num_heads",
                                                   "vision_hidden_size", "min_image_tokens", "max_image_tokens")}
     lines = ["# A pretrained tiny Qwen-VL-class MLLM (afmrl embedded default)", "",
              "Made by `recipes/pretrain_tiny.py`: the tiny-model factory's architecture, random init with seed "
-             f"{training_args.seed}, trained with TRL's SFTTrainer on describe / ask / read-the-title conversations "
-             "(agcl/pretraining.py) about the photos of a synthetic catalog.", "",
+             f"{training_args.seed}, trained with TRL's SFTTrainer on conversations about the photos of a synthetic "
+             "catalog (agcl/pretraining.py; task mix describe / ask / read-the-title / caption = "
+             f"{'/'.join(str(w) for w in script_args.task_probabilities)}).", "",
              f"- command: `{' '.join(['python recipes/pretrain_tiny.py', *command])}`",
              f"- sizes: {json.dumps(sizes)}",
              f"- corpus: {script_args.catalog} split {script_args.split!r}, {n_listings} photos x {script_args.passes} "
              f"conversations; {corpus_note}",
              f"- training: {training_args.num_train_epochs} epoch(s), batch {training_args.per_device_train_batch_size}, "
              f"lr {training_args.learning_rate}, {elapsed / 60:.1f} min on this machine", "",
-             "Perception on held-out photos (the likeliest of each key's values, agcl.pretraining.perception_accuracy):",
+             "Perception on held-out photos (the likeliest of each key's values, agcl.pretraining.perception_accuracy "
+             f"in the {perception_format!r} format):",
              "", "| key | accuracy |", "|---|---|"]
     lines += [f"| {k} | {100 * v:.1f}% |" for k, v in perception.items()]
     return "\n".join(lines) + "\n"
@@ -129,6 +135,12 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
         if len(script_args.task_probabilities) not in (3, 4) or min(script_args.task_probabilities) < 0 or not sum(
                 script_args.task_probabilities):
             raise ValueError("--task_probabilities takes 3 or 4 weights >= 0 (describe, ask, title[, caption]), not all 0")
+        perception_format = script_args.perception_format
+        if perception_format == "auto":
+            weights = [*script_args.task_probabilities, 0.0]
+            perception_format = "caption" if weights[3] > weights[1] else "ask"
+        if perception_format not in PERCEPTION_FORMATS:
+            raise ValueError(f"--perception_format {perception_format!r}: choose auto, {', '.join(PERCEPTION_FORMATS)}")
         catalog = load_catalog(script_args.catalog, split=script_args.split)
         keys = visible_keys(catalog, script_args.hidden_keys, script_args.attribute_column)
         held_out = None
@@ -169,8 +181,9 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
                   for k in keys}
         images = [im[0] if isinstance(im, list) else im for im in listing_images(held_out)]
         perception = perception_accuracy(trainer.model, processor, images, held_out[script_args.attribute_column],
-                                         keys, values)
-        print(f"\nPerception on {len(held_out)} held-out photos (split {script_args.eval_split!r}):")
+                                         keys, values, task=perception_format)
+        print(f"\nPerception on {len(held_out)} held-out photos (split {script_args.eval_split!r}, "
+              f"{perception_format} format):")
         for key, accuracy in perception.items():
             chance = 1 / max(len(values[key]), 1)
             print(f"  {key:>16}: {100 * accuracy:5.1f}%  (chance {100 * chance:.0f}%)")
@@ -178,10 +191,11 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
     generation = Path(script_args.catalog) / "generation.json"
     corpus_note = ("synthetic generator settings: " + json.dumps(json.loads(generation.read_text()), sort_keys=True)
                    if generation.is_file() else "not a synthetic catalog")
-    (out / "perception.json").write_text(json.dumps({"perception": perception, "minutes": round(elapsed / 60, 1),
+    (out / "perception.json").write_text(json.dumps({"perception": perception, "perception_format": perception_format,
+                                                     "minutes": round(elapsed / 60, 1),
                                                      "script_args": asdict(script_args)}, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(script_args, training_args, perception, elapsed, len(catalog),
-                                              corpus_note, sys.argv[1:] if command is None else command))
+    (out / "README.md").write_text(model_card(script_args, training_args, perception, perception_format, elapsed,
+                                              len(catalog), corpus_note, sys.argv[1:] if command is None else command))
     print(f"wrote {out} ({elapsed / 60:.1f} min)")
     return trainer, perception
 

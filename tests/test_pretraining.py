@@ -156,7 +156,7 @@ def test_visible_keys_refuse_a_catalog_without_them(tmp_path, corpus_dir):
 
 
 @pytest.mark.usefixtures("no_weights")
-@pytest.mark.parametrize("case", ["no column", "all hidden", "no catalog"])
+@pytest.mark.parametrize("case", ["no column", "all hidden", "no catalog", "bad format"])
 def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, corpus_dir, case, load_recipe, capsys):
     """In process: exit 2 and one `error:` line naming the column, before any model exists."""
     rows = _rows(corpus_dir)
@@ -169,6 +169,8 @@ def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, c
         args += ["--catalog", str(catalog)]
     if case == "all hidden":
         args += ["--hidden_keys", *ATTRIBUTE_KEYS]
+    if case == "bad format":
+        args += ["--perception_format", "describe"]
     recipe = load_recipe("pretrain_tiny")
     recipe.build_tiny_mllm = lambda *a, **k: pytest.fail("a model was built before the inputs were checked")
     with pytest.raises(SystemExit) as info:
@@ -178,7 +180,7 @@ def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, c
     error = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "Traceback" not in err
     assert {"no column": "'true_attributes'", "all hidden": "none of its keys",
-            "no catalog": "--catalog"}[case] in error[0]
+            "no catalog": "--catalog", "bad format": "--perception_format 'describe'"}[case] in error[0]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
@@ -194,6 +196,7 @@ def test_a_short_pretraining_run_is_reproduced_bit_for_bit(tmp_path, corpus_dir,
         weights.append((tmp_path / name / "model.safetensors").read_bytes())
         perception = json.loads((tmp_path / name / "perception.json").read_text())["perception"]
         assert set(perception) == {"category", "color", "secondary_color", "pattern", "logo"}
+        assert json.loads((tmp_path / name / "perception.json").read_text())["perception_format"] == "ask"
         assert "pretrain_tiny.py" in (tmp_path / name / "README.md").read_text()
     assert weights[0] == weights[1] and weights[0] != weights[2]
 
@@ -232,3 +235,44 @@ def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_d
                "pretrained-tiny-qwen2-vl-large": ("category", "color", "secondary_color")}[name]
     for key in learned:
         assert accuracy[key] >= chance[key] + 0.4, (key, accuracy)
+
+
+@pytest.mark.parametrize("task", ["ask", "caption"])
+def test_perception_scores_match_scoring_each_reply_alone(task, corpus_dir, one_thread):
+    """Batched, padded scoring equals scoring each (photo, value) reply alone, unpadded; accuracy is its argmax."""
+    from agcl.evaluation import listing_images
+    from agcl.modeling import build_tiny_mllm
+    from agcl.pretraining import CAPTION_PROMPTS, answer, ask_question, caption, perception_scores
+    from agcl.synthetic_catalog import ATTRIBUTE_VALUES
+
+    catalog = load_catalog(corpus_dir, split="test").select(range(4))
+    keys = ["category", "color", "pattern", "logo"]
+    model, processor = build_tiny_mllm("qwen2_vl", seed=3)
+    images, truth = listing_images(catalog), catalog["true_attributes"]
+    values = {k: list(ATTRIBUTE_VALUES[k]) for k in keys}
+
+    def reply_logprob(image, question, reply):
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            tokenize=False, add_generation_prompt=True)
+        n_prompt = processor(text=[prompt], images=[image.convert("RGB")], return_tensors="pt")["input_ids"].shape[1]
+        batch = processor(text=[prompt + reply + "<|im_end|>"], images=[image.convert("RGB")], return_tensors="pt")
+        logprobs = torch.log_softmax(model(**batch).logits[0, :-1].float(), -1)
+        ids = batch["input_ids"][0, 1:]
+        return logprobs[torch.arange(len(ids)), ids][n_prompt - 1:].sum().item()
+
+    accuracy = perception_accuracy(model, processor, images, truth, keys, values, batch_size=7, task=task)
+    with torch.no_grad():
+        for key in keys:
+            rows, scores = perception_scores(model, processor, images, truth, key, values[key], keys, 7, task)
+            assert rows == list(range(len(images)))
+            if task == "ask":
+                reference = [[reply_logprob(im, ask_question(key), answer(key, v)) for v in values[key]] for im in images]
+            else:
+                reference = [[reply_logprob(im, CAPTION_PROMPTS[0], caption({**a, key: v}, keys)) for v in values[key]]
+                             for im, a in zip(images, truth, strict=True)]
+            np.testing.assert_allclose(scores, reference, rtol=1e-4, atol=1e-4)
+            hits = [values[key][int(np.argmax(r))] == str(a[key]) for r, a in zip(reference, truth, strict=True)]
+            assert accuracy[key] == pytest.approx(np.mean(hits)), key
+    with pytest.raises(ValueError, match="task 'describe'"):
+        perception_accuracy(model, processor, images, truth, keys, values, task="describe")
