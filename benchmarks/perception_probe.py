@@ -3,6 +3,7 @@
     python recipes/make_catalog.py --output_dir outputs/pretrain-corpus ...   # docs/pretraining.md, step 1
     OMP_NUM_THREADS=1 python benchmarks/perception_probe.py --data corpus --out outputs/perception-probe/corpus.json
     OMP_NUM_THREADS=1 python benchmarks/perception_probe.py --data uniform --out outputs/perception-probe/uniform.json
+    python benchmarks/perception_probe.py --data corpus --trainer sft --out outputs/perception-probe/corpus-sft.json
     python benchmarks/perception_probe.py --score outputs/probe3/D --eval_photos 150 --out outputs/perception-probe/D.json
 
 The issue's first probe (a plain PyTorch loop, compact targets, photos with independently drawn
@@ -14,7 +15,9 @@ chooses the photos: ``corpus`` (the pretraining corpus's train split, families o
 or ``uniform`` (freshly rendered photos whose visible attributes are drawn independently and
 uniformly, the issue's setting). Both models are scored on the same two held-out sets (the
 corpus's test split and uniform renders of another seed): for each key, is the true value the
-likeliest of that key's values in its slot, the earlier slots given?
+likeliest of that key's values in its slot, the earlier slots given? ``--trainer sft`` trains the
+same data through TRL's SFTTrainer instead, and ``--score DIR --format caption|describe`` scores a
+model that ``recipes/pretrain_tiny.py`` made in the format of the task it was trained on.
 """
 
 from __future__ import annotations
@@ -129,9 +132,68 @@ def reply_accuracy(model, processor, images, attributes, name: str = "caption") 
     return result
 
 
+def compact_target(attributes) -> str:
+    return " ".join(str(attributes[k]) for k in KEYS)
+
+
+def train_plain(model, processor, corpus, args, rng) -> float:
+    """The issue's loop: AdamW, warmup and cosine decay, gradient clipping at 1; returns the last 50 steps' loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(100, args.steps // 10), args.steps)
+    prefix = prompt_text(processor)
+    order = rng.permutation(len(corpus))
+    losses = []
+    model.train()
+    for step in tqdm(range(args.steps), desc=f"plain loop on {args.data} photos"):
+        if args.data == "uniform":
+            images, attributes = uniform_photos(args.batch_size, seed=int(rng.integers(2**31)))
+        else:
+            rows = corpus.select(order[(step * args.batch_size + np.arange(args.batch_size)) % len(corpus)])
+            images, attributes = listing_images(rows), rows["true_attributes"]
+        batch = batch_with_labels(processor, prefix, images, [compact_target(a) for a in attributes])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return float(np.mean(losses[-50:]))
+
+
+def train_with_sft_trainer(model, processor, corpus, args, rng) -> float:
+    """The same photos, order and compact targets as conversations, trained by TRL's SFTTrainer with the
+    generator YAML's settings (recipes/pretrain_tiny.py's path): separates the training path from the data."""
+    from trl import SFTConfig, SFTTrainer
+
+    if args.data != "corpus":
+        raise SystemExit("error: --trainer sft trains on --data corpus only")
+    order = rng.permutation(len(corpus))
+    rows = corpus.select(order[np.arange(args.steps * args.batch_size) % len(corpus)])
+
+    def as_conversation(attributes):
+        return {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": compact_target(attributes)}]}]}
+
+    dataset = rows.select_columns(["image", "true_attributes"]).map(
+        as_conversation, input_columns=["true_attributes"], remove_columns=["true_attributes"])
+    config = SFTConfig(output_dir=str(Path(args.out).with_suffix("")) + "-sft", assistant_only_loss=True,
+                       max_length=256, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                       learning_rate=args.learning_rate, lr_scheduler_type="cosine",
+                       warmup_steps=min(100, args.steps // 10), weight_decay=0.0, logging_steps=50,
+                       save_strategy="no", bf16=False, use_cpu=True, report_to="none", dataloader_num_workers=0,
+                       seed=args.seed)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # each: the last 50 steps
+    return float(logged[-1] if logged else trainer.state.log_history[-1]["train_loss"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("corpus", "uniform"))
+    parser.add_argument("--trainer", choices=("plain", "sft"), default="plain",
+                        help="plain: the loop above; sft: TRL's SFTTrainer, as recipes/pretrain_tiny.py trains.")
     parser.add_argument("--score", help="Only score this pretrained model (recipes/pretrain_tiny.py) in the format "
                                         "of --format on the corpus's test split.")
     parser.add_argument("--format", choices=("caption", "describe"), default="caption",
@@ -169,29 +231,11 @@ def main(argv=None):
     texts = vocabulary_corpus() + [PROMPT] + [" ".join(str(a[k]) for k in KEYS) for a in corpus["true_attributes"]]
     model, processor = build_tiny_mllm("qwen2_vl", corpus=texts, hidden_size=128, num_layers=4, num_heads=4,
                                        vision_hidden_size=64, min_image_tokens=16, max_image_tokens=16, seed=args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, min(100, args.steps // 10), args.steps)
-    prefix = prompt_text(processor)
-    order = rng.permutation(len(corpus))
-    losses, started = [], time.time()
-    model.train()
-    for step in tqdm(range(args.steps), desc=f"plain loop on {args.data} photos"):
-        if args.data == "uniform":
-            images, attributes = uniform_photos(args.batch_size, seed=int(rng.integers(2**31)))
-        else:
-            rows = corpus.select(order[(step * args.batch_size + np.arange(args.batch_size)) % len(corpus)])
-            images, attributes = listing_images(rows), rows["true_attributes"]
-        batch = batch_with_labels(processor, prefix, images, [" ".join(str(a[k]) for k in KEYS) for a in attributes])
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    started = time.time()
+    loss_last_50 = (train_with_sft_trainer if args.trainer == "sft" else train_plain)(model, processor, corpus, args, rng)
     minutes = (time.time() - started) / 60
-    result = {"data": args.data, "steps": args.steps, "batch_size": args.batch_size, "photos_seen": args.steps * args.batch_size,
-              "minutes": round(minutes, 1), "loss_last_50": float(np.mean(losses[-50:])),
+    result = {"data": args.data, "trainer": args.trainer, "steps": args.steps, "batch_size": args.batch_size, "photos_seen": args.steps * args.batch_size,
+              "minutes": round(minutes, 1), "loss_last_50": loss_last_50,
               "accuracy": {name: slot_accuracy(model, processor, *photos) for name, photos in eval_sets.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -225,9 +225,10 @@ def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_d
     keys = ["category", "color", "secondary_color", "pattern", "logo"]
     from agcl.synthetic_catalog import ATTRIBUTE_VALUES
 
+    task = json.loads((Path(path) / "perception.json").read_text()).get("perception_format", "ask")
     with torch.no_grad():
         accuracy = perception_accuracy(model, processor, listing_images(catalog), catalog["true_attributes"], keys,
-                                       {k: ATTRIBUTE_VALUES[k] for k in keys})
+                                       {k: ATTRIBUTE_VALUES[k] for k in keys}, task=task)
     chance = {k: 1 / len(ATTRIBUTE_VALUES[k]) for k in keys}
     # What each model learned in pretraining (docs/pretraining.md): the small one category and colour, the
     # large one (16 tokens per photo) the secondary colour too.
