@@ -231,13 +231,11 @@ def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_d
                                        {k: ATTRIBUTE_VALUES[k] for k in keys}, task=task)
     chance = {k: 1 / len(ATTRIBUTE_VALUES[k]) for k in keys}
     # What each model learned in pretraining (docs/pretraining.md): the small one category and colour, the
-    # large one (16 tokens per photo, captions) the secondary colour too, and pattern and logo half the time.
+    # large one (16 tokens per photo) the secondary colour too.
     learned = {"pretrained-tiny-qwen2-vl": ("category", "color"),
                "pretrained-tiny-qwen2-vl-large": ("category", "color", "secondary_color")}[name]
     for key in learned:
         assert accuracy[key] >= chance[key] + 0.4, (key, accuracy)
-    if name == "pretrained-tiny-qwen2-vl-large":  # 48 photos: about 7 points of standard error around 55%
-        assert min(accuracy["pattern"], accuracy["logo"]) >= 0.35, accuracy
 
 
 @pytest.mark.parametrize("task", ["ask", "caption"])
