@@ -9,10 +9,11 @@ The model is the tiny-model factory's architecture (``agcl.modeling.build_tiny_m
 the flags below) with a tokenizer trained on the corpus's words, randomly initialised with
 ``--seed``, then trained with TRL's ``SFTTrainer`` on ``agcl.pretraining`` conversations (describe
 the photo, answer a question about one visible attribute, read the title, or caption the photo;
-loss on the answers only). The corpus is any catalog with a ``true_attributes`` column. The run is deterministic per
-seed on CPU, shows a progress bar, resumes from the last checkpoint in ``--output_dir`` when one
-exists, and ends by printing (and saving in ``perception.json`` and the model card ``README.md``)
-how often the model names each visible attribute of held-out photos right.
+loss on the answers only). The corpus is any catalog with a ``true_attributes`` column. The run
+is deterministic per seed on CPU, shows a progress bar, resumes from the last checkpoint in
+``--output_dir`` when one exists, and ends by printing (and saving in ``perception.json`` and the
+model card ``README.md``) how often the model names each visible attribute of held-out photos
+right, in the format of the task it trained on (``--perception_format``).
 
 The models the embedded demo starts from were made with the two YAML files in recipes/configs
 (commands, corpus, seed and times in docs/pretraining.md).
@@ -102,8 +103,8 @@ def tokenizer_corpus(catalog, keys, column: str, phrasing: str = "natural") -> l
     return texts
 
 
-def model_card(script_args, training_args, perception: dict, perception_format: str, elapsed: float, n_listings: int, corpus_note: str,
-               command: list[str]) -> str:
+def model_card(script_args, training_args, perception: dict, perception_format: str, elapsed: float,
+               n_listings: int, corpus_note: str, command: list[str]) -> str:
     sizes = {k: getattr(script_args, k) for k in ("family", "hidden_size", "num_layers", "num_heads",
                                                   "vision_hidden_size", "min_image_tokens", "max_image_tokens")}
     lines = ["# A pretrained tiny Qwen-VL-class MLLM (afmrl embedded default)", "",
