@@ -35,6 +35,7 @@ from transformers import get_cosine_schedule_with_warmup
 from agcl.catalog import load_catalog
 from agcl.evaluation import listing_images
 from agcl.modeling import build_tiny_mllm
+from agcl.pretraining import perception_accuracy
 from agcl.synthetic_catalog import ATTRIBUTE_VALUES, render_product_image, vocabulary_corpus
 
 KEYS = ("category", "color", "secondary_color", "pattern", "logo")
@@ -96,30 +97,22 @@ def slot_accuracy(model, processor, images, attributes, batch_size: int = 64) ->
     return result
 
 
-def reply_format(name: str):
-    """(prompt, reply writer) of a pretraining task whose whole reply names every visible value: ``caption`` (the
-    fixed-order caption) or ``describe`` (a description in the keys' order, each key's first phrasing)."""
-    from agcl.pretraining import CAPTION_PROMPTS, DESCRIBE_PROMPTS, _sentence, caption, clause
-
-    if name == "caption":
-        return CAPTION_PROMPTS[0], lambda attributes: caption(attributes, KEYS)
-    return DESCRIBE_PROMPTS[0], lambda attributes: _sentence([clause(k, attributes[k]) for k in KEYS])
-
-
 @torch.no_grad()
-def reply_accuracy(model, processor, images, attributes, name: str = "caption") -> dict[str, float]:
-    """Per key: how often the true value makes the whole reply of task ``name`` (``reply_format``) likeliest, the
-    other values true. For a model pretrained by recipes/pretrain_tiny.py with that task (--score DIR)."""
-    question, write = reply_format(name)
+def describe_accuracy(model, processor, images, attributes) -> dict[str, float]:
+    """Per key: how often the true value makes a whole description (the keys in order, each key's first phrasing)
+    likeliest, the other values true. For a model pretrained on descriptions only (--score DIR --format describe);
+    the caption format is agcl.pretraining.perception_accuracy(task="caption")."""
+    from agcl.pretraining import DESCRIBE_PROMPTS, _sentence, clause
+
     prefix = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DESCRIBE_PROMPTS[0]}]}],
         tokenize=False, add_generation_prompt=True)
     model.eval()
     result = {}
     for key in KEYS:
         values, correct = list(ATTRIBUTE_VALUES[key]), 0
         for image, truth in zip(images, attributes, strict=True):
-            replies = [write({**truth, key: v}) + "<|im_end|>" for v in values]
+            replies = [_sentence([clause(k, {**truth, key: v}[k]) for k in KEYS]) + "<|im_end|>" for v in values]
             batch = processor(text=[prefix + r for r in replies], images=[image.convert("RGB")] * len(values),
                               padding=True, return_tensors="pt")
             logprobs = torch.log_softmax(model(**batch).logits.float()[:, :-1], -1).gather(
@@ -166,8 +159,6 @@ def train_with_sft_trainer(model, processor, corpus, args, rng) -> float:
     generator YAML's settings (recipes/pretrain_tiny.py's path): separates the training path from the data."""
     from trl import SFTConfig, SFTTrainer
 
-    if args.data != "corpus":
-        raise SystemExit("error: --trainer sft trains on --data corpus only")
     order = rng.permutation(len(corpus))
     rows = corpus.select(order[np.arange(args.steps * args.batch_size) % len(corpus)])
 
@@ -212,15 +203,20 @@ def main(argv=None):
         model, processor = load_mllm(args.score)
         held_out = load_catalog(args.catalog, split="test").select(range(args.eval_photos))
         truth = [{k: str(a[k]) for k in KEYS} for a in held_out["true_attributes"]]
-        result = {"model": args.score, "photos": args.eval_photos,
-                  f"{args.format}_accuracy": reply_accuracy(model, processor, listing_images(held_out), truth,
-                                                               args.format)}
+        images = listing_images(held_out)
+        if args.format == "caption":
+            accuracy = perception_accuracy(model, processor, images, truth, KEYS, ATTRIBUTE_VALUES, task="caption")
+        else:
+            accuracy = describe_accuracy(model, processor, images, truth)
+        result = {"model": args.score, "photos": args.eval_photos, f"{args.format}_accuracy": accuracy}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return
     if not args.data:
         parser.error("--data is required (or --score DIR)")
+    if args.trainer == "sft" and args.data != "corpus":
+        parser.error("--trainer sft trains on --data corpus only")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     corpus = load_catalog(args.catalog, split="train")
@@ -228,14 +224,14 @@ def main(argv=None):
     eval_sets = {"corpus test split": (listing_images(held_out), [{k: str(a[k]) for k in KEYS} for a in
                                                                    held_out["true_attributes"]]),
                  "uniform renders": uniform_photos(args.eval_photos, seed=10_000 + args.seed)}
-    texts = vocabulary_corpus() + [PROMPT] + [" ".join(str(a[k]) for k in KEYS) for a in corpus["true_attributes"]]
+    texts = vocabulary_corpus() + [PROMPT] + [compact_target(a) for a in corpus["true_attributes"]]
     model, processor = build_tiny_mllm("qwen2_vl", corpus=texts, hidden_size=128, num_layers=4, num_heads=4,
                                        vision_hidden_size=64, min_image_tokens=16, max_image_tokens=16, seed=args.seed)
     started = time.time()
     loss_last_50 = (train_with_sft_trainer if args.trainer == "sft" else train_plain)(model, processor, corpus, args, rng)
     minutes = (time.time() - started) / 60
-    result = {"data": args.data, "trainer": args.trainer, "steps": args.steps, "batch_size": args.batch_size, "photos_seen": args.steps * args.batch_size,
-              "minutes": round(minutes, 1), "loss_last_50": loss_last_50,
+    result = {"data": args.data, "trainer": args.trainer, "steps": args.steps, "batch_size": args.batch_size,
+              "photos_seen": args.steps * args.batch_size, "minutes": round(minutes, 1), "loss_last_50": loss_last_50,
               "accuracy": {name: slot_accuracy(model, processor, *photos) for name, photos in eval_sets.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
