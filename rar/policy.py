@@ -80,7 +80,9 @@ def load_policy(model_args, *, cache_dir: str = "outputs/embedded", freeze_visio
 
         model = PeftModel.from_pretrained(model, name)
         if not model_args.load_in_4bit:
-            model = model.merge_and_unload()
+            # peft loads an adapter for inference (every weight frozen) and merging keeps that: a full
+            # fine-tune of the merged model must train its weights again
+            model = model.merge_and_unload().requires_grad_(True)
         elif for_training:
             raise ValueError(f"{name} is a LoRA adapter over 4-bit weights: merge it into its base model before "
                              "starting QLoRA RL from it")

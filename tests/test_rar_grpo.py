@@ -9,6 +9,7 @@ import trl
 from safetensors.torch import load_file
 
 from agcl.catalog import load_catalog
+from agcl.encoder import language_lora_targets
 from agcl.synthetic_catalog import make_synthetic_catalog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -328,3 +329,28 @@ def test_policy_processor_that_cannot_serve_rar(recipe, capsys, small_catalog_di
     shutil.copytree(tiny_model_dir, policy)
     (policy / remove).unlink()
     expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, policy, tmp_path / "o"), message)
+
+
+def test_full_finetune_from_a_lora_adapter_trains_the_merged_weights(tiny_model_dir, tmp_path):
+    """A LoRA SFT output as the start of full-weight RL: merged into its base, the language weights
+    train again (peft loads adapters frozen, and merging kept that: GRPO then had nothing to train)."""
+    from peft import LoraConfig, get_peft_model
+
+    from agcl.modeling import load_mllm
+    from rar.policy import LM_LORA_TARGETS, load_policy
+
+    base, _ = load_mllm(str(tiny_model_dir))
+    base_weights = {n: p.detach().clone() for n, p in base.named_parameters()}
+    targets = language_lora_targets(base, LM_LORA_TARGETS)
+    adapted = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+
+    model, _, peft_config = load_policy(trl.ModelConfig(model_name_or_path=str(tmp_path / "adapter")),
+                                        freeze_vision=True)
+    assert peft_config is None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert trainable and all(".visual." not in f".{n}" for n in trainable)
+    assert frozen and all(".visual." in f".{n}" for n in frozen)
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, base_weights[n])]
+    assert moved and all(any(t in n for t in LM_LORA_TARGETS) for n in moved)  # the adapter was merged in
