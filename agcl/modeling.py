@@ -384,7 +384,7 @@ def _mrope_section(head_dim: int, family: str) -> list[int]:
     return [half - 2 * spatial, spatial, spatial]
 
 
-def _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads, vision_hidden_size=32):
+def _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads, vision_hidden_size=32, vision_depth=2):
     if hidden_size % num_heads or (hidden_size // num_heads) % 4:
         raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of a multiple of 4")
     head_dim = hidden_size // num_heads
@@ -403,19 +403,19 @@ def _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads, vision_h
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
     )  # fmt: skip
-    # A vision tower of two blocks (width 32 by default): small, but it really reads the pixels.
+    # A vision tower of two blocks (width 32) by default: small, but it really reads the pixels.
     vision_embed = vision_hidden_size
     if family == "qwen2_vl":
         config_cls = Qwen2VLConfig
-        vision = dict(depth=2, embed_dim=vision_embed, hidden_size=hidden_size, num_heads=2, mlp_ratio=2)
+        vision = dict(depth=vision_depth, embed_dim=vision_embed, hidden_size=hidden_size, num_heads=2, mlp_ratio=2)
     elif family == "qwen2_5_vl":
         config_cls = Qwen2_5_VLConfig
-        vision = dict(depth=2, hidden_size=vision_embed, intermediate_size=2 * vision_embed, num_heads=2,
+        vision = dict(depth=vision_depth, hidden_size=vision_embed, intermediate_size=2 * vision_embed, num_heads=2,
                       out_hidden_size=hidden_size, fullatt_block_indexes=[1])  # fmt: skip
     else:  # qwen3_vl (build_tiny_mllm checked the family)
         config_cls = Qwen3VLConfig
         text["head_dim"] = head_dim  # Qwen3 has an explicit head_dim (default 128)
-        vision = dict(depth=2, hidden_size=vision_embed, intermediate_size=2 * vision_embed, num_heads=2,
+        vision = dict(depth=vision_depth, hidden_size=vision_embed, intermediate_size=2 * vision_embed, num_heads=2,
                       out_hidden_size=hidden_size, num_position_embeddings=64,
                       deepstack_visual_indexes=[0])  # fmt: skip
     return config_cls(
@@ -458,6 +458,7 @@ def build_tiny_mllm(
     max_image_tokens: int = 16,
     min_image_tokens: int = 4,
     vision_hidden_size: int = 32,
+    vision_depth: int = 2,
     seed: int = 0,
 ):
     """A random-init Qwen-VL model and processor, built locally; same arguments, same weights.
@@ -474,7 +475,9 @@ def build_tiny_mllm(
     tokenizer = train_tokenizer(corpus, vocab_size)
     if not 1 <= min_image_tokens <= max_image_tokens:
         raise ValueError(f"need 1 <= min_image_tokens ({min_image_tokens}) <= max_image_tokens ({max_image_tokens})")
-    config = _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads, vision_hidden_size)
+    if vision_depth < 1:
+        raise ValueError(f"vision_depth must be >= 1, got {vision_depth}")
+    config = _tiny_config(family, tokenizer, hidden_size, num_layers, num_heads, vision_hidden_size, vision_depth)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(

@@ -81,7 +81,8 @@ class PretrainScriptArguments:
     hidden_size: int = field(default=64, metadata={"help": "Language model width."})
     num_layers: int = field(default=2, metadata={"help": "Language model depth."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    vision_hidden_size: int = field(default=32, metadata={"help": "Vision tower width (its depth is 2)."})
+    vision_hidden_size: int = field(default=32, metadata={"help": "Vision tower width."})
+    vision_depth: int = field(default=2, metadata={"help": "Vision tower blocks."})
     min_image_tokens: int = field(default=4, metadata={
         "help": "Fewest LLM tokens per image (16 scales a 64 px photo up to 112 px)."})
     max_image_tokens: int = field(default=16, metadata={"help": "Most LLM tokens per image."})
@@ -106,7 +107,8 @@ def tokenizer_corpus(catalog, keys, column: str, phrasing: str = "natural") -> l
 def model_card(script_args, training_args, perception: dict, perception_format: str, elapsed: float,
                n_listings: int, corpus_note: str, command: list[str]) -> str:
     sizes = {k: getattr(script_args, k) for k in ("family", "hidden_size", "num_layers", "num_heads",
-                                                  "vision_hidden_size", "min_image_tokens", "max_image_tokens")}
+                                                  "vision_hidden_size", "vision_depth", "min_image_tokens",
+                                                  "max_image_tokens")}
     lines = ["# A pretrained tiny Qwen-VL-class MLLM (afmrl embedded default)", "",
              "Made by `recipes/pretrain_tiny.py`: the tiny-model factory's architecture, random init with seed "
              f"{training_args.seed}, trained with TRL's SFTTrainer on conversations about the photos of a synthetic "
@@ -158,7 +160,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
             hidden_size=script_args.hidden_size, num_layers=script_args.num_layers, num_heads=script_args.num_heads,
             vocab_size=script_args.vocab_size, max_image_tokens=script_args.max_image_tokens,
             min_image_tokens=script_args.min_image_tokens, vision_hidden_size=script_args.vision_hidden_size,
-            seed=training_args.seed)
+            vision_depth=script_args.vision_depth, seed=training_args.seed)
     except USER_ERRORS as err:
         fail(err)
     logger.info("pretraining on %d conversations about %d photos; visible keys %s", len(dataset), len(catalog), keys)

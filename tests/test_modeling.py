@@ -279,14 +279,18 @@ def test_unknown_family_is_rejected():
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_vision_width_and_image_token_count_are_options(family):
-    """A generator can be given a wider vision tower and more image tokens than the encoder it serves."""
-    model, processor = build_tiny_mllm(family, corpus=CORPUS, vision_hidden_size=48, min_image_tokens=16)
+def test_vision_width_depth_and_image_token_count_are_options(family):
+    """A generator can be given a wider, deeper vision tower and more image tokens than the encoder it serves."""
+    model, processor = build_tiny_mllm(family, corpus=CORPUS, vision_hidden_size=48, vision_depth=3,
+                                       min_image_tokens=16)
     vision = model.config.vision_config
     assert (vision.embed_dim if family == "qwen2_vl" else vision.hidden_size) == 48
+    assert vision.depth == len(model.model.visual.blocks) == 3
     inputs = prompt_inputs(processor)  # the same 64-px image that gives 4 tokens by default
     assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == 16
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
     with pytest.raises(ValueError, match="min_image_tokens"):
         build_tiny_mllm(family, corpus=CORPUS, min_image_tokens=32, max_image_tokens=16)
+    with pytest.raises(ValueError, match="vision_depth"):
+        build_tiny_mllm(family, corpus=CORPUS, vision_depth=0)
