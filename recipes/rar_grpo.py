@@ -61,7 +61,7 @@ from rar.policy import check_policy_processor, load_policy
 from rar.prompts import build_prompt_dataset, save_prompt_settings
 from rewards import get_reward_funcs, validate_reward_weights
 from rewards.fingerprints import check_training_record
-from rewards.retrieval_rank import outside_zero3
+from rewards.rank_lookup import outside_zero3
 
 logger = logging.getLogger("rar_grpo")
 

@@ -20,7 +20,6 @@ the reasons for each default: docs/retrieval_rank_reward.md.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -28,46 +27,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from agcl.attributes import format_attributes, normalize_key, parse_attributes
-from agcl.crops import listing_views, uses_crops
 from agcl.metrics import metrics_from_search
 from rewards.attribute_rewards import completion_text
-from rewards.fingerprints import _as_catalog, catalog_fingerprint
 from rewards.gallery import ProductGallery
+from rewards.rank_lookup import RankLookup
 
 logger = logging.getLogger(__name__)
 
 MODES = ("rank_improvement", "recall_at_k", "mrr")
 RANK_TRANSFORMS = ("reciprocal", "log")
 REWARD_NAME = "retrieval_rank"
-
-
-# ---------------------------------------------------------------------------------------------
-# Completion text
-@contextlib.contextmanager
-def outside_zero3():
-    """Switch transformers' DeepSpeed ZeRO-3 hook off while a frozen helper model loads.
-
-    With a ZeRO-3 config alive (``TrainingArguments(deepspeed=...)``), every ``from_pretrained``
-    runs under ``deepspeed.zero.Init`` and partitions the weights across ranks, leaving each
-    process with empty tensors; the reward's encoder must be whole in every process.
-    """
-    try:
-        from transformers.integrations import deepspeed as hf_deepspeed
-    except Exception:
-        yield
-        return
-    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 @dataclass
@@ -226,89 +200,13 @@ class RetrievalRankReward:
         self.__dict__.update(state)
 
     # ------------------------------------------------------------------ loading
-    def _load_encoder(self):
-        if not isinstance(self.encoder, str):
-            return self.encoder
-        import torch
-
-        from agcl.encoder import ProductEncoder
-
-        device = self.device
-        if device is None:
-            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        with outside_zero3():
-            encoder = ProductEncoder.from_pretrained(self.encoder, **self.encoder_kwargs)
-        encoder.to(device)
-        encoder._afmrl_source_dir = str(Path(self.encoder).resolve())  # lets fingerprint checks read the files
-        return encoder
-
-    def _ensure_loaded(self) -> SimpleNamespace:
-        if self._state is not None:
-            return self._state
-        start = time.perf_counter()
-        encoder = self._load_encoder()
-        gallery, catalog = self.gallery, self.catalog
-        if isinstance(gallery, str):
-            gallery = ProductGallery.load(gallery)
-        if isinstance(gallery, ProductGallery):
-            gallery.check_encoder(encoder)
-        if catalog is None:
-            source = gallery.info.get("catalog_source")
-            if not source or not Path(source).exists():
-                raise ValueError(
-                    "RetrievalRankReward needs catalog= to look up the query listings' images and titles: the gallery "
-                    + (f"was built from {source!r}, which no longer exists" if source else
-                       "records no catalog path (it was built from an in-memory dataset)")
-                )
-            ds, _ = _as_catalog(source, split=gallery.info.get("catalog_split"))
-        else:
-            ds, _ = _as_catalog(catalog, split=self.split)
-        if gallery is None:
-            gallery = ProductGallery.build(ds, encoder, **self.gallery_options)
-        for column in ("listing_id", "product_id", "title"):
-            if column not in ds.column_names:
-                raise ValueError(f"the lookup catalog has no column {column!r} (columns: {ds.column_names})")
-        image_column = "image" if "image" in ds.column_names else "images" if "images" in ds.column_names else None
-        listing_ids = [str(x) for x in ds["listing_id"]]
-        row_of = {lid: i for i, lid in enumerate(listing_ids)}
-        g_rows = gallery.rows_of(listing_ids)
-        codes = gallery.codes_of(ds["product_id"])
-        shared = g_rows >= 0
-        disagree = shared & (gallery.product_codes[np.maximum(g_rows, 0)] != codes)
-        if disagree.any():
-            i = int(np.flatnonzero(disagree)[0])
-            raise ValueError(
-                f"listing {listing_ids[i]!r} has product_id {ds[i]['product_id']!r} in the lookup catalog but "
-                f"{gallery.product_ids[g_rows[i]]!r} in the gallery ({int(disagree.sum())} listings disagree): the "
-                "gallery was built from another version of the catalog; rebuild it"
-            )
-        if gallery.catalog_fingerprint is not None and catalog_fingerprint(ds) != gallery.catalog_fingerprint:
-            logger.warning(
-                "%s: the lookup catalog (%d rows) is not the catalog the gallery (%d rows) was built from; the %d "
-                "listings in both agree on product_id", self.__name__, len(ds), gallery.size, int(shared.sum())
-            )
-        if uses_crops(encoder) and "bbox" not in ds.column_names:
-            logger.warning("%s: the encoder was trained with product-region crops, but the lookup catalog has no "
-                           "'bbox' column: queries are encoded without crops", self.__name__)
-        new_cache = getattr(encoder, "new_image_cache", None)
-        self._state = SimpleNamespace(
-            encoder=encoder,
-            image_cache=new_cache(self.image_cache_size) if callable(new_cache) and self.image_cache_size > 0 else None,
-            listing_ids=listing_ids,
-            gallery=gallery,
-            row_of=row_of,
-            titles=list(ds["title"]),
-            images=ds.select_columns([image_column]) if image_column else None,
-            image_column=image_column,
-            bboxes=list(ds["bbox"]) if uses_crops(encoder) and "bbox" in ds.column_names else None,
-            gallery_row=g_rows,
-            code=codes,
-            positives=gallery.positives_count(codes, g_rows),
-            log_norm=math.log(max(gallery.size, 2)),
-            # A gallery indexed with its listings' attributes holds no attribute-free vectors.
-            baseline_from_gallery=self.baseline_from_gallery and not gallery.info.get("attribute_column"),
-            load_seconds=time.perf_counter() - start,
-        )
+    def _ensure_loaded(self) -> RankLookup:
+        if self._state is None:
+            self._state = RankLookup.load(
+                self.encoder, self.catalog, self.gallery, split=self.split, device=self.device,
+                encoder_kwargs=self.encoder_kwargs, gallery_options=self.gallery_options,
+                image_cache_size=self.image_cache_size, baseline_from_gallery=self.baseline_from_gallery,
+                name=self.__name__)
         return self._state
 
     # ------------------------------------------------------------------ parsing
@@ -350,24 +248,6 @@ class RetrievalRankReward:
         out[:, 4] = m[f"recall@{kk}"]
         return np.nan_to_num(out, nan=0.0, posinf=d + 1, neginf=0.0)
 
-    def _fetch_images(self, st: SimpleNamespace, rows: Sequence[int]) -> list:
-        """Each distinct listing's image(s) read (and later decoded) once, shared by all its queries."""
-        if st.images is None:
-            return [None] * len(rows)
-        distinct = list(dict.fromkeys(rows))
-        fetched = dict(zip(distinct, st.images[distinct][st.image_column], strict=True))
-        if st.bboxes is not None:  # the encoder sees each listing's product-region crop too
-            cache = st.image_cache
-            # Cropping decodes the photo: a listing whose image work is cached is not read again. Its entry is
-            # marked most recently used first, so this call's new entries evict other listings, never it, as
-            # long as the call's listings fit in the cache (otherwise every listing gets its crop).
-            keep = cache is not None and len(distinct) <= cache.max_entries
-            if keep:
-                cache.touch(st.listing_ids[r] for r in distinct)
-            fetched = {r: image if keep and st.listing_ids[r] in cache else listing_views(image, st.bboxes[r])
-                       for r, image in fetched.items()}
-        return [fetched[r] for r in rows]
-
     def score(self, listing_ids: Sequence, completions: Sequence) -> RankDetails:
         """Rank every completion's query; returns per-completion details and the rewards.
 
@@ -379,7 +259,7 @@ class RetrievalRankReward:
             raise ValueError(f"{len(listing_ids)} listing ids for {n} completions")
         st = self._ensure_loaded()
         t_load = time.perf_counter()
-        cat_rows = self._catalog_rows(st, listing_ids)
+        cat_rows = st.catalog_rows(listing_ids)
         texts, num_attrs = self._parse_completions(completions)
         valid = np.fromiter((t is not None for t in texts), dtype=bool, count=n)
         scorable = st.positives[cat_rows] > 0
@@ -416,17 +296,6 @@ class RetrievalRankReward:
         )
 
     # ------------------------------------------------------------------ the steps of score
-    @staticmethod
-    def _catalog_rows(st: SimpleNamespace, listing_ids: Sequence) -> np.ndarray:
-        rows = [st.row_of.get(str(lid)) for lid in listing_ids]
-        missing = [lid for lid, row in zip(listing_ids, rows, strict=True) if row is None]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} listing id(s) of the batch are not in the lookup catalog, e.g. {missing[0]!r}: the "
-                "prompt dataset and the reward's catalog disagree (pass the catalog the prompts were built from)"
-            )
-        return np.asarray(rows, dtype=np.int64).reshape(len(rows))
-
     def _parse_completions(self, completions: Sequence) -> tuple[list[str | None], np.ndarray]:
         """Canonical attribute text (None = unparsable) and pair count per completion; each distinct text once."""
         parsed: dict[str, tuple[str | None, int]] = {}
@@ -441,7 +310,7 @@ class RetrievalRankReward:
             num_attrs[i] = hit[1]
         return texts, num_attrs
 
-    def _plan_queries(self, st: SimpleNamespace, cat_rows: np.ndarray, texts: list, need: np.ndarray) -> SimpleNamespace:
+    def _plan_queries(self, st: RankLookup, cat_rows: np.ndarray, texts: list, need: np.ndarray) -> SimpleNamespace:
         """The distinct enriched queries (``uid`` per completion), and the attribute-free baselines: cached,
         read from the gallery, or to encode."""
         uid_of: dict[tuple[int, str], int] = {}
@@ -458,14 +327,14 @@ class RetrievalRankReward:
             uid=uid, q_rows=np.fromiter((r for r, _ in uid_of), dtype=np.int64, count=len(uid_of)),
             q_texts=[t for _, t in uid_of], cached=cached, base_from_gallery=todo[in_gallery], base_encode=todo[~in_gallery])
 
-    def _embed_queries(self, st: SimpleNamespace, plan: SimpleNamespace) -> tuple[np.ndarray, np.ndarray]:
+    def _embed_queries(self, st: RankLookup, plan: SimpleNamespace) -> tuple[np.ndarray, np.ndarray]:
         """One encoder call (enriched queries, then attribute-free queries of listings outside the gallery), then
         the gallery's own vectors as the other baselines; returns the query vectors and their catalog rows."""
         enc_rows = np.concatenate([plan.q_rows, plan.base_encode])
         if len(enc_rows):
             cache = {} if st.image_cache is None else {
                 "image_keys": [st.listing_ids[r] for r in enc_rows.tolist()], "image_cache": st.image_cache}
-            embeddings = st.encoder.encode(self._fetch_images(st, enc_rows.tolist()), [st.titles[r] for r in enc_rows.tolist()],
+            embeddings = st.encoder.encode(st.fetch_images(enc_rows.tolist()), [st.titles[r] for r in enc_rows.tolist()],
                                            plan.q_texts + [None] * len(plan.base_encode), batch_size=self.batch_size,
                                            show_progress=False, **cache)
             embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(enc_rows), -1)
@@ -494,7 +363,7 @@ class RetrievalRankReward:
             without[idx] = np.stack([base_stats.get(int(r), np.full(5, np.nan)) for r in cat_rows[idx]])
         return with_attr, without
 
-    def _rewards(self, st: SimpleNamespace, with_attr: np.ndarray, without: np.ndarray, valid: np.ndarray,
+    def _rewards(self, st: RankLookup, with_attr: np.ndarray, without: np.ndarray, valid: np.ndarray,
                  scored: np.ndarray, failed: np.ndarray) -> list:
         if self.mode == "rank_improvement":
             if self.rank_transform == "reciprocal":

@@ -97,7 +97,7 @@ def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, clu
     # the reward's queries: image and crop
     reward = RetrievalRankReward(encoder=crop_encoder, catalog=ds)
     state = reward._ensure_loaded()
-    fetched = reward._fetch_images(state, [0, 0, 5])
+    fetched = state.fetch_images([0, 0, 5])
     assert [len(f) for f in fetched] == [2, 2, 2] and fetched[2][1].size == tuple(
         np.subtract(ds[5]["bbox"][2:], ds[5]["bbox"][:2]).astype(int))
     # once a listing's image work is cached, its photo is neither decoded nor cropped again; the rewards equal
@@ -105,7 +105,7 @@ def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, clu
     ids, completions = [ds[i]["listing_id"] for i in (0, 0, 5)], ["color: red", "color: blue", "color: red"]
     cached = reward.score(ids, completions).rewards
     assert all(lid in state.image_cache for lid in ids)
-    again = reward._fetch_images(state, [0, 7])
+    again = state.fetch_images([0, 7])
     assert isinstance(again[0], Image.Image) and len(again[1]) == 2  # cached: not read; new: image and crop
     uncached = RetrievalRankReward(encoder=crop_encoder, catalog=ds, image_cache_size=0).score(ids, completions)
     assert np.allclose(cached, uncached.rewards, atol=1e-5)
@@ -114,7 +114,7 @@ def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, clu
     full.score([ds[i]["listing_id"] for i in (0, 5)], ["color: red", "color: red"])
     state = full._ensure_loaded()
     assert len(state.image_cache) == 2
-    again = full._fetch_images(state, [5, 7])
+    again = state.fetch_images([5, 7])
     assert isinstance(again[0], Image.Image) and len(again[1]) == 2
     ids, completions = [ds[i]["listing_id"] for i in (5, 7, 0)], ["color: red", "color: blue", "logo: star"]
     assert np.allclose(full.score(ids, completions).rewards, RetrievalRankReward(
