@@ -17,7 +17,7 @@ Flags: the fields of SFTScriptArguments (below), trl.SFTConfig (all of transform
 plus SFT options) and trl.ModelConfig (policy, LoRA, 4-bit), layered over recipes/configs/sft_demo.yaml
 without ``--config``. With ``--use_peft`` the LoRA adapters go
 on the language model's linears only (default q/k/v/o/gate/up/down; ``--lora_target_modules`` names
-others); the vision tower is left untouched.
+others); the vision tower is left untouched. Without it, ``--freeze_vision`` keeps the vision tower as loaded.
 """
 
 import logging
@@ -32,6 +32,7 @@ from agcl.cli import default_config_epilog, fail, parse_recipe_args, with_defaul
 from agcl.embedded import resolve_catalog, resolve_model
 from agcl.encoder import language_lora_targets
 from agcl.modeling import load_mllm
+from rar.policy import freeze_vision_tower
 from rar.prompts import DEFAULT_PROMPT, build_sft_dataset, save_prompt_settings
 from rewards.fingerprints import write_training_record
 
@@ -55,6 +56,9 @@ class SFTScriptArguments:
         "help": "Use only the first N listings of the split (None = all)."})
     prompt_template: str = field(default=DEFAULT_PROMPT, metadata={
         "help": "User prompt with {title} and {keys} placeholders (the one GRPO will use)."})
+    freeze_vision: bool = field(default=False, metadata={
+        "help": "Without --use_peft, keep the vision tower's weights as loaded and train the rest (the paper's LoRA "
+                "SFT adapts the language model only; with --use_peft the vision tower is untouched anyway)."})
 
 
 def setup(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig):
@@ -78,6 +82,8 @@ def setup(script_args: SFTScriptArguments, training_args: SFTConfig, model_args:
     model, processor = load_mllm(name, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit,
                                  trust_remote_code=training_args.trust_remote_code)
     peft_config = get_peft_config(model_args)
+    if peft_config is None and script_args.freeze_vision:
+        logger.info("vision tower frozen (%d tensors)", freeze_vision_tower(model))
     if peft_config is not None:
         # peft has no default targets for Qwen-VL, and short names would also hit the vision tower's linears.
         peft_config.target_modules = language_lora_targets(model, model_args.lora_target_modules or LM_LORA_TARGETS)

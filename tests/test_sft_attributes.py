@@ -79,3 +79,25 @@ def test_bad_catalog_exits_2_with_one_line(tmp_path, load_recipe, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing" in errors[0], err[-2000:]
     assert "Traceback" not in err
+
+
+def test_freeze_vision_trains_the_language_model_and_keeps_the_vision_tower(recipe, tiny_model_dir,
+                                                                            small_catalog_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sft-frozen"
+    args = parse(recipe, [
+        "--catalog", str(small_catalog_dir), "--model_name_or_path", str(tiny_model_dir),
+        "--cache_dir", str(tmp_path / "cache"), "--max_train_listings", "8", "--freeze_vision", "true",
+        "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "8",
+        "--learning_rate", "1e-2", "--assistant_only_loss", "true", "--activation_checkpointing", "false",
+        "--save_strategy", "no", "--bf16", "false", "--use_cpu", "true", "--report_to", "none", "--seed", "0",
+    ])
+    recipe.main(*args)
+
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    vision = [k for k in before if "visual." in k]
+    language = [k for k in before if "layers." in k and "visual." not in k and "norm" not in k]
+    assert vision and language and set(before) == set(after)
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert sum(not torch.equal(before[k], after[k]) for k in language) > len(language) // 2
