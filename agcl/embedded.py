@@ -55,6 +55,6 @@ def resolve_model(name_or_path: str, cache_dir: str | Path, **tiny_kwargs) -> st
         return str(path)
     if name_or_path not in TINY_MODELS:
         return name_or_path
-    from agcl.modeling import tiny_mllm_path
+    from agcl.tiny_models import tiny_mllm_path
 
     return str(tiny_mllm_path(Path(cache_dir) / "tiny-models", family=TINY_MODELS[name_or_path], **tiny_kwargs))

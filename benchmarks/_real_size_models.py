@@ -65,8 +65,8 @@ def local_tokenizer(vocab_size: int = 8000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from agcl.modeling import SPECIAL_TOKENS
     from agcl.synthetic_catalog import vocabulary_corpus
+    from agcl.tiny_models import SPECIAL_TOKENS
 
     corpus = list(vocabulary_corpus()) + [p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md"))]
     trained = Tokenizer(models.BPE())
@@ -95,12 +95,12 @@ def real_processor(model_type: str, tokenizer):
     """The published image-processor settings in the torchvision-free processor of ``agcl.modeling``."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from agcl.modeling import _PROCESSOR_FOR_FAMILY
+    from agcl.modeling import PROCESSOR_FOR_FAMILY
 
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=14, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 3136, "longest_edge": 12845056},
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
-    return _PROCESSOR_FOR_FAMILY[model_type](image_processor=image_processor, tokenizer=tokenizer,
+    return PROCESSOR_FOR_FAMILY[model_type](image_processor=image_processor, tokenizer=tokenizer,
                                              chat_template=tokenizer.chat_template)
 
 

@@ -67,8 +67,9 @@ from _machine import describe_machine  # noqa: E402
 from agcl.catalog import load_catalog
 from agcl.embedded import resolve_catalog, resolve_model
 from agcl.encoder import ENCODER_CONFIG_NAME, EncoderConfig, ProductEncoder
-from agcl.modeling import load_mllm, tiny_mllm_path
+from agcl.modeling import load_mllm
 from agcl.synthetic_catalog import ATTRIBUTE_KEYS
+from agcl.tiny_models import tiny_mllm_path
 from rar.prompts import build_prompt_dataset
 from rewards import get_reward_funcs, validate_reward_weights
 from rewards.gallery import ProductGallery

@@ -178,7 +178,7 @@ def build_measured_model(spec: dict, out: Path) -> dict:
     """Random weights for ``spec`` saved in bf16 safetensors, with the tiny model's processor beside them."""
     from transformers import AutoModelForImageTextToText
 
-    from agcl.modeling import build_tiny_mllm
+    from agcl.tiny_models import build_tiny_mllm
 
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(build_config(spec)).to(torch.bfloat16)

@@ -34,9 +34,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from agcl.catalog import load_catalog
 from agcl.evaluation import listing_images
-from agcl.modeling import build_tiny_mllm
 from agcl.pretraining import perception_accuracy
 from agcl.synthetic_catalog import ATTRIBUTE_VALUES, render_product_image, vocabulary_corpus
+from agcl.tiny_models import build_tiny_mllm
 
 KEYS = ("category", "color", "secondary_color", "pattern", "logo")
 PROMPT = "Describe the product in the photo."

@@ -41,8 +41,8 @@ from _machine import describe_machine  # noqa: E402
 
 from agcl.catalog import load_catalog
 from agcl.encoder import EncoderConfig, ProductEncoder
-from agcl.modeling import tiny_mllm_path
 from agcl.synthetic_catalog import make_synthetic_catalog
+from agcl.tiny_models import tiny_mllm_path
 from rewards.gallery import ProductGallery, _overlap, faiss_flat
 from rewards.retrieval_rank import RetrievalRankReward, completion_text
 

@@ -5,7 +5,7 @@
     python recipes/pretrain_tiny.py --config recipes/configs/pretrain_tiny_generator.yaml \
         --catalog outputs/pretrain-corpus --output_dir outputs/pretrained/generator
 
-The model is the tiny-model factory's architecture (``agcl.modeling.build_tiny_mllm``, sizes from
+The model is the tiny-model factory's architecture (``agcl.tiny_models.build_tiny_mllm``, sizes from
 the flags below) with a tokenizer trained on the corpus's words, randomly initialised with
 ``--seed``, then trained with TRL's ``SFTTrainer`` on ``agcl.pretraining`` conversations (describe
 the photo, answer a question about one visible attribute, read the title, or caption the photo;
@@ -33,7 +33,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from agcl.catalog import CatalogError, load_catalog
 from agcl.cli import fail, parse_recipe_args
 from agcl.encoder import DEFAULT_INSTRUCTION
-from agcl.modeling import FAMILIES, build_tiny_mllm
+from agcl.modeling import FAMILIES
 from agcl.pretraining import (
     PERCEPTION_FORMATS,
     TASK_PROBABILITIES,
@@ -43,6 +43,7 @@ from agcl.pretraining import (
     visible_keys,
 )
 from agcl.synthetic_catalog import vocabulary_corpus
+from agcl.tiny_models import build_tiny_mllm
 from rar.prompts import DEFAULT_PROMPT
 
 logger = logging.getLogger("pretrain_tiny")

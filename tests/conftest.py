@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from agcl.modeling import tiny_mllm_path
 from agcl.synthetic_catalog import make_synthetic_catalog
+from agcl.tiny_models import tiny_mllm_path
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import torch
 
 from agcl.catalog import load_catalog
 from agcl.encoder import EncoderConfig, ImageCache, ProductEncoder
-from agcl.modeling import tiny_mllm_path
+from agcl.tiny_models import tiny_mllm_path
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Tests for agcl.modeling: tiny Qwen-VL models built in code, saved, and loaded like real ones."""
+"""Tests for agcl.modeling and agcl.tiny_models: tiny Qwen-VL models built in code, saved, and loaded like real ones."""
 
 import json
 import shutil
@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from agcl import modeling
-from agcl.modeling import build_tiny_mllm, load_mllm, load_processor, tiny_mllm_path
+from agcl import tiny_models
+from agcl.modeling import load_mllm, load_processor
+from agcl.tiny_models import build_tiny_mllm, tiny_mllm_path
 
 CORPUS = [
     "red cotton t-shirt with stripes",
@@ -162,13 +163,13 @@ def test_tiny_mllm_path_reuses_a_complete_build_and_rebuilds_an_incomplete_one(
     weights = tiny_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     builds = []
-    real_build = modeling.build_tiny_mllm
+    real_build = tiny_models.build_tiny_mllm
 
     def counting_build(*args, **kwargs):
         builds.append(kwargs)
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(modeling, "build_tiny_mllm", counting_build)
+    monkeypatch.setattr(tiny_models, "build_tiny_mllm", counting_build)
     assert tiny_mllm_path(tiny_dir.parent, "qwen2_vl", corpus=CORPUS) == tiny_dir
     assert builds == [] and weights.stat().st_mtime_ns == mtime
 
@@ -177,9 +178,9 @@ def test_tiny_mllm_path_reuses_a_complete_build_and_rebuilds_an_incomplete_one(
 
     path = tiny_mllm_path(tmp_path, "qwen2_vl", corpus=CORPUS)
     assert len(builds) == 2
-    (path / modeling._MARKER).unlink()  # as if the build had been interrupted
+    (path / tiny_models._MARKER).unlink()  # as if the build had been interrupted
     assert tiny_mllm_path(tmp_path, "qwen2_vl", corpus=CORPUS) == path
-    assert len(builds) == 3 and (path / modeling._MARKER).is_file()
+    assert len(builds) == 3 and (path / tiny_models._MARKER).is_file()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary directories left
 
 
@@ -224,7 +225,7 @@ def test_default_corpus_is_the_synthetic_catalog_vocabulary():
     synthetic_catalog = pytest.importorskip("agcl.synthetic_catalog")
     corpus = synthetic_catalog.vocabulary_corpus()
     _, processor = build_tiny_mllm("qwen2_vl")
-    trained = modeling.train_tokenizer(corpus)
+    trained = tiny_models.train_tokenizer(corpus)
     assert processor.tokenizer.get_vocab() == trained.get_vocab()
     word = max((w for text in corpus for w in text.split() if w.isalpha()), key=len)
     assert len(processor.tokenizer(word)["input_ids"]) < len(word.encode())  # learned merges, not bytes

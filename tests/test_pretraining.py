@@ -242,9 +242,9 @@ def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_d
 def test_perception_scores_match_scoring_each_reply_alone(task, corpus_dir, one_thread):
     """Batched, padded scoring equals scoring each (photo, value) reply alone, unpadded; accuracy is its argmax."""
     from agcl.evaluation import listing_images
-    from agcl.modeling import build_tiny_mllm
     from agcl.pretraining import CAPTION_PROMPTS, answer, ask_question, caption, perception_scores
     from agcl.synthetic_catalog import ATTRIBUTE_VALUES
+    from agcl.tiny_models import build_tiny_mllm
 
     catalog = load_catalog(corpus_dir, split="test").select(range(4))
     keys = ["category", "color", "pattern", "logo"]

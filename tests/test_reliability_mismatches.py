@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder
-from agcl.modeling import tiny_mllm_path
+from agcl.tiny_models import tiny_mllm_path
 
 
 @pytest.fixture(scope="module")
