@@ -35,7 +35,8 @@ from transformers import get_cosine_schedule_with_warmup
 from agcl.catalog import load_catalog
 from agcl.evaluation import listing_images
 from agcl.pretraining import perception_accuracy
-from agcl.synthetic_catalog import ATTRIBUTE_VALUES, render_product_image, vocabulary_corpus
+from agcl.product_photos import render_product_image
+from agcl.synthetic_catalog import ATTRIBUTE_VALUES, vocabulary_corpus
 from agcl.tiny_models import build_tiny_mllm
 
 KEYS = ("category", "color", "secondary_color", "pattern", "logo")
