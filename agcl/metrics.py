@@ -1,56 +1,16 @@
 """Rank-based retrieval metrics, for evaluation and for the RAR reward (one implementation for both).
 
-Tie rule: expected value under uniformly random tie-breaking, computed exactly
--------------------------------------------------------------------------------
-Scores from attribute matching or exact title matching tie massively, and identical listings of
-two products embed to identical vectors. A metric that breaks ties by gallery order rewards
-whatever order the file happens to have; an *optimistic* rule (a positive tied with negatives
-counts as ranked first) gives perfect marks to a scorer that returns a constant, exactly the
-degenerate solution an RL policy would find; a *pessimistic* rule punishes a query for every
-exact duplicate of another product. Every metric here is therefore the exact expectation
-over all orderings of the tied items, each equally likely. This is order-independent, unbiased
-for a system that breaks ties at random, and gives a graded signal (a positive tied with one
-negative scores halfway between first and second place) that GRPO's group normalisation can
-use. The RAR reward must call these functions (``per_query=True``) rather than re-deriving
-ranks, so that training and evaluation share the rule.
+Instance Recall@K (hit rate, as in VLM2Vec / M5Product), recall_fraction@K (the share of a query's positives
+in the top K: the AFMRL paper's RAR reward), mAP@K and MRR, from a dense (queries x gallery) score matrix
+(``retrieval_metrics``) or from the top-D lists of ``agcl.retrieval.GalleryIndex.search``
+(``metrics_from_search``, for galleries too large for a matrix; equal to the dense numbers for every K <= D).
+Ties count as the exact expectation over all orderings of the tied items: attribute and title scores tie
+massively, and breaking ties by gallery order, or optimistically, would reward a constant scorer, the very
+solution an RL policy would find. A score of ``-inf`` means "not in this query's gallery". The derivations
+(expected rank within a tie, the mAP@K normaliser, depth cut-offs) are in docs/metrics.md.
 
-For a query whose best positive has score s*, with ``a`` items (all negatives) scored above s*
-and ``t`` items tied at s* of which ``p`` are positives, the position J of the first positive
-within the tie has P(J=j) = C(t-j, p-1) / C(t, p), so
-
-    expected rank = a + (t + 1) / (p + 1)        (= 1 + a + #tied negatives / (p + 1))
-    mrr           = E[1 / (a + J)]               (not 1 / expected rank)
-
-Recall@K, recall_fraction@K and mAP@K are expectations over the same orderings (hypergeometric
-draws from the tie group that straddles position K).
-
-Exclusion: a score of ``-inf`` means "not in this query's gallery" (e.g. the query's own
-listing). Such an item is never relevant, even when ``positives`` marks it, and does not count
-towards the query's number of positives.
-
-mAP@K normaliser: AP@K = (1 / min(K, n_pos)) * sum_{r<=K} P(r) * rel(r), with n_pos the number
-of the query's positives in the gallery. It is 1 exactly when the first min(K, n_pos) places are
-all positives, so a perfect ranking scores 1 for a product with more listings than K (dividing by
-n_pos would cap those queries below 1 whatever the model does), and a ranking that finds one of
-five positives at rank 1 scores 0.2 at K=5, not 1 (as dividing by the hits found would). This is
-the ``apk`` of ml_metrics / Kaggle's MAP@K.
-
-Recall@K is the hit rate (fraction of queries with at least one positive in the top K), the
-instance-retrieval Recall@K of the VLM2Vec / M5Product papers; recall_fraction@K is the fraction
-of the query's positives inside the top K (the AFMRL paper's RAR reward).
-
-Two entry points share all of the arithmetic:
-
-- ``retrieval_metrics(scores, positives)`` on a dense (queries x gallery) score matrix;
-- ``metrics_from_search(indices, scores, query_labels, gallery_labels)`` on the top-D lists of
-  ``agcl.retrieval.GalleryIndex.search``, for galleries too large for a dense matrix. These
-  equal the dense numbers for every K <= D (with exact search), except for queries where a tie
-  group of two or more reaches the last listed place (``n_ties_cut_by_depth``: unseen items may
-  belong to it); search one deeper than the largest K so that such ties show. A query with no
-  positive in its top D gets rank inf and reciprocal rank 0 (MRR@D).
-
-Each returns means over queries, or with ``per_query=True`` one value per query (what a reward
-needs: e.g. ``metrics_from_search(..., ks=(50,), per_query=True)["recall_fraction@50"]``).
+    m = retrieval_metrics(scores, positives, ks=(1, 5, 10))                     # means over queries
+    r = metrics_from_search(idx, sc, q_labels, g_labels, ks=(50,), per_query=True)["recall_fraction@50"]
 """
 
 from __future__ import annotations
