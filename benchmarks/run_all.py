@@ -71,6 +71,7 @@ STANDALONE = {"agcl_ablation": ("Stage-1 ablation, standalone run", "agcl_ablati
               "rar_seeds_reference": ("Seed spread of the GRPO stage, teacher-annotated reward gallery",
                                       "rar_seeds_reference.md"),
               "rar_seeds_recall1": ("Seed spread of the GRPO stage, Recall@1 as the reward", "rar_seeds_recall1.md"),
+              "rar_seeds_8prompts": ("Seed spread of the GRPO stage, eight prompts per step", "rar_seeds_8prompts.md"),
               "reward_signal": ("Does the retrieval reward point where RL should go?", "reward_signal.md"),
               "index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
               "index_scale_clustered": ("Deployment index at 100k and 1M vectors, clustered data", "index_scale_clustered.md"),
