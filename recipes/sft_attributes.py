@@ -83,7 +83,10 @@ def setup(script_args: SFTScriptArguments, training_args: SFTConfig, model_args:
                                  trust_remote_code=training_args.trust_remote_code)
     peft_config = get_peft_config(model_args)
     if peft_config is None and script_args.freeze_vision:
-        logger.info("vision tower frozen (%d tensors)", freeze_vision_tower(model))
+        frozen = freeze_vision_tower(model)
+        if not frozen:  # a model whose vision tower is named otherwise: training it silently would mislead
+            raise ValueError(f"--freeze_vision: found no vision-tower parameters in {name} to freeze")
+        logger.info("vision tower frozen (%d tensors)", frozen)
     if peft_config is not None:
         # peft has no default targets for Qwen-VL, and short names would also hit the vision tower's linears.
         peft_config.target_modules = language_lora_targets(model, model_args.lora_target_modules or LM_LORA_TARGETS)

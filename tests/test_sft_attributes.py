@@ -101,3 +101,16 @@ def test_freeze_vision_trains_the_language_model_and_keeps_the_vision_tower(reci
     assert vision and language and set(before) == set(after)
     assert all(torch.equal(before[k], after[k]) for k in vision)
     assert sum(not torch.equal(before[k], after[k]) for k in language) > len(language) // 2
+
+
+def test_freeze_vision_on_a_model_without_a_known_vision_tower_exits_2(recipe, tiny_model_dir, small_catalog_dir,
+                                                                         tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(recipe, "freeze_vision_tower", lambda model: 0)  # as for a tower under another name
+    with pytest.raises(SystemExit) as info:
+        recipe.cli(["--catalog", str(small_catalog_dir), "--model_name_or_path", str(tiny_model_dir),
+                    "--cache_dir", str(tmp_path / "cache"), "--freeze_vision", "true", "--output_dir", str(tmp_path / "o"),
+                    "--use_cpu", "true", "--bf16", "false", "--report_to", "none"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(errors) == 1 and "--freeze_vision" in errors[0], err[-2000:]
+    assert not (tmp_path / "o" / "model.safetensors").exists()
