@@ -39,8 +39,10 @@ class RARScriptArguments:
     embedded_val_fraction: float = field(default=0.0, metadata={
         "help": "With --catalog embedded: relabel this fraction of the train families split='val' (see "
                 "agcl.synthetic_catalog), e.g. to run RL on products stage 1 never saw."})
-    gallery_split: str | None = field(default=None, metadata={
-        "help": "Catalog split the reward's gallery is built from (default: --split). Ignored with --gallery."})
+    gallery_split: list[str] | None = field(default=None, metadata={
+        "help": "Catalog split(s) the reward's gallery is built from (default: --split), e.g. `train val` for a "
+                "gallery nearer a whole catalog's size; the prompts (--split) need not be among them. Ignored with "
+                "--gallery."})
     eval_split: str | None = field(default="test", metadata={
         "help": "Held-out split for the final no/SFT/RAR attribute table; 'none' skips the evaluation."})
     max_train_listings: int | None = field(default=None, metadata={
@@ -94,6 +96,8 @@ class RARScriptArguments:
         if self.rl_algorithm not in RL_ALGORITHMS:
             raise ValueError(f"--rl_algorithm must be one of {RL_ALGORITHMS}, got {self.rl_algorithm!r} "
                              "(TRL 1.16 has no PPO trainer)")
+        if isinstance(self.gallery_split, str):  # `gallery_split: val` in a YAML
+            self.gallery_split = [self.gallery_split]
         if isinstance(self.eval_split, str) and self.eval_split.lower() == "none":
             self.eval_split = None
         for name in ("max_train_listings", "max_eval_listings"):
@@ -103,6 +107,11 @@ class RARScriptArguments:
         if self.eval_batch_size < 1:
             raise ValueError(f"--eval_batch_size must be >= 1, got {self.eval_batch_size}")
         self.reward_kwargs_dict()  # fail at parse time on bad JSON
+
+    @property
+    def gallery_splits(self) -> list[str]:
+        """The splits the reward's gallery indexes (--gallery_split, else --split)."""
+        return list(dict.fromkeys(self.gallery_split or [self.split]))
 
     @property
     def gallery_attribute_column(self) -> str | None:

@@ -127,8 +127,11 @@ def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, mod
     column = script_args.gallery_attribute_column
     if script_args.gallery_attributes == "policy" and script_args.gallery:
         raise ValueError("--gallery_attributes policy annotates and encodes the gallery in this run: drop --gallery")
+    gallery_rows = [("--gallery_split", load_catalog(catalog, split=name))
+                    for name in script_args.gallery_splits
+                    if name != script_args.split and not script_args.gallery]  # unknown split: CatalogError
     if column is not None and script_args.gallery_attributes != "policy":
-        for name, ds in (("--split", train), ("--eval_split", evaluation)):
+        for name, ds in (("--split", train), *gallery_rows, ("--eval_split", evaluation)):
             if ds is not None and column not in ds.column_names:
                 raise ValueError(f"--gallery_attributes {script_args.gallery_attributes!r}: the {name} rows have no "
                                  f"column {column!r}")
@@ -138,31 +141,44 @@ def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, mod
 
 
 def make_rewards(script_args: RARScriptArguments, catalog):
-    """The reward functions over ``catalog`` (a path, or the catalog with the policy's gallery attributes)."""
+    """The reward functions over ``catalog`` (a path, or the catalog with the policy's gallery attributes). The
+    reward looks the prompts up in the rows of --split and the gallery splits, and indexes the gallery splits."""
     column = script_args.gallery_attribute_column
+    splits = script_args.gallery_splits
+    lookup = list(dict.fromkeys([script_args.split, *splits]))
+    gallery_options = {"attribute_column": column, "key_order": script_args.attribute_keys} if column else {}
+    if not script_args.gallery and lookup != splits:
+        gallery_options["split"] = splits
     return get_reward_funcs(
         script_args.reward_entries(), encoder=script_args.encoder, catalog=catalog, gallery=script_args.gallery,
-        split=script_args.gallery_split or script_args.split, known_keys=script_args.attribute_keys,
-        key_order=script_args.attribute_keys,
-        **({"gallery_options": {"attribute_column": column, "key_order": script_args.attribute_keys}} if column else {}))
+        split=lookup[0] if len(lookup) == 1 else lookup, known_keys=script_args.attribute_keys,
+        key_order=script_args.attribute_keys, **({"gallery_options": gallery_options} if gallery_options else {}))
 
 
 def annotate_gallery(script_args, training_args, model_args, policy_path, catalog: str, write: bool):
-    """``--gallery_attributes policy``: the reward's gallery split annotated once by the starting policy (greedy),
+    """``--gallery_attributes policy``: the reward's gallery split(s) annotated once by the starting policy (greedy),
     as a catalog is annotated by its generator in deployment; the whole catalog comes back with the parsed
-    attributes in POLICY_COLUMN (None outside the gallery split). The main process writes them (reused)."""
+    attributes in POLICY_COLUMN (None outside the gallery splits). The main process writes them (reused)."""
     path = Path(training_args.output_dir) / "gallery_attributes.jsonl"
     full = load_catalog(catalog)
-    split = script_args.gallery_split or script_args.split
+    splits = set(script_args.gallery_splits)
     rows = list(range(len(full))) if "split" not in full.column_names else \
-        [i for i, s in enumerate(full["split"]) if s == split]
-    if write and not path.is_file():
-        gallery = full.select(rows)
+        [i for i, s in enumerate(full["split"]) if s in splits]
+
+    def read():
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        return {r["listing_id"]: r["completion"] for r in map(json.loads, lines)}
+
+    ids, known = full["listing_id"], read()
+    missing = [i for i in rows if ids[i] not in known]  # a rerun with more gallery splits annotates just theirs
+    if write and missing:
+        gallery = full.select(missing)
         texts = generate_eval_attributes(script_args, training_args, model_args, policy_path, gallery)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"listing_id": lid, "completion": t}, ensure_ascii=False) + "\n"
-                                for lid, t in zip(gallery["listing_id"], texts, strict=True)), encoding="utf-8")
-    done = {r["listing_id"]: r["completion"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"listing_id": lid, "completion": t}, ensure_ascii=False) + "\n"
+                         for lid, t in zip(gallery["listing_id"], texts, strict=True))
+    done = read()
     values = [parse_attributes(done[lid]).attributes or None if lid in done else None for lid in full["listing_id"]]
     return full.add_column(POLICY_COLUMN, values)
 

@@ -158,17 +158,24 @@ def catalog_fingerprint(catalog) -> str:
     return h.hexdigest()
 
 
-def _as_catalog(catalog, split: str | None = None, verify_images: bool = False):
-    """(Dataset, source path or None) from a Dataset or a catalog path."""
+def _as_catalog(catalog, split=None, verify_images: bool = False):
+    """(Dataset, source path or None) from a Dataset or a catalog path. ``split``: None (every row), one split
+    name, or a list of names (their rows, in catalog order for a Dataset, split by split for a path)."""
     import datasets
 
+    splits = None if split is None else [split] if isinstance(split, str) else list(dict.fromkeys(split))
     if isinstance(catalog, datasets.Dataset):
-        if split is not None and "split" in catalog.column_names:
-            catalog = catalog.filter(lambda s: s == split, input_columns="split")
+        if splits is not None and "split" in catalog.column_names:
+            wanted = set(splits)
+            catalog = catalog.filter(lambda s: s in wanted, input_columns="split")
         return catalog, None
     from agcl.catalog import load_catalog
 
-    return load_catalog(catalog, split=split, verify_images=verify_images), str(Path(catalog).resolve())
+    if splits is None or len(splits) == 1:
+        return load_catalog(catalog, split=None if splits is None else splits[0],
+                            verify_images=verify_images), str(Path(catalog).resolve())
+    parts = [load_catalog(catalog, split=name, verify_images=verify_images) for name in splits]
+    return datasets.concatenate_datasets(parts), str(Path(catalog).resolve())
 
 
 # ---------------------------------------------------------------------------------------------

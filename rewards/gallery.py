@@ -163,7 +163,7 @@ class ProductGallery:
         catalog,
         encoder,
         *,
-        split: str | None = None,
+        split: str | Sequence[str] | None = None,
         index_type: str = "auto",
         exact_max_size: int = 100_000,
         recall_k: int = 50,
@@ -175,7 +175,7 @@ class ProductGallery:
         attribute_column: str | None = None,
         key_order: Sequence[str] | None = None,
     ) -> ProductGallery:
-        """Encode ``catalog`` (a Dataset from ``load_catalog`` or a path; ``split`` selects rows)
+        """Encode ``catalog`` (a Dataset from ``load_catalog`` or a path; ``split``, one name or several, selects rows)
         with ``encoder`` (a ``ProductEncoder``, an encoder directory, or any object with
         ``encode(images, titles, attributes=None, ...)``) and index it.
 
@@ -211,7 +211,7 @@ class ProductGallery:
         )
         info = {
             "catalog_source": source,
-            "catalog_split": split,
+            "catalog_split": split if split is None or isinstance(split, str) else list(split),
             "encoder_source": encoder_source,
             "embedding_dim": int(embeddings.shape[1]),
             "attribute_column": attribute_column,
@@ -299,7 +299,7 @@ class ProductGallery:
         """Raise ValueError when ``encoder`` (an object or a directory) is not the one that built the gallery."""
         check_encoder(self, encoder, label=label)
 
-    def check_catalog(self, catalog, *, split: str | None = None) -> None:
+    def check_catalog(self, catalog, *, split: str | Sequence[str] | None = None) -> None:
         """Raise ValueError when ``catalog`` (Dataset or path) is not the catalog the gallery was built from."""
         check_catalog(self, catalog, split=split)
 
@@ -324,7 +324,7 @@ class ProductGallery:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, encoder=None, catalog=None, *, split: str | None = None) -> ProductGallery:
+    def load(cls, directory: str | Path, encoder=None, catalog=None, *, split: str | Sequence[str] | None = None) -> ProductGallery:
         """Read a saved gallery; with ``encoder`` and/or ``catalog`` check that they are the ones it was built from.
 
         Raises FileNotFoundError for a missing directory/file and ValueError (naming what differs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 
 from rewards.fingerprints import (
     ENCODER_FINGERPRINT_KINDS,
@@ -68,7 +69,7 @@ def check_encoder(gallery, encoder, *, label: str | None = None) -> None:
         stacklevel=2,
     )
 
-def check_catalog(gallery, catalog, *, split: str | None = None) -> None:
+def check_catalog(gallery, catalog, *, split: str | Sequence[str] | None = None) -> None:
     """Raise ValueError when ``catalog`` (Dataset or path) is not the catalog the gallery was built from."""
     ds, source = _as_catalog(catalog, split=split)
     where = f"the catalog at {source}" if source else "the given catalog"

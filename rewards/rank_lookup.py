@@ -70,7 +70,7 @@ def load_encoder(encoder, device: str | None = None, encoder_kwargs: dict | None
     return model
 
 
-def _lookup_catalog(catalog, gallery: ProductGallery | None, split: str | None):
+def _lookup_catalog(catalog, gallery: ProductGallery | None, split: str | Sequence[str] | None):
     """The catalog the queries are looked up in: ``catalog``, else the one the gallery was built from."""
     if catalog is not None:
         return _as_catalog(catalog, split=split)[0]
@@ -105,7 +105,7 @@ class RankLookup:
     load_seconds: float
 
     @classmethod
-    def load(cls, encoder, catalog=None, gallery=None, *, split: str | None = None, device: str | None = None,
+    def load(cls, encoder, catalog=None, gallery=None, *, split: str | Sequence[str] | None = None, device: str | None = None,
              encoder_kwargs: dict | None = None, gallery_options: dict | None = None, image_cache_size: int = 256,
              baseline_from_gallery: bool = True, name: str = "retrieval_rank") -> RankLookup:
         start = time.perf_counter()
@@ -115,7 +115,8 @@ class RankLookup:
         if isinstance(gallery, ProductGallery):
             gallery.check_encoder(encoder)
         ds = _lookup_catalog(catalog, gallery, split)
-        if gallery is None:
+        built_here = gallery is None  # from these rows (or the splits of them that gallery_options names)
+        if built_here:
             gallery = ProductGallery.build(ds, encoder, **(gallery_options or {}))
         for column in ("listing_id", "product_id", "title"):
             if column not in ds.column_names:
@@ -132,7 +133,7 @@ class RankLookup:
                 f"{gallery.product_ids[g_rows[i]]!r} in the gallery ({int(disagree.sum())} listings disagree): the "
                 "gallery was built from another version of the catalog; rebuild it"
             )
-        if gallery.catalog_fingerprint is not None and catalog_fingerprint(ds) != gallery.catalog_fingerprint:
+        if not built_here and gallery.catalog_fingerprint is not None and catalog_fingerprint(ds) != gallery.catalog_fingerprint:
             logger.warning(
                 "%s: the lookup catalog (%d rows) is not the catalog the gallery (%d rows) was built from; the %d "
                 "listings in both agree on product_id", name, len(ds), gallery.size, int(shared.sum())

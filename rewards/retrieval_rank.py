@@ -85,7 +85,8 @@ class RetrievalRankReward:
         rank_depth: search depth for ranks; D = max(k, rank_depth), misses count as rank D + 1.
         invalid_reward: reward of unparsable output.
         unscorable_reward: reward of a query whose product has no other gallery listing (None = N/A).
-        split: rows of a catalog path to use (``load_catalog(split=...)``), also for a built gallery.
+        split: rows of the catalog to use (one split name or several), also for a built gallery;
+            ``gallery_options={"split": ...}`` indexes fewer of them (the prompts may lie outside it).
         known_keys: when given, attribute keys outside it are dropped before re-embedding.
         key_order: attribute key order of the canonical text (``format_attributes``).
         max_attribute_chars: the canonical text is cut at the last whole pair within this many
@@ -117,7 +118,7 @@ class RetrievalRankReward:
         rank_depth: int = 100,
         invalid_reward: float = -0.1,
         unscorable_reward: float | None = None,
-        split: str | None = None,
+        split: str | Sequence[str] | None = None,
         known_keys: Sequence[str] | None = None,
         key_order: Sequence[str] | None = None,
         max_attribute_chars: int | None = 1024,

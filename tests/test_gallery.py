@@ -146,3 +146,25 @@ def test_real_encoder_directory_fingerprints(tmp_path, tiny_model_dir, small_cat
         ProductGallery.load(tmp_path / "g", encoder=dirs[1])
     with pytest.raises(ValueError, match=r"\(weights\)"):
         ProductGallery.load(tmp_path / "g", encoder=ProductEncoder.from_pretrained(dirs[1]))
+
+
+def test_a_gallery_of_several_splits_from_a_catalog_path_round_trips(tmp_path, small_catalog_dir):
+    """split=[a, b] indexes the rows of both splits of a catalog directory (split by split), records the list,
+    and ProductGallery.load checks the same rows again; one split differs from the union."""
+    from agcl.catalog import load_catalog
+
+    class TitleEncoder(StubEncoder):  # real photos are unhashable: embed by title alone
+        def encode(self, images, titles, attributes=None, **kwargs):
+            return super().encode(list(titles), titles, **kwargs)
+
+    enc = TitleEncoder()
+    gallery = ProductGallery.build(small_catalog_dir, enc, split=["test", "train"])
+    test, train = (load_catalog(small_catalog_dir, split=s) for s in ("test", "train"))
+    assert gallery.listing_ids == list(test["listing_id"]) + list(train["listing_id"])
+    assert gallery.info["catalog_split"] == ["test", "train"]
+    gallery.save(tmp_path / "g")
+    ProductGallery.load(tmp_path / "g", encoder=enc, catalog=small_catalog_dir)  # the recorded splits: passes
+    with pytest.raises(ValueError, match="catalog"):
+        ProductGallery.load(tmp_path / "g", encoder=enc, catalog=small_catalog_dir, split="train")
+    in_memory = ProductGallery.build(load_catalog(small_catalog_dir), enc, split=["train", "test"])
+    assert sorted(in_memory.listing_ids) == sorted(gallery.listing_ids)

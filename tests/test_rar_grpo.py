@@ -272,6 +272,32 @@ def test_policy_annotated_gallery(recipe, small_catalog_dir, tiny_encoder_dir, w
     assert metrics["query_only"]["sft_attributes"]["recall@1"] == metrics["sft_attributes"]["recall@1"]
 
 
+def test_reward_gallery_of_several_splits(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
+    """--gallery_split train test: the policy annotates the listings of both splits (a rerun annotates only the
+    ones gallery_attributes.jsonl lacks), the reward indexes both splits and scores the --split prompts."""
+    out = tmp_path / "run"
+    out.mkdir()
+    train, test = (load_catalog(small_catalog_dir, split=s) for s in ("train", "test"))
+    earlier = "".join(json.dumps({"listing_id": lid, "completion": "color: red"}) + "\n" for lid in train["listing_id"])
+    (out / "gallery_attributes.jsonl").write_text(earlier)  # as an earlier run with the train gallery left it
+    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out, "--gallery_attributes",
+                                   "policy", "--gallery_split", "train", "test", "--max_steps", "1", "--eval_split", "none"))
+    lines = (out / "gallery_attributes.jsonl").read_text().splitlines()
+    assert lines[:len(train)] == earlier.splitlines()  # kept, not regenerated
+    assert [json.loads(line)["listing_id"] for line in lines[len(train):]] == list(test["listing_id"])
+    reward = trainer.reward_funcs[0]
+    assert sorted(reward._state.gallery.listing_ids) == sorted([*train["listing_id"], *test["listing_id"]])
+    kept = dict(zip(reward.catalog["listing_id"], reward.catalog["policy_attributes"], strict=True))
+    assert {k: v for k, v in kept[train["listing_id"][0]].items() if v is not None} == {"color": "red"}  # arrow pads keys
+    assert reward.counters["completions"] > 0 and reward.counters["unscorable"] < reward.counters["completions"]
+
+
+@pytest.mark.usefixtures("no_models")
+def test_unknown_gallery_split(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path):
+    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
+                                          "--gallery_split", "train", "gallry"), "gallry")
+
+
 @pytest.mark.usefixtures("no_models")
 def test_gallery_attributes_column_must_exist(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir,
                                               tmp_path):

@@ -370,3 +370,42 @@ def test_any_completion_gets_a_finite_number(completions, mode):
     out = reward(prompts=[None] * len(completions), completions=completions, listing_id=[lid] * len(completions))
     assert len(out) == len(completions)
     assert all(isinstance(r, float) and math.isfinite(r) and -1.0 <= r <= 1.0 for r in out)
+
+
+def test_prompts_outside_the_gallery_are_ranked_against_the_gallery_splits_only(caplog):
+    """split=[q, g] with gallery_options={"split": [g]}: the reward looks queries up in both splits and ranks
+    them against the g listings alone (a q listing is not in the gallery, so nothing of its own is excluded and
+    its attribute-free baseline is encoded); brute force over the g rows is the reference."""
+    base = _catalog(num_products=12, seed=3, lonely=False)
+    n = len(base)
+    split = ["q" if i % 4 == 0 else "g" if i % 4 != 3 else "other" for i in range(n)]
+    catalog = base.add_column("split", split)
+    encoder = StubEncoder(continuous=True)
+    reward = RetrievalRankReward(encoder=encoder, catalog=catalog, split=["q", "g"], gallery_options={"split": ["g"]})
+    ids, products, titles = catalog["listing_id"], np.array(catalog["product_id"]), catalog["title"]
+    g_rows = [i for i in range(n) if split[i] == "g"]
+    queries = [ids[i] for i in range(n) if split[i] in ("q", "g")]
+    text = "color: red; size: m"
+    d = reward.score(queries, [text] * len(queries))
+    assert reward._state.gallery.listing_ids == [ids[i] for i in g_rows]
+    gallery = np.stack([encoder.vector(titles[i]) for i in g_rows]).astype(np.float64)
+    checked = 0
+    for j, lid in enumerate(queries):
+        own = ids.index(lid)
+        positive = (products[g_rows] == products[own]) & (np.asarray(g_rows) != own)
+        if not positive.any():
+            assert not d.scorable[j]
+            continue
+        expected = []
+        for attrs in (text, None):
+            scores = gallery @ encoder.vector(titles[own], attrs).astype(np.float64)
+            scores[np.asarray(g_rows) == own] = -np.inf
+            expected.append(_brute_force(scores, positive, reward.k, reward.depth)[:2])
+        np.testing.assert_allclose([d.rank[j], d.reciprocal_rank[j]], expected[0], rtol=1e-9)
+        np.testing.assert_allclose([d.rank_without_attributes[j], d.reciprocal_rank_without_attributes[j]],
+                                   expected[1], rtol=1e-9)
+        checked += split[own] == "q"
+    assert checked >= 5  # queries from outside the gallery were really scored
+    assert "not the catalog the gallery" not in caplog.text  # built here from these rows: nothing stale to warn of
+    with pytest.raises(ValueError, match="not in the lookup catalog"):
+        reward.score([ids[3]], [text])  # split "other": neither a prompt split nor a gallery split
