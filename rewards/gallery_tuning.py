@@ -96,10 +96,22 @@ def tune_search(
         warnings.warn(
             f"{kind} gallery: recall of the exact top-{k} is {recall:.3f} at the largest "
             f"{result['param']}={value}, below the goal {goal:.3f}; use a flat index or more lists",
-            stacklevel=2,
+            stacklevel=_outside_this_package(),
         )
     gallery.index.params["tuning"] = result
     return result
+
+
+def _outside_this_package() -> int:
+    """The warnings stacklevel of the first caller outside rewards/ (tune_search is reached through
+    ProductGallery.build and .tune_search; the warning should point at the user's line)."""
+    import sys
+    from pathlib import Path
+
+    here, frame, level = str(Path(__file__).resolve().parent), sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def faiss_flat(vectors: np.ndarray) -> faiss.Index:

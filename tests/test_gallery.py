@@ -168,3 +168,23 @@ def test_a_gallery_of_several_splits_from_a_catalog_path_round_trips(tmp_path, s
         ProductGallery.load(tmp_path / "g", encoder=enc, catalog=small_catalog_dir, split="train")
     in_memory = ProductGallery.build(load_catalog(small_catalog_dir), enc, split=["train", "test"])
     assert sorted(in_memory.listing_ids) == sorted(gallery.listing_ids)
+
+
+def test_a_recall_below_the_goal_is_warned_at_the_callers_line(monkeypatch):
+    """tune_search is reached through ProductGallery.from_embeddings / .tune_search: its warning names the
+    caller's file, not a line inside rewards/."""
+    from agcl.retrieval import GalleryIndex
+
+    def blind_search(self, q, k, exclude=None):  # an index that never finds the true neighbours
+        ids = np.tile(np.arange(k), (len(q), 1))
+        return np.zeros(ids.shape, np.float32), ids
+
+    x = _clustered(600)
+    monkeypatch.setattr(GalleryIndex, "search", blind_search)
+    with pytest.warns(UserWarning, match="below the goal") as record:
+        gallery = ProductGallery.from_embeddings(x, [f"L{i}" for i in range(600)], [f"P{i}" for i in range(600)],
+                                                 index_type="ivf", nlist=8, recall_k=5)
+    assert record[0].filename == __file__
+    with pytest.warns(UserWarning, match="below the goal") as record:
+        gallery.tune_search(k=5)
+    assert record[0].filename == __file__
