@@ -2,6 +2,9 @@
 
     accelerate launch recipes/rar_grpo.py          # once: writes outputs/rar-demo (encoder, gallery_attributes.jsonl)
     python benchmarks/reward_signal.py             # writes docs/reward_signal.md
+    python benchmarks/reward_signal.py --gallery_split train val --galleries policy true \
+        --gallery_attributes_file outputs/rar-seeds-trainval/seed0/gallery_attributes.jsonl \
+        --output docs/reward_signal_trainval.md    # the reward of a run with --gallery_split train val
 
 RL can only move the generator toward what its reward ranks higher. This script rebuilds the demo's
 reward exactly as ``recipes/rar_grpo.py`` does (``retrieval_rank``, the frozen demo encoder, the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -55,7 +59,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default=str(ROOT / "outputs" / "rar-demo"))
     parser.add_argument("--catalog", default=str(ROOT / "outputs" / "embedded" / "catalog-600-seed0-val0.3"))
-    parser.add_argument("--split", default="val")
+    parser.add_argument("--split", default="val", help="The listings scored (the RL prompts).")
+    parser.add_argument("--gallery_split", nargs="+", default=None,
+                        help="The reward gallery's split(s) (rar_grpo.py's --gallery_split; default: --split).")
+    parser.add_argument("--gallery_attributes_file", default=None,
+                        help="The SFT policy's gallery lines (default: <demo>/gallery_attributes.jsonl); they must "
+                             "cover the gallery splits for `--galleries policy`.")
     parser.add_argument("--galleries", nargs="+", default=["policy", "reference", "none", "true"],
                         choices=["policy", "reference", "none", "true"],
                         help="The reward's gallery attributes (rar_grpo.py's --gallery_attributes): the SFT policy's "
@@ -65,8 +74,11 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     demo = Path(args.demo)
+    gallery_splits = list(dict.fromkeys(args.gallery_split or [args.split]))
+    lookup = list(dict.fromkeys([args.split, *gallery_splits]))
+    source = Path(args.gallery_attributes_file or demo / "gallery_attributes.jsonl")
     written = {r["listing_id"]: r["completion"]
-               for r in map(json.loads, (demo / "gallery_attributes.jsonl").read_text(encoding="utf-8").splitlines())}
+               for r in map(json.loads, source.read_text(encoding="utf-8").splitlines())}
     full = load_catalog(args.catalog)
     policy = [parse_attributes(written[lid]).attributes or None if lid in written else None for lid in full["listing_id"]]
     catalog = full.add_column(POLICY_COLUMN, policy)
@@ -80,22 +92,31 @@ def main() -> None:
     lines = [
         "# Does the retrieval reward point where RL should go?",
         "",
-        f"Made by `python benchmarks/reward_signal.py` from `{demo.name}`: the demo's reward (`retrieval_rank`, "
+        f"Made by `python benchmarks/reward_signal.py{''.join(' ' + a for a in sys.argv[1:])}` from `{demo.name}`: the demo's reward (`retrieval_rank`, "
         "reciprocal-rank improvement over the same listing without attributes, the frozen demo encoder) over the "
-        f"`{args.split}` gallery, scored on the `{args.split}` listings whose product has another listing in the gallery. "
+        f"`{' + '.join(gallery_splits)}` gallery, scored on the `{args.split}` listings whose product has another "
+        "listing in the gallery. "
         "Each row changes the SFT policy's own greedy line in one way (module docstring); a positive difference is "
         "where GRPO would push the policy if its group held both lines.",
     ]
     for gallery in args.galleries:
         column = {"policy": POLICY_COLUMN, "reference": "attributes", "none": None, "true": "true_attributes"}[gallery]
-        options = {"gallery_options": {"attribute_column": column}} if column else {}
+        options = {"attribute_column": column} if column else {}
+        if lookup != gallery_splits:
+            options["split"] = gallery_splits
         (reward,) = get_reward_funcs(["retrieval_rank"], encoder=str(demo / "encoder"), catalog=catalog,
-                                     split=args.split, **options)
+                                     split=lookup if len(lookup) > 1 else lookup[0],
+                                     **({"gallery_options": options} if options else {}))
         scores = {name: np.asarray([np.nan if r is None else r for r in reward(completions=texts, listing_id=ids)],
                                    dtype=float) for name, texts in per_variant.items()}
         base = scores["SFT line (the policy's own)"]
         ok = ~np.isnan(base)
+        plain = reward.score(ids, per_variant["SFT line (the policy's own)"])  # its ranks without attributes too
+        first = plain.scored & (plain.rank_without_attributes == 1)
         lines += ["", f"## Gallery: {GALLERIES[gallery]} ({int(ok.sum())} listings)", "",
+                  f"Without attributes the true product is first for {100 * first.sum() / plain.scored.sum():.1f}% of "
+                  f"these listings (MRR {np.nanmean(plain.reciprocal_rank_without_attributes[plain.scored]):.3f}; "
+                  f"gallery of {reward._state.gallery.size} listings).", "",
                   "| attribute line | mean reward | minus the SFT line's | listings where it scores higher | lower |",
                   "|---|---|---|---|---|"]
         for name, values in scores.items():

@@ -72,7 +72,10 @@ STANDALONE = {"agcl_ablation": ("Stage-1 ablation, standalone run", "agcl_ablati
                                       "rar_seeds_reference.md"),
               "rar_seeds_recall1": ("Seed spread of the GRPO stage, Recall@1 as the reward", "rar_seeds_recall1.md"),
               "rar_seeds_8prompts": ("Seed spread of the GRPO stage, eight prompts per step", "rar_seeds_8prompts.md"),
+              "rar_seeds_trainval": ("Seed spread of the GRPO stage, a train + val reward gallery",
+                                     "rar_seeds_trainval.md"),
               "reward_signal": ("Does the retrieval reward point where RL should go?", "reward_signal.md"),
+              "reward_signal_trainval": ("The reward's signal with a train + val gallery", "reward_signal_trainval.md"),
               "index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
               "index_scale_clustered": ("Deployment index at 100k and 1M vectors, clustered data", "index_scale_clustered.md"),
               "real_size": ("Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes", "real_size.md")}
