@@ -105,10 +105,11 @@ def tune_search(
 def _outside_this_package() -> int:
     """The warnings stacklevel of the first caller outside rewards/ (tune_search is reached through
     ProductGallery.build and .tune_search; the warning should point at the user's line)."""
+    import os
     import sys
     from pathlib import Path
 
-    here, frame, level = str(Path(__file__).resolve().parent), sys._getframe(1), 1
+    here, frame, level = str(Path(__file__).resolve().parent) + os.sep, sys._getframe(1), 1
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(here):
         frame, level = frame.f_back, level + 1
     return level
