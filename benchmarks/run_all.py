@@ -74,6 +74,7 @@ STANDALONE = {"agcl_ablation": ("Stage-1 ablation, standalone run", "agcl_ablati
               "rar_seeds_8prompts": ("Seed spread of the GRPO stage, eight prompts per step", "rar_seeds_8prompts.md"),
               "rar_seeds_trainval": ("Seed spread of the GRPO stage, a train + val reward gallery",
                                      "rar_seeds_trainval.md"),
+              "rar_seeds_none": ("Seed spread of the GRPO stage, an image + title reward gallery", "rar_seeds_none.md"),
               "reward_signal": ("Does the retrieval reward point where RL should go?", "reward_signal.md"),
               "reward_signal_trainval": ("The reward's signal with a train + val gallery", "reward_signal_trainval.md"),
               "index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
