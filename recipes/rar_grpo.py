@@ -169,7 +169,7 @@ def annotate_gallery(script_args, training_args, model_args, policy_path, catalo
         lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
         return {r["listing_id"]: r["completion"] for r in map(json.loads, lines)}
 
-    ids, known = full["listing_id"], read()
+    ids, known = list(full["listing_id"]), read()  # a list: a Column reads arrow on every index
     missing = [i for i in rows if ids[i] not in known]  # a rerun with more gallery splits annotates just theirs
     if write and missing:
         gallery = full.select(missing)
