@@ -76,3 +76,11 @@ def test_help_names_the_demo_yaml(recipe, load_recipe, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "Without --config the recipe runs" in out and "_demo.yaml" in out
+
+
+def test_gallery_split_from_a_yaml_string_or_a_list():
+    from rar.config import RARScriptArguments
+
+    assert RARScriptArguments(gallery_split="val").gallery_splits == ["val"]  # `gallery_split: val` in a YAML
+    assert RARScriptArguments(split="val", gallery_split=["train", "val", "train"]).gallery_splits == ["train", "val"]
+    assert RARScriptArguments(split="val").gallery_splits == ["val"]
