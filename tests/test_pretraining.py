@@ -231,9 +231,9 @@ def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_d
                                        {k: ATTRIBUTE_VALUES[k] for k in keys}, task=task)
     chance = {k: 1 / len(ATTRIBUTE_VALUES[k]) for k in keys}
     # What each model learned in pretraining (docs/pretraining.md): the small one category and colour, the
-    # large one (16 tokens per photo) the secondary colour too.
+    # large one (16 tokens per photo, four vision blocks, captions) the secondary colour and the pattern too.
     learned = {"pretrained-tiny-qwen2-vl": ("category", "color"),
-               "pretrained-tiny-qwen2-vl-large": ("category", "color", "secondary_color")}[name]
+               "pretrained-tiny-qwen2-vl-large": ("category", "color", "secondary_color", "pattern")}[name]
     for key in learned:
         assert accuracy[key] >= chance[key] + 0.4, (key, accuracy)
 
