@@ -77,6 +77,8 @@ STANDALONE = {"agcl_ablation": ("Stage-1 ablation, standalone run", "agcl_ablati
               "rar_seeds_none": ("Seed spread of the GRPO stage, an image + title reward gallery", "rar_seeds_none.md"),
               "reward_signal": ("Does the retrieval reward point where RL should go?", "reward_signal.md"),
               "reward_signal_trainval": ("The reward's signal with a train + val gallery", "reward_signal_trainval.md"),
+              "rl_sharpening": ("Does GRPO improve the attributes or how it samples them?", "rl_sharpening.md"),
+              "rar_seeds_t07": ("Seed spread of the GRPO stage, sampling temperature 0.7", "rar_seeds_t07.md"),
               "index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
               "index_scale_clustered": ("Deployment index at 100k and 1M vectors, clustered data", "index_scale_clustered.md"),
               "real_size": ("Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes", "real_size.md")}

@@ -1,0 +1,128 @@
+"""Does GRPO improve the generator's attributes, or only how it samples them?
+
+The retrieval-rank reward scores completions *sampled* at GRPO's temperature; the demo and the ladder
+deploy *greedy* attributes. This benchmark scores both decodings of the starting (SFT) policy and of the
+RL policy of finished ``rar_grpo.py`` runs, in the reward's own protocol (queries carry the attributes;
+the gallery carries the starting policy's greedy attributes, as ``--gallery_attributes policy`` builds
+it), on the split RL trained on (``val``: its prompts) and on held-out products (``test``). If RL's
+sampled completions gain while its greedy ones do not, the rising reward measures sharper sampling,
+not better attributes.
+
+    python benchmarks/rl_sharpening.py --runs outputs/ladder/seed0/rar outputs/ladder/seed1/rar \\
+        outputs/ladder/seed2/rar --encoders outputs/ladder/seed0/agcl outputs/ladder/seed1/agcl \\
+        outputs/ladder/seed2/agcl --output docs/rl_sharpening.md
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import describe_machine  # noqa: E402
+
+from agcl.catalog import load_catalog
+from agcl.encoder import ProductEncoder
+from agcl.modeling import load_mllm
+from rar.evaluation import canonical_attributes, evaluate_attribute_sources
+from rar.generation import generate_attributes
+from rar.prompts import build_prompt_dataset
+
+DECODINGS = ("greedy", "sampled")
+
+
+def annotate(policy_dir: Path, prompts, decoding: str, temperature: float, draws: int, seed: int) -> list[list]:
+    """Canonical attribute texts of ``policy_dir`` for every prompt: one list for greedy, ``draws`` lists sampled."""
+    model, processor = load_mllm(str(policy_dir))
+    model.eval()
+    out = []
+    for draw in range(1 if decoding == "greedy" else draws):
+        torch.manual_seed(seed + draw)
+        texts = generate_attributes(model, processor, prompts, batch_size=32, show_progress=False,
+                                    do_sample=decoding == "sampled", temperature=temperature)
+        out.append(canonical_attributes(texts))
+    return out
+
+
+def score_run(run: Path, encoder_dir: Path, catalog_dir: str, split: str, temperature: float, draws: int) -> dict:
+    """{decoding: {"none"|"sft"|"rar": (R@1, MRR)}} on ``split``, against the reward's gallery."""
+    catalog = load_catalog(catalog_dir, split=split)
+    template = json.loads((run / "attribute_prompt.json").read_text())["prompt_template"]
+    prompts = build_prompt_dataset(catalog, prompt_template=template)
+    greedy_sft = annotate(run / "sft", prompts, "greedy", temperature, 1, 0)[0]
+    stored = {}
+    for line in (run / "gallery_attributes.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        stored[row["listing_id"]] = row["completion"]
+    ids = list(catalog["listing_id"])
+    # The reward's gallery for the split it annotated; elsewhere the same starting policy's greedy attributes.
+    gallery = (canonical_attributes([stored[i] for i in ids]) if all(i in stored for i in ids) else greedy_sft)
+    encoder = ProductEncoder.from_pretrained(encoder_dir)
+    results = {}
+    for decoding in DECODINGS:
+        sources = {"sft": [greedy_sft] if decoding == "greedy" else
+                   annotate(run / "sft", prompts, decoding, temperature, draws, 0),
+                   "rar": annotate(run, prompts, decoding, temperature, draws, 0)}
+        cells = {"none": [None]} | sources
+        row = {}
+        for name, draws_texts in cells.items():
+            metrics = [evaluate_attribute_sources(encoder, catalog, {name: texts}, protocol="query_only",
+                                                  gallery_attributes=gallery, show_progress=False)[name]
+                       for texts in draws_texts]
+            row[name] = (float(np.mean([m["recall@1"] for m in metrics])), float(np.mean([m["mrr"] for m in metrics])))
+        results[decoding] = row
+    return results
+
+
+def write_report(path: Path, per_run: dict, args, seconds: float):
+    lines = ["# Does GRPO improve the attributes, or how it samples them?", "",
+             f"Made by `python benchmarks/rl_sharpening.py {' '.join(sys.argv[1:])}` in {seconds:.0f} s on: "
+             f"{describe_machine()}.",
+             f"Protocol: the module docstring of `benchmarks/rl_sharpening.py`. Sampled = temperature "
+             f"{args.temperature}, {args.draws} draws averaged. R@1 in percent; MRR of the true product.", "",
+             "| run | split | decoding | none R@1 / MRR | SFT R@1 / MRR | RAR R@1 / MRR | RAR − SFT MRR |",
+             "|---|---|---|---|---|---|---|"]
+    deltas = {}
+    for run, by_split in per_run.items():
+        for split, by_decoding in by_split.items():
+            for decoding, row in by_decoding.items():
+                cells = " | ".join(f"{100 * row[k][0]:.1f} / {row[k][1]:.3f}" for k in ("none", "sft", "rar"))
+                delta = row["rar"][1] - row["sft"][1]
+                deltas.setdefault((split, decoding), []).append(delta)
+                lines.append(f"| {run} | {split} | {decoding} | {cells} | {delta:+.3f} |")
+    lines += ["", "Mean over runs (± std), RAR − SFT in MRR:", "", "| split | greedy | sampled |", "|---|---|---|"]
+    for split in args.splits:
+        cells = [f"{np.mean(deltas[(split, d)]):+.3f} ± {np.std(deltas[(split, d)]):.3f}" for d in DECODINGS]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="rar_grpo.py output dirs (policy, sft/, "
+                        "gallery_attributes.jsonl, attribute_prompt.json).")
+    parser.add_argument("--encoders", nargs="+", required=True, help="The frozen encoder of each run, in order.")
+    parser.add_argument("--catalog", default="outputs/embedded/catalog-600-seed0-val0.3")
+    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--temperature", type=float, default=1.0, help="GRPO's sampling temperature (rar_demo.yaml).")
+    parser.add_argument("--draws", type=int, default=3, help="Sampled annotations per listing, averaged.")
+    parser.add_argument("--output", default="docs/rl_sharpening.md")
+    args = parser.parse_args(argv)
+    if len(args.runs) != len(args.encoders):
+        parser.error(f"--runs has {len(args.runs)} dirs but --encoders {len(args.encoders)}: give one encoder per run")
+    started = time.time()
+    per_run = {}
+    for run, encoder in zip(args.runs, args.encoders, strict=True):
+        per_run[run] = {split: score_run(Path(run), Path(encoder), args.catalog, split, args.temperature, args.draws)
+                        for split in args.splits}
+        print(run, json.dumps(per_run[run]), flush=True)
+    write_report(Path(args.output), per_run, args, time.time() - started)
+
+
+if __name__ == "__main__":
+    main()
