@@ -7,7 +7,7 @@ model with the peft config themselves (and use the adapter-disabled base as the 
 * LoRA targets are the language model's linears only (``agcl.encoder.language_lora_targets``):
   peft has no default targets for Qwen-VL, and short names such as ``q_proj`` would also match the
   vision tower's attention. The vision tower is therefore frozen with LoRA, and frozen without
-  LoRA too unless ``freeze_vision=False`` (the tiny random demo policy must learn to see).
+  LoRA too unless ``freeze_vision=False`` (a policy from a base that cannot see yet must learn to).
 * ``--load_in_4bit``: nf4 weights with double quantisation and LoRA on top (QLoRA), loaded through
   ``agcl.modeling.load_mllm``, which also applies the CPU bitsandbytes workaround (no inference
   repacking of ``Linear4bit`` weights, see ../shared/PLATFORM.md) so that the evaluation's no-grad
