@@ -35,16 +35,19 @@ from rar.prompts import build_prompt_dataset
 DECODINGS = ("greedy", "sampled")
 
 
-def annotate(policy_dir: Path, prompts, decoding: str, temperature: float, draws: int, seed: int) -> list[list]:
-    """Canonical attribute texts of ``policy_dir`` for every prompt: one list for greedy, ``draws`` lists sampled."""
+def annotate(policy_dir: Path, prompts, temperature: float, draws: int) -> dict[str, list[list]]:
+    """Canonical attribute texts of ``policy_dir`` for every prompt: {"greedy": [texts], "sampled": [texts] * draws}
+    (draw d seeded with d), the policy loaded once."""
     model, processor = load_mllm(str(policy_dir))
     model.eval()
-    out = []
-    for draw in range(1 if decoding == "greedy" else draws):
-        torch.manual_seed(seed + draw)
-        texts = generate_attributes(model, processor, prompts, batch_size=32, show_progress=False,
-                                    do_sample=decoding == "sampled", temperature=temperature)
-        out.append(canonical_attributes(texts))
+    out = {}
+    for decoding, n in (("greedy", 1), ("sampled", draws)):
+        out[decoding] = []
+        for draw in range(n):
+            torch.manual_seed(draw)
+            texts = generate_attributes(model, processor, prompts, batch_size=32, show_progress=False,
+                                        do_sample=decoding == "sampled", temperature=temperature)
+            out[decoding].append(canonical_attributes(texts))
     return out
 
 
@@ -53,26 +56,25 @@ def score_run(run: Path, encoder_dir: Path, catalog_dir: str, split: str, temper
     catalog = load_catalog(catalog_dir, split=split)
     template = json.loads((run / "attribute_prompt.json").read_text())["prompt_template"]
     prompts = build_prompt_dataset(catalog, prompt_template=template)
-    greedy_sft = annotate(run / "sft", prompts, "greedy", temperature, 1, 0)[0]
+    texts = {"sft": annotate(run / "sft", prompts, temperature, draws), "rar": annotate(run, prompts, temperature, draws)}
     stored = {}
     for line in (run / "gallery_attributes.jsonl").read_text().splitlines():
         row = json.loads(line)
         stored[row["listing_id"]] = row["completion"]
     ids = list(catalog["listing_id"])
     # The reward's gallery for the split it annotated; elsewhere the same starting policy's greedy attributes.
-    gallery = (canonical_attributes([stored[i] for i in ids]) if all(i in stored for i in ids) else greedy_sft)
-    encoder = ProductEncoder.from_pretrained(encoder_dir)
+    gallery = (canonical_attributes([stored[i] for i in ids]) if all(i in stored for i in ids)
+               else texts["sft"]["greedy"][0])
+    # Every source of the split in one call: the gallery is encoded once.
+    sources = {"none": None} | {f"{name}/{decoding}/{d}": draw for name, by_decoding in texts.items()
+                                for decoding, draws_texts in by_decoding.items() for d, draw in enumerate(draws_texts)}
+    scores = evaluate_attribute_sources(ProductEncoder.from_pretrained(encoder_dir), catalog, sources,
+                                        protocol="query_only", gallery_attributes=gallery, show_progress=False)
     results = {}
     for decoding in DECODINGS:
-        sources = {"sft": [greedy_sft] if decoding == "greedy" else
-                   annotate(run / "sft", prompts, decoding, temperature, draws, 0),
-                   "rar": annotate(run, prompts, decoding, temperature, draws, 0)}
-        cells = {"none": [None]} | sources
-        row = {}
-        for name, draws_texts in cells.items():
-            metrics = [evaluate_attribute_sources(encoder, catalog, {name: texts}, protocol="query_only",
-                                                  gallery_attributes=gallery, show_progress=False)[name]
-                       for texts in draws_texts]
+        row = {"none": (scores["none"]["recall@1"], scores["none"]["mrr"])}
+        for name in texts:
+            metrics = [scores[key] for key in sources if key.startswith(f"{name}/{decoding}/")]
             row[name] = (float(np.mean([m["recall@1"] for m in metrics])), float(np.mean([m["mrr"] for m in metrics])))
         results[decoding] = row
     return results
@@ -115,6 +117,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if len(args.runs) != len(args.encoders):
         parser.error(f"--runs has {len(args.runs)} dirs but --encoders {len(args.encoders)}: give one encoder per run")
+    for run, encoder in zip(args.runs, args.encoders, strict=True):
+        needs = [Path(run) / n for n in ("config.json", "sft/config.json", "gallery_attributes.jsonl",
+                                           "attribute_prompt.json")] + [Path(encoder) / "encoder_config.json"]
+        if missing := [str(n) for n in needs if not n.is_file()]:
+            parser.error(f"not a finished rar_grpo.py run with its encoder: missing {', '.join(missing)}")
     started = time.time()
     per_run = {}
     for run, encoder in zip(args.runs, args.encoders, strict=True):
