@@ -248,6 +248,9 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(output_dir))
+        # the per-step log (reward std, KL, clipping) as a checkpoint's trainer_state.json holds it: save_strategy
+        # "no" writes no checkpoint, and without it a finished run's training dynamics are lost
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
         save_prompt_settings(output_dir, prompt_template=script_args.prompt_template,
                              attribute_keys=script_args.attribute_keys, max_new_tokens=training_args.max_completion_length)
     state.wait_for_everyone()

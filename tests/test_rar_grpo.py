@@ -79,6 +79,9 @@ def test_lora_grpo_trains_adapters_only_and_reports(recipe, monkeypatch, small_c
     steps = [h for h in trainer.state.log_history if "reward" in h]
     assert len(steps) == 3 and all(math.isfinite(h["rewards/retrieval_rank/mean"]) for h in steps)
     assert (out / "adapter_model.safetensors").is_file()
+    saved = json.loads((out / "trainer_state.json").read_text())["log_history"]  # the per-step log survives the run
+    assert [h["rewards/retrieval_rank/mean"] for h in saved if "reward" in h] == [
+        h["rewards/retrieval_rank/mean"] for h in steps]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["protocol"] == "both_sides"
     if metrics["gallery_attributes"] == "none":  # without text on either side the two protocols are one computation
