@@ -87,6 +87,12 @@ class AGCLConfig(TrainingArguments):
                           "of the query's), for galleries that carry attributes too (an annotated catalog; stage 2's "
                           "--gallery_attributes). 0 keeps candidates as image + title."},
     )
+    attribute_key_probability: float = field(
+        default=1.0,
+        metadata={"help": "Keep each key of an appended attribute line with this probability (drawn per pair, side "
+                          "and key), so the encoder reads any subset of keys, as a generator that names only what it "
+                          "is sure of writes (RL shortens attribute lists in the paper). 1 appends whole lines."},
+    )
     # Trainer defaults that differ for contrastive training.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (pairs are built by the collator)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
@@ -99,6 +105,8 @@ class AGCLConfig(TrainingArguments):
             raise ValueError("--query_attribute_probability must be in [0, 1]")
         if not 0.0 <= self.candidate_attribute_probability <= 1.0:
             raise ValueError("--candidate_attribute_probability must be in [0, 1]")
+        if not 0.0 < self.attribute_key_probability <= 1.0:
+            raise ValueError("--attribute_key_probability must be in (0, 1]")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0")
         super().__post_init__()

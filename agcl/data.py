@@ -124,6 +124,9 @@ class AGCLCollator:
     candidate_attribute_probability: the same for the positive (candidate) side, drawn
         independently: for galleries whose listings carry attribute text too (an annotated catalog,
         stage 2's ``--gallery_attributes``), so the encoder learns to match attributes on both sides.
+    attribute_key_probability: chance that each key of an appended line is kept (per pair, side and
+        key), so that the encoder reads a partial line as evidence rather than as a line it never saw.
+        BM25 weights and signatures always use the whole line.
     with_modalities: also return image-only and text-only inputs of the queries (for the
         intra-product image-text term).
     """
@@ -131,7 +134,7 @@ class AGCLCollator:
     def __init__(self, encoder, catalog: datasets.Dataset, *, attribute_column: str | None = "attributes",
                  attribute_keys: Sequence[str] | None = None, signature_keys: Sequence[str] | None = None,
                  query_attribute_probability: float = 0.0, candidate_attribute_probability: float = 0.0,
-                 with_modalities: bool = False, seed: int | None = None):
+                 attribute_key_probability: float = 1.0, with_modalities: bool = False, seed: int | None = None):
         if attribute_column is not None and attribute_column not in catalog.column_names:
             raise ValueError(f"attribute_column {attribute_column!r} is not a column of the catalog "
                              f"(columns: {catalog.column_names})")
@@ -142,6 +145,7 @@ class AGCLCollator:
         self.signature_keys = list(signature_keys) if signature_keys else None
         self.query_attribute_probability = query_attribute_probability
         self.candidate_attribute_probability = candidate_attribute_probability
+        self.attribute_key_probability = attribute_key_probability
         self.with_modalities = with_modalities
         self.seed = seed
         self.crop = uses_crops(encoder)
@@ -156,6 +160,17 @@ class AGCLCollator:
     def _attribute_text(self, row: dict) -> str:
         return format_attributes(row.get(self.attribute_column), self.attribute_keys) if self.attribute_column else ""
 
+    def _appended_text(self, row: dict, item: dict[str, int], side: str) -> str | None:
+        """The attribute text appended to one side's input: None when that side's coin says no, else the line with
+        each key kept with probability ``attribute_key_probability`` (None when no key survives)."""
+        if not self.attribute_column or self._coin(item, side) >= (
+                self.query_attribute_probability if side == "query" else self.candidate_attribute_probability):
+            return None
+        attrs = row.get(self.attribute_column) or {}
+        if self.attribute_key_probability < 1:
+            attrs = {k: v for k, v in attrs.items() if self._coin(item, f"{side}-key-{k}") < self.attribute_key_probability}
+        return format_attributes(attrs, self.attribute_keys) or None
+
     def _signature(self, row: dict) -> str | None:
         attrs = row.get(self.attribute_column) if self.attribute_column else None
         if not attrs:
@@ -167,12 +182,10 @@ class AGCLCollator:
         positives = [self.catalog[i["positive"]] for i in items]
         q_attr = [self._attribute_text(r) for r in queries]
         c_attr = [self._attribute_text(r) for r in positives]
-        appended = [a if a and self._coin(item) < self.query_attribute_probability else None
-                    for a, item in zip(q_attr, items, strict=True)]
+        appended = [self._appended_text(r, item, "query") for r, item in zip(queries, items, strict=True)]
         c_appended = None
         if self.candidate_attribute_probability > 0:
-            c_appended = [a if a and self._coin(item, "candidate") < self.candidate_attribute_probability else None
-                          for a, item in zip(c_attr, items, strict=True)]
+            c_appended = [self._appended_text(r, item, "candidate") for r, item in zip(positives, items, strict=True)]
         q_images = [_listing_images(r, self.crop) for r in queries]  # decoded and cropped once, used twice below
         batch = {
             "query": self.encoder.build_inputs(q_images, [r["title"] for r in queries], appended),

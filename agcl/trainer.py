@@ -99,6 +99,7 @@ class AGCLTrainer(Trainer):
             model, train_dataset, attribute_column=attribute_column, signature_keys=args.signature_keys,
             query_attribute_probability=args.query_attribute_probability,
             candidate_attribute_probability=args.candidate_attribute_probability,
+            attribute_key_probability=args.attribute_key_probability,
             with_modalities=args.intra_product_weight > 0, seed=args.seed,
         )
         pairs = ProductPairDataset(train_dataset, seed=args.seed)

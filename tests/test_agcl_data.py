@@ -103,3 +103,48 @@ def test_candidate_attribute_probability_out_of_range_is_named(tmp_path):
 
     with pytest.raises(ValueError, match="--candidate_attribute_probability"):
         AGCLConfig(output_dir=str(tmp_path), candidate_attribute_probability=1.5)
+
+
+def test_attribute_key_dropout_appends_subsets_of_the_line_and_keeps_bm25_whole(tiny_encoder_dir, small_catalog_dir,
+                                                                                 monkeypatch):
+    from agcl.attributes import format_attributes, parse_attributes
+    from agcl.catalog import load_catalog
+    from agcl.data import AGCLCollator
+    from agcl.encoder import ProductEncoder
+
+    encoder = ProductEncoder.from_pretrained(tiny_encoder_dir)
+    catalog = load_catalog(small_catalog_dir, split="train")
+    items = [{"query": q, "positive": (q + 1) % len(catalog)} for q in range(0, min(len(catalog), 40))]
+    seen = {}
+
+    def spy(images, titles, attributes=None):  # what the collator appends, per side, in call order
+        seen.setdefault("calls", []).append(attributes)
+        return original(images, titles, attributes)
+
+    original = encoder.build_inputs
+    monkeypatch.setattr(encoder, "build_inputs", spy)
+    batch = AGCLCollator(encoder, catalog, query_attribute_probability=1.0, candidate_attribute_probability=1.0,
+                         attribute_key_probability=0.5, seed=3)(items)
+    queries, candidates = seen["calls"]
+    full = [format_attributes(catalog[i["query"]]["attributes"]) for i in items]
+    assert batch["query_attributes"] == full  # BM25 and the filter read the whole line
+    kept_fractions = []
+    for line, whole in zip(queries, full, strict=True):
+        pairs = parse_attributes(whole).attributes
+        kept = parse_attributes(line).attributes if line else {}
+        assert kept.items() <= pairs.items()  # a subset of the listing's own pairs, values unchanged
+        kept_fractions.append(len(kept) / len(pairs))
+    assert 0.3 < sum(kept_fractions) / len(kept_fractions) < 0.7  # about half the keys at 0.5
+    assert any(0 < f < 1 for f in kept_fractions)
+    assert candidates != queries
+    # At probability 1 (the default) whole lines are appended, as before the option existed.
+    seen.clear()
+    AGCLCollator(encoder, catalog, query_attribute_probability=1.0, seed=3)(items)
+    assert seen["calls"][0] == full
+
+
+def test_attribute_key_probability_out_of_range_is_named(tmp_path):
+    from agcl.config import AGCLConfig
+
+    with pytest.raises(ValueError, match="--attribute_key_probability"):
+        AGCLConfig(output_dir=str(tmp_path), attribute_key_probability=0.0)
