@@ -5,6 +5,7 @@
     python benchmarks/reward_signal.py --gallery_split train val --galleries policy true \
         --gallery_attributes_file outputs/rar-seeds-trainval/seed0/gallery_attributes.jsonl \
         --output docs/reward_signal_trainval.md    # the reward of a run with --gallery_split train val
+    python benchmarks/reward_signal.py --galleries policy --samples 8 --output docs/reward_signal_noise.md
 
 RL can only move the generator toward what its reward ranks higher. This script rebuilds the demo's
 reward exactly as ``recipes/rar_grpo.py`` does (``retrieval_rank``, the frozen demo encoder, the
@@ -15,6 +16,10 @@ keys it guesses (pattern, logo, size, brand), the SFT line with its colour chang
 A reward that points the right way scores the true and the oracle lines above the SFT line, and the
 corrupted one below it; the share of listings where a variant beats the SFT line says how often a
 GRPO group containing both would push the policy toward it.
+
+With ``--samples N`` the SFT policy also samples N completions per listing at GRPO's temperature, as
+GRPO's groups do, and each is scored: the spread of those rewards within a listing is the noise that
+GRPO's group-relative advantage sees, against which the headroom above (true − SFT line) has to be found.
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from agcl.attributes import format_attributes, parse_attributes
 from agcl.catalog import load_catalog
+from agcl.modeling import load_mllm
 from rar.config import POLICY_COLUMN
+from rar.generation import generate_attributes
+from rar.prompts import build_prompt_dataset
 from rewards import get_reward_funcs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +64,44 @@ def variants(sft: dict, true: dict) -> dict[str, dict]:
     }
 
 
+def sample_lines(policy_dir: Path, catalog, rows: list[int], draws: int, temperature: float) -> list[list[str]]:
+    """``draws`` sampled completions of the policy for each listing of ``rows`` (draw d seeded with d): [draw][row]."""
+    template = json.loads((policy_dir.parent / "attribute_prompt.json").read_text())["prompt_template"]
+    prompts = build_prompt_dataset(catalog.select(rows), prompt_template=template)
+    model, processor = load_mllm(str(policy_dir))
+    out = []
+    for draw in range(draws):
+        torch.manual_seed(draw)
+        out.append(generate_attributes(model, processor, prompts, batch_size=32, do_sample=True,
+                                       temperature=temperature, desc=f"sampling (draw {draw + 1}/{draws})"))
+    return out
+
+
+def noise_rows(reward, ids: list[str], samples: list[list[str]], base: np.ndarray, headroom: float,
+               temperature: float) -> list[str]:
+    """Markdown: the sampled completions' reward against the SFT line, and the within-listing spread."""
+    values = np.asarray([[np.nan if r is None else r for r in reward(completions=texts, listing_id=ids)]
+                         for texts in samples], dtype=float)  # [draw, listing]
+    ok = ~np.isnan(base) & ~np.isnan(values).any(axis=0)
+    spread = values[:, ok].std(axis=0, ddof=1)  # per listing, over its draws: what a GRPO group's advantage sees
+    sigma = float(spread.mean())
+    diff = values[:, ok] - base[ok]
+    best = values[:, ok].max(axis=0) - base[ok]
+    lines = [f"| SFT samples, T={temperature:g}, {len(samples)} per listing (each scored) | "
+             f"{np.mean(values[:, ok]):+.3f} | {diff.mean():+.3f} | {100 * (diff > 1e-9).mean():.0f}% | "
+             f"{100 * (diff < -1e-9).mean():.0f}% |",
+             f"| best of those {len(samples)} samples, per listing (chosen by the reward itself) | "
+             f"{np.mean(values[:, ok].max(axis=0)):+.3f} | {best.mean():+.3f} | {100 * (best > 1e-9).mean():.0f}% | "
+             f"{100 * (best < -1e-9).mean():.0f}% |", ""]
+    lines.append(f"Within one listing the {len(samples)} sampled completions' rewards spread by σ = {sigma:.3f} (mean "
+                 f"over listings of their standard deviation; median {np.median(spread):.3f}); the true attributes "
+                 f"beat the SFT line by δ = {headroom:+.3f} on average. Telling a +δ line from the SFT line by the "
+                 f"mean of a listing's samples takes about (σ/δ)² = "
+                 + (f"{(sigma / headroom) ** 2:,.0f}" if headroom > 0 else "(no positive headroom: never)")
+                 + " samples of that listing (one standard error).")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default=str(ROOT / "outputs" / "rar-demo"))
@@ -70,6 +117,10 @@ def main() -> None:
                         help="The reward's gallery attributes (rar_grpo.py's --gallery_attributes): the SFT policy's "
                              "greedy lines (the demo), the catalog's stored teacher attributes, none (image + title), or "
                              "the true attributes (a diagnostic: no deployment has them).")
+    parser.add_argument("--samples", type=int, default=0,
+                        help="Also sample this many completions per listing from <demo>/sft at --temperature and "
+                             "score them (the noise GRPO's groups see); 0: hand-made lines only.")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (rar_demo.yaml's).")
     parser.add_argument("--output", default=str(ROOT / "docs" / "reward_signal.md"))
     args = parser.parse_args()
     start = time.time()
@@ -85,6 +136,7 @@ def main() -> None:
     rows = [i for i, s in enumerate(full["split"]) if s == args.split]
     listing_ids, true_attributes = full["listing_id"], full["true_attributes"]  # columns: no image is decoded
     ids = [listing_ids[i] for i in rows]
+    samples = sample_lines(demo / "sft", full, rows, args.samples, args.temperature) if args.samples else []
     per_variant: dict[str, list] = {}
     for i, lid in zip(rows, ids, strict=True):
         for name, attrs in variants(parse_attributes(written[lid]).attributes, true_attributes[i]).items():
@@ -123,6 +175,9 @@ def main() -> None:
             diff = values[ok] - base[ok]
             lines.append(f"| {name} | {np.mean(values[ok]):+.3f} | {diff.mean():+.3f} | {100 * (diff > 1e-9).mean():.0f}% | "
                          f"{100 * (diff < -1e-9).mean():.0f}% |")
+        if samples:
+            headroom = float(np.mean(scores["true attributes"][ok] - base[ok]))
+            lines += noise_rows(reward, ids, samples, base, headroom, args.temperature)
     lines += ["", f"{time.time() - start:.0f} s on the CPU."]
     Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
