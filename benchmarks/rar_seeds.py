@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ def main(argv=None):
     parser.add_argument("--demo_dir", default="outputs/rar-demo", help="Where the demo left encoder/ and sft/.")
     parser.add_argument("--output_dir", default="outputs/rar-seeds")
     parser.add_argument("--doc", default="docs/rar_seeds.md")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Seeds run at once (one process each; with 2 or more, set OMP_NUM_THREADS=1 on 2 cores).")
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -48,7 +51,9 @@ def main(argv=None):
     if not (demo / "encoder" / "encoder_config.json").is_file() or not (demo / "sft" / "config.json").is_file():
         sys.exit(f"error: {demo} has no encoder/ or sft/: run `accelerate launch recipes/rar_grpo.py` first")
     start = time.time()
-    runs = {s: run_seed(s, demo, Path(args.output_dir) / f"seed{s}", extra) for s in args.seeds}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each seed is its own subprocess
+        futures = {s: pool.submit(run_seed, s, demo, Path(args.output_dir) / f"seed{s}", extra) for s in args.seeds}
+        runs = {s: f.result() for s, f in futures.items()}
     sources = ("no_attributes", "sft_attributes", "rar_attributes")
     rows = ["| seed | none R@1 | SFT R@1 | RAR R@1 | RAR - SFT (pts) | RAR R@5 | retrieval reward, first -> last quarter |",
             "|---|---|---|---|---|---|---|"]
@@ -62,12 +67,13 @@ def main(argv=None):
                     f"{trend.get('first_quarter', float('nan')):+.3f} -> {trend.get('last_quarter', float('nan')):+.3f} |")
     summary = (f"RAR - SFT over {len(deltas)} seeds: {np.mean(deltas):+.1f} ± {np.std(deltas):.1f} points R@1 "
                f"(min {min(deltas):+.1f}, max {max(deltas):+.1f}).")
+    n_listings = next(iter(runs.values()))["no_attributes"]["n_queries"]
     doc = "\n".join([
         "# RAR demo: seed spread of the GRPO stage",
         "",
         f"Made by `{' '.join(['python benchmarks/rar_seeds.py', *argv])}` on {platform.node()} "
         f"({platform.machine()}, Python {platform.python_version()}) in {time.time() - start:.0f} s, from the encoder and "
-        f"SFT generator of `{demo}`; held-out instance retrieval (630 listings), every listing annotated by the generator "
+        f"SFT generator of `{demo}`; held-out instance retrieval ({n_listings} listings), every listing annotated by the generator "
         "under test (the deployment protocol, metrics.json's top level), percent.",
         "",
         *rows,
