@@ -149,6 +149,25 @@ def test_reward_signal_variants_change_the_sft_line_in_one_way_each():
     assert lines["colour only (SFT's)"] == {"color": "red"}
 
 
+def test_reward_signal_noise_rows_measure_the_spread_within_a_listing_and_the_best_sample():
+    import numpy as np
+
+    signal = load("reward_signal")
+    table = {"a": 0.5, "b": 0.0, "c": 1.0, "d": -0.5}  # completion text -> reward, the same for every listing
+
+    def reward(completions, listing_id):
+        return [table[c] for c in completions]
+
+    samples = [["a", "b"], ["c", "b"], ["a", "d"]]  # [draw][listing]: listing 0 draws a, c, a; listing 1 b, b, d
+    base = np.array([0.5, 0.0])  # each listing's SFT line
+    lines = signal.noise_rows(reward, ["L0", "L1"], samples, base, headroom=0.1, temperature=1.0)
+    spreads = [np.std([0.5, 1.0, 0.5], ddof=1), np.std([0.0, 0.0, -0.5], ddof=1)]
+    sigma = np.mean(spreads)
+    assert lines[0].split(" | ")[1:3] == [f"{np.mean([0.5, 1.0, 0.5, 0.0, 0.0, -0.5]):+.3f}", f"{(0.5 - 0.5) / 6:+.3f}"]  # diffs 0, +0.5, 0 and 0, 0, -0.5
+    assert lines[1].split(" | ")[1:3] == ["+0.500", "+0.250"]  # best per listing: 1.0 and 0.0, minus 0.5 and 0.0
+    assert f"σ = {sigma:.3f}" in lines[-1] and f"{(sigma / 0.1) ** 2:,.0f} samples" in lines[-1]
+
+
 def test_errors_by_key_finds_each_familys_varying_key_and_its_chance_level():
     import datasets
 
