@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (rar_demo.yaml's).")
     parser.add_argument("--output", default=str(ROOT / "docs" / "reward_signal.md"))
     args = parser.parse_args()
+    if args.samples < 0 or args.temperature <= 0:
+        parser.error("--samples must be >= 0 and --temperature > 0")
     start = time.time()
     demo = Path(args.demo)
     gallery_splits = list(dict.fromkeys(args.gallery_split or [args.split]))
