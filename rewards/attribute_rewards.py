@@ -273,6 +273,11 @@ class AttributeF1Reward:
         P = predicted pairs, R = reference pairs
         precision = |P & R| / |P|, recall = |P & R| / |R|, F1 = 2 p r / (p + r)  (0 when P & R is empty)
 
+    ``score="precision"`` rewards the precision instead: no penalty for leaving a key out, only for
+    stating a value the reference contradicts or lacks. Beside the retrieval reward it anchors RL to
+    the reference without fixing the list's length (the paper sees RL shorten the lists);
+    ``score="recall"`` is the other half.
+
     ``ignore_keys`` drops keys from both sides first (e.g. ``condition``, ``shipping`` on a catalog
     whose reference lists non-discriminative keys). A row with no usable reference (None, empty,
     unreadable, or the column absent -- the last with one warning) gives None: "not applicable",
@@ -283,8 +288,12 @@ class AttributeF1Reward:
 
     __name__ = "attribute_f1"
 
+    SCORES = ("f1", "precision", "recall")
+
     def __init__(self, reference_column: str = "attributes", ignore_keys: Collection[str] = (),
-                 invalid_reward: float = 0.0):
+                 invalid_reward: float = 0.0, score: str = "f1"):
+        if score not in self.SCORES:
+            raise ValueError(f"score must be one of {self.SCORES}, got {score!r}")
         if not isinstance(reference_column, str) or not reference_column:
             raise TypeError(f"reference_column must be a column name, got {reference_column!r}")
         if isinstance(ignore_keys, str):
@@ -292,6 +301,7 @@ class AttributeF1Reward:
         self.reference_column = reference_column
         self.ignore_keys = tuple(dict.fromkeys(normalize_key(k) for k in ignore_keys))
         self.invalid_reward = _check_number("invalid_reward", invalid_reward)
+        self.score = score
         self._warned = False
 
     def _pairs(self, parsed: ParsedAttributes) -> set[tuple[str, str]]:
@@ -299,26 +309,31 @@ class AttributeF1Reward:
 
     def precision_recall_f1(self, completion: object, reference: object) -> tuple[float, float, float] | None:
         """``(precision, recall, F1)`` of one completion, or None when the reference is unusable."""
+        scored = self._evaluate(completion, reference)
+        return None if scored is None else scored[:3]
+
+    def _evaluate(self, completion: object, reference: object) -> tuple[float, float, float, float] | None:
+        """(precision, recall, F1, the reward under ``score``), or None when the reference is unusable."""
         try:
             truth = self._pairs(parse_attributes(reference))
             if not truth:
                 return None
             predicted = self._pairs(parse_completion(completion)[1])
             if not predicted:
-                return 0.0, 0.0, self.invalid_reward
+                return 0.0, 0.0, self.invalid_reward, self.invalid_reward
             hits = len(predicted & truth)
             precision, recall = hits / len(predicted), hits / len(truth)
-            f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-            return precision, recall, _finite(f1)
+            f1 = _finite(2 * precision * recall / (precision + recall) if hits else 0.0)
+            return precision, recall, f1, {"f1": f1, "precision": precision, "recall": recall}[self.score]
         except Exception:
             return None
 
     def __call__(self, completions, log_metric=None, **kwargs) -> list[float | None]:
         references = self._references(kwargs.get(self.reference_column), len(completions))
-        scores = [self.precision_recall_f1(c, ref) for c, ref in zip(completions, references, strict=True)]
+        scores = [self._evaluate(c, ref) for c, ref in zip(completions, references, strict=True)]
         _log(log_metric, "attribute_f1/precision", [s[0] for s in scores if s is not None])
         _log(log_metric, "attribute_f1/recall", [s[1] for s in scores if s is not None])
-        return [None if s is None else s[2] for s in scores]
+        return [None if s is None else s[3] for s in scores]
 
     def _references(self, column: object, n: int) -> list:
         """The reference column as a list of n entries; n Nones (with one warning) if it is unusable."""
@@ -339,4 +354,4 @@ class AttributeF1Reward:
 
     def __repr__(self) -> str:
         return (f"AttributeF1Reward(reference_column={self.reference_column!r}, ignore_keys={self.ignore_keys}, "
-                f"invalid_reward={self.invalid_reward})")
+                f"invalid_reward={self.invalid_reward}, score={self.score!r})")

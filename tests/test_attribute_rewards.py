@@ -158,6 +158,20 @@ def test_attribute_f1_values():
     assert log.metrics["attribute_f1/precision"][0] == pytest.approx((1 + 1 + 0.5 + 0 + 0 + 1) / 6)
 
 
+def test_attribute_f1_precision_and_recall_scores():
+    reference = {"color": "red", "size": "m", "logo": "star"}
+    completions = ["color: red", "color: red; size: l; brand: acme; logo: star", "color: blue", "nothing parsable",
+                   "color: red"]
+    kwargs = {"completions": completions, "attributes": [reference] * 4 + [None]}
+    precision = AttributeF1Reward(score="precision", invalid_reward=-0.2)(**kwargs)
+    recall = AttributeF1Reward(score="recall", invalid_reward=-0.2)(**kwargs)
+    # Leaving keys out costs recall only; a wrong or extra pair costs precision; unreadable stays invalid.
+    assert precision[:4] == [pytest.approx(1.0), pytest.approx(2 / 4), 0.0, -0.2] and precision[4] is None
+    assert recall[:4] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 0.0, -0.2] and recall[4] is None
+    with pytest.raises(ValueError, match="score"):
+        AttributeF1Reward(score="accuracy")
+
+
 def test_attribute_f1_column_and_ignored_keys():
     reward = AttributeF1Reward(reference_column="true_attributes", ignore_keys=["Condition"])
     out = reward(completions=["color: red; condition: new"], true_attributes=[{"color": "red", "condition": "used"}])
