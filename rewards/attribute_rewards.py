@@ -293,7 +293,7 @@ class AttributeF1Reward:
     def __init__(self, reference_column: str = "attributes", ignore_keys: Collection[str] = (),
                  invalid_reward: float = 0.0, score: str = "f1"):
         if score not in self.SCORES:
-            raise ValueError(f"score must be one of {self.SCORES}, got {score!r}")
+            raise ValueError(f"attribute_f1: score must be one of {self.SCORES}, got {score!r}")
         if not isinstance(reference_column, str) or not reference_column:
             raise TypeError(f"reference_column must be a column name, got {reference_column!r}")
         if isinstance(ignore_keys, str):
