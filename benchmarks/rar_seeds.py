@@ -61,10 +61,10 @@ def main(argv=None):
     for seed, m in runs.items():
         r1 = {s: 100 * m[s]["recall@1"] for s in sources}
         deltas.append(r1["rar_attributes"] - r1["sft_attributes"])
-        trend = m.get("reward_trend", {}).get("retrieval_rank", {})
+        trend = m.get("reward_trend", {}).get("retrieval_rank")
+        trend = f"{trend['first_quarter']:+.3f} -> {trend['last_quarter']:+.3f}" if trend else "(no retrieval reward)"
         rows.append(f"| {seed} | {r1['no_attributes']:.1f} | {r1['sft_attributes']:.1f} | {r1['rar_attributes']:.1f} | "
-                    f"{deltas[-1]:+.1f} | {100 * m['rar_attributes']['recall@5']:.1f} | "
-                    f"{trend.get('first_quarter', float('nan')):+.3f} -> {trend.get('last_quarter', float('nan')):+.3f} |")
+                    f"{deltas[-1]:+.1f} | {100 * m['rar_attributes']['recall@5']:.1f} | {trend} |")
     summary = (f"RAR - SFT over {len(deltas)} seeds: {np.mean(deltas):+.1f} ± {np.std(deltas):.1f} points R@1 "
                f"(min {min(deltas):+.1f}, max {max(deltas):+.1f}).")
     n_listings = next(iter(runs.values()))["no_attributes"]["n_queries"]
