@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 FALSE_NEGATIVE_FILTERS = ("none", "absolute", "relative", "attribute", "dynamic")
+INTRA_PRODUCT_TEXTS = ("title", "attributes", "title+attributes")
 
 
 @dataclass
@@ -48,6 +49,13 @@ class AGCLConfig(TrainingArguments):
     )
     intra_product_weight: float = field(
         default=0.0, metadata={"help": "Weight of the image↔text alignment term inside each listing (MOON2.0); 0 = off."}
+    )
+    intra_product_text: str = field(
+        default="title",
+        metadata={"help": "The text side of the image↔text term: the listing's `title`, its whole `attributes` line, or "
+                          "`title+attributes`. `attributes` ties attribute words to the photo in the embedding, as an "
+                          "embedder pretrained on image-text pairs has them (a listing without attributes uses its title).",
+                  "choices": ["title", "attributes", "title+attributes"]},
     )
     gradient_cache_chunk_size: int | None = field(
         default=None,
@@ -109,6 +117,8 @@ class AGCLConfig(TrainingArguments):
             raise ValueError("--attribute_key_probability must be in (0, 1]")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0")
+        if self.intra_product_text not in INTRA_PRODUCT_TEXTS:
+            raise ValueError(f"--intra_product_text {self.intra_product_text!r} is not one of {list(INTRA_PRODUCT_TEXTS)}")
         super().__post_init__()
 
 

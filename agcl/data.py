@@ -129,12 +129,15 @@ class AGCLCollator:
         BM25 weights and signatures always use the whole line.
     with_modalities: also return image-only and text-only inputs of the queries (for the
         intra-product image-text term).
+    modality_text: the text-only input: the query's ``title``, its whole ``attributes`` line (its
+        title where it has none), or ``title+attributes``.
     """
 
     def __init__(self, encoder, catalog: datasets.Dataset, *, attribute_column: str | None = "attributes",
                  attribute_keys: Sequence[str] | None = None, signature_keys: Sequence[str] | None = None,
                  query_attribute_probability: float = 0.0, candidate_attribute_probability: float = 0.0,
-                 attribute_key_probability: float = 1.0, with_modalities: bool = False, seed: int | None = None):
+                 attribute_key_probability: float = 1.0, with_modalities: bool = False, modality_text: str = "title",
+                 seed: int | None = None):
         if attribute_column is not None and attribute_column not in catalog.column_names:
             raise ValueError(f"attribute_column {attribute_column!r} is not a column of the catalog "
                              f"(columns: {catalog.column_names})")
@@ -146,7 +149,10 @@ class AGCLCollator:
         self.query_attribute_probability = query_attribute_probability
         self.candidate_attribute_probability = candidate_attribute_probability
         self.attribute_key_probability = attribute_key_probability
+        if modality_text not in ("title", "attributes", "title+attributes"):
+            raise ValueError(f"modality_text must be title, attributes or title+attributes, got {modality_text!r}")
         self.with_modalities = with_modalities
+        self.modality_text = modality_text
         self.seed = seed
         self.crop = uses_crops(encoder)
 
@@ -177,6 +183,17 @@ class AGCLCollator:
             return None
         return attribute_signature(attrs, self.signature_keys or self.attribute_keys or sorted(attrs))
 
+    def _text_only_inputs(self, queries: list[dict], attribute_lines: list[str]) -> dict:
+        """The text side of the intra-product term (see ``modality_text``), written as the full input writes it."""
+        n = len(queries)
+        titles = [r["title"] for r in queries]
+        if self.modality_text == "title":
+            return self.encoder.build_inputs([None] * n, titles)
+        lines = [a or None for a in attribute_lines]
+        if self.modality_text == "attributes":  # the line alone; a listing without one keeps its title
+            titles = [None if a else t for t, a in zip(titles, lines, strict=True)]
+        return self.encoder.build_inputs([None] * n, titles, lines)
+
     def __call__(self, items: list[dict[str, int]]) -> dict:
         queries = [self.catalog[i["query"]] for i in items]
         positives = [self.catalog[i["positive"]] for i in items]
@@ -198,5 +215,5 @@ class AGCLCollator:
         }
         if self.with_modalities:
             batch["query_image_only"] = self.encoder.build_inputs(q_images, [None] * len(queries))
-            batch["query_text_only"] = self.encoder.build_inputs([None] * len(queries), [r["title"] for r in queries])
+            batch["query_text_only"] = self._text_only_inputs(queries, q_attr)
         return batch

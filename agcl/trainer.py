@@ -100,7 +100,7 @@ class AGCLTrainer(Trainer):
             query_attribute_probability=args.query_attribute_probability,
             candidate_attribute_probability=args.candidate_attribute_probability,
             attribute_key_probability=args.attribute_key_probability,
-            with_modalities=args.intra_product_weight > 0, seed=args.seed,
+            with_modalities=args.intra_product_weight > 0, modality_text=args.intra_product_text, seed=args.seed,
         )
         pairs = ProductPairDataset(train_dataset, seed=args.seed)
         super().__init__(model=model, args=args, train_dataset=pairs, data_collator=collator, **kwargs)

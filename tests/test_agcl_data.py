@@ -148,3 +148,39 @@ def test_attribute_key_probability_out_of_range_is_named(tmp_path):
 
     with pytest.raises(ValueError, match="--attribute_key_probability"):
         AGCLConfig(output_dir=str(tmp_path), attribute_key_probability=0.0)
+
+
+def test_intra_product_text_side_is_the_title_the_attribute_line_or_both(tiny_encoder_dir, small_catalog_dir):
+    from agcl.attributes import format_attributes
+    from agcl.catalog import load_catalog
+    from agcl.data import AGCLCollator
+    from agcl.encoder import ProductEncoder
+
+    encoder = ProductEncoder.from_pretrained(tiny_encoder_dir)
+    catalog = load_catalog(small_catalog_dir, split="train")
+    catalog = catalog.map(lambda r, i: {"attributes": {} if i == 1 else r["attributes"]}, with_indices=True)
+    items = [{"query": 0, "positive": 2}, {"query": 1, "positive": 3}]  # row 1 has no attributes
+    rows = [catalog[i["query"]] for i in items]
+    titles, lines = [r["title"] for r in rows], [format_attributes(r["attributes"]) or None for r in rows]
+    assert lines[0] and lines[1] is None
+
+    def text_side(mode):
+        return AGCLCollator(encoder, catalog, with_modalities=True, modality_text=mode, seed=0)(items)["query_text_only"]
+
+    expected = {
+        "title": encoder.build_inputs([None, None], titles),
+        "attributes": encoder.build_inputs([None, None], [None, titles[1]], lines),  # no line: its title
+        "title+attributes": encoder.build_inputs([None, None], titles, lines),
+    }
+    for mode, reference in expected.items():
+        assert text_side(mode)["input_ids"].equal(reference["input_ids"]), mode
+    assert not expected["attributes"]["input_ids"].equal(expected["title"]["input_ids"])
+    with pytest.raises(ValueError, match="modality_text"):
+        AGCLCollator(encoder, catalog, with_modalities=True, modality_text="photo")
+
+
+def test_intra_product_text_out_of_range_is_named(tmp_path):
+    from agcl.config import AGCLConfig
+
+    with pytest.raises(ValueError, match="--intra_product_text"):
+        AGCLConfig(output_dir=str(tmp_path), intra_product_text="caption")
