@@ -92,6 +92,8 @@ STANDALONE = {"agcl_ablation": ("Stage-1 ablation, standalone run", "agcl_ablati
                                           "rar_seeds_large_encoder.md"),
               "reward_signal_large_encoder": ("The reward's signal with the generator's base as the encoder",
                                               "reward_signal_large_encoder.md"),
+              "reward_signal_intra_attributes": ("The reward's signal with an encoder that ties attribute words to "
+                                                 "the photo", "reward_signal_intra_attributes.md"),
               "rar_seeds_precision": ("Seed spread of the GRPO stage, a teacher-precision anchor beside the reward",
                                       "rar_seeds_precision.md"),
               "rar_seeds_precision_only": ("Seed spread of the GRPO stage, the teacher-precision reward alone (control)",
