@@ -98,6 +98,14 @@ STANDALONE = {"agcl_ablation": ("Stage-1 ablation, standalone run", "agcl_ablati
                                       "rar_seeds_precision.md"),
               "rar_seeds_precision_only": ("Seed spread of the GRPO stage, the teacher-precision reward alone (control)",
                                            "rar_seeds_precision_only.md"),
+              "rar_seeds_intra": ("Seed spread of the GRPO stage, an encoder with the image-attribute term",
+                                  "rar_seeds_intra.md"),
+              "rar_seeds_intra_reference": ("Seed spread of the GRPO stage, an encoder with the image-attribute term "
+                                            "and a teacher reward gallery", "rar_seeds_intra_reference.md"),
+              "encoder_attribute_use": ("How much each stage-1 encoder gains from the same attribute lines",
+                                        "encoder_attribute_use.md"),
+              "encoder_attribute_use_rar": ("RAR generators' lines read by each stage-1 encoder",
+                                            "encoder_attribute_use_rar.md"),
               "index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
               "index_scale_clustered": ("Deployment index at 100k and 1M vectors, clustered data", "index_scale_clustered.md"),
               "real_size": ("Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes", "real_size.md")}

@@ -184,3 +184,36 @@ def test_errors_by_key_finds_each_familys_varying_key_and_its_chance_level():
     # a's listings: 2 of the 4 others in the family are positives; b's: 1 of 4; c is alone in its family.
     assert chance["logo"] == pytest.approx((3 * 2 / 4 + 2 * 1 / 4) / 5)
     assert chance["single product"] == 1.0
+
+
+def test_encoder_attribute_use_reads_every_source_in_catalog_order_and_names_a_missing_row(tmp_path):
+    import datasets
+
+    use = load("encoder_attribute_use")
+    ds = datasets.Dataset.from_dict({
+        "listing_id": ["a", "b"],
+        "attributes": [{"color": "Red"}, {}],
+        "true_attributes": [{"color": "red", "size": "M"}, {"color": "blue"}],
+    })
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"listing_id": "b", "sft_attributes": "Color: Blue", "rar_attributes": "garbage"},
+            {"listing_id": "a", "sft_attributes": "size: m; color: red", "rar_attributes": ""}]
+    (run / "attributes.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    sources = use.attribute_sources(ds, [str(run / "attributes.jsonl")])
+    run_name = str(run)  # outside outputs/: the whole path names the run
+    assert list(sources) == ["none", "teacher", "true", f"{run_name}/sft_attributes", f"{run_name}/rar_attributes"]
+    assert sources["none"] is None
+    assert sources["teacher"] == ["color: red", ""]
+    assert sources["true"] == ["color: red; size: m", "color: blue"]
+    assert sources[f"{run_name}/sft_attributes"] == ["color: red; size: m", "color: blue"]  # by id, canonical order
+    assert sources[f"{run_name}/rar_attributes"] == [None, None]  # nothing parsable: no attribute text
+    only = use.attribute_sources(ds, [str(run / "attributes.jsonl")], columns=["rar_attributes"])
+    assert list(only) == ["none", "teacher", "true", f"{run_name}/rar_attributes"]
+    with pytest.raises(SystemExit, match="given twice"):
+        use.attribute_sources(ds, [str(run / "attributes.jsonl")] * 2)
+    (run / "attributes.jsonl").write_text(json.dumps(rows[0]))
+    with pytest.raises(SystemExit, match="no row for listing 'a'"):
+        use.attribute_sources(ds, [str(run / "attributes.jsonl")])
+    with pytest.raises(SystemExit):
+        use.main(["--catalog", "x", "--group", "AGCL", str(tmp_path)])  # not a saved encoder: named before loading
