@@ -55,7 +55,7 @@ class AGCLConfig(TrainingArguments):
         metadata={"help": "The text side of the image↔text term: the listing's `title`, its whole `attributes` line, or "
                           "`title+attributes`. `attributes` ties attribute words to the photo in the embedding, as an "
                           "embedder pretrained on image-text pairs has them (a listing without attributes uses its title).",
-                  "choices": ["title", "attributes", "title+attributes"]},
+                  "choices": list(INTRA_PRODUCT_TEXTS)},
     )
     gradient_cache_chunk_size: int | None = field(
         default=None,

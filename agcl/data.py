@@ -22,6 +22,7 @@ import torch
 
 from agcl.attributes import attribute_signature, format_attributes
 from agcl.catalog import group_by_product
+from agcl.config import INTRA_PRODUCT_TEXTS
 from agcl.crops import listing_views, uses_crops
 
 logger = logging.getLogger(__name__)
@@ -149,8 +150,8 @@ class AGCLCollator:
         self.query_attribute_probability = query_attribute_probability
         self.candidate_attribute_probability = candidate_attribute_probability
         self.attribute_key_probability = attribute_key_probability
-        if modality_text not in ("title", "attributes", "title+attributes"):
-            raise ValueError(f"modality_text must be title, attributes or title+attributes, got {modality_text!r}")
+        if modality_text not in INTRA_PRODUCT_TEXTS:
+            raise ValueError(f"modality_text must be one of {list(INTRA_PRODUCT_TEXTS)}, got {modality_text!r}")
         self.with_modalities = with_modalities
         self.modality_text = modality_text
         self.seed = seed
