@@ -56,6 +56,35 @@ def key_accuracy(ds, generated: list[str | None]) -> dict[str, dict[str, float]]
             for key in sorted(emitted)}
 
 
+def attribute_sources(catalog, generated_files: list[str], columns: list[str] | None = None
+                      ) -> dict[str, list[str | None] | None]:
+    """{name: attribute line per listing of ``catalog``}: none, teacher, true (if the catalog has it), and each
+    column (those in ``columns``, default all) of each ``attributes.jsonl`` that rar_grpo.py wrote, named
+    ``<run dir>/<column>`` and parsed and re-written canonically, as rar_grpo's evaluation and the deployed index do.
+    A missing file, a listing without a row or a run given twice raises ValueError naming it (main turns it into
+    one ``error:`` line, exit 2)."""
+    sources = {"none": None, "teacher": attribute_texts(catalog, "reference")}
+    if "true_attributes" in catalog.column_names:
+        sources["true"] = attribute_texts(catalog, "true_attributes")
+    ids = list(catalog["listing_id"])
+    for path in generated_files:
+        if not Path(path).is_file():
+            raise ValueError(f"--generated {path}: no such file (rar_grpo.py writes attributes.jsonl)")
+        rows = {r["listing_id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise ValueError(f"--generated {path}: no row for listing {missing[0]!r} "
+                             f"({len(missing)} of {len(ids)} listings missing)")
+        run = str(Path(path).parent).removeprefix("outputs/")  # the run's directory names its columns
+        for column in dict.fromkeys(k for r in rows.values() for k in r if k != "listing_id"):  # file order
+            if columns is not None and column not in columns:
+                continue
+            if f"{run}/{column}" in sources:
+                raise ValueError(f"--generated {path}: {run}/{column} is given twice")
+            sources[f"{run}/{column}"] = canonical_attributes([rows[i].get(column) or "" for i in ids])
+    return sources
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", required=True)
@@ -67,20 +96,10 @@ def main(argv=None):
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     ds = load_catalog(args.catalog, split=args.split)
-    sources: dict[str, list[str] | None] = {"none": None, "teacher": attribute_texts(ds, "reference")}
-    if "true_attributes" in ds.column_names:
-        sources["true"] = attribute_texts(ds, "true_attributes")
-    ids = ds["listing_id"]
-    for path in args.generated:  # read and checked before the encoder loads
-        if not Path(path).is_file():
-            raise SystemExit(f"error: --generated {path}: no such file (rar_grpo.py writes attributes.jsonl)")
-        rows = {r["listing_id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
-        missing = [i for i in ids if i not in rows]
-        if missing:
-            raise SystemExit(f"error: {path} has no row for listing {missing[0]!r} of split {args.split!r}")
-        for column in sorted({k for r in rows.values() for k in r if k != "listing_id"}):
-            # parsed and re-written canonically, as rar_grpo's evaluation and the deployed index do
-            sources[f"{Path(path).parent.name}/{column}"] = canonical_attributes([rows[i].get(column) or "" for i in ids])
+    try:
+        sources = attribute_sources(ds, args.generated)  # read and checked before the encoder loads
+    except ValueError as err:
+        parser.error(str(err))
     encoder = ProductEncoder.from_pretrained(args.encoder)
 
     lines = [f"Encoder `{args.encoder}`, catalog `{args.catalog}` split `{args.split}` ({len(ds)} listings).", "",

@@ -18,7 +18,6 @@ group, then per encoder.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,38 +26,11 @@ import numpy as np
 
 from agcl.catalog import load_catalog
 from agcl.encoder import ProductEncoder
-from agcl.evaluation import attribute_texts
-from rar.evaluation import canonical_attributes, evaluate_attribute_sources
+from rar.evaluation import evaluate_attribute_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe_machine  # noqa: E402
-
-
-def attribute_sources(catalog, generated_files: list[str], columns: list[str] | None = None
-                      ) -> dict[str, list[str | None] | None]:
-    """{name: attribute line per listing of ``catalog``}: none, teacher, true (if present), each generated column
-    (those named in ``columns``, default all)."""
-    sources = {"none": None, "teacher": attribute_texts(catalog, "reference")}
-    if "true_attributes" in catalog.column_names:
-        sources["true"] = attribute_texts(catalog, "true_attributes")
-    ids = list(catalog["listing_id"])
-    for path in generated_files:
-        rows = {}
-        for line in Path(path).read_text().splitlines():
-            row = json.loads(line)
-            rows[row.pop("listing_id")] = row
-        missing = [i for i in ids if i not in rows]
-        if missing:
-            raise SystemExit(f"error: --generated {path}: no row for listing {missing[0]!r} "
-                             f"({len(missing)} of {len(ids)} listings missing)")
-        run = str(Path(path).parent).removeprefix("outputs/")  # the run's directory names its columns
-        for column in rows[ids[0]]:
-            if columns is not None and column not in columns:
-                continue
-            if f"{run}/{column}" in sources:
-                raise SystemExit(f"error: --generated {path}: {run}/{column} is given twice")
-            sources[f"{run}/{column}"] = canonical_attributes([rows[i][column] for i in ids])
-    return sources
+from attribute_headroom import attribute_sources  # noqa: E402
 
 
 def main(argv=None):
@@ -81,7 +53,10 @@ def main(argv=None):
     started = time.time()
     machine = describe_machine()
     catalog = load_catalog(args.catalog, split=args.split)
-    sources = attribute_sources(catalog, args.generated, args.columns)
+    try:
+        sources = attribute_sources(catalog, args.generated, args.columns)
+    except ValueError as err:
+        parser.error(str(err))
     r1 = {}  # (label, encoder) -> {source: R@1 in points}
     for label, *paths in args.group:
         for path in paths:

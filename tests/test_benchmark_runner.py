@@ -210,10 +210,11 @@ def test_encoder_attribute_use_reads_every_source_in_catalog_order_and_names_a_m
     assert sources[f"{run_name}/rar_attributes"] == [None, None]  # nothing parsable: no attribute text
     only = use.attribute_sources(ds, [str(run / "attributes.jsonl")], columns=["rar_attributes"])
     assert list(only) == ["none", "teacher", "true", f"{run_name}/rar_attributes"]
-    with pytest.raises(SystemExit, match="given twice"):
+    with pytest.raises(ValueError, match="given twice"):
         use.attribute_sources(ds, [str(run / "attributes.jsonl")] * 2)
     (run / "attributes.jsonl").write_text(json.dumps(rows[0]))
-    with pytest.raises(SystemExit, match="no row for listing 'a'"):
+    with pytest.raises(ValueError, match="no row for listing 'a'"):
         use.attribute_sources(ds, [str(run / "attributes.jsonl")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         use.main(["--catalog", "x", "--group", "AGCL", str(tmp_path)])  # not a saved encoder: named before loading
+    assert exit_info.value.code == 2
