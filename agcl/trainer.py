@@ -135,12 +135,14 @@ class AGCLTrainer(Trainer):
                 routing.append(encoder.last_routing)
             return out
 
-        query = embed(inputs["query"])
-        candidate = embed(inputs["candidate"])
         extra = {}
         if "query_image_only" in inputs:
+            # Before the full passes: under DDP (find_unused_parameters) the last forward decides which parameters
+            # count as unused, and a text-only last pass would mark the vision tower ready twice.
             extra = {"image_embeddings": embed(inputs["query_image_only"]),
                      "text_embeddings": embed(inputs["query_text_only"])}
+        query = embed(inputs["query"])
+        candidate = embed(inputs["candidate"])
         loss = self.loss_fn(query, candidate, **self._loss_kwargs(inputs), **extra)
         if routing and encoder.config.moe_entropy_weight:
             loss = loss + encoder.config.moe_entropy_weight * routing_entropy_loss(torch.cat(routing))
