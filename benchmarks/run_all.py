@@ -1,6 +1,6 @@
 """Regenerate docs/RESULTS.md and its plots from scratch on the embedded catalog: every benchmark, one command.
 
-    python benchmarks/run_all.py                 # about 50 minutes on 2 CPU cores (ladder 22, MOON ablation 21)
+    python benchmarks/run_all.py                 # about 60 minutes on 2 CPU cores (ladder 29, MOON ablation 21+)
     python benchmarks/run_all.py --quick         # every benchmark in its smoke-test mode; docs/ untouched
     python benchmarks/run_all.py --only memory   # rerun some; RESULTS.md is reassembled from all of docs/
 
