@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-FALSE_NEGATIVE_FILTERS = ("none", "absolute", "relative", "attribute", "dynamic")
+from agcl.loss import FILTERS as FALSE_NEGATIVE_FILTERS  # the loss defines its filters; the flag offers those
+
 INTRA_PRODUCT_TEXTS = ("title", "attributes", "title+attributes")
 
 
@@ -146,12 +147,12 @@ class AGCLScriptArguments:
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
     crop_views: bool = field(default=False, metadata={
         "help": "The encoder also sees each listing's product-region crop (the catalog's `bbox` column; MOON, "
-                "agcl.crops). Saved with the encoder, so evaluation and the RAR reward crop the same way."})
+                "afmrl.encoder.crops). Saved with the encoder, so evaluation and the RAR reward crop the same way."})
     moe_experts: int = field(default=0, metadata={
         "help": "Modality-aware experts on the embedding, routed by image / text / image+text (MOON2.0); 0 = off. "
                 "Saved with the encoder."})
     moe_entropy_weight: float = field(default=0.01, metadata={
-        "help": "Weight of the routing entropy regulariser (agcl.modality_moe.routing_entropy_loss)."})
+        "help": "Weight of the routing entropy regulariser (afmrl.encoder.moe.routing_entropy_loss)."})
     title_column: str = field(default="title", metadata={
         "help": "Column read as the listing's title in training, e.g. `enriched_title` written by "
                 "extract_attributes.py --task title (MOON2.0's title co-augmentation); a row where it is null keeps "

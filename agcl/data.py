@@ -20,10 +20,10 @@ from collections.abc import Sequence
 import datasets
 import torch
 
-from agcl.attributes import attribute_signature, format_attributes
-from agcl.catalog import group_by_product
+from afmrl.attributes import attribute_signature, format_attributes
+from afmrl.catalog.load import group_by_product
+from afmrl.encoder.crops import listing_views, uses_crops
 from agcl.config import INTRA_PRODUCT_TEXTS
-from agcl.crops import listing_views, uses_crops
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         return iter([i for ids in groups for i in ids])
 
 
-def _listing_images(row: dict, crop: bool = False):
+def _row_views(row: dict, crop: bool = False):
     """A row's image(s) as the encoder sees them (plus the product-region crop when ``crop``)."""
     return listing_views(row["image"] if "image" in row else row["images"], row.get("bbox"), crop)
 
@@ -204,10 +204,10 @@ class AGCLCollator:
         c_appended = None
         if self.candidate_attribute_probability > 0:
             c_appended = [self._appended_text(r, item, "candidate") for r, item in zip(positives, items, strict=True)]
-        q_images = [_listing_images(r, self.crop) for r in queries]  # decoded and cropped once, used twice below
+        q_images = [_row_views(r, self.crop) for r in queries]  # decoded and cropped once, used twice below
         batch = {
             "query": self.encoder.build_inputs(q_images, [r["title"] for r in queries], appended),
-            "candidate": self.encoder.build_inputs([_listing_images(r, self.crop) for r in positives], [r["title"] for r in positives], c_appended),
+            "candidate": self.encoder.build_inputs([_row_views(r, self.crop) for r in positives], [r["title"] for r in positives], c_appended),
             "product_ids": [r["product_id"] for r in queries],
             "query_attributes": q_attr,
             "candidate_attributes": c_attr,

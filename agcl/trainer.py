@@ -17,13 +17,13 @@ import datasets
 import torch
 from transformers import Trainer, TrainerCallback
 
-from agcl.agcl_loss import AGCLLoss
-from agcl.attributes import BM25Scorer, format_attributes
+from afmrl.attributes import BM25Scorer, format_attributes
+from afmrl.encoder.model import MOE_FILE, ProductEncoder
+from afmrl.encoder.moe import routing_entropy_loss
 from agcl.config import AGCLConfig
 from agcl.data import AGCLCollator, GroupedBatchSampler, ProductPairDataset
-from agcl.encoder import MOE_FILE, ProductEncoder
 from agcl.grad_cache import cached_contrastive_backward
-from agcl.modality_moe import routing_entropy_loss
+from agcl.loss import AGCLLoss
 
 BM25_FILE = "bm25_idf.json"
 

@@ -3,7 +3,7 @@ a locally trained tokenizer, the photo catalog, and process memory readings.
 
 The checkpoint is written tensor by tensor from the architecture built on the meta device (the published config
 of ``benchmarks/memory.py``), in safetensors shards with an index, so that even the 7B shape (16.6 GB in bf16)
-is written by a process holding one tensor at a time; ``agcl.modeling.load_mllm`` then loads it as it loads any
+is written by a process holding one tensor at a time; ``afmrl.modeling.load_mllm`` then loads it as it loads any
 downloaded checkpoint. Weights: normal(0, 0.02) (the configs' ``initializer_range``), norm weights 1, biases 0.
 
 The real tokenizer files cannot be downloaded here. The tokenizer is a byte-level BPE trained on local text (the
@@ -65,8 +65,8 @@ def local_tokenizer(vocab_size: int = 8000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from agcl.synthetic_catalog import vocabulary_corpus
-    from agcl.tiny_models import SPECIAL_TOKENS
+    from afmrl.embedded.synthetic_catalog import vocabulary_corpus
+    from afmrl.embedded.tiny_models import SPECIAL_TOKENS
 
     corpus = list(vocabulary_corpus()) + [p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md"))]
     trained = Tokenizer(models.BPE())
@@ -92,10 +92,10 @@ def local_tokenizer(vocab_size: int = 8000):
 
 
 def real_processor(model_type: str, tokenizer):
-    """The published image-processor settings in the torchvision-free processor of ``agcl.modeling``."""
+    """The published image-processor settings in the torchvision-free processor of ``afmrl.modeling``."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from agcl.modeling import PROCESSOR_FOR_FAMILY
+    from afmrl.modeling import PROCESSOR_FOR_FAMILY
 
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=14, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 3136, "longest_edge": 12845056},
@@ -115,9 +115,10 @@ def _random_tensor(name: str, shape, generator) -> torch.Tensor:
 def write_checkpoint(spec: dict, out: Path, seed: int = 0, log=print) -> dict:
     """A bf16 safetensors checkpoint of ``spec`` with random weights, its processor and generation config, written
     one tensor at a time; returns the parameter counts of ``benchmarks/memory.py``. Complete when ``DONE`` exists."""
-    from memory import build_config, count_parameters
     from safetensors.torch import save_file
     from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    from benchmarks.memory import build_config, count_parameters
 
     out.mkdir(parents=True, exist_ok=True)
     config = build_config(spec)
@@ -163,7 +164,7 @@ def write_checkpoint(spec: dict, out: Path, seed: int = 0, log=print) -> dict:
 
 def photo_catalog(cache_dir: Path, num_products: int, image_size: int) -> str:
     """The embedded synthetic catalog (several listings per product, attributes, titles) at ``image_size`` px."""
-    from agcl.embedded import resolve_catalog
+    from afmrl.embedded import resolve_catalog
 
     return resolve_catalog("embedded", cache_dir, num_products=num_products, image_size=image_size)
 

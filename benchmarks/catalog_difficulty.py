@@ -1,12 +1,12 @@
 """How hard is the embedded catalog? Instance Recall@K of simple baselines on its test split.
 
-    python benchmarks/catalog_difficulty.py            # writes docs/catalog_difficulty.md
+    python -m benchmarks.catalog_difficulty            # writes docs/results/catalog_difficulty.md
 
 Protocol (the instance task of the paper): every test listing is a query, the gallery is every
 other test listing, the positives are the listings with the same product_id. Baselines score a
 gallery item by: exact (normalised) title equality; word-set Jaccard of the titles; the number of
 equal key/value pairs of the teacher's or of the true attributes; cosine of raw 16x16 pixels.
-Ties are broken at random and the *expected* recall is reported (agcl.metrics.recall_at_k).
+Ties are broken at random and the *expected* recall is reported (afmrl.retrieval.metrics.recall_at_k).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agcl.catalog import load_catalog
-from agcl.metrics import recall_at_k
-from agcl.synthetic_catalog import make_synthetic_catalog
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
+from afmrl.retrieval.metrics import recall_at_k
 
 KS = (1, 5, 10)
 
@@ -74,7 +74,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_products", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--output", default="docs/catalog_difficulty.md")
+    parser.add_argument("--output", default="docs/results/catalog_difficulty.md")
     args = parser.parse_args(argv)
 
     per_seed = []
@@ -83,7 +83,7 @@ def main(argv=None):
             out = make_synthetic_catalog(Path(tmp) / f"seed{seed}", num_products=args.num_products, seed=seed)
             per_seed.append(evaluate(out))
             ds_size = len(load_catalog(out, split="test", verify_images=False))
-    command = f"python benchmarks/catalog_difficulty.py --num_products {args.num_products} --seeds {' '.join(map(str, args.seeds))}"
+    command = f"python -m benchmarks.catalog_difficulty --num_products {args.num_products} --seeds {' '.join(map(str, args.seeds))}"
     lines = [
         "# Difficulty of the embedded catalog",
         "",

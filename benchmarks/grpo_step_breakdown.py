@@ -1,13 +1,13 @@
-"""Where does a GRPO step go? Writes docs/grpo_step_breakdown.md.
+"""Where does a GRPO step go? Writes docs/results/grpo_step_breakdown.md.
 
-    python benchmarks/grpo_step_breakdown.py                  # the full run (under a minute on 2 shared cores)
-    python benchmarks/grpo_step_breakdown.py --quick          # smoke test: 1 + 2 steps, nothing written
-    python benchmarks/grpo_step_breakdown.py --encoder fresh  # untrained encoder instead of outputs/agcl-demo
-    python benchmarks/grpo_step_breakdown.py --policy larger --output docs/grpo_step_breakdown_larger.md
+    python -m benchmarks.grpo_step_breakdown                  # the full run (under a minute on 2 shared cores)
+    python -m benchmarks.grpo_step_breakdown --quick          # smoke test: 1 + 2 steps, nothing written
+    python -m benchmarks.grpo_step_breakdown --encoder fresh  # untrained encoder instead of outputs/agcl-demo
+    python -m benchmarks.grpo_step_breakdown --policy larger --output docs/results/grpo_step_breakdown_larger.md
 
 A real ``trl.GRPOTrainer`` run on CPU, one process, one torch thread:
 
-* policy: the embedded tiny Qwen2-VL (``agcl.embedded.resolve_model("tiny-qwen2-vl", ...)``),
+* policy: the embedded tiny Qwen2-VL (``afmrl.embedded.resolve_model("tiny-qwen2-vl", ...)``),
   first warm-started by a short supervised pass on the teacher's canonical attribute text (as in
   ``tests/test_grpo_with_rewards.py``) so that its completions parse and the rewards differ
   inside a group;
@@ -62,17 +62,17 @@ import faiss
 import torch
 import transformers
 import trl
-from _machine import describe_machine  # noqa: E402
 
-from agcl.catalog import load_catalog
-from agcl.embedded import resolve_catalog, resolve_model
-from agcl.encoder import ENCODER_CONFIG_NAME, EncoderConfig, ProductEncoder
-from agcl.modeling import load_mllm
-from agcl.synthetic_catalog import ATTRIBUTE_KEYS
-from agcl.tiny_models import tiny_mllm_path
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded import resolve_catalog, resolve_model
+from afmrl.embedded.synthetic_catalog import ATTRIBUTE_KEYS
+from afmrl.embedded.tiny_models import tiny_mllm_path
+from afmrl.encoder.model import ENCODER_CONFIG_NAME, EncoderConfig, ProductEncoder
+from afmrl.modeling import load_mllm
+from afmrl.retrieval.gallery import ProductGallery
+from benchmarks._machine import describe_machine
 from rar.prompts import build_prompt_dataset
 from rewards import get_reward_funcs, validate_reward_weights
-from rewards.gallery import ProductGallery
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARDS = ["retrieval_rank", "attribute_format"]
@@ -304,7 +304,7 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
         f"({setup['sft_seconds']:.1f} s) so that completions parse.",
         f"- Rewards (`rewards.get_reward_funcs`, weights {REWARD_WEIGHTS}): " + ", ".join(f"`{r}`" for r in REWARDS) + ".",
         f"- Encoder of `retrieval_rank`: {setup['encoder']}.",
-        "- Image cache of `retrieval_rank` (`agcl.encoder.ImageCache`, keyed by listing id: image processing and "
+        "- Image cache of `retrieval_rank` (`afmrl.encoder.model.ImageCache`, keyed by listing id: image processing and "
         "vision tower once per listing, then only the language model per query): "
         + (f"level `{ic.level}`, {ic.hits} hits / {ic.misses} misses over the whole run (listings of one call "
            "counted once)." if (ic := setup.get("image_cache")) is not None else "off."),
@@ -414,7 +414,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
     p.add_argument("--policy", choices=sorted(POLICIES), default="tiny",
                    help="policy: 'tiny' (the demo's) or 'larger' (same family and tokenizer, wider and deeper)")
-    p.add_argument("--output", default=str(ROOT / "docs" / "grpo_step_breakdown.md"))
+    p.add_argument("--output", default=str(ROOT / "docs" / "results" / "grpo_step_breakdown.md"))
     p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up + 2 measured steps, no file written")
     args = p.parse_args(argv)
     if args.quick:
@@ -423,7 +423,7 @@ def main(argv=None) -> None:
         raise SystemExit("--batch_size must be a multiple of --num_generations")
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    command = "python benchmarks/grpo_step_breakdown.py" + ("" if argv is None and len(sys.argv) == 1 else
+    command = "python -m benchmarks.grpo_step_breakdown" + ("" if argv is None and len(sys.argv) == 1 else
                                                               " " + " ".join(sys.argv[1:] if argv is None else argv))
     info = describe_machine()
     print(info, flush=True)

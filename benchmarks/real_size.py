@@ -1,9 +1,9 @@
-"""Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes through every code path, once. Writes docs/real_size.md.
+"""Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes through every code path, once. Writes docs/results/real_size.md.
 
-    nice -n 10 python benchmarks/real_size.py                     # CPU, every case that fits (resumable; tens of minutes)
-    python benchmarks/real_size.py --quick                        # 2-layer models of the same families: checks the script
-    python benchmarks/real_size.py --only agcl_2b                 # one case (again: --force)
-    python benchmarks/real_size.py --device cuda                  # on a GPU: bf16, peak GPU memory, vLLM when installed
+    nice -n 10 python -m benchmarks.real_size                     # CPU, every case that fits (resumable; tens of minutes)
+    python -m benchmarks.real_size --quick                        # 2-layer models of the same families: checks the script
+    python -m benchmarks.real_size --only agcl_2b                 # one case (again: --force)
+    python -m benchmarks.real_size --device cuda                  # on a GPU: bf16, peak GPU memory, vLLM when installed
 
 Tests run tiny models only; a user's first real run meets the real module names, image geometry, chat template and
 memory. Weights cannot be downloaded here, so each architecture is built from its published config (the ones
@@ -32,10 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import _real_size_models as M  # noqa: E402
-from memory import ARCHITECTURES, GB, meta_counts, model_state_bytes  # noqa: E402
+from benchmarks import _real_size_models as M
+from benchmarks.memory import ARCHITECTURES, GB, meta_counts, model_state_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"2b": "Qwen2-VL-2B (stage-1 encoder)", "3b": "Qwen2.5-VL-3B (generator)", "7b": "Qwen2.5-VL-7B (generator)"}
@@ -140,7 +138,7 @@ def ensure_encoder(ctx: dict) -> Path:
     """The 2B encoder agcl_2b trained, else a fresh LoRA one over the 2B backbone (same shapes, untrained)."""
     encoder = ctx["work"] / "encoder"
     if not (encoder / "encoder_config.json").is_file():
-        from agcl.encoder import EncoderConfig, ProductEncoder
+        from afmrl.encoder.model import EncoderConfig, ProductEncoder
 
         progress(ctx["case"], "no trained encoder (agcl_2b not run): saving a fresh LoRA encoder over the 2B")
         ProductEncoder.from_backbone(EncoderConfig(backbone=ctx["models"]["2b"]), trainable=False).save_pretrained(encoder)
@@ -150,9 +148,9 @@ def ensure_encoder(ctx: dict) -> Path:
 def run_reward(ctx: dict, result: dict) -> None:
     import torch
 
-    from agcl.catalog import load_catalog
-    from agcl.encoder import ProductEncoder
-    from rewards.gallery import ProductGallery
+    from afmrl.catalog.load import load_catalog
+    from afmrl.encoder.model import ProductEncoder
+    from afmrl.retrieval.gallery import ProductGallery
     from rewards.retrieval_rank import RetrievalRankReward
 
     s, case = ctx["settings"], ctx["case"]
@@ -324,7 +322,7 @@ def main(argv=None):
     parser.add_argument("--grpo_retrieval", choices=("auto", "true", "false"), default="auto",
                         help="GRPO with retrieval_rank over the 2B encoder (needs reward_2b's gallery); auto: on cuda.")
     parser.add_argument("--workdir", default=str(ROOT / "outputs" / "real_size"))
-    parser.add_argument("--output", default=str(ROOT / "docs" / "real_size.md"))
+    parser.add_argument("--output", default=str(ROOT / "docs" / "results" / "real_size.md"))
     parser.add_argument("--_build", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_case", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_rank", help=argparse.SUPPRESS)
@@ -338,7 +336,7 @@ def main(argv=None):
     if args._rank:
         return zero3_rank(args._rank, rest[1:] if rest[:1] == ["--"] else rest)
 
-    from _machine import describe_machine
+    from benchmarks._machine import describe_machine
 
     mode = args.device + ("-quick" if args.quick else "")
     work = Path(args.workdir)

@@ -1,7 +1,7 @@
-"""What does the retrieval-rank reward cost? Writes docs/reward_cost.md.
+"""What does the retrieval-rank reward cost? Writes docs/results/reward_cost.md.
 
-    python benchmarks/reward_cost.py                 # the full run (about 10 minutes on 2 cores)
-    python benchmarks/reward_cost.py --quick         # smoke test: small galleries, few calls
+    python -m benchmarks.reward_cost                 # the full run (about 10 minutes on 2 cores)
+    python -m benchmarks.reward_cost --quick         # smoke test: small galleries, few calls
 
 (i) Cost near the physical limit. One reward call is what GRPO does per step: B prompts x G
     completions (8 x 8), message-list completions from a simulated policy (subsets of the teacher's
@@ -37,13 +37,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from _machine import describe_machine  # noqa: E402
 
-from agcl.catalog import load_catalog
-from agcl.encoder import EncoderConfig, ProductEncoder
-from agcl.synthetic_catalog import make_synthetic_catalog
-from agcl.tiny_models import tiny_mllm_path
-from rewards.gallery import ProductGallery, _overlap, faiss_flat
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
+from afmrl.embedded.tiny_models import tiny_mllm_path
+from afmrl.encoder.model import EncoderConfig, ProductEncoder
+from afmrl.retrieval.gallery import ProductGallery, _overlap, faiss_flat
+from benchmarks._machine import describe_machine
 from rewards.retrieval_rank import RetrievalRankReward, completion_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,7 +377,7 @@ def main(argv=None) -> None:
                    help="torch and faiss threads (1: on shared cores, a second OpenMP thread that waits for a busy core "
                         "can make a tiny forward 30x slower; 0 = library defaults)")
     p.add_argument("--cache_dir", default=None, help="where the tiny model and catalog are built (default: a temp dir)")
-    p.add_argument("--output", default=str(ROOT / "docs" / "reward_cost.md"))
+    p.add_argument("--output", default=str(ROOT / "docs" / "results" / "reward_cost.md"))
     p.add_argument("--quick", action="store_true", help="smoke test: sizes 1k and 20k, 2 calls, no file written")
     args = p.parse_args(argv)
     if args.quick:
@@ -385,7 +385,7 @@ def main(argv=None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
-    command = "python benchmarks/reward_cost.py" + ("" if argv is None and len(sys.argv) == 1 else
+    command = "python -m benchmarks.reward_cost" + ("" if argv is None and len(sys.argv) == 1 else
                                                       " " + " ".join(sys.argv[1:] if argv is None else argv))
     info = describe_machine()
     print(info, flush=True)

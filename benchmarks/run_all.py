@@ -1,13 +1,13 @@
-"""Regenerate docs/RESULTS.md and its plots from scratch on the embedded catalog: every benchmark, one command.
+"""Regenerate docs/results/ from scratch on the embedded catalog: every benchmark, one command.
 
-    python benchmarks/run_all.py                 # about 60 minutes on 2 CPU cores (ladder 29, MOON ablation 21+)
-    python benchmarks/run_all.py --quick         # every benchmark in its smoke-test mode; docs/ untouched
-    python benchmarks/run_all.py --only memory   # rerun some; RESULTS.md is reassembled from all of docs/
+    python -m benchmarks.run_all                 # about 60 minutes on 2 CPU cores (ladder 29, MOON ablation 21+)
+    python -m benchmarks.run_all --quick         # every benchmark in its smoke-test mode; docs/ untouched
+    python -m benchmarks.run_all --only memory   # rerun some; RESULTS.md is reassembled from docs/results/
 
-Each benchmark is its own script in ``benchmarks/`` that also runs alone and writes its own page in
-``docs/`` (the command and machine at its top). This runner runs them in child processes and then
-assembles ``docs/RESULTS.md`` from those pages, and the marked block of README.md from
-``docs/ladder.json``, so that no figure is typed by hand and README cannot drift from RESULTS.md.
+Each benchmark is its own module in ``benchmarks/`` that also runs alone (``python -m benchmarks.NAME``) and
+writes its own page in ``docs/results/`` (the command and machine at its top). This runner runs them in child
+processes and then assembles ``docs/results/RESULTS.md`` from those pages, and the marked block of README.md from
+``docs/results/ladder.json``, so that no figure is typed by hand and README cannot drift from RESULTS.md.
 
 Order: the ablation ladder first (the longest; its seeds run two at a time, one thread each), then
 the timing benchmarks one after another with nothing else running, since they compare times
@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import describe_machine  # noqa: E402
+from benchmarks._machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs"
+DOCS = ROOT / "docs" / "results"
 WORK = ROOT / "outputs" / "run-all"
 # Paths handed to the benchmarks are relative to the repository (their working directory), so that the
 # commands they print in the docs hold on any clone.
@@ -55,67 +54,25 @@ BENCHMARKS = {
                             "grpo_step_breakdown.md"),
     "grpo_step_breakdown_larger": ("Where a GRPO step goes: a larger policy",
                                    ["grpo_step_breakdown.py", "--policy", "larger", "--steps", "6", "--encoder", str(LADDER_ENCODER),
-                                    "--output", "docs/grpo_step_breakdown_larger.md"], ["--quick"],
+                                    "--output", "docs/results/grpo_step_breakdown_larger.md"], ["--quick"],
                                    "grpo_step_breakdown_larger.md"),
     "reward_cost": ("The reward's cost: physical limit, gallery size and index type",
                     ["reward_cost.py", "--hnsw_max_size", "100000"], ["--quick"],
                     "reward_cost.md"),
     "memory": ("Memory: LoRA vs QLoRA, and the real sizes", ["memory.py"], ["--quick"], "memory.md"),
 }
-# Pages written by benchmarks that run_all does not rerun (too long for its budget); included when present.
-STANDALONE = {"agcl_ablation": ("Stage-1 ablation, standalone run", "agcl_ablation.md"),
-              "agcl_conditions": ("When AGCL beats InfoNCE: stage 1 under several conditions", "agcl_conditions.md"),
-              "errors_by_key": ("Stage-1 errors by the key that separates near-duplicates", "errors_by_key.md"),
-              "attribute_headroom": ("How much attributes can lift the encoder", "attribute_headroom.md"),
-              "rar_seeds": ("Seed spread of the demo's GRPO stage", "rar_seeds.md"),
-              "rar_seeds_reference": ("Seed spread of the GRPO stage, teacher-annotated reward gallery",
-                                      "rar_seeds_reference.md"),
-              "rar_seeds_recall1": ("Seed spread of the GRPO stage, Recall@1 as the reward", "rar_seeds_recall1.md"),
-              "rar_seeds_8prompts": ("Seed spread of the GRPO stage, eight prompts per step", "rar_seeds_8prompts.md"),
-              "rar_seeds_trainval": ("Seed spread of the GRPO stage, a train + val reward gallery",
-                                     "rar_seeds_trainval.md"),
-              "rar_seeds_none": ("Seed spread of the GRPO stage, an image + title reward gallery", "rar_seeds_none.md"),
-              "reward_signal": ("Does the retrieval reward point where RL should go?", "reward_signal.md"),
-              "reward_signal_trainval": ("The reward's signal with a train + val gallery", "reward_signal_trainval.md"),
-              "rl_sharpening": ("Does GRPO improve the attributes or how it samples them?", "rl_sharpening.md"),
-              "rar_seeds_t07": ("Seed spread of the GRPO stage, sampling temperature 0.7", "rar_seeds_t07.md"),
-              "rar_seeds_scale_none": ("Seed spread of the GRPO stage, unscaled advantages", "rar_seeds_scale_none.md"),
-              "rar_seeds_lr5e5": ("Seed spread of the GRPO stage, a quarter of the learning rate", "rar_seeds_lr5e5.md"),
-              "rar_seeds_true": ("Seed spread of the GRPO stage, a true-attribute reward gallery (diagnostic)",
-                                 "rar_seeds_true.md"),
-              "rar_seeds_rl1200": ("Seed spread of the GRPO stage, six times the RL prompts", "rar_seeds_rl1200.md"),
-              "reward_signal_noise": ("The reward's headroom against the spread of sampled completions",
-                                      "reward_signal_noise.md"),
-              "reward_signal_keydrop": ("The reward's signal with an encoder trained on partial attribute lines",
-                                        "reward_signal_keydrop.md"),
-              "rar_seeds_large_encoder": ("Seed spread of the GRPO stage, the generator's base as the encoder",
-                                          "rar_seeds_large_encoder.md"),
-              "reward_signal_large_encoder": ("The reward's signal with the generator's base as the encoder",
-                                              "reward_signal_large_encoder.md"),
-              "reward_signal_intra_attributes": ("The reward's signal with an encoder that ties attribute words to "
-                                                 "the photo", "reward_signal_intra_attributes.md"),
-              "rar_seeds_precision": ("Seed spread of the GRPO stage, a teacher-precision anchor beside the reward",
-                                      "rar_seeds_precision.md"),
-              "rar_seeds_precision_only": ("Seed spread of the GRPO stage, the teacher-precision reward alone (control)",
-                                           "rar_seeds_precision_only.md"),
-              "rar_seeds_intra": ("Seed spread of the GRPO stage, an encoder with the image-attribute term",
-                                  "rar_seeds_intra.md"),
-              "rar_seeds_intra_reference": ("Seed spread of the GRPO stage, an encoder with the image-attribute term "
-                                            "and a teacher reward gallery", "rar_seeds_intra_reference.md"),
-              "encoder_attribute_use": ("How much each stage-1 encoder gains from the same attribute lines",
-                                        "encoder_attribute_use.md"),
-              "encoder_attribute_use_rar": ("RAR generators' lines read by each stage-1 encoder",
-                                            "encoder_attribute_use_rar.md"),
-              "index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
+# Pages of benchmarks that run_all does not rerun (too long for its budget, or made on other hardware); included
+# when present. Research probes are not here: they live in experiments/ and docs/experiments/.
+STANDALONE = {"index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
               "index_scale_clustered": ("Deployment index at 100k and 1M vectors, clustered data", "index_scale_clustered.md"),
               "real_size": ("Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes", "real_size.md")}
-README_BEGIN, README_END = "<!-- results:begin (benchmarks/run_all.py writes this block) -->", "<!-- results:end -->"
+README_BEGIN, README_END = "<!-- results:begin (python -m benchmarks.run_all writes this block) -->", "<!-- results:end -->"
 
 
 def run_benchmark(name: str, quick: bool) -> float:
     _, argv, quick_argv, _ = BENCHMARKS[name]
     (WORK / "quick").mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:], *(quick_argv if quick else [])]
+    cmd = [sys.executable, "-m", f"benchmarks.{argv[0].removesuffix('.py')}", *argv[1:], *(quick_argv if quick else [])]
     if quick and name.startswith("grpo_step_breakdown"):
         cmd = [c for c in cmd if c not in ("--encoder", str(LADDER_ENCODER))]  # no ladder encoder in quick mode
     print(f"[run_all] {name}: {' '.join(cmd)}", flush=True)
@@ -131,7 +88,7 @@ def demote(markdown: str) -> str:
 
 def assemble(seconds: dict) -> Path:
     lines = ["# Results", "",
-             "Everything on this page is regenerated by `python benchmarks/run_all.py` (each section also by its own "
+             "Everything on this page is regenerated by `python -m benchmarks.run_all` (each section also by its own "
              "script, named at its top) from the embedded synthetic catalog and tiny models built from config: no "
              "figure is typed by hand. Timings were measured on shared CPU cores: compare ratios within one section, "
              "not absolute times across sections or machines.", ""]
@@ -159,17 +116,17 @@ def anchor(title: str) -> str:
 
 
 def update_readme() -> bool:
-    """Replace README.md's marked block with the ladder's headline table (from docs/ladder.json)."""
+    """Replace README.md's marked block with the ladder's headline table (from docs/results/ladder.json)."""
     readme, data = ROOT / "README.md", DOCS / "ladder.json"
     text = readme.read_text(encoding="utf-8")
     if README_BEGIN not in text or not data.is_file():
         return False
-    from ladder import RUNGS, mean_std
+    from benchmarks.ladder import RUNGS, mean_std
 
     runs = list(json.loads(data.read_text(encoding="utf-8"))["seeds"].values())
     block = [README_BEGIN, "", f"Instance retrieval on the embedded catalog's held-out products, mean ± std over "
              f"{len(runs)} seeds, every listing annotated by the generator of its rung as in deployment (`python "
-             "benchmarks/run_all.py`; the query-only protocol and the rest in [docs/RESULTS.md](docs/RESULTS.md)):", "",
+             "benchmarks.run_all`; the query-only protocol and the rest in [docs/results/RESULTS.md](docs/results/RESULTS.md)):", "",
              "| rung | Recall@1 | Recall@5 | Recall@10 |", "|---|---|---|---|"]
     for rung in RUNGS:
         cells = [f"{m:.1f} ± {s:.1f}" for m, s in (mean_std([r[rung] for r in runs], "instance", k)

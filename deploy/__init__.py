@@ -5,6 +5,6 @@
 """
 
 from deploy.calibration import calibrate_threshold, plot_precision_recall
-from deploy.product_index import ProductIndex, annotate
+from deploy.product_index import ProductIndex
 
-__all__ = ["ProductIndex", "annotate", "calibrate_threshold", "plot_precision_recall"]
+__all__ = ["ProductIndex", "calibrate_threshold", "plot_precision_recall"]

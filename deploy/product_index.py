@@ -2,7 +2,7 @@
 
 What both stages are trained for, put to use: every listing is annotated once (stage 2's generator,
 greedy, or the catalog's stored attributes), embedded as image + title + attributes by the frozen
-stage-1 encoder, and indexed with faiss (``rewards.ProductGallery``: exact up to 100k vectors, IVF
+stage-1 encoder, and indexed with faiss (``afmrl.retrieval.ProductGallery``: exact up to 100k vectors, IVF
 tuned to a target recall of the exact top-k beyond, IVF-PQ re-ranked from disk once the vectors
 outgrow memory). A query listing is annotated and embedded the same way -- the both-sides protocol
 of ``rar.evaluation`` -- and answered with its nearest listings. ``calibrate`` picks the score above
@@ -22,75 +22,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from agcl.attributes import format_attributes
-from agcl.catalog import load_catalog
-from agcl.crops import catalog_views, uses_crops
-from agcl.encoder import ProductEncoder
+from afmrl.attributes import canonical_attributes, format_attributes
+from afmrl.catalog import load_catalog
+from afmrl.encoder.model import ProductEncoder, encode_catalog, load_frozen_encoder
+from afmrl.retrieval.fingerprints import catalog_fingerprint, encoder_fingerprints
+from afmrl.retrieval.gallery import ProductGallery
 from deploy.calibration import calibrate_threshold
-from rar.evaluation import canonical_attributes
-from rewards.fingerprints import catalog_fingerprint, encoder_fingerprints
-from rewards.gallery import ProductGallery
+from rar.annotate import annotate
 
-__all__ = ["INDEX_FILE", "ProductIndex", "annotate", "check_listings"]
+__all__ = ["INDEX_FILE", "ProductIndex", "check_listings"]
 
 INDEX_FILE = "product_index.json"
 ATTRIBUTES_FILE = "attributes.jsonl"
-
-
-def annotate(listings, *, generator: str | None = None, attribute_column: str | None = None,
-             generation: dict | None = None, log_path: str | Path | None = None, batch_size: int = 16,
-             show_progress: bool | None = None) -> list[str | None]:
-    """Canonical attribute text per listing (None = none): greedy completions of ``generator`` (a policy
-    directory) parsed as the reward parses them, or the catalog's ``attribute_column``, or nothing.
-
-    ``generation`` holds the prompt the generator was trained with (``prompt_template``, ``attribute_keys``,
-    ``max_new_tokens``). With ``log_path`` every batch is appended to a JSONL log and listings already
-    there are not generated again (a killed run resumes)."""
-    generation = dict(generation or {})
-    keys = generation.get("attribute_keys")
-    if generator is None:
-        if attribute_column is None:
-            return [None] * len(listings)
-        if attribute_column not in listings.column_names:
-            raise ValueError(f"the index carries the catalog's {attribute_column!r} attributes, but these listings "
-                             f"have no such column (columns: {listings.column_names})")
-        return [format_attributes(a, keys) or None for a in listings[attribute_column]]
-    from trl import ModelConfig
-
-    from rar.generation import generate_attributes, read_generation_log
-    from rar.policy import load_policy
-    from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
-
-    ids = [str(x) for x in listings["listing_id"]]
-    done = read_generation_log(log_path)
-    todo = [i for i, lid in enumerate(ids) if lid not in done]
-    if todo:
-        model, processor, _ = load_policy(ModelConfig(model_name_or_path=generator), name_or_path=generator,
-                                          for_training=False)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-        prompts = build_prompt_dataset(listings.select(todo), attribute_keys=keys,
-                                       prompt_template=generation.get("prompt_template") or DEFAULT_PROMPT)
-        log = open(log_path, "a", encoding="utf-8") if log_path is not None else None  # noqa: SIM115
-
-        def save(start: int, texts: list[str]):
-            for i, text in zip(todo[start:start + len(texts)], texts, strict=True):
-                done[ids[i]] = text
-                if log is not None:
-                    log.write(json.dumps({"listing_id": ids[i], "completion": text}, ensure_ascii=False) + "\n")
-            if log is not None:
-                log.flush()
-
-        try:
-            generate_attributes(model, processor, prompts, batch_size=batch_size, on_batch=save,
-                                max_new_tokens=generation.get("max_new_tokens", 64), show_progress=show_progress,
-                                desc="annotating listings")
-        finally:
-            if log is not None:
-                log.close()
-    return canonical_attributes([done[lid] for lid in ids], keys)
 
 
 def check_listings(listings, split: str | None, attribute_column: str | None) -> None:
@@ -141,7 +85,7 @@ class ProductIndex:
     def from_vectors(self, listings, vectors: np.ndarray, attributes: Sequence[str | None], *, index_type: str = "auto",
                      target_recall: float = 0.98, recall_k: int = 10, memory_budget: int | None = None) -> ProductIndex:
         """The faiss index over ``vectors`` (row i = ``listings[i]`` annotated with ``attributes[i]``; may be
-        memory-mapped), chosen by size (``agcl.retrieval``) and tuned to ``target_recall`` of the exact top-k."""
+        memory-mapped), chosen by size (``afmrl.retrieval.index``) and tuned to ``target_recall`` of the exact top-k."""
         gallery = ProductGallery.from_embeddings(
             vectors, list(listings["listing_id"]), list(listings["product_id"]), index_type=index_type, recall_k=recall_k,
             target_recall=target_recall, memory_budget=memory_budget,
@@ -176,24 +120,32 @@ class ProductIndex:
     # ------------------------------------------------------------------ queries
     @property
     def encoder(self) -> ProductEncoder:
-        if self._encoder is None:
-            self._encoder = ProductEncoder.from_pretrained(self.config["encoder"])
-            if torch.cuda.is_available():  # this process's GPU under accelerate launch
-                self._encoder = self._encoder.to("cuda")
+        if self._encoder is None:  # whole, on this process's GPU under accelerate launch (else the CPU)
+            self._encoder = load_frozen_encoder(self.config["encoder"])
         return self._encoder
 
     def annotate(self, listings, *, log_path=None, batch_size: int = 32, show_progress: bool | None = None):
-        """Each listing's attribute text as this index annotates listings (``annotate`` with its config)."""
-        config = self.config
-        return annotate(listings, generator=config["generator"], attribute_column=config["attribute_column"],
-                        generation=config["generation"], log_path=log_path, batch_size=batch_size,
-                        show_progress=show_progress)
+        """Each listing's canonical attribute text as this index annotates listings (None = none): greedy
+        completions of its generator (``rar.annotate``, with the prompt it was trained with; resumable through
+        ``log_path``), or the catalog's stored ``attribute_column``, or nothing."""
+        config, generation = self.config, self.config["generation"]
+        keys = generation.get("attribute_keys")
+        if config["generator"] is None:
+            column = config["attribute_column"]
+            if column is None:
+                return [None] * len(listings)
+            if column not in listings.column_names:
+                raise ValueError(f"the index carries the catalog's {column!r} attributes, but these listings "
+                                 f"have no such column (columns: {listings.column_names})")
+            return [format_attributes(a, keys) or None for a in listings[column]]
+        texts = annotate(listings, config["generator"], prompt_template=generation.get("prompt_template"),
+                         attribute_keys=keys, max_new_tokens=generation.get("max_new_tokens", 64),
+                         batch_size=batch_size, log_path=log_path, show_progress=show_progress)
+        return canonical_attributes(texts, keys)
 
     def embed(self, listings, attributes: Sequence[str | None], *, batch_size: int = 32,
               show_progress: bool | None = None) -> np.ndarray:
-        encoder = self.encoder
-        return encoder.encode(catalog_views(listings, uses_crops(encoder)), list(listings["title"]), list(attributes),
-                              batch_size=batch_size, show_progress=show_progress)
+        return encode_catalog(self.encoder, listings, attributes, batch_size=batch_size, show_progress=show_progress)
 
     def search(self, listings, k: int = 10, *, batch_size: int = 32, same_product_only: bool = False,
                show_progress: bool | None = None) -> list[dict]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rewards.fingerprints import catalog_fingerprint, encoder_fingerprints
+from afmrl.retrieval.fingerprints import catalog_fingerprint, encoder_fingerprints
 
 SHARDS_DIR = "shards"
 STAMP_FILE = "done.json"  # written last: the shard is complete

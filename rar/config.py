@@ -38,7 +38,7 @@ class RARScriptArguments:
     sft_split: str = field(default="train", metadata={"help": "Catalog split the SFT warm start (--sft_recipe) trains on."})
     embedded_val_fraction: float = field(default=0.0, metadata={
         "help": "With --catalog embedded: relabel this fraction of the train families split='val' (see "
-                "agcl.synthetic_catalog), e.g. to run RL on products stage 1 never saw."})
+                "afmrl.embedded.synthetic_catalog), e.g. to run RL on products stage 1 never saw."})
     gallery_split: list[str] | None = field(default=None, metadata={
         "help": "Catalog split(s) the reward's gallery is built from (default: --split), e.g. `train val` for a "
                 "gallery nearer a whole catalog's size; the prompts (--split) need not be among them. Ignored with "
@@ -68,7 +68,7 @@ class RARScriptArguments:
                 "reward = the deployment protocol at step 0), 'reference' (the stored `attributes` column) or a "
                 "column name. The query-only evaluation uses the same gallery."})
     gallery: str | None = field(default=None, metadata={
-        "help": "A saved rewards.ProductGallery directory; None = encode --gallery_split with the encoder in each process."})
+        "help": "A saved afmrl.retrieval.ProductGallery directory; None = encode --gallery_split with the encoder in each process."})
     # ---------------------------------------------------------------- policy warm start
     sft_recipe: str | None = field(default=None, metadata={
         "help": "Warm-start the policy first with recipes/sft_attributes.py and this YAML (output in "

@@ -2,7 +2,7 @@
 
 The question RAR optimises, asked on products the policy never saw: each listing of the held-out
 split is a query once, its other listings are the positives, and the frozen stage-1 encoder embeds
-image + title (+ attributes) (``agcl.evaluation.instance_retrieval``, the ``instance`` task). Two
+image + title (+ attributes) (``afmrl.retrieval.evaluation.instance_retrieval``, the ``instance`` task). Two
 protocols:
 
 - ``both_sides`` (deployment): the generator under test annotates every listing once, and queries
@@ -14,7 +14,7 @@ protocols:
 
 With no attributes (or a generator whose every output is empty) the two protocols are the same
 computation and give the same numbers. The
-attributes come from ``rar.generation.generate_attributes`` (greedy), are parsed with the reward's
+attributes come from ``rar.annotate`` (greedy), are parsed with the reward's
 tolerant parser and re-written canonically; a completion that does not parse adds nothing to its
 query (as in the reward, which scores it but has no text to append).
 
@@ -29,20 +29,14 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agcl.attributes import parse_attributes
-from agcl.evaluation import instance_retrieval
+from afmrl.retrieval.evaluation import instance_retrieval
 
-__all__ = ["PROTOCOLS", "SOURCES", "canonical_attributes", "evaluate_attribute_sources", "format_table",
+__all__ = ["PROTOCOLS", "SOURCES", "evaluate_attribute_sources", "format_table",
            "reward_trend", "write_report"]
 
 SOURCES = ("no_attributes", "sft_attributes", "rar_attributes")
 PROTOCOLS = ("both_sides", "query_only")
 REPORTED = ("recall@1", "recall@5", "recall@10", "mAP@10", "mrr")
-
-
-def canonical_attributes(completions: Sequence[str], key_order: Sequence[str] | None = None) -> list[str | None]:
-    """Parsed, canonical ``key: value; ...`` text per completion; None where nothing parses."""
-    return [parse_attributes(c).to_text(key_order) or None for c in completions]
 
 
 def evaluate_attribute_sources(encoder, catalog, sources: Mapping[str, Sequence[str | None] | None], *,

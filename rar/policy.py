@@ -4,12 +4,12 @@
 model with the peft config themselves (and use the adapter-disabled base as the KL reference when
 ``beta > 0``, so no second copy of the weights is loaded).
 
-* LoRA targets are the language model's linears only (``agcl.encoder.language_lora_targets``):
+* LoRA targets are the language model's linears only (``afmrl.modeling.language_lora_targets``):
   peft has no default targets for Qwen-VL, and short names such as ``q_proj`` would also match the
   vision tower's attention. The vision tower is therefore frozen with LoRA, and frozen without
   LoRA too unless ``freeze_vision=False`` (a policy from a base that cannot see yet must learn to).
 * ``--load_in_4bit``: nf4 weights with double quantisation and LoRA on top (QLoRA), loaded through
-  ``agcl.modeling.load_mllm``, which also applies the CPU bitsandbytes workaround (no inference
+  ``afmrl.modeling.load_mllm``, which also applies the CPU bitsandbytes workaround (no inference
   repacking of ``Linear4bit`` weights, see ../shared/PLATFORM.md) so that the evaluation's no-grad
   generation does not break the next training step.
 * ``trust_remote_code`` is off unless the user passes it.
@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agcl.embedded import resolve_model
-from agcl.encoder import language_lora_targets
-from agcl.modeling import check_processor, load_mllm, load_processor
+from afmrl.embedded import resolve_model
+from afmrl.modeling import check_processor, language_lora_targets, load_mllm, load_processor
 
 __all__ = ["LM_LORA_TARGETS", "check_policy_processor", "freeze_vision_tower", "load_policy"]
 

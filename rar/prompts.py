@@ -1,6 +1,6 @@
 """Prompt datasets for stage 2 (RAR, GRPO) and its SFT warm start, built from a catalog.
 
-``build_prompt_dataset`` turns a catalog (``agcl.catalog.load_catalog``) into what TRL 1.16's
+``build_prompt_dataset`` turns a catalog (``afmrl.catalog.load.load_catalog``) into what TRL 1.16's
 ``GRPOTrainer`` reads: a conversational ``prompt`` column (``[{"role": "user", "content": str}]``),
 an ``image`` column (or ``images``), and the catalog columns the rewards need (``listing_id`` for
 ``rewards.RetrievalRankReward``; ``attributes`` for reference-F1 rewards). ``build_sft_dataset``
@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 
 import datasets
 
-from agcl.attributes import format_attributes
+from afmrl.attributes import format_attributes
 
 __all__ = ["DEFAULT_PROMPT", "build_prompt_dataset", "build_sft_dataset", "sft_target", "PROMPT_FILE", "save_prompt_settings"]
 
@@ -110,7 +110,7 @@ def _with(features: datasets.Features, old: str, new: str, feature) -> datasets.
 def _assemble(catalog, template, attribute_keys, keep_columns, image_column, carry: Sequence[str] = ()):
     """prompt + image column(s) + carried internal columns + kept catalog columns."""
     if not isinstance(catalog, datasets.Dataset):
-        raise TypeError(f"catalog must be a datasets.Dataset (see agcl.catalog.load_catalog), got {type(catalog).__name__}")
+        raise TypeError(f"catalog must be a datasets.Dataset (see afmrl.catalog.load.load_catalog), got {type(catalog).__name__}")
     if "listing_id" not in catalog.column_names:
         raise ValueError("the catalog has no 'listing_id' column; the RAR rewards need it to find the ground truth")
     text = _user_text_fn(template, attribute_keys)

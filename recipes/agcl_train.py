@@ -19,14 +19,14 @@ from pathlib import Path
 from transformers import set_seed
 from trl import ModelConfig, TrlParser
 
-from agcl.catalog import CatalogError, load_catalog, use_title_column
-from agcl.cli import default_config_epilog, fail, parse_recipe_args, with_default_config
+from afmrl.catalog.load import CatalogError, load_catalog, use_title_column
+from afmrl.cli import default_config_epilog, fail, parse_recipe_args, with_default_config
+from afmrl.embedded import resolve_catalog, resolve_model
+from afmrl.encoder.model import EncoderConfig, EncoderLoadError, ProductEncoder, read_encoder_config
+from afmrl.retrieval.evaluation import evaluate_encoder, format_results
+from afmrl.retrieval.fingerprints import write_training_record
 from agcl.config import AGCLConfig, AGCLScriptArguments
-from agcl.embedded import resolve_catalog, resolve_model
-from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder, read_encoder_config
-from agcl.evaluation import evaluate_encoder, format_results
 from agcl.trainer import AGCLTrainer, check_attribute_options
-from rewards.fingerprints import write_training_record
 
 logger = logging.getLogger("agcl_train")
 

@@ -26,15 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
-from trl import ModelConfig
 
-from agcl.catalog import CatalogError, group_by_product, load_catalog
-from agcl.embedded import resolve_catalog
-from agcl.encoder import EncoderLoadError, ProductEncoder, read_encoder_config
-from rar.evaluation import canonical_attributes, evaluate_attribute_sources, format_table
-from rar.generation import generate_attributes
-from rar.policy import load_policy
-from rar.prompts import build_prompt_dataset
+from afmrl.attributes import canonical_attributes
+from afmrl.catalog import CatalogError, group_by_product, load_catalog, write_catalog_dir
+from afmrl.embedded import resolve_catalog
+from afmrl.encoder.model import EncoderLoadError, ProductEncoder, read_encoder_config
+from rar.annotate import annotate, load_generator
+from rar.evaluation import evaluate_attribute_sources, format_table
 
 RECIPES = Path(__file__).resolve().parent
 USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
@@ -83,8 +81,6 @@ def main(args: CITArguments) -> dict:
     keep = sorted(i for group in products[: max(1, round(args.fraction * len(products)))] for i in group)
     source = out / "source"
     if len(keep) < len(rows):
-        from agcl.catalog_writer import write_catalog_dir
-
         write_catalog_dir(rows.select(keep), source)
     run("extract_attributes.py", "--model", args.generator, "--catalog", str(source if len(keep) < len(rows) else catalog),
         *(["--split", args.split] if len(keep) == len(rows) else []), "--output_dir", str(out / "catalog"),
@@ -96,10 +92,8 @@ def main(args: CITArguments) -> dict:
         "--output_dir", str(out / "encoder"), "--seed", str(args.seed), "--disable_tqdm", "true")
 
     # 3. Before / after on held-out products, with and without the generator's attributes.
-    model, processor, _ = load_policy(ModelConfig(model_name_or_path=args.generator), for_training=False,
-                                      cache_dir=args.cache_dir)
-    prompts = build_prompt_dataset(evaluation, prompt_template=args.prompt_template)
-    generated = canonical_attributes(generate_attributes(model, processor, prompts, batch_size=args.batch_size))
+    generated = canonical_attributes(annotate(evaluation, lambda: load_generator(args.generator, cache_dir=args.cache_dir),
+                                              prompt_template=args.prompt_template, batch_size=args.batch_size))
     results = {}
     for label, path in (("before CIT", args.encoder), ("after one CIT round", out / "encoder")):
         encoder = ProductEncoder.from_pretrained(path)

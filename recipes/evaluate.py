@@ -14,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from agcl.catalog import CatalogError, load_catalog
-from agcl.embedded import resolve_catalog
-from agcl.encoder import EncoderLoadError, ProductEncoder
-from agcl.evaluation import TASKS, attribute_texts, evaluate_encoder, format_results
+from afmrl.catalog.load import CatalogError, load_catalog
+from afmrl.embedded import resolve_catalog
+from afmrl.encoder.model import EncoderLoadError, ProductEncoder
+from afmrl.retrieval.evaluation import TASKS, attribute_texts, evaluate_encoder, format_results
 
 USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
 

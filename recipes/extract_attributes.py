@@ -13,7 +13,7 @@ Each listing gets one greedy completion for the prompt GRPO uses (``rar.prompts`
 in batches with a progress bar. Completions are appended to ``<output_dir>/generations.jsonl``
 (``generations-<task>.jsonl`` for ``--task title`` / ``bbox``) as
 each batch finishes, so an interrupted run started again with the same arguments skips the
-listings already done. At the end the completions are parsed (``agcl.attributes.parse_attributes``)
+listings already done. At the end the completions are parsed (``afmrl.attributes.parse_attributes``)
 into ``--column`` of a copy of the catalog in ``<output_dir>`` (``catalog.jsonl`` + ``images/``);
 the source catalog is never modified. A completion that does not parse gets ``null`` there and is
 counted in ``extraction_summary.json`` (nothing is dropped silently); a column that already
@@ -33,15 +33,14 @@ from PIL import Image
 from transformers import HfArgumentParser
 from trl import ModelConfig
 
-from agcl.attributes import parse_attributes
-from agcl.catalog import CatalogError, load_catalog
-from agcl.catalog_writer import write_catalog_dir
-from agcl.embedded import resolve_catalog
-from agcl.encoder import EncoderLoadError
-from agcl.modeling import require_bitsandbytes
-from rar.generation import generate_attributes, read_generation_log
-from rar.policy import load_policy
-from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
+from afmrl.attributes import parse_attributes
+from afmrl.catalog.load import CatalogError, load_catalog
+from afmrl.catalog.write import write_catalog_dir
+from afmrl.embedded import resolve_catalog
+from afmrl.encoder.model import EncoderLoadError
+from afmrl.modeling import require_bitsandbytes
+from rar.annotate import annotate, load_generator, read_generation_log
+from rar.prompts import DEFAULT_PROMPT
 
 USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
 GENERATIONS = "generations.jsonl"
@@ -134,43 +133,28 @@ def main(args: ExtractArguments) -> dict:
     catalog = load_catalog(resolve_catalog(args.catalog, args.cache_dir), split=args.split)
     if args.limit:
         catalog = catalog.select(range(min(args.limit, len(catalog))))
-    prompts = build_prompt_dataset(catalog, prompt_template=template, attribute_keys=args.attribute_keys)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # One log per task: a rerun with another --task in the same directory must not resume the other's answers.
     log_path = out / (GENERATIONS if args.task == "attributes" else f"generations-{args.task}.jsonl")
-    done = read_generation_log(log_path)
     listing_ids = list(catalog["listing_id"])  # read the column once
-    resumed = sum(lid in done for lid in listing_ids)
-    todo = [i for i, lid in enumerate(listing_ids) if lid not in done]
-    print(f"[extract_attributes] {len(catalog)} listings, {resumed} already done, {len(todo)} to generate", flush=True)
-
-    if todo:
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        model_args = ModelConfig(model_name_or_path=args.model, dtype=dtype, load_in_4bit=args.load_in_4bit)
-        model, processor, _ = load_policy(model_args, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
-                                          for_training=False)
-        if torch.cuda.is_available():
-            model = model.to("cuda") if not args.load_in_4bit else model
-        pending = prompts.select(todo)
-        ids = [listing_ids[i] for i in todo]
-        with log_path.open("a", encoding="utf-8") as log:
-            def save(start: int, texts: list[str]):
-                for lid, text in zip(ids[start:start + len(texts)], texts, strict=True):
-                    log.write(json.dumps({"listing_id": lid, "completion": text}, ensure_ascii=False) + "\n")
-                    done[lid] = text
-                log.flush()
-
-            generate_attributes(model, processor, pending, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, on_batch=save)
+    resumed = len(read_generation_log(log_path).keys() & set(listing_ids))
+    print(f"[extract_attributes] {len(catalog)} listings, {resumed} already done, {len(catalog) - resumed} to generate",
+          flush=True)
+    model_args = ModelConfig(model_name_or_path=args.model, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                             load_in_4bit=args.load_in_4bit)
+    texts = annotate(catalog, lambda: load_generator(args.model, model_args=model_args, cache_dir=args.cache_dir,
+                                                     trust_remote_code=args.trust_remote_code),
+                     prompt_template=template, attribute_keys=args.attribute_keys, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, log_path=log_path, desc="generating attributes")
 
     if args.task == "title":
-        values = [parse_title(done[lid]) for lid in listing_ids]
+        values = [parse_title(text) for text in texts]
     elif args.task == "bbox":  # boxes are in pixels of each listing's first image
-        values = [parse_bbox(done[lid], *size, coordinates=args.bbox_coordinates)
-                  for lid, size in zip(listing_ids, first_image_sizes(catalog), strict=True)]
+        values = [parse_bbox(text, *size, coordinates=args.bbox_coordinates)
+                  for text, size in zip(texts, first_image_sizes(catalog), strict=True)]
     else:
-        parsed = [parse_attributes(done[lid]).attributes for lid in listing_ids]
+        parsed = [parse_attributes(text).attributes for text in texts]
         if args.attribute_keys:
             order = {k: i for i, k in enumerate(args.attribute_keys)}
             parsed = [dict(sorted(a.items(), key=lambda kv: order.get(kv[0], len(order)))) for a in parsed]
@@ -180,7 +164,7 @@ def main(args: ExtractArguments) -> dict:
     write_catalog_dir(catalog, out, extra_columns={column: values})
     summary = {"model": args.model, "source_catalog": args.catalog, "split": args.split, "task": args.task,
                "column": column,
-               "n_listings": len(catalog), "n_resumed": resumed, "n_generated": len(todo),
+               "n_listings": len(catalog), "n_resumed": resumed, "n_generated": len(catalog) - resumed,
                "n_unparsable": sum(v is None for v in values)}
     (out / "extraction_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"[extract_attributes] wrote {out / 'catalog.jsonl'}: {summary['n_unparsable']} of {len(catalog)} "

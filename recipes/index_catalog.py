@@ -28,10 +28,10 @@ import torch
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from agcl.catalog import CatalogError, load_catalog
-from agcl.cli import fail
-from agcl.embedded import resolve_catalog
-from agcl.encoder import EncoderLoadError, read_encoder_config
+from afmrl.catalog.load import CatalogError, load_catalog
+from afmrl.cli import fail
+from afmrl.embedded import resolve_catalog
+from afmrl.encoder.model import EncoderLoadError, read_encoder_config
 from deploy import ProductIndex, plot_precision_recall
 from deploy.product_index import check_listings
 from deploy.sharding import encode_shards, merge_shards, remove_shards

@@ -2,13 +2,13 @@
 
     python recipes/make_catalog.py --output_dir data/catalog --num_products 600 --seed 0
 
-Every flag is a field of `agcl.synthetic_catalog.SyntheticCatalogConfig` (see `--help`);
+Every flag is a field of `afmrl.embedded.synthetic_catalog.SyntheticCatalogConfig` (see `--help`);
 the same flags always give byte-identical files.
 """
 
 from transformers import HfArgumentParser
 
-from agcl.synthetic_catalog import SyntheticCatalogConfig, make_synthetic_catalog
+from afmrl.embedded.synthetic_catalog import SyntheticCatalogConfig, make_synthetic_catalog
 
 
 def main(argv=None):

@@ -5,9 +5,9 @@
     python recipes/pretrain_tiny.py --config recipes/configs/pretrain_tiny_generator.yaml \
         --catalog outputs/pretrain-corpus --output_dir outputs/pretrained/generator
 
-The model is the tiny-model factory's architecture (``agcl.tiny_models.build_tiny_mllm``, sizes from
+The model is the tiny-model factory's architecture (``afmrl.embedded.tiny_models.build_tiny_mllm``, sizes from
 the flags below) with a tokenizer trained on the corpus's words, randomly initialised with
-``--seed``, then trained with TRL's ``SFTTrainer`` on ``agcl.pretraining`` conversations (describe
+``--seed``, then trained with TRL's ``SFTTrainer`` on ``afmrl.embedded.pretraining`` conversations (describe
 the photo, answer a question about one visible attribute, read the title, or caption the photo;
 loss on the answers only). The corpus is any catalog with a ``true_attributes`` column. The run
 is deterministic per seed on CPU, shows a progress bar, resumes from the last checkpoint in
@@ -16,7 +16,7 @@ model card ``README.md``) how often the model names each visible attribute of he
 right, in the format of the task it trained on (``--perception_format``).
 
 The models the embedded demo starts from were made with the two YAML files in recipes/configs
-(commands, corpus, seed and times in docs/pretraining.md).
+(commands, corpus, seed and times in docs/embedded.md).
 """
 
 import json
@@ -30,11 +30,9 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from agcl.catalog import CatalogError, load_catalog
-from agcl.cli import fail, parse_recipe_args
-from agcl.encoder import DEFAULT_INSTRUCTION
-from agcl.modeling import FAMILIES
-from agcl.pretraining import (
+from afmrl.catalog.load import CatalogError, load_catalog
+from afmrl.cli import fail, parse_recipe_args
+from afmrl.embedded.pretraining import (
     PERCEPTION_FORMATS,
     TASK_PROBABILITIES,
     build_pretraining_dataset,
@@ -42,8 +40,10 @@ from agcl.pretraining import (
     perception_accuracy,
     visible_keys,
 )
-from agcl.synthetic_catalog import vocabulary_corpus
-from agcl.tiny_models import build_tiny_mllm
+from afmrl.embedded.synthetic_catalog import vocabulary_corpus
+from afmrl.embedded.tiny_models import build_tiny_mllm
+from afmrl.encoder.model import DEFAULT_INSTRUCTION
+from afmrl.modeling import FAMILIES
 from rar.prompts import DEFAULT_PROMPT
 
 logger = logging.getLogger("pretrain_tiny")
@@ -113,7 +113,7 @@ def model_card(script_args, training_args, perception: dict, perception_format: 
     lines = ["# A pretrained tiny Qwen-VL-class MLLM (afmrl embedded default)", "",
              "Made by `recipes/pretrain_tiny.py`: the tiny-model factory's architecture, random init with seed "
              f"{training_args.seed}, trained with TRL's SFTTrainer on conversations about the photos of a synthetic "
-             "catalog (agcl/pretraining.py; task mix describe / ask / read-the-title / caption = "
+             "catalog (afmrl/embedded/pretraining.py; task mix describe / ask / read-the-title / caption = "
              f"{'/'.join(str(w) for w in script_args.task_probabilities)}).", "",
              f"- command: `{' '.join(['python recipes/pretrain_tiny.py', *command])}`",
              f"- sizes: {json.dumps(sizes)}",
@@ -121,7 +121,7 @@ def model_card(script_args, training_args, perception: dict, perception_format: 
              f"conversations; {corpus_note}",
              f"- training: {training_args.num_train_epochs} epoch(s), batch {training_args.per_device_train_batch_size}, "
              f"lr {training_args.learning_rate}, {elapsed / 60:.1f} min on this machine", "",
-             "Perception on held-out photos (the likeliest of each key's values, agcl.pretraining.perception_accuracy "
+             "Perception on held-out photos (the likeliest of each key's values, afmrl.embedded.pretraining.perception_accuracy "
              f"in the {perception_format!r} format):",
              "", "| key | accuracy |", "|---|---|"]
     lines += [f"| {k} | {100 * v:.1f}% |" for k, v in perception.items()]
@@ -179,11 +179,11 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
 
     perception = {}
     if held_out is not None:
-        from agcl.evaluation import listing_images
+        from afmrl.encoder.crops import catalog_views
 
         values = {k: sorted({str(a[k]) for a in catalog[script_args.attribute_column] if a and a.get(k) is not None})
                   for k in keys}
-        images = [im[0] if isinstance(im, list) else im for im in listing_images(held_out)]
+        images = [im[0] if isinstance(im, list) else im for im in catalog_views(held_out)]
         perception = perception_accuracy(trainer.model, processor, images, held_out[script_args.attribute_column],
                                          keys, values, task=perception_format)
         print(f"\nPerception on {len(held_out)} held-out photos (split {script_args.eval_split!r}, "

@@ -8,31 +8,17 @@
 
 A policy MLLM writes the attributes of a listing (image + title); the reward re-embeds the listing
 with them through the frozen stage-1 encoder and scores how much they lift its identical products
-in the gallery (``rewards.RetrievalRankReward``). Steps, in order:
-
-1. check every input (catalog rows, encoder directory, reward names and weights, prompt template,
-   batch divisibility) -- a user error ends here with one line and exit code 2, before any model loads;
-2. train the stage-1 encoder with recipes/agcl_train.py if ``--encoder`` (default
-   ``<output_dir>/encoder``) is missing and ``--encoder_recipe`` names a YAML (reused when present and
-   trained on this catalog; one trained on another catalog is refused by name);
-3. warm-start the policy with recipes/sft_attributes.py when ``--sft_recipe`` names a YAML
-   (``<output_dir>/sft``, reused as the encoder is): the paper's distilled generator;
-4. GRPO (or RLOO) with the rewards; ``--resume_from_checkpoint`` continues a run;
-5. on ``--eval_split`` (held-out products): greedy attributes of the starting policy and of the RL
-   policy, instance Recall@1/5/10 with no / SFT / RAR attributes, every listing annotated by the
-   generator under test (the deployment protocol, ``metrics.json``'s top level) and on the queries
-   only (``metrics.json["query_only"]``); writes ``metrics.json``, ``attributes.jsonl``,
-   ``reward_curve.png`` and ``recall.png``.
+in the gallery (``rewards.RetrievalRankReward``). ``main`` reads top to bottom: check every input (a user
+error ends there with one ``error:`` line and exit code 2, before any model loads), build what the config
+names but the output directory lacks (``rar.pipeline``: the stage-1 encoder, the SFT warm start, the reward
+gallery's annotation -- the demo's steps), build the rewards, train with GRPO (or RLOO), save, and, with
+``--eval_split``, compare no / SFT / RAR attributes on held-out products (``metrics.json``).
 
 Flags: the fields of rar.config.RARScriptArguments, trl.GRPOConfig and trl.ModelConfig; without
 ``--config`` they are layered over recipes/configs/rar_demo.yaml.
 """
 
-import json
 import logging
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -41,55 +27,26 @@ from accelerate import PartialState
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOTrainer, TrlParser
 
-from agcl.attributes import parse_attributes
-from agcl.catalog import CatalogError, load_catalog
-from agcl.cli import default_config_epilog, fail, given_flags, parse_recipe_args, with_default_config
-from agcl.embedded import is_embedded_model, resolve_catalog
-from agcl.encoder import EncoderLoadError, ProductEncoder, read_encoder_config
-from agcl.evaluation import attribute_texts
-from agcl.modeling import check_model_source, require_bitsandbytes
-from rar.config import POLICY_COLUMN, RARScriptArguments, to_rloo_config
-from rar.evaluation import (
-    SOURCES,
-    canonical_attributes,
-    evaluate_attribute_sources,
-    format_table,
-    write_report,
-)
-from rar.generation import generate_attributes
+from afmrl.catalog import CatalogError, load_catalog
+from afmrl.cli import default_config_epilog, fail, given_flags, parse_recipe_args, with_default_config
+from afmrl.embedded import is_embedded_model, resolve_catalog
+from afmrl.encoder.config import EncoderLoadError, read_encoder_config
+from afmrl.modeling import check_model_source, require_bitsandbytes
+from afmrl.retrieval.fingerprints import check_training_record
+from rar.config import RARScriptArguments, to_rloo_config
+from rar.pipeline import annotate_reward_gallery, policy_attributes, report_heldout, train_missing_stages
 from rar.policy import check_policy_processor, load_policy
 from rar.prompts import build_prompt_dataset, save_prompt_settings
 from rewards import get_reward_funcs, validate_reward_weights
-from rewards.fingerprints import check_training_record
-from rewards.rank_lookup import outside_zero3
 
 logger = logging.getLogger("rar_grpo")
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "rar_demo.yaml"
 USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
-# A child recipe must not join this run's process group.
-_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                    "MASTER_ADDR", "MASTER_PORT")
-
-
-def run_recipe(recipe: str, config: str, overrides: dict):
-    """Run another recipe in a clean single-process child (the demo's stage 1 and SFT stages)."""
-    cmd = [sys.executable, str(RECIPES / recipe), "--config", config]
-    for key, value in overrides.items():
-        if value is not None:
-            cmd += [f"--{key}", *(map(str, value) if isinstance(value, list | tuple) else [str(value)])]
-    env = {k: v for k, v in os.environ.items()
-           if k not in _DISTRIBUTED_ENV and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
-    print(f"[rar_grpo] running {' '.join(cmd)}", flush=True)
-    code = subprocess.run(cmd, env=env).returncode
-    if code:  # the stage printed its own error (one `error:` line for a user error): end with its exit code
-        print(f"[rar_grpo] stage {recipe} failed (exit code {code})", file=sys.stderr, flush=True)
-        sys.exit(code)
-
-
 def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
-    """Everything that can fail on user input, before any model is loaded; returns the datasets."""
+    """Everything that can fail on user input, before any model is loaded; returns the catalog path, the prompt
+    dataset and the held-out listings (or None)."""
     catalog = resolve_catalog(script_args.catalog, script_args.cache_dir, val_fraction=script_args.embedded_val_fraction)
     train = load_catalog(catalog, split=script_args.split)
     if script_args.max_train_listings:
@@ -135,9 +92,10 @@ def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, mod
             if ds is not None and column not in ds.column_names:
                 raise ValueError(f"--gallery_attributes {script_args.gallery_attributes!r}: the {name} rows have no "
                                  f"column {column!r}")
-    reward_funcs = make_rewards(script_args, catalog)
-    validate_reward_weights(training_args.reward_weights, reward_funcs)
-    return catalog, prompts, evaluation, reward_funcs
+    # The rewards resolve and check their arguments here, loading nothing (the retrieval reward loads on its first
+    # call); main builds them again once the reward's gallery is annotated.
+    validate_reward_weights(training_args.reward_weights, make_rewards(script_args, catalog))
+    return catalog, prompts, evaluation
 
 
 def make_rewards(script_args: RARScriptArguments, catalog):
@@ -155,85 +113,25 @@ def make_rewards(script_args: RARScriptArguments, catalog):
         key_order=script_args.attribute_keys, **({"gallery_options": gallery_options} if gallery_options else {}))
 
 
-def annotate_gallery(script_args, training_args, model_args, policy_path, catalog: str, write: bool):
-    """``--gallery_attributes policy``: the reward's gallery split(s) annotated once by the starting policy (greedy),
-    as a catalog is annotated by its generator in deployment; the whole catalog comes back with the parsed
-    attributes in POLICY_COLUMN (None outside the gallery splits). The main process writes them (reused)."""
-    path = Path(training_args.output_dir) / "gallery_attributes.jsonl"
-    full = load_catalog(catalog)
-    splits = set(script_args.gallery_splits)
-    rows = list(range(len(full))) if "split" not in full.column_names else \
-        [i for i, s in enumerate(full["split"]) if s in splits]
-
-    def read():
-        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-        return {r["listing_id"]: r["completion"] for r in map(json.loads, lines)}
-
-    ids, known = list(full["listing_id"]), read()  # a list: a Column reads arrow on every index
-    missing = [i for i in rows if ids[i] not in known]  # a rerun with more gallery splits annotates just theirs
-    if write and missing:
-        gallery = full.select(missing)
-        texts = generate_eval_attributes(script_args, training_args, model_args, policy_path, gallery)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"listing_id": lid, "completion": t}, ensure_ascii=False) + "\n"
-                         for lid, t in zip(gallery["listing_id"], texts, strict=True))
-    done = read()
-    values = [parse_attributes(done[lid]).attributes or None if lid in done else None for lid in full["listing_id"]]
-    return full.add_column(POLICY_COLUMN, values)
-
-
-def generate_eval_attributes(script_args, training_args, model_args, policy_path, evaluation) -> list[str]:
-    """Greedy attributes of a saved policy on the held-out prompts (a whole copy, outside ZeRO-3)."""
-    with outside_zero3():
-        model, processor, _ = load_policy(model_args, cache_dir=script_args.cache_dir, name_or_path=str(policy_path),
-                                          trust_remote_code=training_args.trust_remote_code, for_training=False)
-    prompts = build_prompt_dataset(evaluation, prompt_template=script_args.prompt_template,
-                                   attribute_keys=script_args.attribute_keys)
-    if getattr(model, "hf_quantizer", None) is None:  # 4-bit models are placed at load time and refuse .to()
-        model = model.to(training_args.device)
-    return generate_attributes(model, processor, prompts,
-                               batch_size=script_args.eval_batch_size,
-                               max_new_tokens=script_args.eval_max_new_tokens or training_args.max_completion_length)
-
-
 def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
     started = time.time()
     set_seed(training_args.seed)
     try:
-        catalog, prompts, evaluation, reward_funcs = check_inputs(script_args, training_args, model_args)
+        catalog, prompts, evaluation = check_inputs(script_args, training_args, model_args)
     except USER_ERRORS as err:
         fail(err)
     state = PartialState()
     output_dir = Path(training_args.output_dir)
 
-    # Stages that write to disk run in the main process first; the others then find and reuse them.
+    # What the config names but the output directory lacks; the main process builds it, the others reuse it.
     with state.main_process_first():
-        if not (Path(script_args.encoder) / "encoder_config.json").is_file():
-            run_recipe("agcl_train.py", script_args.encoder_recipe,
-                       {"catalog": catalog, "cache_dir": script_args.cache_dir, "output_dir": script_args.encoder,
-                        "model_name_or_path": script_args.encoder_model_name_or_path or model_args.model_name_or_path,
-                        "seed": training_args.seed})
-        policy_path = model_args.model_name_or_path
-        if script_args.sft_recipe:
-            policy_path = str(output_dir / "sft")
-            if not (Path(policy_path) / "config.json").is_file() and not (Path(policy_path) / "adapter_config.json").is_file():
-                run_recipe("sft_attributes.py", script_args.sft_recipe,
-                           {"catalog": catalog, "split": script_args.sft_split, "cache_dir": script_args.cache_dir,
-                            "model_name_or_path": model_args.model_name_or_path, "output_dir": policy_path,
-                            "prompt_template": script_args.prompt_template,
-                            "attribute_keys": script_args.attribute_keys, "seed": training_args.seed})
-
-        # every process: the reward's gallery carries the starting policy's attributes (the main one writes them)
-        if script_args.gallery_attributes == "policy":
-            reward_funcs = make_rewards(script_args, annotate_gallery(script_args, training_args, model_args,
-                                                                      policy_path, catalog, write=state.is_main_process))
-
-    # The starting policy's attributes on held-out products ("SFT attributes"), before RL touches it.
-    generated = {}
+        policy_path = train_missing_stages(script_args, training_args, model_args, catalog, RECIPES)
+        if script_args.gallery_attributes == "policy":  # the reward's gallery, annotated by the starting policy
+            catalog = annotate_reward_gallery(script_args, training_args, model_args, policy_path, catalog)
+    reward_funcs = make_rewards(script_args, catalog)
+    generated = {}  # the starting policy's held-out attributes ("SFT attributes"), before RL touches it
     if evaluation is not None and state.is_main_process:
-        generated["sft_attributes"] = generate_eval_attributes(script_args, training_args, model_args, policy_path,
-                                                               evaluation)
+        generated["sft_attributes"] = policy_attributes(script_args, training_args, model_args, policy_path, evaluation)
 
     model, processor, peft_config = load_policy(model_args, cache_dir=script_args.cache_dir, name_or_path=policy_path,
                                                 freeze_vision=script_args.freeze_vision,
@@ -245,6 +143,7 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=prompts,
                               processing_class=processor, peft_config=peft_config)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(output_dir))
@@ -255,35 +154,9 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
                              attribute_keys=script_args.attribute_keys, max_new_tokens=training_args.max_completion_length)
     state.wait_for_everyone()
 
-    if evaluation is None or not state.is_main_process:
-        return trainer
-    generated["rar_attributes"] = generate_eval_attributes(script_args, training_args, model_args, output_dir,
-                                                           evaluation)
-    with outside_zero3():  # only this process evaluates: a whole encoder, no collective partitioning
-        encoder = ProductEncoder.from_pretrained(script_args.encoder).to(training_args.device)
-    sources = {"no_attributes": None, **{k: canonical_attributes(v, script_args.attribute_keys)
-                                         for k, v in generated.items()}}
-    # The deployment protocol (every listing annotated by the generator under test) is the headline; the
-    # reward's protocol (query only, against the --gallery_attributes gallery) sits beside it.
-    results = evaluate_attribute_sources(encoder, evaluation, sources, protocol="both_sides",
-                                         batch_size=script_args.eval_batch_size)
-    gallery_texts = (sources["sft_attributes"] if script_args.gallery_attributes == "policy" else
-                     attribute_texts(evaluation, script_args.gallery_attributes, script_args.attribute_keys))
-    query_only = evaluate_attribute_sources(encoder, evaluation, sources, protocol="query_only",
-                                            gallery_attributes=gallery_texts, batch_size=script_args.eval_batch_size)
-    paths = write_report(output_dir, {k: results[k] for k in SOURCES}, log_history=trainer.state.log_history,
-                         generated={"listing_id": evaluation["listing_id"], **generated},
-                         extra={"protocol": "both_sides", "query_only": {k: query_only[k] for k in SOURCES},
-                                "elapsed_s": round(time.time() - started, 1), "eval_split": script_args.eval_split,
-                                "n_eval_listings": len(evaluation),
-                                "gallery_attributes": script_args.gallery_attributes})
-    print(f"\nHeld-out instance retrieval ({len(evaluation)} listings of split {script_args.eval_split!r}), every "
-          "listing annotated by the generator (deployment):")
-    print(format_table({k: results[k] for k in SOURCES}))
-    print(f"Query-only attributes, gallery {script_args.gallery_attributes!r} (the reward's protocol):")
-    print(format_table({k: query_only[k] for k in SOURCES}))
-    print(f"wrote {', '.join(str(p) for p in paths.values())} ({time.time() - started:.0f} s in all)")
-    logger.info("metrics: %s", json.dumps(results))
+    if evaluation is not None and state.is_main_process:
+        generated["rar_attributes"] = policy_attributes(script_args, training_args, model_args, output_dir, evaluation)
+        report_heldout(script_args, training_args, evaluation, generated, trainer.state.log_history, started)
     return trainer
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from transformers import HfArgumentParser
 
-from agcl.catalog import CatalogError, load_catalog
-from agcl.cli import fail
-from agcl.embedded import resolve_catalog
-from agcl.encoder import EncoderLoadError
+from afmrl.catalog.load import CatalogError, load_catalog
+from afmrl.cli import fail
+from afmrl.embedded import resolve_catalog
+from afmrl.encoder.model import EncoderLoadError
 from deploy import ProductIndex
 
 USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)

@@ -27,14 +27,13 @@ from pathlib import Path
 from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from agcl.catalog import CatalogError, load_catalog
-from agcl.cli import default_config_epilog, fail, parse_recipe_args, with_default_config
-from agcl.embedded import resolve_catalog, resolve_model
-from agcl.encoder import language_lora_targets
-from agcl.modeling import load_mllm
+from afmrl.catalog.load import CatalogError, load_catalog
+from afmrl.cli import default_config_epilog, fail, parse_recipe_args, with_default_config
+from afmrl.embedded import resolve_catalog, resolve_model
+from afmrl.modeling import language_lora_targets, load_mllm
+from afmrl.retrieval.fingerprints import write_training_record
 from rar.policy import freeze_vision_tower
 from rar.prompts import DEFAULT_PROMPT, build_sft_dataset, save_prompt_settings
-from rewards.fingerprints import write_training_record
 
 logger = logging.getLogger("sft_attributes")
 

@@ -19,8 +19,7 @@ import path, ``package.module:function``. ``RetrievalRankReward`` is imported la
 ``import rewards`` does not load torch models.
 """
 
-import importlib
-
+from afmrl._lazy import lazy_exports
 from rewards.attribute_rewards import (
     AttributeF1Reward,
     AttributeFormatReward,
@@ -30,7 +29,7 @@ from rewards.attribute_rewards import (
 )
 from rewards.registry import BUILTIN_REWARDS, get_reward_funcs, resolve_reward, validate_reward_weights
 
-_LAZY = {"RetrievalRankReward": "rewards.retrieval_rank", "ProductGallery": "rewards.gallery"}
+__getattr__, _ = lazy_exports(__name__, {"RetrievalRankReward": "rewards.retrieval_rank"})
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -38,16 +37,9 @@ __all__ = [
     "AttributeFormatReward",
     "ConcisenessReward",
     "RetrievalRankReward",
-    "ProductGallery",
     "completion_text",
     "get_reward_funcs",
     "parse_completion",
     "resolve_reward",
     "validate_reward_weights",
 ]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'rewards' has no attribute {name!r}")

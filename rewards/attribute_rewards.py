@@ -17,7 +17,7 @@ content is a string, a list of blocks (``[{"type": "text", "text": ...}]``) or N
 never raise on model output and never return NaN or infinity; ``None`` means "not applicable to
 this sample" (TRL turns it into NaN and leaves the sample out of that reward's mean).
 
-Attribute text is read with :func:`agcl.attributes.parse_attributes` (tolerant; keys and values
+Attribute text is read with :func:`afmrl.attributes.parse_attributes` (tolerant; keys and values
 normalised: lower case, ``Secondary Color`` -> ``secondary_color``, fullwidth punctuation folded).
 """
 
@@ -27,7 +27,7 @@ import math
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from agcl.attributes import ParsedAttributes, normalize_key, parse_attributes
+from afmrl.attributes import ParsedAttributes, normalize_key, parse_attributes
 
 __all__ = [
     "AttributeF1Reward",
@@ -267,7 +267,7 @@ class AttributeF1Reward:
 
     The reference arrives as the dataset column ``reference_column`` (default ``attributes``), a
     keyword list with one entry per completion: a mapping, an attribute text, or None. Both sides
-    are parsed and normalised by :mod:`agcl.attributes` (case, spacing, key separators), and a
+    are parsed and normalised by :mod:`afmrl.attributes` (case, spacing, key separators), and a
     pair matches only when key *and* value are equal::
 
         P = predicted pairs, R = reference pairs

@@ -14,7 +14,6 @@ catalog, the gallery and the encoder is checked here, once, with an error that n
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -24,56 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-from agcl.crops import listing_views, uses_crops
-from rewards.fingerprints import _as_catalog, catalog_fingerprint
-from rewards.gallery import ProductGallery
+from afmrl.catalog import load_catalog
+from afmrl.encoder.crops import listing_views, uses_crops
+from afmrl.encoder.model import load_frozen_encoder
+from afmrl.retrieval.fingerprints import catalog_fingerprint
+from afmrl.retrieval.gallery import ProductGallery
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def outside_zero3():
-    """Switch transformers' DeepSpeed ZeRO-3 hook off while a frozen helper model loads.
-
-    With a ZeRO-3 config alive (``TrainingArguments(deepspeed=...)``), every ``from_pretrained``
-    runs under ``deepspeed.zero.Init`` and partitions the weights across ranks, leaving each
-    process with empty tensors; the reward's encoder must be whole in every process.
-    """
-    try:
-        from transformers.integrations import deepspeed as hf_deepspeed
-    except Exception:
-        yield
-        return
-    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def load_encoder(encoder, device: str | None = None, encoder_kwargs: dict | None = None):
-    """``encoder`` itself when it is an object; a ``ProductEncoder`` directory loaded whole on ``device``
-    (default: the current CUDA device, else CPU) otherwise."""
-    if not isinstance(encoder, str):
-        return encoder
-    import torch
-
-    from agcl.encoder import ProductEncoder
-
-    if device is None:
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    with outside_zero3():
-        model = ProductEncoder.from_pretrained(encoder, **(encoder_kwargs or {}))
-    model.to(device)
-    model._afmrl_source_dir = str(Path(encoder).resolve())  # lets fingerprint checks read the files
-    return model
 
 
 def _lookup_catalog(catalog, gallery: ProductGallery | None, split: str | Sequence[str] | None):
     """The catalog the queries are looked up in: ``catalog``, else the one the gallery was built from."""
     if catalog is not None:
-        return _as_catalog(catalog, split=split)[0]
+        return load_catalog(catalog, split=split, verify_images=False)
     source = gallery.info.get("catalog_source")
     if not source or not Path(source).exists():
         raise ValueError(
@@ -81,7 +43,7 @@ def _lookup_catalog(catalog, gallery: ProductGallery | None, split: str | Sequen
             + (f"was built from {source!r}, which no longer exists" if source else
                "records no catalog path (it was built from an in-memory dataset)")
         )
-    return _as_catalog(source, split=gallery.info.get("catalog_split"))[0]
+    return load_catalog(source, split=gallery.info.get("catalog_split"), verify_images=False)
 
 
 @dataclass
@@ -109,7 +71,7 @@ class RankLookup:
              encoder_kwargs: dict | None = None, gallery_options: dict | None = None, image_cache_size: int = 256,
              baseline_from_gallery: bool = True, name: str = "retrieval_rank") -> RankLookup:
         start = time.perf_counter()
-        encoder = load_encoder(encoder, device, encoder_kwargs)
+        encoder = load_frozen_encoder(encoder, device, **(encoder_kwargs or {}))
         if isinstance(gallery, str):
             gallery = ProductGallery.load(gallery)
         if isinstance(gallery, ProductGallery):

@@ -1,7 +1,7 @@
 """The RAR reward: how much a completion's attributes help its listing find its identical products.
 
 AFMRL stage 2 (arXiv 2604.20135, "RAR"): the stage-1 encoder is frozen and the gallery is encoded
-once (``rewards.gallery.ProductGallery``). For every sampled completion the generated attributes
+once (``afmrl.retrieval.gallery.ProductGallery``). For every sampled completion the generated attributes
 are parsed and appended to the query listing's image and title, the query is re-embedded, the
 gallery is ranked with the query's own listing excluded, and the listings with the same
 ``product_id`` are the true identical products. The default reward is the improvement of the true
@@ -15,7 +15,7 @@ encoder forward and one search, with the G completions' shared image encoded onc
     trainer = GRPOTrainer(..., reward_funcs=[reward])   # logs retrieval_rank/rank, recall@1, mrr, ...
 
 Modes, rank transforms, search depth, ties, special cases, cost, processes and logged metrics, with
-the reasons for each default: docs/retrieval_rank_reward.md.
+the reasons for each default: docs/stage2.md.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from agcl.attributes import format_attributes, normalize_key, parse_attributes
-from agcl.metrics import metrics_from_search
+from afmrl.attributes import format_attributes, normalize_key, parse_attributes
+from afmrl.retrieval.gallery import ProductGallery
+from afmrl.retrieval.metrics import metrics_from_search
 from rewards.attribute_rewards import completion_text
-from rewards.gallery import ProductGallery
 from rewards.rank_lookup import RankLookup
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class RetrievalRankReward:
         baseline_cache_size: listings whose baseline ranks are remembered across calls.
         batch_size: encoder batch size.
         image_cache_size: listings whose processed image and vision-tower output are kept across
-            calls (``agcl.encoder.ImageCache``); 0 = no image cache. Used only with an encoder that
+            calls (``afmrl.encoder.model.ImageCache``); 0 = no image cache. Used only with an encoder that
             has ``new_image_cache`` (``ProductEncoder``).
         device: where a path-given encoder is loaded (default: the current CUDA device, else CPU).
         encoder_kwargs: passed to ``ProductEncoder.from_pretrained`` (e.g. ``dtype``).
@@ -231,7 +231,7 @@ class RetrievalRankReward:
     # ------------------------------------------------------------------ ranking
     def _rank_stats(self, gallery: ProductGallery, queries: np.ndarray, exclude: np.ndarray,
                     codes: np.ndarray) -> np.ndarray:
-        """(Q, 5) rows of (rank, reciprocal rank, recall_fraction@k, hit@1, hit@k), via agcl.metrics."""
+        """(Q, 5) rows of (rank, reciprocal rank, recall_fraction@k, hit@1, hit@k), via afmrl.retrieval.metrics."""
         d = self.depth
         search_depth = min(d + 1, gallery.size)
         scores, rows = gallery.search(queries, search_depth, exclude=exclude)

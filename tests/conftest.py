@@ -1,12 +1,28 @@
 """Shared fixtures: the tiny model and a small synthetic catalog are built once per test session."""
 
+import functools
 import importlib.util
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from agcl.synthetic_catalog import make_synthetic_catalog
-from agcl.tiny_models import tiny_mllm_path
+from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
+from afmrl.embedded.tiny_models import tiny_mllm_path
+
+
+@functools.cache
+def image_files(n: int) -> list[str]:
+    """Absolute paths of ``n`` tiny distinct PNG files (made once per session), for hand-built catalogs whose
+    encoder never looks at the pixels: a catalog's images must exist to load."""
+    folder = Path(tempfile.mkdtemp(prefix="test-images-"))
+    paths = []
+    for i in range(n):
+        Image.new("RGB", (4, 4), (i % 256, i // 256 % 256, 0)).save(folder / f"img{i}.png")
+        paths.append(str(folder / f"img{i}.png"))
+    return paths
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +63,7 @@ def no_weights(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tiny_model_dir, tmp_path_factory):
     """An (untrained) AGCL encoder over the tiny backbone, saved the way recipes/agcl_train.py saves one."""
-    from agcl.encoder import EncoderConfig, ProductEncoder
+    from afmrl.encoder.model import EncoderConfig, ProductEncoder
 
     out = tmp_path_factory.mktemp("tiny-encoder")
     ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0)).save_pretrained(out)

@@ -70,10 +70,10 @@ def test_grouped_sampler_keeps_groups_contiguous_and_reshuffles_each_epoch():
 
 def test_candidate_attributes_are_appended_with_their_own_coin_and_queries_stay_as_they_were(
         tiny_encoder_dir, small_catalog_dir):
-    from agcl.attributes import format_attributes
-    from agcl.catalog import load_catalog
+    from afmrl.attributes import format_attributes
+    from afmrl.catalog.load import load_catalog
+    from afmrl.encoder.model import ProductEncoder
     from agcl.data import AGCLCollator
-    from agcl.encoder import ProductEncoder
 
     encoder = ProductEncoder.from_pretrained(tiny_encoder_dir)
     catalog = load_catalog(small_catalog_dir, split="train")
@@ -107,10 +107,10 @@ def test_candidate_attribute_probability_out_of_range_is_named(tmp_path):
 
 def test_attribute_key_dropout_appends_subsets_of_the_line_and_keeps_bm25_whole(tiny_encoder_dir, small_catalog_dir,
                                                                                  monkeypatch):
-    from agcl.attributes import format_attributes, parse_attributes
-    from agcl.catalog import load_catalog
+    from afmrl.attributes import format_attributes, parse_attributes
+    from afmrl.catalog.load import load_catalog
+    from afmrl.encoder.model import ProductEncoder
     from agcl.data import AGCLCollator
-    from agcl.encoder import ProductEncoder
 
     encoder = ProductEncoder.from_pretrained(tiny_encoder_dir)
     catalog = load_catalog(small_catalog_dir, split="train")
@@ -151,10 +151,10 @@ def test_attribute_key_probability_out_of_range_is_named(tmp_path):
 
 
 def test_intra_product_text_side_is_the_title_the_attribute_line_or_both(tiny_encoder_dir, small_catalog_dir):
-    from agcl.attributes import format_attributes
-    from agcl.catalog import load_catalog
+    from afmrl.attributes import format_attributes
+    from afmrl.catalog.load import load_catalog
+    from afmrl.encoder.model import ProductEncoder
     from agcl.data import AGCLCollator
-    from agcl.encoder import ProductEncoder
 
     encoder = ProductEncoder.from_pretrained(tiny_encoder_dir)
     catalog = load_catalog(small_catalog_dir, split="train")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from agcl.catalog import group_by_product, load_catalog
+from afmrl.catalog.load import group_by_product, load_catalog
 
 
 @pytest.mark.slow

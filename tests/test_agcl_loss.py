@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from agcl.agcl_loss import FILTERS, AGCLLoss
+from agcl.loss import FILTERS, AGCLLoss
 
 TAU = 0.02
 WORDS = ["red", "blue", "cotton", "wool", "round", "square", "logo", "plain", "large", "small"]
@@ -82,7 +82,7 @@ def test_symmetric_weighting_uses_candidate_side_bm25():
 
 
 def test_default_bm25_is_in_batch_bm25scorer():
-    from agcl.attributes import BM25Scorer
+    from afmrl.attributes import BM25Scorer
 
     q, c = unit(4, seed=7), unit(4, seed=8)
     qa = ["color: red; material: cotton", "color: blue", "color: red; shape: round", "logo: star"]

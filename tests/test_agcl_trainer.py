@@ -3,11 +3,11 @@ import pytest
 import torch
 from PIL import Image
 
-from agcl.catalog import load_catalog
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
+from afmrl.encoder.model import EncoderConfig, ProductEncoder
+from afmrl.retrieval.evaluation import evaluate_encoder
 from agcl.config import AGCLConfig
-from agcl.encoder import EncoderConfig, ProductEncoder
-from agcl.evaluation import evaluate_encoder
-from agcl.synthetic_catalog import make_synthetic_catalog
 from agcl.trainer import AGCLTrainer, check_attribute_options
 
 

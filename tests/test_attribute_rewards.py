@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agcl.synthetic_catalog import ATTRIBUTE_KEYS
+from afmrl.embedded.synthetic_catalog import ATTRIBUTE_KEYS
 from rewards import AttributeF1Reward, AttributeFormatReward, ConcisenessReward, completion_text
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agcl.attributes import (
+from afmrl.attributes import (
     BM25Scorer,
     ParsedAttributes,
     attribute_signature,
@@ -19,7 +19,7 @@ from agcl.attributes import (
     normalize_value,
     parse_attributes,
 )
-from agcl.synthetic_catalog import ATTRIBUTE_KEYS, ATTRIBUTE_VALUES, REDUNDANT_VALUES
+from afmrl.embedded.synthetic_catalog import ATTRIBUTE_KEYS, ATTRIBUTE_VALUES, REDUNDANT_VALUES
 
 # ----------------------------------------------------------------------------- format
 

@@ -1,6 +1,6 @@
 """The results runner's own logic: the ladder's task scheduler, RESULTS.md assembly and README's generated block."""
 
-import importlib.util
+import importlib
 import json
 import math
 import sys
@@ -9,16 +9,11 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 def load(name):
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks.NAME or experiments.NAME, imported as ``python -m`` runs it (from the repository root)."""
+    folder = "benchmarks" if (Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py").is_file() else "experiments"
+    return importlib.import_module(f"{folder}.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from agcl.catalog import load_catalog
-from agcl.encoder import ProductEncoder
-from agcl.evaluation import listing_images
-from rar.evaluation import canonical_attributes, evaluate_attribute_sources
+from afmrl.attributes import canonical_attributes
+from afmrl.catalog.load import load_catalog
+from afmrl.encoder.crops import catalog_views
+from afmrl.encoder.model import ProductEncoder
+from rar.evaluation import evaluate_attribute_sources
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_both_sides_equals_a_brute_force_ranking_of_annotated_listings(encoder_a
     assert sum(t is not None for t in texts) > len(ds) // 2
     result = evaluate_attribute_sources(encoder, ds, {"teacher": texts}, protocol="both_sides")["teacher"]
 
-    vectors = encoder.encode(listing_images(ds), list(ds["title"]), texts, show_progress=False)
+    vectors = encoder.encode(catalog_views(ds), list(ds["title"]), texts, show_progress=False)
     scores = vectors @ vectors.T
     np.fill_diagonal(scores, -np.inf)  # a query never retrieves itself
     products = np.asarray(ds["product_id"])

@@ -1,4 +1,4 @@
-"""Tests for agcl.catalog: every bad case names its row and field; good catalogs load lazily."""
+"""Tests for afmrl.catalog.load: every bad case names its row and field; good catalogs load lazily."""
 
 import io
 import json
@@ -8,7 +8,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from agcl.catalog import CatalogError, group_by_product, load_catalog
+from afmrl.catalog.load import CatalogError, group_by_product, load_catalog
 
 
 def png(path, color=(200, 30, 30), fmt="PNG", size=8):
@@ -435,7 +435,7 @@ def test_mixed_image_and_images_rows_rejected(tmp_path):
 
 
 def test_title_column_replaces_titles_keeps_blank_rows_and_names_bad_input():
-    from agcl.catalog import use_title_column
+    from afmrl.catalog.load import use_title_column
 
     ds = datasets.Dataset.from_dict({"listing_id": ["a", "b", "c"], "title": ["mug", "cup", "jar"],
                                      "enriched_title": ["red mug with star", None, "  "]})

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from agcl.catalog import load_catalog
+from afmrl.catalog.load import load_catalog
 
 
 @pytest.mark.slow

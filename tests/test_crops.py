@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agcl.catalog import CatalogError, load_catalog
-from agcl.crops import catalog_views, listing_views
-from agcl.encoder import EncoderConfig, ProductEncoder
-from agcl.synthetic_catalog import make_synthetic_catalog
+from afmrl.catalog.load import CatalogError, load_catalog
+from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
+from afmrl.encoder.crops import catalog_views, listing_views
+from afmrl.encoder.model import EncoderConfig, ProductEncoder
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def encoders(tiny_model_dir):
 
 
 def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, cluttered, small_catalog_dir, caplog):
+    from afmrl.retrieval.evaluation import evaluate_encoder
     from agcl.data import AGCLCollator
-    from agcl.evaluation import evaluate_encoder
     from rewards import RetrievalRankReward
 
     plain_encoder, crop_encoder = encoders
@@ -120,8 +120,8 @@ def test_an_encoder_with_crop_views_sees_image_and_crop_everywhere(encoders, clu
     assert np.allclose(full.score(ids, completions).rewards, RetrievalRankReward(
         encoder=crop_encoder, catalog=ds, image_cache_size=0).score(ids, completions).rewards, atol=1e-5)
     # a catalog without boxes is seen as before, crops or not, and a crop encoder says so
-    with caplog.at_level("WARNING", logger="agcl.crops"):
-        assert all(isinstance(v, Image.Image) for v in catalog_views(load_catalog(small_catalog_dir), crop=True))
+    with caplog.at_level("WARNING", logger="afmrl.encoder.crops"):
+        assert all(isinstance(v, Image.Image) for v in catalog_views(load_catalog(small_catalog_dir), crop_encoder))
     assert "no 'bbox' column" in caplog.text
 
 
@@ -153,9 +153,9 @@ def test_extract_bbox_task_writes_pixel_boxes(load_recipe, small_catalog_dir, tm
     recipe = load_recipe("extract_attributes")
     completions = iter(["[100, 200, 500, 750]", "no box here", '{"bbox_2d": [900, 900, 1200, 1000]}',
                         "[500, 500, 500, 600]"])
-    monkeypatch.setattr(recipe, "load_policy", lambda *a, **k: (None, None, None))
-    monkeypatch.setattr(recipe, "generate_attributes", lambda model, processor, prompts, *, batch_size,
-                        max_new_tokens, on_batch: on_batch(0, [next(completions) for _ in range(len(prompts))]))
+    monkeypatch.setattr(recipe, "load_generator", lambda *a, **k: (None, None))
+    monkeypatch.setattr("rar.annotate.generate_attributes", lambda model, processor, prompts, *, on_batch, **options:
+                        on_batch(0, [next(completions) for _ in range(len(prompts))]))
     args = recipe.ExtractArguments(model="tiny-qwen2-vl", catalog=str(small_catalog_dir),
                                    output_dir=str(tmp_path / "boxes"), limit=4, task="bbox")
     summary = recipe.main(args)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from agcl.catalog import load_catalog
-from agcl.crops import catalog_views
-from agcl.encoder import ProductEncoder
+from afmrl.catalog.load import load_catalog
+from afmrl.encoder.crops import catalog_views
+from afmrl.encoder.model import ProductEncoder
 from deploy import ProductIndex, calibrate_threshold
 from rar.evaluation import evaluate_attribute_sources
 

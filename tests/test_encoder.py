@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from agcl.catalog import load_catalog
-from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder
+from afmrl.catalog.load import load_catalog
+from afmrl.encoder.model import EncoderConfig, EncoderLoadError, ProductEncoder
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from agcl.catalog import load_catalog
-from agcl.encoder import EncoderConfig, ImageCache, ProductEncoder
-from agcl.tiny_models import tiny_mllm_path
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded.tiny_models import tiny_mllm_path
+from afmrl.encoder.model import EncoderConfig, ImageCache, ProductEncoder
 
 torch.set_num_threads(1)
 
@@ -180,7 +180,7 @@ def test_other_qwen_families(other_family_dir, listings):
 
 # ---------------------------------------------------------------------------------------------
 def test_retrieval_reward_outputs_do_not_change(tmp_path, tiny_model_dir, small_catalog_dir):
-    from rewards.gallery import ProductGallery
+    from afmrl.retrieval.gallery import ProductGallery
     from rewards.retrieval_rank import RetrievalRankReward
 
     torch.manual_seed(0)

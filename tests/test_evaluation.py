@@ -2,7 +2,7 @@ import datasets
 import numpy as np
 import pytest
 
-from agcl.evaluation import attribute_texts, evaluate_encoder
+from afmrl.retrieval.evaluation import attribute_texts, evaluate_encoder
 
 
 class HashEncoder:
@@ -118,7 +118,7 @@ def test_gallery_attributes_match_a_brute_force_computation():
 
 @pytest.mark.parametrize("with_gallery_attributes", [False, True])
 def test_instance_retrieval_encodes_the_gallery_once_and_matches_the_suite(with_gallery_attributes):
-    from agcl.evaluation import instance_retrieval
+    from afmrl.retrieval.evaluation import instance_retrieval
 
     ds = _catalog()
     stored = attribute_texts(ds, "reference") if with_gallery_attributes else None

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from agcl.attributes import parse_attributes
-from agcl.catalog import CatalogError, load_catalog
+from afmrl.attributes import parse_attributes
+from afmrl.catalog.load import CatalogError, load_catalog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +69,7 @@ def test_a_torn_last_line_is_regenerated(recipe, warm_policy_dir, small_catalog_
 
 
 def test_bad_catalog_fails_before_the_model_loads(recipe, monkeypatch, tmp_path):
-    monkeypatch.setattr(recipe, "load_policy", lambda *a, **k: pytest.fail("model loaded before the catalog check"))
+    monkeypatch.setattr(recipe, "load_generator", lambda *a, **k: pytest.fail("model loaded before the catalog check"))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "catalog.jsonl").write_text('{"listing_id": "L1", "product_id": "P1", "title": "x", "image": "nope.png"}\n')
@@ -83,12 +83,12 @@ def test_title_task_writes_enriched_titles_and_counts_empty_ones(recipe, small_c
     completions = iter(["  red  mug with a star logo \nsecond line", "", '"blue striped bottle"', "\n\n  green cap  "])
     seen_prompts = []
 
-    def fake_generate(model, processor, prompts, *, batch_size, max_new_tokens, on_batch):
+    def fake_generate(model, processor, prompts, *, on_batch, **options):
         seen_prompts.extend(str(p[0]["content"]) for p in prompts["prompt"])
         on_batch(0, [next(completions) for _ in range(len(prompts))])
 
-    monkeypatch.setattr(recipe, "load_policy", lambda *a, **k: (None, None, None))
-    monkeypatch.setattr(recipe, "generate_attributes", fake_generate)
+    monkeypatch.setattr(recipe, "load_generator", lambda *a, **k: (None, None))
+    monkeypatch.setattr("rar.annotate.generate_attributes", fake_generate)
     out = tmp_path / "titles"
     summary = run(recipe, "tiny-qwen2-vl", small_catalog_dir, out, limit=4, task="title")
     copy, source = load_catalog(out), load_catalog(small_catalog_dir).select(range(4))
@@ -99,6 +99,6 @@ def test_title_task_writes_enriched_titles_and_counts_empty_ones(recipe, small_c
 
 
 def test_unknown_task_is_refused_before_the_model_loads(recipe, small_catalog_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(recipe, "load_policy", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(recipe, "load_generator", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match="--task"):
         run(recipe, "tiny-qwen2-vl", small_catalog_dir, tmp_path / "o", task="caption")

@@ -2,23 +2,29 @@
 
 import pickle
 import shutil
+import zlib
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import image_files
 
-from rewards.gallery import ProductGallery, catalog_fingerprint, encoder_fingerprints
+from afmrl.retrieval.gallery import ProductGallery, catalog_fingerprint, encoder_fingerprints
 
 
 class StubEncoder:
+    """A vector per (image name, title): ``img3`` and the decoded ``.../img3.png`` embed alike."""
+
     def __init__(self, dim=16, fingerprint="stub-v1"):
         self.embedding_dim = dim
         self.fingerprint = fingerprint
 
     def encode(self, images, titles, attributes=None, *, batch_size=32, show_progress=None):
-        rows = [np.random.default_rng(abs(hash((im, t))) % 2**32).normal(size=self.embedding_dim) for im, t in
-                zip(images, titles, strict=True)]
+        names = [Path(getattr(im, "filename", im)).stem for im in images]
+        rows = [np.random.default_rng(zlib.crc32(f"{name}|{t}".encode())).normal(size=self.embedding_dim)
+                for name, t in zip(names, titles, strict=True)]
         x = np.stack(rows).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -28,7 +34,7 @@ def _catalog(n=30):
         "listing_id": [f"L{i}" for i in range(n)],
         "product_id": [f"P{i // 3}" for i in range(n)],
         "title": [f"title {i}" for i in range(n)],
-        "image": [f"img{i}" for i in range(n)],
+        "image": image_files(n),
     })
 
 
@@ -106,7 +112,7 @@ def test_mismatches_raise_clear_errors(tmp_path):
 
 
 def test_catalog_fingerprint_ignores_location_but_not_content(tmp_path, small_catalog_dir):
-    from agcl.catalog import load_catalog
+    from afmrl.catalog.load import load_catalog
 
     moved = tmp_path / "moved"
     shutil.copytree(small_catalog_dir, moved)
@@ -121,8 +127,8 @@ def test_catalog_fingerprint_ignores_location_but_not_content(tmp_path, small_ca
 
 
 def test_real_encoder_directory_fingerprints(tmp_path, tiny_model_dir, small_catalog_dir):
-    from agcl.catalog import load_catalog
-    from agcl.encoder import EncoderConfig, ProductEncoder
+    from afmrl.catalog.load import load_catalog
+    from afmrl.encoder.model import EncoderConfig, ProductEncoder
 
     dirs = []
     for seed in (0, 1):
@@ -151,7 +157,7 @@ def test_real_encoder_directory_fingerprints(tmp_path, tiny_model_dir, small_cat
 def test_a_gallery_of_several_splits_from_a_catalog_path_round_trips(tmp_path, small_catalog_dir):
     """split=[a, b] indexes the rows of both splits of a catalog directory (split by split), records the list,
     and ProductGallery.load checks the same rows again; one split differs from the union."""
-    from agcl.catalog import load_catalog
+    from afmrl.catalog.load import load_catalog
 
     class TitleEncoder(StubEncoder):  # real photos are unhashable: embed by title alone
         def encode(self, images, titles, attributes=None, **kwargs):
@@ -173,14 +179,14 @@ def test_a_gallery_of_several_splits_from_a_catalog_path_round_trips(tmp_path, s
 def test_a_recall_below_the_goal_is_warned_at_the_callers_line(monkeypatch):
     """tune_search is reached through ProductGallery.from_embeddings / .tune_search: its warning names the
     caller's file, not a line inside rewards/."""
-    from agcl.retrieval import GalleryIndex
+    from afmrl.retrieval.index import VectorIndex
 
     def blind_search(self, q, k, exclude=None):  # an index that never finds the true neighbours
         ids = np.tile(np.arange(k), (len(q), 1))
         return np.zeros(ids.shape, np.float32), ids
 
     x = _clustered(600)
-    monkeypatch.setattr(GalleryIndex, "search", blind_search)
+    monkeypatch.setattr(VectorIndex, "search", blind_search)
     with pytest.warns(UserWarning, match="below the goal") as record:
         gallery = ProductGallery.from_embeddings(x, [f"L{i}" for i in range(600)], [f"P{i}" for i in range(600)],
                                                  index_type="ivf", nlist=8, recall_k=5)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agcl.agcl_loss import AGCLLoss
 from agcl.grad_cache import RandContext, cached_contrastive_backward, split_into_chunks
+from agcl.loss import AGCLLoss
 
 N = 7
 

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from agcl.catalog import load_catalog
-from agcl.modeling import load_mllm
-from agcl.synthetic_catalog import ATTRIBUTE_KEYS
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded.synthetic_catalog import ATTRIBUTE_KEYS
+from afmrl.modeling import load_mllm
 from rar.prompts import build_prompt_dataset
 from rewards import get_reward_funcs, validate_reward_weights
 
@@ -80,7 +80,7 @@ def test_grpo_trains_with_attribute_rewards(warm_policy_dir, prompt_dataset, tmp
 
 def test_grpo_trains_with_retrieval_rank(warm_policy_dir, tiny_model_dir, small_catalog_dir, prompt_dataset,
                                          tmp_path):
-    from agcl.encoder import EncoderConfig, ProductEncoder
+    from afmrl.encoder.model import EncoderConfig, ProductEncoder
 
     encoder_dir = tmp_path / "encoder"
     ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0)).save_pretrained(encoder_dir)

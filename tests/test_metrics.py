@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from agcl.metrics import recall_at_k
+from afmrl.retrieval.metrics import recall_at_k
 
 
 def brute_force_expected_recall(scores, positives, k):
@@ -46,7 +46,7 @@ def test_recall_rejects_queries_without_positive():
 
 # ---------------------------------------------------------------------------------------------
 # Rank-based metrics: every value against a brute-force expectation over tie-breaking orders.
-from agcl.metrics import (  # noqa: E402
+from afmrl.retrieval.metrics import (  # noqa: E402
     metrics_from_search,
     ranks_of_positives,
     retrieval_metrics,
@@ -266,7 +266,7 @@ def test_search_path_equals_dense_path_on_full_lists(seed):
 def test_search_path_on_truncated_lists_without_ties():
     raw, dense, positives, qlab, glab, own = search_problem(11, num_queries=30, num_gallery=300, tied=False)
     depth = 10
-    order = np.argsort(-dense, axis=1)[:, :depth]  # what GalleryIndex.search(..., k=10, exclude=own) returns
+    order = np.argsort(-dense, axis=1)[:, :depth]  # what VectorIndex.search(..., k=10, exclude=own) returns
     scores = np.take_along_axis(dense, order, axis=1)
     a = retrieval_metrics(dense, positives, ks=(1, 5, 10), map_k=10, per_query=True)
     b = metrics_from_search(order, scores, qlab, glab, ks=(1, 5, 10), map_k=10, exclude=own, per_query=True)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder
-from agcl.modality_moe import MODALITIES, ModalityMoE, routing_entropy_loss
+from afmrl.encoder.model import EncoderConfig, EncoderLoadError, ProductEncoder
+from afmrl.encoder.moe import MODALITIES, ModalityMoE, routing_entropy_loss
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_experts_are_saved_and_loaded_with_the_encoder(moe_encoder, tmp_path):
 
 
 def test_a_training_step_adds_the_regulariser_and_moves_the_router(tiny_model_dir, small_catalog_dir, tmp_path):
-    from agcl.catalog import load_catalog
+    from afmrl.catalog.load import load_catalog
     from agcl.config import AGCLConfig
     from agcl.trainer import AGCLTrainer
 

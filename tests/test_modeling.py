@@ -1,4 +1,4 @@
-"""Tests for agcl.modeling and agcl.tiny_models: tiny Qwen-VL models built in code, saved, and loaded like real ones."""
+"""Tests for afmrl.modeling and afmrl.embedded.tiny_models: tiny Qwen-VL models built in code, saved, and loaded like real ones."""
 
 import json
 import shutil
@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from agcl import tiny_models
-from agcl.modeling import load_mllm, load_processor
-from agcl.tiny_models import build_tiny_mllm, tiny_mllm_path
+from afmrl.embedded import tiny_models
+from afmrl.embedded.tiny_models import build_tiny_mllm, tiny_mllm_path
+from afmrl.modeling import load_mllm, load_processor
 
 CORPUS = [
     "red cotton t-shirt with stripes",
@@ -222,7 +222,7 @@ def test_every_family_builds_reads_pixels_and_generates(family, model_class, pat
 
 
 def test_default_corpus_is_the_synthetic_catalog_vocabulary():
-    synthetic_catalog = pytest.importorskip("agcl.synthetic_catalog")
+    synthetic_catalog = pytest.importorskip("afmrl.embedded.synthetic_catalog")
     corpus = synthetic_catalog.vocabulary_corpus()
     _, processor = build_tiny_mllm("qwen2_vl")
     trained = tiny_models.train_tokenizer(corpus)

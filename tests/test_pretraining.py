@@ -1,4 +1,4 @@
-"""Pretraining tiny MLLMs (agcl.pretraining, recipes/pretrain_tiny.py) and the shipped pretrained models."""
+"""Pretraining tiny MLLMs (afmrl.embedded.pretraining, recipes/pretrain_tiny.py) and the shipped pretrained models."""
 
 import json
 import os
@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from agcl.catalog import load_catalog
-from agcl.embedded import PRETRAINED_MODELS, resolve_model
-from agcl.pretraining import (
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded import PRETRAINED_MODELS, resolve_model
+from afmrl.embedded.pretraining import (
     build_pretraining_dataset,
     conversation,
     perception_accuracy,
     stated_keys,
     visible_keys,
 )
-from agcl.synthetic_catalog import ATTRIBUTE_KEYS, make_synthetic_catalog, products_of_seed
+from afmrl.embedded.synthetic_catalog import ATTRIBUTE_KEYS, make_synthetic_catalog, products_of_seed
 
 HIDDEN = ("brand", "size")
 
@@ -82,8 +82,8 @@ def test_conversations_name_what_the_photo_and_the_title_show():
 def test_key_first_phrasing_names_the_key_before_any_value_word():
     """In every key-first phrase, the words before the value are the same for all of that key's values (so a model
     knows which key it is describing before it must look at the photo), and differ between keys."""
-    from agcl.pretraining import KEY_FIRST_CLAUSES, KEY_FIRST_NO_LOGO, clause
-    from agcl.synthetic_catalog import ATTRIBUTE_VALUES
+    from afmrl.embedded.pretraining import KEY_FIRST_CLAUSES, KEY_FIRST_NO_LOGO, clause
+    from afmrl.embedded.synthetic_catalog import ATTRIBUTE_VALUES
 
     class Pick:  # stands in for the random stream: always the i-th phrasing
         def __init__(self, i):
@@ -111,7 +111,7 @@ def test_key_first_phrasing_names_the_key_before_any_value_word():
 
 
 def test_captions_name_every_visible_value_in_a_fixed_order():
-    from agcl.pretraining import caption
+    from afmrl.embedded.pretraining import caption
 
     keys = [k for k in ATTRIBUTE_KEYS if k not in HIDDEN]
     attributes = {"category": "mug", "brand": "acme", "color": "red", "secondary_color": "blue", "pattern": "striped",
@@ -205,8 +205,8 @@ def test_a_short_pretraining_run_is_reproduced_bit_for_bit(tmp_path, corpus_dir,
 def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_dir, one_thread):
     """A learning test on photos no pretraining run saw (the demo seed's catalog): the shipped model names the
     visible attributes well above chance."""
-    from agcl.evaluation import listing_images
-    from agcl.modeling import load_mllm
+    from afmrl.encoder.crops import catalog_views
+    from afmrl.modeling import load_mllm
 
     path = resolve_model(name, "unused-cache-dir")
     assert Path(path).is_dir() and (Path(path) / "model.safetensors").is_file()
@@ -223,14 +223,14 @@ def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_d
             os.environ["HF_HUB_OFFLINE"] = old
     catalog = load_catalog(small_catalog_dir, split="test").select(range(48))
     keys = ["category", "color", "secondary_color", "pattern", "logo"]
-    from agcl.synthetic_catalog import ATTRIBUTE_VALUES
+    from afmrl.embedded.synthetic_catalog import ATTRIBUTE_VALUES
 
     task = json.loads((Path(path) / "perception.json").read_text()).get("perception_format", "ask")
     with torch.no_grad():
-        accuracy = perception_accuracy(model, processor, listing_images(catalog), catalog["true_attributes"], keys,
+        accuracy = perception_accuracy(model, processor, catalog_views(catalog), catalog["true_attributes"], keys,
                                        {k: ATTRIBUTE_VALUES[k] for k in keys}, task=task)
     chance = {k: 1 / len(ATTRIBUTE_VALUES[k]) for k in keys}
-    # What each model learned in pretraining (docs/pretraining.md): the small one category and colour, the
+    # What each model learned in pretraining (docs/embedded.md): the small one category and colour, the
     # large one (16 tokens per photo, four vision blocks, captions) the secondary colour and the pattern too.
     learned = {"pretrained-tiny-qwen2-vl": ("category", "color"),
                "pretrained-tiny-qwen2-vl-large": ("category", "color", "secondary_color", "pattern")}[name]
@@ -241,15 +241,15 @@ def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_d
 @pytest.mark.parametrize("task", ["ask", "caption"])
 def test_perception_scores_match_scoring_each_reply_alone(task, corpus_dir, one_thread):
     """Batched, padded scoring equals scoring each (photo, value) reply alone, unpadded; accuracy is its argmax."""
-    from agcl.evaluation import listing_images
-    from agcl.pretraining import CAPTION_PROMPTS, answer, ask_question, caption, perception_scores
-    from agcl.synthetic_catalog import ATTRIBUTE_VALUES
-    from agcl.tiny_models import build_tiny_mllm
+    from afmrl.embedded.pretraining import CAPTION_PROMPTS, answer, ask_question, caption, perception_scores
+    from afmrl.embedded.synthetic_catalog import ATTRIBUTE_VALUES
+    from afmrl.embedded.tiny_models import build_tiny_mllm
+    from afmrl.encoder.crops import catalog_views
 
     catalog = load_catalog(corpus_dir, split="test").select(range(4))
     keys = ["category", "color", "pattern", "logo"]
     model, processor = build_tiny_mllm("qwen2_vl", seed=3)
-    images, truth = listing_images(catalog), catalog["true_attributes"]
+    images, truth = catalog_views(catalog), catalog["true_attributes"]
     values = {k: list(ATTRIBUTE_VALUES[k]) for k in keys}
 
     def reply_logprob(image, question, reply):

@@ -8,9 +8,9 @@ import torch
 import trl
 from safetensors.torch import load_file
 
-from agcl.catalog import load_catalog
-from agcl.encoder import language_lora_targets
-from agcl.synthetic_catalog import make_synthetic_catalog
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
+from afmrl.modeling import language_lora_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,8 +160,9 @@ def no_models(recipe, monkeypatch):
         raise AssertionError("a model was loaded before the inputs were checked")
 
     monkeypatch.setattr(recipe, "load_policy", refuse)
-    monkeypatch.setattr(recipe, "run_recipe", refuse)
-    monkeypatch.setattr(recipe.ProductEncoder, "from_pretrained", refuse)
+    monkeypatch.setattr("rar.annotate.load_policy", refuse)
+    monkeypatch.setattr("rar.pipeline.run_recipe", refuse)
+    monkeypatch.setattr("afmrl.encoder.model.ProductEncoder.from_pretrained", refuse)
 
 
 def expect_exit(recipe, capsys, argv, *fragments):
@@ -258,7 +259,7 @@ def test_policy_annotated_gallery(recipe, small_catalog_dir, tiny_encoder_dir, w
     """--gallery_attributes policy: before RL the starting policy annotates the reward's gallery split once
     (greedy, written to gallery_attributes.jsonl) and the reward's gallery vectors carry those attributes;
     the query-only evaluation's gallery carries the starting policy's attributes too."""
-    from agcl.attributes import parse_attributes
+    from afmrl.attributes import parse_attributes
 
     out = tmp_path / "run"
     trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out,
@@ -334,7 +335,7 @@ def test_demo_stages_train_then_reuse_encoder_and_warm_start(recipe, monkeypatch
     assert (encoder / "encoder_config.json").is_file()
     assert (out / "sft" / "config.json").is_file() and (out / "model.safetensors").is_file()
 
-    monkeypatch.setattr(recipe, "run_recipe", lambda *a, **k: pytest.fail(f"stage rerun: {a[0]}"))
+    monkeypatch.setattr("rar.pipeline.run_recipe", lambda *a, **k: pytest.fail(f"stage rerun: {a[0]}"))
     trainer = recipe.cli(argv)  # both stages reused
     assert trainer.state.global_step == 1
     assert json.loads((encoder / "training_catalog.json").read_text())["split"] == "train"
@@ -365,7 +366,7 @@ def test_full_finetune_from_a_lora_adapter_trains_the_merged_weights(tiny_model_
     train again (peft loads adapters frozen, and merging kept that: GRPO then had nothing to train)."""
     from peft import LoraConfig, get_peft_model
 
-    from agcl.modeling import load_mllm
+    from afmrl.modeling import load_mllm
     from rar.policy import LM_LORA_TARGETS, load_policy
 
     base, _ = load_mllm(str(tiny_model_dir))

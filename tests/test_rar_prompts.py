@@ -9,9 +9,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from agcl.attributes import format_attributes
-from agcl.catalog import load_catalog
-from agcl.synthetic_catalog import ATTRIBUTE_KEYS, make_synthetic_catalog
+from afmrl.attributes import format_attributes
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded.synthetic_catalog import ATTRIBUTE_KEYS, make_synthetic_catalog
 from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset, build_sft_dataset, sft_target
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "deepspeed_configs"
@@ -146,7 +146,7 @@ def test_accelerate_yaml_configs():
 def test_grpo_trainer_runs_on_prompt_dataset(catalog, multi_image_catalog, tiny_model_dir, tmp_path, image_column):
     """The one real check: TRL's GRPOTrainer takes the dataset as built and runs a step."""
     trl = pytest.importorskip("trl")
-    from agcl.modeling import load_mllm
+    from afmrl.modeling import load_mllm
 
     source = catalog if image_column == "image" else multi_image_catalog  # 2 images per prompt
     ds = build_prompt_dataset(source.select(range(4)), attribute_keys=ATTRIBUTE_KEYS, image_column=image_column)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agcl.catalog import CatalogError, load_catalog
+from afmrl.catalog.load import CatalogError, load_catalog
 
 MODES = {"cmyk.jpg": "CMYK", "palette.png": "P", "rgba.png": "RGBA", "gray16.png": "I;16", "gray.png": "L",
          "rgb.png": "RGB"}
@@ -60,7 +60,7 @@ def test_non_rgb_images_encode_generate_and_train(tmp_path, tiny_encoder_dir, wa
     ds = load_catalog(root)
     assert [ds[i]["image"].mode for i in range(len(ds))] == [MODES[n] for n in names]
 
-    from agcl.encoder import ProductEncoder
+    from afmrl.encoder.model import ProductEncoder
 
     embeddings = ProductEncoder.from_pretrained(tiny_encoder_dir).encode(list(ds["image"]), list(ds["title"]),
                                                                          show_progress=False)

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from agcl.encoder import EncoderConfig, EncoderLoadError, ProductEncoder
-from agcl.tiny_models import tiny_mllm_path
+from afmrl.embedded.tiny_models import tiny_mllm_path
+from afmrl.encoder.model import EncoderConfig, EncoderLoadError, ProductEncoder
 
 
 @pytest.fixture(scope="module")

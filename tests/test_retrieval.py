@@ -1,4 +1,4 @@
-"""Tests for agcl.retrieval.GalleryIndex: exact = numpy, approximate ~ exact, exclusion, persistence, errors."""
+"""Tests for afmrl.retrieval.index.VectorIndex: exact = numpy, approximate ~ exact, exclusion, persistence, errors."""
 
 import json
 
@@ -6,8 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from agcl.metrics import metrics_from_search, retrieval_metrics
-from agcl.retrieval import GalleryIndex
+from afmrl.retrieval.index import VectorIndex
+from afmrl.retrieval.metrics import metrics_from_search, retrieval_metrics
 
 
 def normalised(x):
@@ -58,7 +58,7 @@ def mixture():
 
 def test_flat_topk_equals_numpy(small):
     gallery, queries = small
-    index = GalleryIndex.build(gallery, index_type="flat")
+    index = VectorIndex.build(gallery, index_type="flat")
     assert (index.index_type, index.size, index.dim, len(index)) == ("flat", 500, 32, 500)
     scores, idx = index.search(queries, 10)
     assert scores.dtype == np.float32 and idx.dtype == np.int64 and scores.shape == idx.shape == (40, 10)
@@ -67,14 +67,14 @@ def test_flat_topk_equals_numpy(small):
 
 def test_auto_is_flat_up_to_exact_max_size_then_ivf(small):
     gallery, _ = small
-    assert GalleryIndex.build(gallery).index_type == "flat"
-    assert GalleryIndex.build(gallery, exact_max_size=500).index_type == "flat"
-    assert GalleryIndex.build(gallery, exact_max_size=499).index_type == "ivf"
+    assert VectorIndex.build(gallery).index_type == "flat"
+    assert VectorIndex.build(gallery, exact_max_size=500).index_type == "flat"
+    assert VectorIndex.build(gallery, exact_max_size=499).index_type == "ivf"
 
 
 def test_exclusion_drops_exactly_the_own_row_and_keeps_k(small):
     gallery, _ = small
-    index = GalleryIndex.build(gallery)
+    index = VectorIndex.build(gallery)
     own = np.arange(0, 500, 10)
     queries = gallery[own]
     scores, idx = index.search(queries, 7, exclude=own)
@@ -94,7 +94,7 @@ def test_exclusion_drops_exactly_the_own_row_and_keeps_k(small):
 
 def test_small_gallery_is_padded():
     gallery = normalised(np.eye(3, 4) + 0.1)
-    index = GalleryIndex.build(gallery, ids=["a", "b", "c"])
+    index = VectorIndex.build(gallery, ids=["a", "b", "c"])
     scores, idx = index.search(gallery, 5)
     assert (idx[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all() and (idx[:, :3] >= 0).all()
     scores, idx = index.search(gallery, 3, exclude=[0, 1, 2])
@@ -107,7 +107,7 @@ def test_small_gallery_is_padded():
 def test_approximate_indexes_reach_high_recall_with_defaults(mixture, index_type):
     gallery, queries, exact = mixture
     threads = faiss.omp_get_max_threads()
-    index = GalleryIndex.build(gallery, index_type=index_type)
+    index = VectorIndex.build(gallery, index_type=index_type)
     _, idx = index.search(queries, 10)
     recall = (idx[:, :, None] == exact[:, None, :]).any(axis=2).mean()
     assert recall >= 0.95, (index, recall)
@@ -115,13 +115,13 @@ def test_approximate_indexes_reach_high_recall_with_defaults(mixture, index_type
     if index_type == "ivf":
         assert index.params["nlist"] == min(round(4 * np.sqrt(20_000)), 20_000 // 39)
         assert 1 <= index.nprobe < index.params["nlist"]  # calibrated, not exhaustive
-        assert index.params["calibration"]["recall"] >= 0.975
+        assert index.params["tuning"]["recall"] >= 0.975 and index.params["tuning"]["k"] == 10
 
 
 def test_ivf_with_explicit_parameters(mixture):
     gallery, queries, exact = mixture
     # nprobe = nlist probes every list: exhaustive
-    index = GalleryIndex.build(gallery[:5000], index_type="ivf", nlist=16, nprobe=16)
+    index = VectorIndex.build(gallery[:5000], index_type="ivf", nlist=16, nprobe=16)
     _, idx = index.search(queries, 10)
     _, ref = brute_force(queries, gallery[:5000], 10)
     assert (idx[:, :, None] == ref[:, None, :]).any(axis=2).mean() > 0.999
@@ -136,12 +136,12 @@ def test_save_load_round_trip(tmp_path, index_type):
     gallery = gaussian_mixture(3000, 16, centers=20, seed=2)
     queries = gaussian_mixture(50, 16, centers=20, seed=3)
     ids = [f"L{i}" for i in range(len(gallery))]
-    index = GalleryIndex.build(gallery, ids=ids, index_type=index_type, metadata={"encoder": "abc123"})
+    index = VectorIndex.build(gallery, ids=ids, index_type=index_type, metadata={"encoder": "abc123"})
     before = index.search(queries, 12, exclude=np.arange(50))
     target = index.save(tmp_path / "gallery", metadata={"step": 7, "dims": [16]})
     info = json.loads((target / "gallery.json").read_text())
     assert {"ids", "dim", "index_type", "size", "metadata"} <= info.keys()
-    loaded = GalleryIndex.load(tmp_path / "gallery")
+    loaded = VectorIndex.load(tmp_path / "gallery")
     assert (loaded.index_type, loaded.size, loaded.dim, loaded.ids) == (index_type, 3000, 16, ids)
     assert loaded.metadata == {"encoder": "abc123", "step": 7, "dims": [16]}
     assert (
@@ -156,21 +156,21 @@ def test_save_load_round_trip(tmp_path, index_type):
 
 def test_load_errors_name_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
-        GalleryIndex.load(tmp_path / "nowhere")
+        VectorIndex.load(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="lacks index.faiss and gallery.json"):
-        GalleryIndex.load(tmp_path / "empty")
-    GalleryIndex.build(normalised(np.eye(4))).save(tmp_path / "half")
+        VectorIndex.load(tmp_path / "empty")
+    VectorIndex.build(normalised(np.eye(4))).save(tmp_path / "half")
     (tmp_path / "half" / "gallery.json").unlink()
     with pytest.raises(FileNotFoundError, match="lacks gallery.json"):
-        GalleryIndex.load(tmp_path / "half")
+        VectorIndex.load(tmp_path / "half")
     with pytest.raises(TypeError, match="JSON-serialisable"):
-        GalleryIndex.build(normalised(np.eye(4))).save(tmp_path / "bad", metadata={"x": object()})
+        VectorIndex.build(normalised(np.eye(4))).save(tmp_path / "bad", metadata={"x": object()})
 
 
 def test_input_errors_name_the_problem(small):
     gallery, queries = small
-    index = GalleryIndex.build(gallery)
+    index = VectorIndex.build(gallery)
     with pytest.raises(ValueError, match="query dim 16 does not match the index dim 32"):
         index.search(queries[:, :16], 5)
     bad = queries.copy()
@@ -180,12 +180,12 @@ def test_input_errors_name_the_problem(small):
     bad_gallery = gallery.copy()
     bad_gallery[11] = np.nan
     with pytest.raises(ValueError, match="embeddings has NaN or infinite values in row 11"):
-        GalleryIndex.build(bad_gallery)
+        VectorIndex.build(bad_gallery)
     with pytest.raises(ValueError, match="unknown index_type 'annoy'; valid: flat, ivf, hnsw, ivfpq, auto"):
-        GalleryIndex.build(gallery, index_type="annoy")
+        VectorIndex.build(gallery, index_type="annoy")
     with pytest.raises(ValueError, match="row 0 has L2 norm 2.0000.*normalize=True"):
-        GalleryIndex.build(gallery * 2)
-    assert GalleryIndex.build(gallery * 2, normalize=True).search(queries, 3)[1].shape == (40, 3)
+        VectorIndex.build(gallery * 2)
+    assert VectorIndex.build(gallery * 2, normalize=True).search(queries, 3)[1].shape == (40, 3)
     with pytest.raises(ValueError, match="2-D"):
         index.search(queries[0], 5)
     with pytest.raises(ValueError, match="k must be a positive integer"):
@@ -195,15 +195,15 @@ def test_input_errors_name_the_problem(small):
     with pytest.raises(ValueError, match="exclude\\[0\\] = 500 is not a gallery row"):
         index.search(queries, 5, exclude=np.full(40, 500))
     with pytest.raises(ValueError, match="'L1' appears more than once"):
-        GalleryIndex.build(gallery[:3], ids=["L0", "L1", "L1"])
+        VectorIndex.build(gallery[:3], ids=["L0", "L1", "L1"])
     with pytest.raises(ValueError, match="2 ids for 3 embeddings"):
-        GalleryIndex.build(gallery[:3], ids=["L0", "L1"])
+        VectorIndex.build(gallery[:3], ids=["L0", "L1"])
 
 
 def test_dtype_conversion_and_torch_queries(small):
     torch = pytest.importorskip("torch")
     gallery, queries = small
-    index = GalleryIndex.build(gallery.astype(np.float64))
+    index = VectorIndex.build(gallery.astype(np.float64))
     ref = index.search(queries, 5)
     for q in (
         queries.astype(np.float64),
@@ -216,13 +216,13 @@ def test_dtype_conversion_and_torch_queries(small):
 
 
 def test_evaluation_from_index_matches_dense_metrics():
-    """End to end: GalleryIndex.search + metrics_from_search == dense retrieval_metrics."""
+    """End to end: VectorIndex.search + metrics_from_search == dense retrieval_metrics."""
     rng = np.random.default_rng(5)
     labels = np.repeat(np.arange(150), 4)  # 150 products, 4 listings each
     centres = normalised(rng.standard_normal((150, 24)))
     gallery = normalised(centres[labels] + 0.15 * rng.standard_normal((600, 24)))
     own = np.arange(0, 600, 3)
-    index = GalleryIndex.build(gallery)
+    index = VectorIndex.build(gallery)
     scores, idx = index.search(gallery[own], 11, exclude=own)  # one deeper than the largest K
     got = metrics_from_search(idx, scores, labels[own], labels, ks=(1, 5, 10), map_k=10, exclude=own)
     dense = (gallery[own] @ gallery.T).astype(np.float64)
@@ -237,26 +237,26 @@ def test_evaluation_from_index_matches_dense_metrics():
 def test_auto_picks_ivfpq_once_the_float_vectors_exceed_the_memory_budget(small):
     gallery, _ = small
     size = gallery.nbytes  # 500 x 32 float32
-    assert GalleryIndex.build(gallery, exact_max_size=499, memory_budget=size).index_type == "ivf"
-    assert GalleryIndex.build(gallery, exact_max_size=499, memory_budget=size - 1).index_type == "ivfpq"
+    assert VectorIndex.build(gallery, exact_max_size=499, memory_budget=size).index_type == "ivf"
+    assert VectorIndex.build(gallery, exact_max_size=499, memory_budget=size - 1).index_type == "ivfpq"
     with pytest.raises(ValueError, match="pq_m must divide the dimension 32, got 5"):
-        GalleryIndex.build(gallery, index_type="ivfpq", pq_m=5)
+        VectorIndex.build(gallery, index_type="ivfpq", pq_m=5)
     with pytest.raises(ValueError, match="normalise them first"):
-        GalleryIndex.build(gallery, index_type="ivfpq", normalize=True)
+        VectorIndex.build(gallery, index_type="ivfpq", normalize=True)
 
 
 def test_ivfpq_from_a_memmap_in_chunks_reranks_exactly_and_round_trips(mixture, tmp_path, monkeypatch):
-    import agcl.ivfpq
+    import afmrl.retrieval.ivfpq
 
     gallery, queries, _ = mixture
     gallery = gallery[:3000]
     path = tmp_path / "vectors.npy"
     np.save(path, gallery)
     on_disk = np.load(path, mmap_mode="r")
-    monkeypatch.setattr(agcl.ivfpq, "ADD_CHUNK", 1000)  # three chunks
-    index = GalleryIndex.build(on_disk, index_type="ivfpq", nlist=8, nprobe=8, pq_m=32, rerank_factor=50)
+    monkeypatch.setattr(afmrl.retrieval.ivfpq, "ADD_CHUNK", 1000)  # three chunks
+    index = VectorIndex.build(on_disk, index_type="ivfpq", nlist=8, nprobe=8, pq_m=32, rerank_factor=50)
     assert index.params["code_bytes"] == 24 and index.rerank_vectors is on_disk  # 256 B -> 32 x 6 bits; no copy
-    in_memory = GalleryIndex.build(gallery, index_type="ivfpq", nlist=8, nprobe=8, pq_m=32, rerank_factor=50)
+    in_memory = VectorIndex.build(gallery, index_type="ivfpq", nlist=8, nprobe=8, pq_m=32, rerank_factor=50)
     scores, idx = index.search(queries, 10, exclude=np.full(len(queries), 3))
     np.testing.assert_array_equal(idx, in_memory.search(queries, 10, exclude=np.full(len(queries), 3))[1])
     # every list probed and 500 candidates re-scored exactly: the exact top-10 with exact scores
@@ -265,15 +265,15 @@ def test_ivfpq_from_a_memmap_in_chunks_reranks_exactly_and_round_trips(mixture, 
     scores, idx = index.search(queries, 10)
     np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", gallery[idx], queries), atol=1e-5)
     index.save(tmp_path / "index", metadata={"encoder": "e"})
-    loaded = GalleryIndex.load(tmp_path / "index")
+    loaded = VectorIndex.load(tmp_path / "index")
     assert isinstance(loaded.rerank_vectors, np.memmap) and loaded.nprobe == 1
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], idx)
     index.save(tmp_path)  # the memmap's own file: left as it is
     assert np.load(path).shape == (3000, 64)
     (tmp_path / "index" / "vectors.npy").unlink()
     with pytest.raises(FileNotFoundError, match="lacks vectors.npy"):
-        GalleryIndex.load(tmp_path / "index")
+        VectorIndex.load(tmp_path / "index")
     bad = np.array(gallery)
     bad[2321] = np.nan
     with pytest.raises(ValueError, match="embeddings has NaN or infinite values in row 2321"):
-        GalleryIndex.build(bad, index_type="ivfpq", nlist=8)
+        VectorIndex.build(bad, index_type="ivfpq", nlist=8)

@@ -9,10 +9,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import image_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewards.gallery import ProductGallery
+from afmrl.retrieval.gallery import ProductGallery
 from rewards.retrieval_rank import RetrievalRankReward, completion_text
 
 DIM = 16
@@ -61,7 +62,7 @@ def _catalog(num_products=10, seed=0, lonely=True):
         "listing_id": [f"L{i:03d}" for i in range(n)],
         "product_id": products,
         "title": [f"title {i}" for i in range(n)],
-        "image": [f"img{i}" for i in range(n)],  # opaque to the stub encoder
+        "image": image_files(n),  # real files (a catalog's images must exist), opaque to the stub encoder
     })
 
 
@@ -75,7 +76,7 @@ def _reward(catalog=None, encoder=None, **kwargs):
 
 # ---------------------------------------------------------------------------------------------
 # Brute force: exact expectation over random tie-breaking by enumerating where the positives of
-# a tie group sit (every placement equally likely), independent of agcl.metrics.
+# a tie group sit (every placement equally likely), independent of afmrl.retrieval.metrics.
 def _brute_force(scores: np.ndarray, positive: np.ndarray, k: int, depth: int):
     finite = np.isfinite(scores)
     levels = sorted(set(scores[finite].tolist()), reverse=True)
@@ -239,7 +240,7 @@ def test_message_lists_and_strings_give_the_same_rewards():
 
 def test_dedup_within_a_call_and_baseline_cache_across_calls():
     catalog = _catalog(num_products=6, seed=3)
-    extra = datasets.Dataset.from_dict({"listing_id": ["Q1"], "product_id": ["P0"], "title": ["outside"], "image": ["q"]})
+    extra = datasets.Dataset.from_dict({"listing_id": ["Q1"], "product_id": ["P0"], "title": ["outside"], "image": image_files(1)})
     lookup = datasets.concatenate_datasets([catalog, extra])  # Q1 is not in the gallery: its baseline must be encoded
     encoder = StubEncoder()
     gallery = ProductGallery.build(catalog, encoder)
@@ -327,8 +328,8 @@ def test_picklable_plain_callable_and_clear_config_errors():
 
 
 def test_real_encoder_paths_load_lazily_and_pickle_light(tmp_path, tiny_model_dir, small_catalog_dir):
-    from agcl.catalog import load_catalog
-    from agcl.encoder import EncoderConfig, ProductEncoder
+    from afmrl.catalog.load import load_catalog
+    from afmrl.encoder.model import EncoderConfig, ProductEncoder
 
     torch.manual_seed(0)
     enc_dir = tmp_path / "encoder"

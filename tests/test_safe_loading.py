@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-SOURCES = [p for d in ("agcl", "rar", "rewards", "recipes", "benchmarks", "tests") for p in Path(d).rglob("*.py")]
+SOURCES = [p for d in ("afmrl", "agcl", "rar", "rewards", "deploy", "recipes", "benchmarks", "experiments", "tests") for p in Path(d).rglob("*.py")]
 
 
 def calls(tree, dotted):
@@ -42,4 +42,5 @@ def test_trust_remote_code_is_never_switched_on_by_default(path):
 
 
 def test_the_scan_sees_the_tree():
-    assert any(p.name == "rar_grpo.py" for p in SOURCES) and any(p.name == "trainer.py" for p in SOURCES)
+    names = {p.as_posix() for p in SOURCES}
+    assert {"recipes/rar_grpo.py", "agcl/trainer.py", "afmrl/modeling.py", "deploy/product_index.py"} <= names

@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from agcl.attributes import parse_attributes
-from agcl.catalog import load_catalog
-from agcl.modeling import load_mllm
-from agcl.synthetic_catalog import ATTRIBUTE_KEYS
+from afmrl.attributes import parse_attributes
+from afmrl.catalog.load import load_catalog
+from afmrl.embedded.synthetic_catalog import ATTRIBUTE_KEYS
+from afmrl.modeling import load_mllm
 from rar.prompts import build_sft_dataset
 
 trl = pytest.importorskip("trl")

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agcl.synthetic_catalog import (
+from afmrl.embedded.synthetic_catalog import (
     ATTRIBUTE_KEYS,
     REDUNDANT_VALUES,
     SyntheticCatalogConfig,

@@ -1,0 +1,166 @@
+"""Product photos of the synthetic catalog, drawn with PIL from a product's true attributes.
+
+A photo shows what a shopper's camera would: the category as the silhouette, ``color`` as the body,
+``secondary_color`` as the pattern and a thin trim, ``pattern`` as the texture and ``logo`` as a small mark
+in a contrasting ink; brand and size are not drawn (they live only in text). Each photo varies the
+object's position and scale, the background tone and the pixel noise, from the ``rng`` it is given, so the
+catalog stays byte-identical per seed. ``place_on_clutter`` puts a photo into a scene of coloured shapes
+(MOON's product-region crops, ``afmrl.encoder.crops``).
+
+    import numpy as np
+    from afmrl.embedded.photos import render_product_image
+    photo = render_product_image({"category": "mug", "color": "red", "secondary_color": "blue",
+                                  "pattern": "striped", "logo": "star"}, np.random.default_rng(0))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PALETTE = {
+    "red": (200, 30, 35),
+    "blue": (35, 70, 190),
+    "green": (35, 150, 60),
+    "yellow": (235, 200, 30),
+    "black": (25, 25, 25),
+    "white": (245, 245, 240),
+    "orange": (240, 125, 20),
+    "purple": (125, 50, 160),
+}
+
+_SUPERSAMPLE = 2  # drawn at twice the size, then downsampled: smooth edges
+
+
+def _shape_mask(category: str, box: tuple[float, float, float, float], canvas: int) -> Image.Image:
+    """A white-on-black mask of the product silhouette inside ``box`` (x0, y0, x1, y1)."""
+    mask = Image.new("L", (canvas, canvas), 0)
+    d = ImageDraw.Draw(mask)
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+
+    def p(fx, fy):
+        return (x0 + fx * w, y0 + fy * h)
+
+    if category == "t-shirt":
+        d.polygon([p(.3, 0), p(.7, 0), p(1, .2), p(.85, .4), p(.78, .32), p(.78, 1), p(.22, 1),
+                   p(.22, .32), p(.15, .4), p(0, .2)], fill=255)
+    elif category == "mug":
+        d.rectangle([p(.1, .1), p(.72, 1)], fill=255)
+        d.ellipse([p(.6, .3), p(1, .75)], outline=255, width=max(2, int(w * .08)))
+    elif category == "bag":
+        d.rectangle([p(0, .35), p(1, 1)], fill=255)
+        d.arc([p(.25, 0), p(.75, .7)], 180, 360, fill=255, width=max(2, int(w * .07)))
+    elif category == "bottle":
+        d.rectangle([p(.38, 0), p(.62, .2)], fill=255)
+        d.polygon([p(.38, .2), p(.62, .2), p(.8, .35), p(.2, .35)], fill=255)
+        d.rectangle([p(.2, .35), p(.8, 1)], fill=255)
+    elif category == "cap":
+        d.pieslice([p(.05, .15), p(.85, 1.2)], 180, 360, fill=255)
+        d.rectangle([p(.45, .62), p(1, .75)], fill=255)
+    elif category == "phone case":
+        d.rounded_rectangle([p(.2, 0), p(.8, 1)], radius=w * .1, fill=255)
+    else:
+        raise ValueError(f"unknown category {category!r}")
+    return mask
+
+
+def _pattern_layer(pattern: str, color, box, canvas: int, base) -> Image.Image:
+    layer = Image.new("RGB", (canvas, canvas), base)
+    d = ImageDraw.Draw(layer)
+    x0, y0, x1, y1 = box
+    step = max(4, int((x1 - x0) / 5))
+    if pattern == "striped":
+        for y in range(int(y0), int(y1), step):
+            d.rectangle([x0, y, x1, y + step // 2], fill=color)
+    elif pattern == "dotted":
+        r = step / 4
+        for y in range(int(y0) + step // 2, int(y1), step):
+            for x in range(int(x0) + step // 2, int(x1), step):
+                d.ellipse([x - r, y - r, x + r, y + r], fill=color)
+    elif pattern == "checked":
+        for i, y in enumerate(range(int(y0), int(y1), step)):
+            for j, x in enumerate(range(int(x0), int(x1), step)):
+                if (i + j) % 2 == 0:
+                    d.rectangle([x, y, x + step - 1, y + step - 1], fill=color)
+    elif pattern == "zigzag":
+        for y in range(int(y0), int(y1), step):
+            pts = [(x0 + k * step / 2, y + (step / 2 if k % 2 else 0)) for k in range(int(2 * (x1 - x0) / step) + 2)]
+            d.line(pts, fill=color, width=max(2, step // 4))
+    return layer
+
+
+def _draw_logo(d: ImageDraw.ImageDraw, logo: str, center, radius: float, color) -> None:
+    cx, cy = center
+    r = radius
+    if logo == "star":
+        pts = []
+        for k in range(10):
+            rr = r if k % 2 == 0 else r * 0.45
+            ang = np.pi / 2 + k * np.pi / 5
+            pts.append((cx + rr * np.cos(ang), cy - rr * np.sin(ang)))
+        d.polygon(pts, fill=color)
+    elif logo == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif logo == "triangle":
+        d.polygon([(cx, cy - r), (cx + r, cy + r * .8), (cx - r, cy + r * .8)], fill=color)
+    elif logo == "cross":
+        t = r * 0.35
+        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=color)
+        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=color)
+
+
+def render_product_image(attrs: dict, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """Render one photo of a product from its true attributes, with per-photo variation."""
+    canvas = size * _SUPERSAMPLE
+    tone = int(rng.integers(185, 246))
+    tint = rng.integers(-12, 13, size=3)
+    background = tuple(int(np.clip(tone + t, 0, 255)) for t in tint)
+    scale = rng.uniform(0.62, 0.88) * canvas
+    cx = canvas / 2 + rng.uniform(-0.1, 0.1) * canvas
+    cy = canvas / 2 + rng.uniform(-0.1, 0.1) * canvas
+    box = (cx - scale / 2, cy - scale / 2, cx + scale / 2, cy + scale / 2)
+    noise_sigma = rng.uniform(0.0, 8.0)
+
+    body = PALETTE[attrs["color"]]
+    accent = PALETTE[attrs["secondary_color"]]
+    product = _pattern_layer(attrs["pattern"], accent, box, canvas, body)
+    mask = _shape_mask(attrs["category"], box, canvas)
+    image = Image.new("RGB", (canvas, canvas), background)
+    image.paste(product, (0, 0), mask)
+    draw = ImageDraw.Draw(image)
+    # A thin trim in the secondary colour makes it visible even on solid products.
+    edge = mask.point(lambda v: 255 if v > 0 else 0)
+    trim = Image.new("RGB", (canvas, canvas), accent)
+    inner = _shape_mask(attrs["category"], tuple(np.array(box) + np.array([3, 3, -3, -3]) * _SUPERSAMPLE), canvas)
+    ring = Image.fromarray(((np.asarray(edge) > 0) & (np.asarray(inner) == 0)).astype(np.uint8) * 255)
+    image.paste(trim, (0, 0), ring)
+    if attrs["logo"] != "none":
+        luminance = 0.3 * body[0] + 0.59 * body[1] + 0.11 * body[2]
+        ink = (20, 20, 20) if luminance > 140 else (245, 245, 245)
+        logo_center = (cx, cy + 0.12 * scale)
+        _draw_logo(draw, attrs["logo"], logo_center, 0.13 * scale, ink)
+
+    image = image.resize((size, size), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = pixels + rng.normal(0.0, noise_sigma, size=pixels.shape).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def place_on_clutter(product: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, list[int]]:
+    """``product`` shrunk to 42-58% of its side and pasted at a random spot of a same-size scene of
+    coloured shapes (palette colours: they compete with the product's own); returns (scene, box)."""
+    size = product.width
+    tone = int(rng.integers(150, 230))
+    scene = Image.new("RGB", (size, size), (tone, tone, tone))
+    draw = ImageDraw.Draw(scene)
+    colors = list(PALETTE.values())
+    for _ in range(int(rng.integers(5, 10))):
+        x0, y0 = (float(v) for v in rng.uniform(-0.2, 0.9, 2) * size)
+        w, h = (float(v) for v in rng.uniform(0.1, 0.45, 2) * size)
+        fill = colors[int(rng.integers(len(colors)))]
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=fill)
+    side = max(8, round(size * rng.uniform(0.42, 0.58)))
+    ox, oy = (int(v) for v in rng.integers(0, size - side + 1, 2))
+    scene.paste(product.resize((side, side), Image.Resampling.LANCZOS), (ox, oy))
+    return scene, [ox, oy, ox + side, oy + side]
