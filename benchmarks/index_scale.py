@@ -183,7 +183,7 @@ product, noise {args.noise}); {args.queries} held-out
 queries. Build = training + adding + tuning to recall 0.98 of the exact top-10 (as recipes/index_catalog.py
 builds it); peak = anonymous memory during the build, above the process's start; index = faiss's bytes in
 memory (IVF-PQ's float vectors stay in vectors.npy on disk and only the re-ranked candidates are read).
-What the figures mean, and the arithmetic for 100M listings: [deploy_at_scale.md](deploy_at_scale.md).
+What the figures mean, and the arithmetic for 100M listings: [deploy.md](../deploy.md).
 
 | vectors | index | build s | build peak GiB | index MiB | ms/query (1000 at once) | ms/query (one) | recall@10 of exact | instance R@1 | parameters |
 |---|---|---|---|---|---|---|---|---|---|

@@ -1,11 +1,14 @@
 """Does the retrieval reward point where RL should go? Scores of hand-made attribute lines against the demo's reward.
 
     accelerate launch recipes/rar_grpo.py          # once: writes outputs/rar-demo (encoder, gallery_attributes.jsonl)
-    python -m experiments.reward_signal             # writes docs/experiments/reward_signal.md
+    python -m experiments.reward_signal             # writes outputs/reward_signal.md
     python -m experiments.reward_signal --gallery_split train val --galleries policy true \
         --gallery_attributes_file outputs/rar-seeds-trainval/seed0/gallery_attributes.jsonl \
-        --output docs/experiments/reward_signal.md    # the reward of a run with --gallery_split train val
-    python -m experiments.reward_signal --galleries policy --samples 8 --output docs/experiments/reward_signal.md
+        --output outputs/reward_signal_trainval.md    # the reward of a run with --gallery_split train val
+    python -m experiments.reward_signal --galleries policy --samples 8 --output outputs/reward_signal_noise.md
+
+A run's page is a record of one setting: add it as a row and a section of docs/experiments/reward_signal.md (one
+page for every setting measured), with its command and commit.
 
 RL can only move the generator toward what its reward ranks higher. This script rebuilds the demo's
 reward exactly as ``recipes/rar_grpo.py`` does (``retrieval_rank``, the frozen demo encoder, the
@@ -115,7 +118,7 @@ def main() -> None:
                         help="Also sample this many completions per listing from <demo>/sft at --temperature and "
                              "score them (the noise GRPO's groups see); 0: hand-made lines only.")
     parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (rar_demo.yaml's).")
-    parser.add_argument("--output", default=str(ROOT / "docs" / "experiments" / "reward_signal.md"))
+    parser.add_argument("--output", default=str(ROOT / "outputs" / "reward_signal.md"))
     args = parser.parse_args()
     if args.samples < 0 or args.temperature <= 0:
         parser.error("--samples must be >= 0 and --temperature > 0")

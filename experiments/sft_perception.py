@@ -1,7 +1,7 @@
 """Where does a generator's perception go when SFT teaches it the ``key: value`` schema?
 
 Three measurements on the demo catalog's photos, each for the values its title does not state
-(docs/embedded.md, "A seventh probe"):
+(docs/experiments/pretraining.md, "A seventh probe"):
 
 * ``--caption MODEL``: a base pretrained on captions writes a caption for each photo (greedy); how often
   does it name the true colour, pattern, logo ...?

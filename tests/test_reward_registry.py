@@ -1,4 +1,4 @@
-"""The reward registry: built-ins, import paths, kwargs routing, clear errors, weights, README example."""
+"""The reward registry: built-ins, import paths, kwargs routing, clear errors, weights, the guide's example."""
 
 import functools
 import re
@@ -187,20 +187,20 @@ def test_reward_weights_are_checked():
         validate_reward_weights("1,1", funcs)
 
 
-# ---------------------------------------------------------------- the README example
+# ---------------------------------------------------------------- the guide's example (docs/stage2.md)
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "stage2.md"
 
 
-def readme_example() -> str:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"<!-- custom-reward-example -->\s*```python\n(.*?)```", readme, re.S)
-    assert match, "README.md needs a ```python block right after <!-- custom-reward-example -->"
+def guide_example() -> str:
+    match = re.search(r"<!-- custom-reward-example -->\s*```python\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.S)
+    assert match, "docs/stage2.md needs a ```python block right after <!-- custom-reward-example -->"
     return match.group(1)
 
 
-def test_readme_custom_reward_example_runs(tmp_path, monkeypatch):
-    code = readme_example()
-    namespace = {"__name__": "readme_example"}
-    exec(compile(code, "README.md:custom-reward-example", "exec"), namespace)
+def test_guide_custom_reward_example_runs(tmp_path, monkeypatch):
+    code = guide_example()
+    namespace = {"__name__": "guide_example"}
+    exec(compile(code, "docs/stage2.md:custom-reward-example", "exec"), namespace)
     reward = namespace["brand_mentioned"]
     completions = [
         [{"role": "assistant", "content": "brand: Acme; color: red"}],

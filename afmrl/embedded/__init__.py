@@ -19,8 +19,8 @@ TINY_MODELS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "ti
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # name -> what it is; the weights live in PRETRAINED_DIR / name
 PRETRAINED_MODELS = {
-    "pretrained-tiny-qwen2-vl": "0.24M parameters, 4 tokens per 64 px photo: the demo's encoder backbone",
-    "pretrained-tiny-qwen2-vl-large": "1.06M parameters, 16 tokens per photo: the demo's attribute generator",
+    "pretrained-tiny-qwen2-vl": "0.27M parameters, 4 tokens per 64 px photo: the demo's encoder backbone",
+    "pretrained-tiny-qwen2-vl-large": "1.19M parameters, 16 tokens per photo: the demo's attribute generator",
 }
 
 

@@ -65,7 +65,7 @@ NO_LOGO = ("no logo", "without a logo", "no mark on it")
 GENERIC_CLAUSES = ("its {k} is {v}", "{v} {k}", "the {k} is {v}")
 # The same facts with the key named before its value. In "a {v} surface" the value comes first, so a
 # model must guess which key the next word belongs to before it can use the photo; a tiny model
-# learns such slots slowly (docs/embedded.md, the phrasing probe).
+# learns such slots slowly (docs/experiments/pretraining.md, the phrasing probe).
 KEY_FIRST_CLAUSES = {
     "category": ("the item is a {v}", "this is a {v}", "the product is a {v}"),
     "color": ("mainly {v}", "the body is {v}", "its main colour is {v}"),
