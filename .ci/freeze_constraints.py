@@ -33,8 +33,10 @@ def main():
     seen: dict[str, str] = {}
     closure("afmrl", EXTRAS, seen)
     seen.pop("afmrl")
-    lines = ["# The versions the test suite passed with (CI installs with this file; written by "
-             ".ci/freeze_constraints.py).", "# pip install -e . -c constraints.txt"]
+    lines = [
+        "# The versions the test suite passed with (CI installs with this file; written by .ci/freeze_constraints.py).",
+        "# pip install -e . -c constraints.txt",
+    ]
     # A local label (2.13.0+cpu) would not match the CUDA build of the same torch: pin the public version.
     lines += [f"{name}=={version.split('+')[0]}" for name, version in sorted(seen.items())]
     (ROOT / "constraints.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

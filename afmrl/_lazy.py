@@ -1,6 +1,6 @@
 """Lazy package exports: ``from afmrl import ProductEncoder`` imports torch only when that name is asked for.
 
-    __getattr__, __all__ = lazy_exports(__name__, {"ProductEncoder": "afmrl.encoder.model", ...})
+__getattr__, __all__ = lazy_exports(__name__, {"ProductEncoder": "afmrl.encoder.model", ...})
 """
 
 from __future__ import annotations

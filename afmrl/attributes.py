@@ -141,12 +141,12 @@ class _Builder:
                 if not fragment:
                     continue
                 bullet = _BULLET.match(fragment)
-                body = fragment[bullet.end():] if bullet else fragment
+                body = fragment[bullet.end() :] if bullet else fragment
                 cut = min((i for i in (body.find(":"), body.find("=")) if i >= 0), default=-1)
                 if cut < 0:
                     self.unparsed.append(fragment)
                 else:
-                    self.add(body[:cut], body[cut + 1:], fragment)
+                    self.add(body[:cut], body[cut + 1 :], fragment)
 
 
 def _find_json_object(text: str) -> tuple[dict, int, int] | None:
@@ -226,8 +226,10 @@ def format_attributes(attributes: Mapping[str, object] | None, key_order: Sequen
     for raw_key, raw_value in (attributes or {}).items():
         key = normalize_key(raw_key)
         if not _key_ok(key):
-            raise ValueError(f"attribute key {raw_key!r} is empty or longer than "
-                             f"{MAX_KEY_CHARS} chars / {MAX_KEY_WORDS} words after normalisation")
+            raise ValueError(
+                f"attribute key {raw_key!r} is empty or longer than "
+                f"{MAX_KEY_CHARS} chars / {MAX_KEY_WORDS} words after normalisation"
+            )
         if raw_value is None:
             continue
         scalar = _scalar(raw_value)
@@ -356,16 +358,27 @@ class BM25Scorer:
         size = len(vocab)  # may be 0 (all-empty queries): every shape below still works
         query_matrix = np.zeros((len(queries), size))
         query_matrix[q_rows, q_cols] = 1.0
-        tf = np.bincount(np.asarray(d_rows, dtype=np.int64) * size + np.asarray(d_cols, dtype=np.int64),
-                         minlength=len(documents) * size).reshape(len(documents), size).astype(np.float64)
+        tf = (
+            np.bincount(
+                np.asarray(d_rows, dtype=np.int64) * size + np.asarray(d_cols, dtype=np.int64),
+                minlength=len(documents) * size,
+            )
+            .reshape(len(documents), size)
+            .astype(np.float64)
+        )
         norm = self.k1 * (1.0 - self.b + self.b * lengths / self.avgdl)
         saturated = np.divide(tf * (self.k1 + 1.0), tf + norm[:, None], out=np.zeros_like(tf), where=tf > 0)
         idf = np.array([self.idf(t) for t in vocab])
         return ((query_matrix * idf) @ saturated.T).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"k1": self.k1, "b": self.b, "num_docs": self.num_docs, "avgdl": self.avgdl,
-                "doc_freq": dict(self.doc_freq)}
+        return {
+            "k1": self.k1,
+            "b": self.b,
+            "num_docs": self.num_docs,
+            "avgdl": self.avgdl,
+            "doc_freq": dict(self.doc_freq),
+        }
 
     @classmethod
     def from_dict(cls, state: Mapping) -> BM25Scorer:

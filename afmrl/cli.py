@@ -47,8 +47,10 @@ def default_config_epilog(default: str | Path) -> str:
         path = path.relative_to(Path.cwd())
     except ValueError:
         pass
-    return (f"Without --config the recipe runs {path} (the embedded demo) and the flags given override it; with "
-            "--config, that YAML replaces it.")
+    return (
+        f"Without --config the recipe runs {path} (the embedded demo) and the flags given override it; with "
+        "--config, that YAML replaces it."
+    )
 
 
 def parse_recipe_args(parser, argv: Sequence[str]):
@@ -61,6 +63,8 @@ def parse_recipe_args(parser, argv: Sequence[str]):
 
         if "bf16" in str(err) and not torch.cuda.is_available():
             config = argv[argv.index("--config") + 1] if "--config" in argv else "the defaults"
-            raise ValueError(f"{config} trains in bf16 on GPUs and this machine has no CUDA GPU: to run it on the "
-                             "CPU add --bf16 false --use_cpu true") from None
+            raise ValueError(
+                f"{config} trains in bf16 on GPUs and this machine has no CUDA GPU: to run it on the "
+                "CPU add --bf16 false --use_cpu true"
+            ) from None
         raise

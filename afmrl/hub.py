@@ -31,21 +31,26 @@ def hub_unreachable(repo_id: str, repo_type: str = "model") -> str | None:
         return "is switched off (HF_HUB_OFFLINE=1)"
     kind = "datasets" if repo_type == "dataset" else "models"
     try:  # one request, no retries
-        response = get_session().head(f"{constants.ENDPOINT}/api/{kind}/{repo_id}", headers=build_hf_headers(),
-                                      timeout=10, follow_redirects=True)
+        response = get_session().head(
+            f"{constants.ENDPOINT}/api/{kind}/{repo_id}", headers=build_hf_headers(), timeout=10, follow_redirects=True
+        )
     except Exception as err:  # DNS failure, refused connection, timeout, proxy error
         return f"({constants.ENDPOINT}) cannot be reached ({type(err).__name__}: {err})"
     if response.status_code in (401, 403, 404):
-        raise HubRepoNotFound(f"the hub answers {response.status_code} for the {repo_type} {repo_id!r}: check the id, "
-                              "or log in (`hf auth login`) if it is private or gated")
+        raise HubRepoNotFound(
+            f"the hub answers {response.status_code} for the {repo_type} {repo_id!r}: check the id, "
+            "or log in (`hf auth login`) if it is private or gated"
+        )
     return None
 
 
 def download_hint(repo_id: str, repo_type: str = "model") -> str:
     """What to do about a hub id that cannot be fetched here."""
     flag = " --repo-type dataset" if repo_type == "dataset" else ""
-    return (f"download it where there is network (`hf download {repo_id}{flag}`) and point HF_HOME at that cache, "
-            "or pass a local directory")
+    return (
+        f"download it where there is network (`hf download {repo_id}{flag}`) and point HF_HOME at that cache, "
+        "or pass a local directory"
+    )
 
 
 @contextmanager

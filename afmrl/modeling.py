@@ -136,8 +136,10 @@ def _check_hub_model(repo_id: str) -> None:
         return  # cached: loads offline
     reason = hub_unreachable(repo_id, "model")
     if reason:
-        raise FileNotFoundError(f"{repo_id} is neither a local directory nor in the local Hugging Face cache, and the "
-                                f"hub {reason}: {download_hint(repo_id, 'model')}")
+        raise FileNotFoundError(
+            f"{repo_id} is neither a local directory nor in the local Hugging Face cache, and the "
+            f"hub {reason}: {download_hint(repo_id, 'model')}"
+        )
 
 
 def _model_type(name_or_path) -> str:
@@ -194,12 +196,15 @@ def check_processor(processor, name_or_path) -> None:
     """Refuse a processor that cannot serve this package's models: every stage shows the model an image
     (an image processor) inside a conversation (a chat template). Raises ``ValueError`` naming the model."""
     if getattr(processor, "image_processor", None) is None:
-        raise ValueError(f"{name_or_path}: the processor has no image processor, so the model cannot see the "
-                         "product image")
+        raise ValueError(
+            f"{name_or_path}: the processor has no image processor, so the model cannot see the product image"
+        )
     tokenizer = getattr(processor, "tokenizer", processor)
     if not (getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)):
-        raise ValueError(f"{name_or_path}: the processor and tokenizer have no chat template; listings and prompts "
-                         "are rendered as conversations (add chat_template.jinja to the model directory)")
+        raise ValueError(
+            f"{name_or_path}: the processor and tokenizer have no chat template; listings and prompts "
+            "are rendered as conversations (add chat_template.jinja to the model directory)"
+        )
 
 
 def backbone_signature(config) -> dict:
@@ -207,8 +212,12 @@ def backbone_signature(config) -> dict:
     shapes of its language model. Two backbones with equal signatures can carry each other's adapters."""
     text = getattr(config, "text_config", None) or config
     vision = getattr(config, "vision_config", None)
-    signature = {"model_type": config.model_type, "hidden_size": text.hidden_size,
-                 "num_hidden_layers": text.num_hidden_layers, "vocab_size": text.vocab_size}
+    signature = {
+        "model_type": config.model_type,
+        "hidden_size": text.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "vocab_size": text.vocab_size,
+    }
     if vision is not None:
         # The vision tower's own width: Qwen2-VL calls it embed_dim (its hidden_size is the merger's output).
         signature["vision_hidden_size"] = getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", None)
@@ -293,9 +302,7 @@ def load_mllm(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
-    model = AutoModelForImageTextToText.from_pretrained(
-        name_or_path, trust_remote_code=trust_remote_code, **kwargs
-    )
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     if load_in_4bit:
         disable_bnb_cpu_inference_repack(model)
     return model, processor

@@ -40,5 +40,7 @@ def format_summary(summary: dict, digits: int = 1, signed: bool = True) -> str:
     if summary["n"] < 2:
         return f"{mean} (n = 1)"
     low, high = summary["ci95"]
-    return (f"{mean} ± {summary['sd']:.{digits}f} (95% CI {low:{sign}.{digits}f} to {high:{sign}.{digits}f}, "
-            f"n = {summary['n']})")
+    return (
+        f"{mean} ± {summary['sd']:.{digits}f} (95% CI {low:{sign}.{digits}f} to {high:{sign}.{digits}f}, "
+        f"n = {summary['n']})"
+    )

@@ -12,8 +12,11 @@ Names are imported lazily.
 
 from afmrl._lazy import lazy_exports
 
-__getattr__, __all__ = lazy_exports(__name__, {
-    "AGCLLoss": "agcl.loss",
-    "AGCLConfig": "agcl.config",
-    "AGCLTrainer": "agcl.trainer",
-})
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "AGCLLoss": "agcl.loss",
+        "AGCLConfig": "agcl.config",
+        "AGCLTrainer": "agcl.trainer",
+    },
+)

@@ -38,8 +38,11 @@ class ProductPairDataset(torch.utils.data.Dataset):
         self.skipped_single_listing = len(groups) - len(self.groups)
         if self.skipped_single_listing:
             # Counted and reported, never silently dropped: a product needs two listings to be a pair.
-            logger.warning("%d of %d products have a single listing and give no training pair",
-                           self.skipped_single_listing, len(groups))
+            logger.warning(
+                "%d of %d products have a single listing and give no training pair",
+                self.skipped_single_listing,
+                len(groups),
+            )
         if not self.groups:
             raise ValueError("no product has two listings: contrastive training needs pairs of the same product")
         self.seed, self.epoch = seed, 0
@@ -58,8 +61,10 @@ class ProductPairDataset(torch.utils.data.Dataset):
         """
         column, _, keys = grouping.partition(":")
         if column not in self.catalog.column_names:
-            raise ValueError(f"--batch_grouping {grouping!r}: the catalog has no column {column!r} "
-                             f"(columns: {self.catalog.column_names})")
+            raise ValueError(
+                f"--batch_grouping {grouping!r}: the catalog has no column {column!r} "
+                f"(columns: {self.catalog.column_names})"
+            )
         values = self.catalog[column]
         firsts = [values[rows[0]] for rows in self.groups]
         if not keys:
@@ -134,14 +139,26 @@ class AGCLCollator:
         title where it has none), or ``title+attributes``.
     """
 
-    def __init__(self, encoder, catalog: datasets.Dataset, *, attribute_column: str | None = "attributes",
-                 attribute_keys: Sequence[str] | None = None, signature_keys: Sequence[str] | None = None,
-                 query_attribute_probability: float = 0.0, candidate_attribute_probability: float = 0.0,
-                 attribute_key_probability: float = 1.0, with_modalities: bool = False, modality_text: str = "title",
-                 seed: int | None = None):
+    def __init__(
+        self,
+        encoder,
+        catalog: datasets.Dataset,
+        *,
+        attribute_column: str | None = "attributes",
+        attribute_keys: Sequence[str] | None = None,
+        signature_keys: Sequence[str] | None = None,
+        query_attribute_probability: float = 0.0,
+        candidate_attribute_probability: float = 0.0,
+        attribute_key_probability: float = 1.0,
+        with_modalities: bool = False,
+        modality_text: str = "title",
+        seed: int | None = None,
+    ):
         if attribute_column is not None and attribute_column not in catalog.column_names:
-            raise ValueError(f"attribute_column {attribute_column!r} is not a column of the catalog "
-                             f"(columns: {catalog.column_names})")
+            raise ValueError(
+                f"attribute_column {attribute_column!r} is not a column of the catalog "
+                f"(columns: {catalog.column_names})"
+            )
         self.encoder = encoder
         self.catalog = catalog
         self.attribute_column = attribute_column
@@ -171,11 +188,14 @@ class AGCLCollator:
         """The attribute text appended to one side's input: None when that side's coin says no, else the line with
         each key kept with probability ``attribute_key_probability`` (None when no key survives)."""
         if not self.attribute_column or self._coin(item, side) >= (
-                self.query_attribute_probability if side == "query" else self.candidate_attribute_probability):
+            self.query_attribute_probability if side == "query" else self.candidate_attribute_probability
+        ):
             return None
         attrs = row.get(self.attribute_column) or {}
         if self.attribute_key_probability < 1:
-            attrs = {k: v for k, v in attrs.items() if self._coin(item, f"{side}-key-{k}") < self.attribute_key_probability}
+            attrs = {
+                k: v for k, v in attrs.items() if self._coin(item, f"{side}-key-{k}") < self.attribute_key_probability
+            }
         return format_attributes(attrs, self.attribute_keys) or None
 
     def _signature(self, row: dict) -> str | None:
@@ -207,7 +227,9 @@ class AGCLCollator:
         q_images = [_row_views(r, self.crop) for r in queries]  # decoded and cropped once, used twice below
         batch = {
             "query": self.encoder.build_inputs(q_images, [r["title"] for r in queries], appended),
-            "candidate": self.encoder.build_inputs([_row_views(r, self.crop) for r in positives], [r["title"] for r in positives], c_appended),
+            "candidate": self.encoder.build_inputs(
+                [_row_views(r, self.crop) for r in positives], [r["title"] for r in positives], c_appended
+            ),
             "product_ids": [r["product_id"] for r in queries],
             "query_attributes": q_attr,
             "candidate_attributes": c_attr,

@@ -62,8 +62,8 @@ def split_into_chunks(batch: Any, chunk_size: int) -> list:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if isinstance(batch, Mapping):
         n = len(next(iter(batch.values())))
-        return [{k: v[i:i + chunk_size] for k, v in batch.items()} for i in range(0, n, chunk_size)]
-    return [batch[i:i + chunk_size] for i in range(0, len(batch), chunk_size)]
+        return [{k: v[i : i + chunk_size] for k, v in batch.items()} for i in range(0, n, chunk_size)]
+    return [batch[i : i + chunk_size] for i in range(0, len(batch), chunk_size)]
 
 
 def _encode_without_grad(encode: Callable, chunks: Sequence) -> tuple[list[torch.Tensor], list[RandContext]]:

@@ -77,8 +77,10 @@ def _same(a: Sequence | None, b: Sequence | None, device) -> torch.Tensor | None
     if a is None or b is None:
         return None
     codes: dict = {}
-    lists = [[-1 - k - start if x is None else codes.setdefault(x, len(codes)) for k, x in enumerate(xs)]
-             for xs, start in ((a, 0), (b, len(a)))]
+    lists = [
+        [-1 - k - start if x is None else codes.setdefault(x, len(codes)) for k, x in enumerate(xs)]
+        for xs, start in ((a, 0), (b, len(a)))
+    ]
     ca, cb = (torch.tensor(x, dtype=torch.long, device=device) for x in lists)
     return ca[:, None] == cb[None, :]
 
@@ -223,8 +225,14 @@ class AGCLLoss(nn.Module):
             phi = torch.sigmoid(self.dynamic_kappa * (positive - sim - self.dynamic_margin(step)))
             mask = phi < self.dynamic_threshold
         else:  # attribute
-            same = [m for m in (_same(row_product_ids, col_product_ids, sim.device),
-                                _same(row_signatures, col_signatures, sim.device)) if m is not None]
+            same = [
+                m
+                for m in (
+                    _same(row_product_ids, col_product_ids, sim.device),
+                    _same(row_signatures, col_signatures, sim.device),
+                )
+                if m is not None
+            ]
             if not same:
                 raise ValueError('false_negative_filter="attribute" needs product ids or attribute signatures')
             mask = same[0] if len(same) == 1 else same[0] | same[1]
@@ -251,11 +259,22 @@ class AGCLLoss(nn.Module):
         q, c = query_embeddings, candidate_embeddings
         if candidate_product_ids is None:
             candidate_product_ids = product_ids  # pairs are two listings of the same product
-        self._validate(q, c, product_ids, candidate_product_ids, query_attributes, candidate_attributes,
-                       query_signatures, candidate_signatures, image_embeddings, text_embeddings)
+        self._validate(
+            q,
+            c,
+            product_ids,
+            candidate_product_ids,
+            query_attributes,
+            candidate_attributes,
+            query_signatures,
+            candidate_signatures,
+            image_embeddings,
+            text_embeddings,
+        )
         q_side = _Side(q, _as_list(product_ids), _as_list(query_signatures), _as_list(query_attributes))
-        c_side = _Side(c, _as_list(candidate_product_ids), _as_list(candidate_signatures),
-                       _as_list(candidate_attributes))
+        c_side = _Side(
+            c, _as_list(candidate_product_ids), _as_list(candidate_signatures), _as_list(candidate_attributes)
+        )
         intra = self.intra_product_weight > 0 and image_embeddings is not None
         local = [c_side] + ([q_side] if self.symmetric else [])
         if intra:
@@ -266,8 +285,10 @@ class AGCLLoss(nn.Module):
         cols, n_batch_cols = g_c, g_c.emb.shape[0]
         if self.queue_size:
             qu = self.queue
-            cols = _Side(torch.cat([g_c.emb, qu.emb.to(g_c.emb)]),
-                         *[_cat_meta([a, b]) for a, b in zip(g_c[1:], qu[1:], strict=True)])
+            cols = _Side(
+                torch.cat([g_c.emb, qu.emb.to(g_c.emb)]),
+                *[_cat_meta([a, b]) for a, b in zip(g_c[1:], qu[1:], strict=True)],
+            )
         loss_q2c, masked, mean_tanh = self._direction(q_side, cols, offset, step, n_batch_cols)
         loss = loss_q2c
         stats = {"loss_q2c": loss_q2c.detach(), "masked_per_query": masked, "mean_tanh_bm25": mean_tanh}
@@ -278,8 +299,10 @@ class AGCLLoss(nn.Module):
         if intra:
             labels = torch.arange(q.shape[0], device=q.device) + offset
             t_all, i_all = gathered[-2].emb, gathered[-1].emb
-            loss_intra = (F.cross_entropy(image_embeddings @ t_all.T / self.temperature, labels)
-                          + F.cross_entropy(text_embeddings @ i_all.T / self.temperature, labels)) / 2
+            loss_intra = (
+                F.cross_entropy(image_embeddings @ t_all.T / self.temperature, labels)
+                + F.cross_entropy(text_embeddings @ i_all.T / self.temperature, labels)
+            ) / 2
             loss = loss + self.intra_product_weight * loss_intra
             stats["loss_intra"] = loss_intra.detach()
         stats["loss"] = loss.detach()
@@ -303,16 +326,23 @@ class AGCLLoss(nn.Module):
         if self.hard_negative_weighting:
             tanh_b = torch.tanh(self._bm25_matrix(rows.attributes, cols.attributes, sim))
             if not self.weight_positive:
-                tanh_b = tanh_b.index_put((torch.arange(sim.shape[0], device=sim.device), labels),
-                                          torch.zeros((), dtype=tanh_b.dtype, device=tanh_b.device))
+                tanh_b = tanh_b.index_put(
+                    (torch.arange(sim.shape[0], device=sim.device), labels),
+                    torch.zeros((), dtype=tanh_b.dtype, device=tanh_b.device),
+                )
             logits = logits + self.weighting_scale * tanh_b
             mean_tanh = tanh_b.mean()
-        mask = self.false_negative_mask(sim, positive_indices=labels, row_product_ids=rows.product_ids,
-                                        col_product_ids=cols.product_ids, row_signatures=rows.signatures,
-                                        col_signatures=cols.signatures, step=step)
+        mask = self.false_negative_mask(
+            sim,
+            positive_indices=labels,
+            row_product_ids=rows.product_ids,
+            col_product_ids=cols.product_ids,
+            row_signatures=rows.signatures,
+            col_signatures=cols.signatures,
+            step=step,
+        )
         if sim.shape[1] > n_batch_cols:  # queue columns: a past listing of the query's product
-            same = _same(rows.product_ids, cols.product_ids[n_batch_cols:] if cols.product_ids else None,
-                         sim.device)
+            same = _same(rows.product_ids, cols.product_ids[n_batch_cols:] if cols.product_ids else None, sim.device)
             if same is not None:
                 mask[:, n_batch_cols:] |= same
         # -inf rather than a large finite value: exact zero weight, and the finite positive keeps
@@ -322,8 +352,10 @@ class AGCLLoss(nn.Module):
 
     def _bm25_matrix(self, row_texts: list, col_texts: list, like: torch.Tensor) -> torch.Tensor:
         if any(t is None for t in row_texts) or any(t is None for t in col_texts):
-            raise ValueError("hard_negative_weighting needs attribute texts for every row "
-                             "(query_attributes / candidate_attributes), including queued candidates")
+            raise ValueError(
+                "hard_negative_weighting needs attribute texts for every row "
+                "(query_attributes / candidate_attributes), including queued candidates"
+            )
         scorer = self.bm25
         if scorer is None:  # in-batch IDF fallback; lazy import keeps agcl_loss free of text utils
             from afmrl.attributes import BM25Scorer
@@ -333,8 +365,9 @@ class AGCLLoss(nn.Module):
         b = b.detach() if isinstance(b, torch.Tensor) else torch.from_numpy(np.asarray(b))
         b = b.to(device=like.device, dtype=like.dtype)
         if b.shape != like.shape:
-            raise ValueError(f"bm25 returned shape {tuple(b.shape)}, expected {tuple(like.shape)} "
-                             f"(len(queries), len(candidates))")
+            raise ValueError(
+                f"bm25 returned shape {tuple(b.shape)}, expected {tuple(like.shape)} (len(queries), len(candidates))"
+            )
         return b
 
     # ----------------------------------------------------------------------------- helpers
@@ -363,34 +396,48 @@ class AGCLLoss(nn.Module):
         for k, side in enumerate(sides):
             # all-gather needs equal shapes: pad to the largest local batch, slice after.
             padded = all_gather_single(F.pad(side.emb, (0, 0, 0, top - n)), 0, dist.group.WORLD)
-            emb = torch.cat([padded[r * top: r * top + s] for r, s in enumerate(sizes)])
+            emb = torch.cat([padded[r * top : r * top + s] for r, s in enumerate(sizes)])
             meta = [_cat_meta([m[1][k][f] for m in metas]) for f in range(3)]
             out.append(_Side(emb, *meta))
         return out, sum(sizes[:rank])
 
     def _validate(self, q, c, pids, cpids, qattr, cattr, qsig, csig, img, txt) -> None:
         if q.dim() != 2 or q.shape != c.shape:
-            raise ValueError("query_embeddings and candidate_embeddings must be (batch, dim) with the same "
-                             f"shape, got {tuple(q.shape)} and {tuple(c.shape)}")
+            raise ValueError(
+                "query_embeddings and candidate_embeddings must be (batch, dim) with the same "
+                f"shape, got {tuple(q.shape)} and {tuple(c.shape)}"
+            )
         n = q.shape[0]
-        for name, seq in (("product_ids", pids), ("candidate_product_ids", cpids), ("query_attributes", qattr),
-                          ("candidate_attributes", cattr), ("query_signatures", qsig),
-                          ("candidate_signatures", csig)):
+        for name, seq in (
+            ("product_ids", pids),
+            ("candidate_product_ids", cpids),
+            ("query_attributes", qattr),
+            ("candidate_attributes", cattr),
+            ("query_signatures", qsig),
+            ("candidate_signatures", csig),
+        ):
             if seq is not None and len(seq) != n:
                 raise ValueError(f"{name} has {len(seq)} entries, but the batch has {n} rows")
         if self.hard_negative_weighting and (qattr is None or cattr is None):
-            raise ValueError("hard_negative_weighting needs attribute texts (query_attributes / "
-                             "candidate_attributes); pass them or set hard_negative_weighting=False")
+            raise ValueError(
+                "hard_negative_weighting needs attribute texts (query_attributes / "
+                "candidate_attributes); pass them or set hard_negative_weighting=False"
+            )
         if (qsig is None) != (csig is None):
             raise ValueError("query_signatures and candidate_signatures must be given together")
         if self.false_negative_filter == "attribute" and pids is None and qsig is None:
-            raise ValueError('false_negative_filter="attribute" needs product_ids or '
-                             "query_signatures / candidate_signatures")
+            raise ValueError(
+                'false_negative_filter="attribute" needs product_ids or query_signatures / candidate_signatures'
+            )
         if self.queue_size and self.queue.emb.shape[1] != q.shape[1]:
-            raise ValueError(f"memory queue holds dim {self.queue.emb.shape[1]} embeddings, batch has "
-                             f"dim {q.shape[1]}; call reset_queue()")
+            raise ValueError(
+                f"memory queue holds dim {self.queue.emb.shape[1]} embeddings, batch has "
+                f"dim {q.shape[1]}; call reset_queue()"
+            )
         if self.intra_product_weight > 0 and (img is None) != (txt is None):
             raise ValueError("intra_product_weight needs both image_embeddings and text_embeddings")
         if img is not None and txt is not None and not (img.shape == txt.shape and img.shape[0] == n):
-            raise ValueError("image_embeddings and text_embeddings must both be (batch, dim), got "
-                             f"{tuple(img.shape)} and {tuple(txt.shape)} for batch {n}")
+            raise ValueError(
+                "image_embeddings and text_embeddings must both be (batch, dim), got "
+                f"{tuple(img.shape)} and {tuple(txt.shape)} for batch {n}"
+            )

@@ -68,8 +68,10 @@ class AGCLTrainer(Trainer):
     def __init__(self, model: ProductEncoder, args: AGCLConfig, train_dataset: datasets.Dataset, **kwargs):
         check_attribute_options(args, train_dataset)
         if getattr(model, "moe", None) is not None and args.gradient_cache_chunk_size:
-            raise ValueError("--gradient_cache_chunk_size and an encoder with modality experts (moe_experts > 0) do "
-                             "not go together yet (the routing regulariser needs the whole batch): turn one off")
+            raise ValueError(
+                "--gradient_cache_chunk_size and an encoder with modality experts (moe_experts > 0) do "
+                "not go together yet (the routing regulariser needs the whole batch): turn one off"
+            )
         self.catalog = train_dataset
         attribute_column = args.attribute_column if args.attribute_column in train_dataset.column_names else None
         self.bm25 = None
@@ -96,11 +98,16 @@ class AGCLTrainer(Trainer):
             intra_product_weight=args.intra_product_weight,
         )
         collator = kwargs.pop("data_collator", None) or AGCLCollator(
-            model, train_dataset, attribute_column=attribute_column, signature_keys=args.signature_keys,
+            model,
+            train_dataset,
+            attribute_column=attribute_column,
+            signature_keys=args.signature_keys,
             query_attribute_probability=args.query_attribute_probability,
             candidate_attribute_probability=args.candidate_attribute_probability,
             attribute_key_probability=args.attribute_key_probability,
-            with_modalities=args.intra_product_weight > 0, modality_text=args.intra_product_text, seed=args.seed,
+            with_modalities=args.intra_product_weight > 0,
+            modality_text=args.intra_product_text,
+            seed=args.seed,
         )
         pairs = ProductPairDataset(train_dataset, seed=args.seed)
         super().__init__(model=model, args=args, train_dataset=pairs, data_collator=collator, **kwargs)
@@ -139,8 +146,10 @@ class AGCLTrainer(Trainer):
         if "query_image_only" in inputs:
             # Before the full passes: under DDP (find_unused_parameters) the last forward decides which parameters
             # count as unused, and a text-only last pass would mark the vision tower ready twice.
-            extra = {"image_embeddings": embed(inputs["query_image_only"]),
-                     "text_embeddings": embed(inputs["query_text_only"])}
+            extra = {
+                "image_embeddings": embed(inputs["query_image_only"]),
+                "text_embeddings": embed(inputs["query_text_only"]),
+            }
         query = embed(inputs["query"])
         candidate = embed(inputs["candidate"])
         loss = self.loss_fn(query, candidate, **self._loss_kwargs(inputs), **extra)
@@ -153,14 +162,17 @@ class AGCLTrainer(Trainer):
         if not chunk:
             return super().training_step(model, inputs, num_items_in_batch)
         if self.is_deepspeed_enabled or self.args.gradient_accumulation_steps > 1 or "query_image_only" in inputs:
-            raise ValueError("--gradient_cache_chunk_size works without DeepSpeed, gradient accumulation and "
-                             "--intra_product_weight; turn one of them off")
+            raise ValueError(
+                "--gradient_cache_chunk_size works without DeepSpeed, gradient accumulation and "
+                "--intra_product_weight; turn one of them off"
+            )
         model.train()
         inputs = self._prepare_inputs(inputs)
         q_chunks = self.model.split_inputs(inputs["query"], chunk)
         c_chunks = self.model.split_inputs(inputs["candidate"], chunk)
-        loss = cached_contrastive_backward(lambda batch: model(**batch), q_chunks, c_chunks, self.loss_fn,
-                                           **self._loss_kwargs(inputs))
+        loss = cached_contrastive_backward(
+            lambda batch: model(**batch), q_chunks, c_chunks, self.loss_fn, **self._loss_kwargs(inputs)
+        )
         return loss.detach()
 
     # ------------------------------------------------------------------ saving

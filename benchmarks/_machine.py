@@ -21,7 +21,9 @@ def describe_machine() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {cores} usable cores (load average {load:.1f} at start: the cores are shared), "
-            f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch "
-            f"{torch.__version__} ({torch.get_num_threads()} thread(s), CPU), faiss {faiss.__version__} "
-            f"({faiss.omp_get_max_threads()} thread(s)), transformers {transformers.__version__}, trl {trl.__version__}")
+    return (
+        f"{cpu}, {cores} usable cores (load average {load:.1f} at start: the cores are shared), "
+        f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} thread(s), CPU), faiss {faiss.__version__} "
+        f"({faiss.omp_get_max_threads()} thread(s)), transformers {transformers.__version__}, trl {trl.__version__}"
+    )

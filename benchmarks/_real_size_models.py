@@ -30,6 +30,7 @@ DONE = "real_size_complete.json"
 
 # ----------------------------------------------------------------------------- memory of this process
 
+
 def status_bytes(field: str) -> int:
     """A /proc/self/status memory field (VmRSS, VmHWM), in bytes."""
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
@@ -42,22 +43,27 @@ def reset_peak() -> None:
 
 # ----------------------------------------------------------------------------- shapes
 
+
 def quick_spec(spec: dict) -> dict:
     """The same family at a CPU-minute size: 2 text layers, a 2-block vision tower; vocabulary, special token ids,
     image geometry and module names stay real."""
     spec = copy.deepcopy(spec)
     text, vision = spec["text_config"], spec["vision_config"]
-    text.update(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2)  # head_dim 128, as real
+    text.update(
+        hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2
+    )  # head_dim 128, as real
     if spec["model_type"] == "qwen2_vl":
         vision.update(depth=2, embed_dim=128, num_heads=4, hidden_size=256)
     else:
-        vision.update(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
-                      fullatt_block_indexes=[1])
+        vision.update(
+            depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256, fullatt_block_indexes=[1]
+        )
     spec.pop("published", None)
     return spec
 
 
 # ----------------------------------------------------------------------------- tokenizer and processor
+
 
 def local_tokenizer(vocab_size: int = 8000):
     """Byte-level BPE trained on local text; Qwen special tokens at their real ids; the real chat template."""
@@ -71,8 +77,12 @@ def local_tokenizer(vocab_size: int = 8000):
     corpus = list(vocabulary_corpus()) + [p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md"))]
     trained = Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trained.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     state = json.loads(trained.to_str())["model"]
     vocab = dict(state["vocab"])
     first_special = 151643  # Qwen2(.5)-VL: <|endoftext|>
@@ -83,8 +93,13 @@ def local_tokenizer(vocab_size: int = 8000):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=list(SPECIAL_TOKENS[1:]), padding_side="left")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+        padding_side="left",
+    )
     ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     assert ids == list(range(first_special, first_special + len(SPECIAL_TOKENS))), ids
     tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text()
@@ -98,13 +113,20 @@ def real_processor(model_type: str, tokenizer):
     from afmrl.modeling import PROCESSOR_FOR_FAMILY
 
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=14, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 3136, "longest_edge": 12845056},
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
-    return PROCESSOR_FOR_FAMILY[model_type](image_processor=image_processor, tokenizer=tokenizer,
-                                             chat_template=tokenizer.chat_template)
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 3136, "longest_edge": 12845056},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return PROCESSOR_FOR_FAMILY[model_type](
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoint
+
 
 def _random_tensor(name: str, shape, generator) -> torch.Tensor:
     if len(shape) == 1:
@@ -150,8 +172,9 @@ def write_checkpoint(spec: dict, out: Path, seed: int = 0, log=print) -> dict:
         shard_bytes += tensor.nbytes
     flush()
     total = sum(2 * torch.Size(s).numel() for s in shapes.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     config.dtype = torch.bfloat16
     config.save_pretrained(out)
     GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643).save_pretrained(out)
@@ -161,6 +184,7 @@ def write_checkpoint(spec: dict, out: Path, seed: int = 0, log=print) -> dict:
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def photo_catalog(cache_dir: Path, num_products: int, image_size: int) -> str:
     """The embedded synthetic catalog (several listings per product, attributes, titles) at ``image_size`` px."""

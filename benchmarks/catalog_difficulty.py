@@ -83,7 +83,8 @@ def main(argv=None):
             out = make_synthetic_catalog(Path(tmp) / f"seed{seed}", num_products=args.num_products, seed=seed)
             per_seed.append(evaluate(out))
             ds_size = len(load_catalog(out, split="test", verify_images=False))
-    command = f"python -m benchmarks.catalog_difficulty --num_products {args.num_products} --seeds {' '.join(map(str, args.seeds))}"
+    seeds = " ".join(map(str, args.seeds))
+    command = f"python -m benchmarks.catalog_difficulty --num_products {args.num_products} --seeds {seeds}"
     lines = [
         "# Difficulty of the embedded catalog",
         "",

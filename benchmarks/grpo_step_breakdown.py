@@ -131,7 +131,9 @@ class TimedReward:
             if before is not None:  # work done in this call (retrieval_rank's counters)
                 for key in ("completions", "invalid", "encoded_queries"):
                     if key in counters:
-                        self._times.counts[self._times.step][f"{self.__name__}/{key}"] += counters[key] - before.get(key, 0)
+                        self._times.counts[self._times.step][f"{self.__name__}/{key}"] += counters[key] - before.get(
+                            key, 0
+                        )
 
 
 class StepTimer(transformers.TrainerCallback):
@@ -168,13 +170,44 @@ def warm_start(model_dir: str, catalog_dir: str, listings: int, steps: int, out_
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     parser = trl.TrlParser((recipe.SFTScriptArguments, trl.SFTConfig, trl.ModelConfig))
-    recipe.main(*parser.parse_args_and_config([
-        "--catalog", str(catalog_dir), "--model_name_or_path", str(model_dir), "--max_train_listings", str(listings),
-        "--output_dir", str(out_dir), "--max_steps", str(steps), "--per_device_train_batch_size", str(listings),
-        "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--assistant_only_loss", "true",
-        "--activation_checkpointing", "false", "--save_strategy", "no", "--bf16", "false", "--use_cpu", "true",
-        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
-    ]))
+    recipe.main(
+        *parser.parse_args_and_config(
+            [
+                "--catalog",
+                str(catalog_dir),
+                "--model_name_or_path",
+                str(model_dir),
+                "--max_train_listings",
+                str(listings),
+                "--output_dir",
+                str(out_dir),
+                "--max_steps",
+                str(steps),
+                "--per_device_train_batch_size",
+                str(listings),
+                "--learning_rate",
+                "1e-2",
+                "--lr_scheduler_type",
+                "constant",
+                "--assistant_only_loss",
+                "true",
+                "--activation_checkpointing",
+                "false",
+                "--save_strategy",
+                "no",
+                "--bf16",
+                "false",
+                "--use_cpu",
+                "true",
+                "--report_to",
+                "none",
+                "--disable_tqdm",
+                "true",
+                "--seed",
+                "0",
+            ]
+        )
+    )
     return out_dir
 
 
@@ -253,7 +286,9 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
 
     def line(label, key, indent=False):
         med, mean = _stats(rows[key])
-        return f"| {'&nbsp;&nbsp;' if indent else ''}{label} | {fmt_ms(med)} | {fmt_ms(mean)} | {mean / step_mean:.1%} |"
+        return (
+            f"| {'&nbsp;&nbsp;' if indent else ''}{label} | {fmt_ms(med)} | {fmt_ms(mean)} | {mean / step_mean:.1%} |"
+        )
 
     table = [
         "| part of the step | median | mean | share of mean step |",
@@ -267,10 +302,20 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
         table.append(line(f"reward `{name}`", f"reward/{name}", indent=True))
         if f"reward/{name}/encode" in rows:
             table.append(line("&nbsp;&nbsp;of which `encoder.encode`", f"reward/{name}/encode", indent=True))
-            table.append(line("&nbsp;&nbsp;&nbsp;&nbsp;input building (chat template, tokenizer, image processor)",
-                              f"reward/{name}/encoder_inputs", indent=True))
-            table.append(line("&nbsp;&nbsp;&nbsp;&nbsp;encoder model forward (and image fetch)",
-                              f"reward/{name}/encoder_forward", indent=True))
+            table.append(
+                line(
+                    "&nbsp;&nbsp;&nbsp;&nbsp;input building (chat template, tokenizer, image processor)",
+                    f"reward/{name}/encoder_inputs",
+                    indent=True,
+                )
+            )
+            table.append(
+                line(
+                    "&nbsp;&nbsp;&nbsp;&nbsp;encoder model forward (and image fetch)",
+                    f"reward/{name}/encoder_forward",
+                    indent=True,
+                )
+            )
     table += [
         line("**all rewards**", "rewards", indent=True),
         line("prompt/image processing, decoding, advantages, metrics", "scoring_other", indent=True),
@@ -280,8 +325,10 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
     ]
     if rows.get("interval"):
         med, mean = _stats(rows["interval"])
-        table.append(f"| step-to-step interval (adds next batch loading and logging) | {fmt_ms(med)} | {fmt_ms(mean)} | "
-                     f"{mean / step_mean:.1%} |")
+        table.append(
+            f"| step-to-step interval (adds next batch loading and logging) | {fmt_ms(med)} | {fmt_ms(mean)} | "
+            f"{mean / step_mean:.1%} |"
+        )
     met = max(share_mean, share_total) <= SHARE_GOAL
     enc_mean = statistics.fmean(rows.get("reward/retrieval_rank/encode", [float("nan")]))
     fb_mean = statistics.fmean(rows["fwd_bwd"])
@@ -292,22 +339,31 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
         "# Where a GRPO step goes: rewards vs generation vs the policy update",
         "",
         f"Generated by `{command}` in {elapsed:.0f} s (after imports) on: {info}.",
-        f"`torch.set_num_threads({args.threads})` and `faiss.omp_set_num_threads({args.threads})` were set by the script "
+        f"`torch.set_num_threads({args.threads})` and `faiss.omp_set_num_threads({args.threads})` were set by the "
+        "script "
         "(on shared cores a second OpenMP thread waiting for a busy core makes tiny forwards far slower). Every number "
         "below was measured in that run; see the module docstring of `benchmarks/grpo_step_breakdown.py` for how. "
         "Timings on shared cores are noisy: compare figures within this file only.",
         "",
         "## Setup",
         "",
-        f"- Policy: `{setup['policy']}` (Qwen2-VL, {setup['policy_params']:,} parameters, random init), warm-started by recipes/sft_attributes.py, "
+        f"- Policy: `{setup['policy']}` (Qwen2-VL, {setup['policy_params']:,} parameters, random init), warm-started "
+        "by recipes/sft_attributes.py, "
         f"{args.sft_steps} full-batch SFT steps on the teacher's attribute text of {args.sft_rows} train listings "
         f"({setup['sft_seconds']:.1f} s) so that completions parse.",
-        f"- Rewards (`rewards.get_reward_funcs`, weights {REWARD_WEIGHTS}): " + ", ".join(f"`{r}`" for r in REWARDS) + ".",
+        f"- Rewards (`rewards.get_reward_funcs`, weights {REWARD_WEIGHTS}): "
+        + ", ".join(f"`{r}`" for r in REWARDS)
+        + ".",
         f"- Encoder of `retrieval_rank`: {setup['encoder']}.",
-        "- Image cache of `retrieval_rank` (`afmrl.encoder.model.ImageCache`, keyed by listing id: image processing and "
+        "- Image cache of `retrieval_rank` (`afmrl.encoder.model.ImageCache`, keyed by listing id: image processing "
+        "and "
         "vision tower once per listing, then only the language model per query): "
-        + (f"level `{ic.level}`, {ic.hits} hits / {ic.misses} misses over the whole run (listings of one call "
-           "counted once)." if (ic := setup.get("image_cache")) is not None else "off."),
+        + (
+            f"level `{ic.level}`, {ic.hits} hits / {ic.misses} misses over the whole run (listings of one call "
+            "counted once)."
+            if (ic := setup.get("image_cache")) is not None
+            else "off."
+        ),
         f"- Gallery: the embedded catalog's train split, {setup['gallery_size']:,} listings, index "
         f"`{setup['index']}` (built in {setup['gallery_seconds']:.1f} s before training, not in the steps).",
         f"- Prompts: {setup['prompts']:,} train listings of `{setup['catalog']}` (one image + a fixed instruction); "
@@ -332,8 +388,10 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
         f"time {share_total:.1%}. Goal <= {SHARE_GOAL:.0%}: " + ("met." if met else "NOT met."),
     ]
     if not generate_seen:
-        lines.append("The policy's `generate` was not called through the patched attribute in every step: generation "
-                     "time is not reported separately (it is inside generate + score).")
+        lines.append(
+            "The policy's `generate` was not called through the patched attribute in every step: generation "
+            "time is not reported separately (it is inside generate + score)."
+        )
     lines += [
         "",
         "Per-step values (ms):",
@@ -344,10 +402,12 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
     ]
     for i, s in enumerate(summary["steps"]):
         parsable = rows["rr/completions"][i] - rows["rr/invalid"][i]
-        lines.append(f"| {s + 1} | {rows['step'][i] * 1000:.0f} | {rows['generate'][i] * 1000:.0f} | "
-                     f"{rows['rewards'][i] * 1000:.1f} | {rows['reward/retrieval_rank'][i] * 1000:.1f} | "
-                     f"{rows['fwd_bwd'][i] * 1000:.0f} | {rows['reward_share'][i]:.1%} | "
-                     f"{parsable} / {rows['rr/completions'][i]} | {rows['rr/encoded_queries'][i]} |")
+        lines.append(
+            f"| {s + 1} | {rows['step'][i] * 1000:.0f} | {rows['generate'][i] * 1000:.0f} | "
+            f"{rows['rewards'][i] * 1000:.1f} | {rows['reward/retrieval_rank'][i] * 1000:.1f} | "
+            f"{rows['fwd_bwd'][i] * 1000:.0f} | {rows['reward_share'][i]:.1%} | "
+            f"{parsable} / {rows['rr/completions'][i]} | {rows['rr/encoded_queries'][i]} |"
+        )
     total_c, total_inv = sum(rows["rr/completions"]), sum(rows["rr/invalid"])
     lines += [
         "",
@@ -365,7 +425,9 @@ def report(args, command, info, setup, summary, warmup, logs, elapsed) -> str:
         "|---|---|---|---|",
     ]
     for w in warmup:
-        lines.append(f"| {w['step'] + 1} | {fmt_ms(w['step_s'])} | {fmt_ms(w['rewards_s'])} | {fmt_ms(w['retrieval_rank_s'])} |")
+        lines.append(
+            f"| {w['step'] + 1} | {fmt_ms(w['step_s'])} | {fmt_ms(w['rewards_s'])} | {fmt_ms(w['retrieval_rank_s'])} |"
+        )
     lines += [
         "",
         "The first `retrieval_rank` call loads the encoder and the saved gallery in the training process "
@@ -406,14 +468,24 @@ def main(argv=None) -> None:
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--sft_steps", type=int, default=40, help="warm-start SFT steps (full batch)")
     p.add_argument("--sft_rows", type=int, default=16, help="train listings in the warm-start batch")
-    p.add_argument("--encoder", default="auto",
-                   help="encoder directory; 'fresh': a new ProductEncoder over the tiny backbone; 'auto': outputs/agcl-demo "
-                        "when it holds an encoder, else a fresh one")
-    p.add_argument("--cache_dir", default=str(ROOT / "outputs" / "embedded"),
-                   help="where the embedded catalog and tiny model live (built there if missing)")
+    p.add_argument(
+        "--encoder",
+        default="auto",
+        help="encoder directory; 'fresh': a new ProductEncoder over the tiny backbone; 'auto': outputs/agcl-demo "
+        "when it holds an encoder, else a fresh one",
+    )
+    p.add_argument(
+        "--cache_dir",
+        default=str(ROOT / "outputs" / "embedded"),
+        help="where the embedded catalog and tiny model live (built there if missing)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
-    p.add_argument("--policy", choices=sorted(POLICIES), default="tiny",
-                   help="policy: 'tiny' (the demo's) or 'larger' (same family and tokenizer, wider and deeper)")
+    p.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        default="tiny",
+        help="policy: 'tiny' (the demo's) or 'larger' (same family and tokenizer, wider and deeper)",
+    )
     p.add_argument("--output", default=str(ROOT / "docs" / "results" / "grpo_step_breakdown.md"))
     p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up + 2 measured steps, no file written")
     args = p.parse_args(argv)
@@ -423,8 +495,9 @@ def main(argv=None) -> None:
         raise SystemExit("--batch_size must be a multiple of --num_generations")
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    command = "python -m benchmarks.grpo_step_breakdown" + ("" if argv is None and len(sys.argv) == 1 else
-                                                              " " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python -m benchmarks.grpo_step_breakdown" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
     info = describe_machine()
     print(info, flush=True)
     start = time.perf_counter()
@@ -432,11 +505,18 @@ def main(argv=None) -> None:
     transformers.logging.set_verbosity_error()
 
     catalog_dir = resolve_catalog("embedded", args.cache_dir)
-    model_dir = (resolve_model("tiny-qwen2-vl", args.cache_dir) if args.policy == "tiny"
-                 else str(tiny_mllm_path(Path(args.cache_dir) / "tiny-models", **POLICIES[args.policy])))
+    model_dir = (
+        resolve_model("tiny-qwen2-vl", args.cache_dir)
+        if args.policy == "tiny"
+        else str(tiny_mllm_path(Path(args.cache_dir) / "tiny-models", **POLICIES[args.policy]))
+    )
     train = load_catalog(catalog_dir, split="train", verify_images=False)
-    setup = {"catalog": os.path.relpath(catalog_dir, ROOT), "policy": os.path.relpath(model_dir, ROOT),
-             "prompts": len(train), "reward_names": list(REWARDS)}
+    setup = {
+        "catalog": os.path.relpath(catalog_dir, ROOT),
+        "policy": os.path.relpath(model_dir, ROOT),
+        "prompts": len(train),
+        "reward_names": list(REWARDS),
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -450,8 +530,12 @@ def main(argv=None) -> None:
             encoder_dir = Path(args.encoder)
         if encoder_dir is None:
             encoder_dir = tmp / "encoder"
-            ProductEncoder.from_backbone(EncoderConfig(backbone=resolve_model("tiny-qwen2-vl", args.cache_dir), lora_r=0), trainable=False).save_pretrained(encoder_dir)
-            setup["encoder"] = "a fresh `ProductEncoder` over the tiny backbone (random weights, no LoRA), saved to a temp dir"
+            ProductEncoder.from_backbone(
+                EncoderConfig(backbone=resolve_model("tiny-qwen2-vl", args.cache_dir), lora_r=0), trainable=False
+            ).save_pretrained(encoder_dir)
+            setup["encoder"] = (
+                "a fresh `ProductEncoder` over the tiny backbone (random weights, no LoRA), saved to a temp dir"
+            )
         else:
             setup["encoder"] = f"`{os.path.relpath(encoder_dir, ROOT)}` (a trained encoder)"
         t0 = time.perf_counter()
@@ -472,16 +556,28 @@ def main(argv=None) -> None:
         # ---- prompts, rewards, trainer
         dataset = build_prompt_dataset(train, keep_columns=("listing_id", "attributes"))  # the prompt SFT used
         times = StepTimes()
-        funcs = get_reward_funcs(REWARDS, encoder=str(encoder_dir), gallery=str(tmp / "gallery"), catalog=catalog_dir,
-                                 split="train", known_keys=ATTRIBUTE_KEYS)
+        funcs = get_reward_funcs(
+            REWARDS,
+            encoder=str(encoder_dir),
+            gallery=str(tmp / "gallery"),
+            catalog=catalog_dir,
+            split="train",
+            known_keys=ATTRIBUTE_KEYS,
+        )
         validate_reward_weights(REWARD_WEIGHTS, funcs)
         timed_funcs = [TimedReward(f, times) for f in funcs]
         config_kwargs = grpo_args(args, tmp / "run")
         model, processor = load_mllm(policy_dir)
         setup["policy_params"] = sum(q.numel() for q in model.parameters())
         setup["policy_shape"] = _shape(model.config)
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=timed_funcs, args=trl.GRPOConfig(**config_kwargs),
-                                  train_dataset=dataset, processing_class=processor, callbacks=[StepTimer(times)])
+        trainer = trl.GRPOTrainer(
+            model=model,
+            reward_funcs=timed_funcs,
+            args=trl.GRPOConfig(**config_kwargs),
+            train_dataset=dataset,
+            processing_class=processor,
+            callbacks=[StepTimer(times)],
+        )
         assert trainer.reward_func_names == REWARDS, trainer.reward_func_names
         gen_model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
         gen_model.generate = times.timed("generate", gen_model.generate)
@@ -494,10 +590,16 @@ def main(argv=None) -> None:
         ProductEncoder.build_inputs_cached = times.timed("encoder_inputs", original_build_inputs_cached)
         trainer.training_step = times.timed("training_step", trainer.training_step)
         c = trainer.args
-        setup["derived"] = {"steps_per_generation": c.steps_per_generation, "generation_batch_size": c.generation_batch_size,
-                            "gradient_accumulation_steps": c.gradient_accumulation_steps, "loss_type": c.loss_type,
-                            "beta": c.beta, "num_iterations": c.num_iterations, "temperature": c.temperature,
-                            "optim": str(getattr(c.optim, "value", c.optim))}
+        setup["derived"] = {
+            "steps_per_generation": c.steps_per_generation,
+            "generation_batch_size": c.generation_batch_size,
+            "gradient_accumulation_steps": c.gradient_accumulation_steps,
+            "loss_type": c.loss_type,
+            "beta": c.beta,
+            "num_iterations": c.num_iterations,
+            "temperature": c.temperature,
+            "optim": str(getattr(c.optim, "value", c.optim)),
+        }
         setup["config"] = {k: v for k, v in config_kwargs.items() if k != "output_dir"}
         print("training ...", flush=True)
         try:
@@ -512,15 +614,32 @@ def main(argv=None) -> None:
         history = [h for h in trainer.state.log_history if "step_time" in h]
 
     summary = summarise(times, args.warmup_steps, REWARDS)
-    warmup = [{"step": s, "step_s": times.parts[s]["step"],
-               "rewards_s": sum(times.parts[s].get(f"reward/{r}", 0.0) for r in REWARDS),
-               "retrieval_rank_s": times.parts[s].get("reward/retrieval_rank", 0.0)}
-              for s in sorted(times.parts) if 0 <= s < args.warmup_steps]
-    measured = history[args.warmup_steps:]
-    keys = ["completions/mean_length", "completions/clipped_ratio", "reward", "reward_std",
-            "rewards/retrieval_rank/mean", "rewards/retrieval_rank/std", "rewards/attribute_format/mean",
-            "rewards/attribute_format/std", "retrieval_rank/invalid_rate", "retrieval_rank/num_attributes",
-            "retrieval_rank/rank", "retrieval_rank/rank_without_attributes", "step_time"]
+    warmup = [
+        {
+            "step": s,
+            "step_s": times.parts[s]["step"],
+            "rewards_s": sum(times.parts[s].get(f"reward/{r}", 0.0) for r in REWARDS),
+            "retrieval_rank_s": times.parts[s].get("reward/retrieval_rank", 0.0),
+        }
+        for s in sorted(times.parts)
+        if 0 <= s < args.warmup_steps
+    ]
+    measured = history[args.warmup_steps :]
+    keys = [
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "reward",
+        "reward_std",
+        "rewards/retrieval_rank/mean",
+        "rewards/retrieval_rank/std",
+        "rewards/attribute_format/mean",
+        "rewards/attribute_format/std",
+        "retrieval_rank/invalid_rate",
+        "retrieval_rank/num_attributes",
+        "retrieval_rank/rank",
+        "retrieval_rank/rank_without_attributes",
+        "step_time",
+    ]
     logs = {k: statistics.fmean(h[k] for h in measured if k in h) for k in keys if any(k in h for h in measured)}
     elapsed = time.perf_counter() - start
     print(json.dumps({k: _stats(v) for k, v in summary["rows"].items()}, indent=1), flush=True)

@@ -1,6 +1,6 @@
 """Index scale: build time, memory and search time of the deployment index at 100k and 1M vectors.
 
-    python -m benchmarks.index_scale                      # 100k and 1M x 256, writes docs/results/index_scale.md (+ .json)
+    python -m benchmarks.index_scale                # 100k and 1M x 256, writes docs/results/index_scale.md (+ .json)
     python -m benchmarks.index_scale --quick              # 20k vectors, nothing written (checks the script)
     python -m benchmarks.index_scale --sizes 100000 --dim 1536 --out docs/index_scale_1536
 
@@ -33,8 +33,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_vectors(path: Path, n: int, dim: int, per_product: int, queries: int, noise: float, *, family_size: int,
-                 product_spread: float, seed: int = 0):
+def make_vectors(
+    path: Path,
+    n: int,
+    dim: int,
+    per_product: int,
+    queries: int,
+    noise: float,
+    *,
+    family_size: int,
+    product_spread: float,
+    seed: int = 0,
+):
     """Catalog-shaped unit vectors in a .npy at ``path`` (written in chunks) + held-out queries and their products."""
     rng = np.random.default_rng(seed)
     products = -(-n // per_product)
@@ -51,7 +61,7 @@ def make_vectors(path: Path, n: int, dim: int, per_product: int, queries: int, n
 
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
     for start in range(0, n, 65_536):
-        out[start:start + 65_536] = listings(np.arange(start, min(start + 65_536, n)) // per_product)
+        out[start : start + 65_536] = listings(np.arange(start, min(start + 65_536, n)) // per_product)
     out.flush()
     query_products = rng.choice(products, queries, replace=False)
     np.save(path.with_name("queries.npy"), listings(query_products))
@@ -118,10 +128,20 @@ def run_case(data: Path, kind: str, per_product: int) -> dict:
     recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth, strict=True)]))
     query_products = np.load(data / "query_products.npy")
     r_at_1 = float(np.mean(rows[:, 0] // per_product == query_products))
-    return {"kind": kind, "n": n, "dim": int(vectors.shape[1]), "build_s": build_s, "build_peak_gib": build_gib,
-            "index_mib": index_bytes / 2**20, "vectors_on_disk_mib": (data / "vectors.npy").stat().st_size / 2**20,
-            "search_ms_per_query_batched": batch_ms, "search_ms_single": single_ms, "recall_at_10_of_exact": recall,
-            "instance_recall_at_1": r_at_1, "params": {k: v for k, v in gallery.index.params.items() if k != "calibration"}}
+    return {
+        "kind": kind,
+        "n": n,
+        "dim": int(vectors.shape[1]),
+        "build_s": build_s,
+        "build_peak_gib": build_gib,
+        "index_mib": index_bytes / 2**20,
+        "vectors_on_disk_mib": (data / "vectors.npy").stat().st_size / 2**20,
+        "search_ms_per_query_batched": batch_ms,
+        "search_ms_single": single_ms,
+        "recall_at_10_of_exact": recall,
+        "instance_recall_at_1": r_at_1,
+        "params": {k: v for k, v in gallery.index.params.items() if k != "tuning"},
+    }
 
 
 def main(argv=None):
@@ -131,7 +151,9 @@ def main(argv=None):
     parser.add_argument("--kinds", nargs="+", default=["flat", "ivf", "ivfpq"])
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--listings_per_product", type=int, default=4)
-    parser.add_argument("--noise", type=float, default=1.2, help="Listing = product + noise (per-dim std noise / sqrt(dim)).")
+    parser.add_argument(
+        "--noise", type=float, default=1.2, help="Listing = product + noise (per-dim std noise / sqrt(dim))."
+    )
     parser.add_argument("--family_size", type=int, default=8, help="Products per family of near-duplicates.")
     parser.add_argument("--product_spread", type=float, default=0.5, help="Product = family + spread (as --noise).")
     parser.add_argument("--out", default="docs/results/index_scale", help="Writes OUT.md and OUT.json.")
@@ -151,41 +173,65 @@ def main(argv=None):
             data = Path(tmp) / str(n)
             data.mkdir()
             started = time.perf_counter()
-            make_vectors(data / "vectors.npy", n, args.dim, args.listings_per_product, args.queries, args.noise,
-                         family_size=args.family_size, product_spread=args.product_spread)
-            print(f"[index_scale] {n} x {args.dim} vectors written in {time.perf_counter() - started:.0f} s", flush=True)
+            make_vectors(
+                data / "vectors.npy",
+                n,
+                args.dim,
+                args.listings_per_product,
+                args.queries,
+                args.noise,
+                family_size=args.family_size,
+                product_spread=args.product_spread,
+            )
+            print(
+                f"[index_scale] {n} x {args.dim} vectors written in {time.perf_counter() - started:.0f} s", flush=True
+            )
             for kind in args.kinds:
-                proc = subprocess.run([sys.executable, __file__, "--case", str(data), kind, str(args.listings_per_product)],
-                                      capture_output=True, text=True)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--case", str(data), kind, str(args.listings_per_product)],
+                    capture_output=True,
+                    text=True,
+                )
                 if proc.returncode != 0:
                     raise SystemExit(f"{kind} at {n}: {proc.stderr[-2000:]}")
                 result = json.loads(proc.stdout.strip().splitlines()[-1])
                 results.append(result)
-                print(f"[index_scale] {n:>9} {kind:<6} build {result['build_s']:7.1f} s, peak {result['build_peak_gib']:.2f} GiB, "
-                      f"index {result['index_mib']:8.1f} MiB, {result['search_ms_per_query_batched']:.3f} ms/query batched, "
-                      f"{result['search_ms_single']:.2f} ms single, recall@10 {result['recall_at_10_of_exact']:.3f}, "
-                      f"R@1 {result['instance_recall_at_1']:.3f}", flush=True)
+                print(
+                    f"[index_scale] {n:>9} {kind:<6} build {result['build_s']:7.1f} s, peak "
+                    f"{result['build_peak_gib']:.2f} GiB, "
+                    f"index {result['index_mib']:8.1f} MiB, {result['search_ms_per_query_batched']:.3f} ms/query "
+                    "batched, "
+                    f"{result['search_ms_single']:.2f} ms single, recall@10 {result['recall_at_10_of_exact']:.3f}, "
+                    f"R@1 {result['instance_recall_at_1']:.3f}",
+                    flush=True,
+                )
     if args.quick:
         return
     out = ROOT / args.out
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "args": vars(args), "results": results}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"machine": machine, "args": vars(args), "results": results}, indent=1) + "\n"
+    )
     rows = "\n".join(
-        f"| {r['n']:,} x {r['dim']} | {r['kind']} | {r['build_s']:.1f} | {r['build_peak_gib']:.2f} | {r['index_mib']:.1f} | "
+        f"| {r['n']:,} x {r['dim']} | {r['kind']} | {r['build_s']:.1f} | {r['build_peak_gib']:.2f} | "
+        f"{r['index_mib']:.1f} | "
         f"{r['search_ms_per_query_batched']:.3f} | {r['search_ms_single']:.2f} | {r['recall_at_10_of_exact']:.3f} | "
         f"{r['instance_recall_at_1']:.3f} | {', '.join(f'{k} {v}' for k, v in r['params'].items() if k != 'tuning')} |"
-        for r in results)
+        for r in results
+    )
     command = " ".join(["python -m benchmarks.index_scale", *(sys.argv[1:] if argv is None else argv)])
     out.with_suffix(".md").write_text(f"""# Index scale (generated by `{command}`)
 
 Machine: {machine}.
-Synthetic catalog-shaped vectors (families of {args.family_size} products, product spread {args.product_spread}, {args.listings_per_product} listings per
+Synthetic catalog-shaped vectors (families of {args.family_size} products, product spread {args.product_spread},
+{args.listings_per_product} listings per
 product, noise {args.noise}); {args.queries} held-out
 queries. Build = training + adding + tuning to recall 0.98 of the exact top-10 (as recipes/index_catalog.py
 builds it); peak = anonymous memory during the build, above the process's start; index = faiss's bytes in
 memory (IVF-PQ's float vectors stay in vectors.npy on disk and only the re-ranked candidates are read).
 What the figures mean, and the arithmetic for 100M listings: [deploy.md](../deploy.md).
 
-| vectors | index | build s | build peak GiB | index MiB | ms/query (1000 at once) | ms/query (one) | recall@10 of exact | instance R@1 | parameters |
+| vectors | index | build s | build peak GiB | index MiB | ms/query (1000 at once) | ms/query (one) | recall@10 of
+exact | instance R@1 | parameters |
 |---|---|---|---|---|---|---|---|---|---|
 {rows}
 """)

@@ -1,7 +1,7 @@
 """The paper's ablation ladder on the embedded catalog, over seeds: InfoNCE -> + AGCL -> + SFT attributes ->
 + RAR attributes -> + one CIT round. Also the stage-1 ablation (weighting only, filtering only) from the same runs.
 
-    python -m benchmarks.ladder                        # seeds 0 1 2, two at a time; writes docs/results/ladder.md (+ .json, .png)
+    python -m benchmarks.ladder                    # seeds 0 1 2, two at a time; writes docs/results/ladder.md (+ .json)
     python -m benchmarks.ladder --seeds 0 --quick      # smoke test: a few steps per stage, nothing written
 
 Per seed, every stage is one of the recipes, run as a child process exactly as a user runs it, with
@@ -49,11 +49,15 @@ STAGE1 = {
 }
 RUNGS = ["InfoNCE encoder", "+ AGCL", "+ SFT (distilled) attributes", "+ RAR attributes", "+ one CIT round"]
 # The paper's ladder on M5Product, instance Recall@1 (AFMRL, ACL 2026, its ablation); no CIT rung there.
-PAPER_R1 = {"InfoNCE encoder": 48.05, "+ AGCL": 51.06, "+ SFT (distilled) attributes": 52.42,
-            "+ RAR attributes": 54.28}
-METRICS = [("instance", "recall@1", "instance R@1"), ("instance", "recall@5", "R@5"),
-           ("instance", "recall@10", "R@10"), ("coarse", "mAP@1", "coarse mAP@1"),
-           ("image_to_text", "recall@1", "image→text R@1"), ("text_to_image", "recall@1", "text→image R@1")]
+PAPER_R1 = {"InfoNCE encoder": 48.05, "+ AGCL": 51.06, "+ SFT (distilled) attributes": 52.42, "+ RAR attributes": 54.28}
+METRICS = [
+    ("instance", "recall@1", "instance R@1"),
+    ("instance", "recall@5", "R@5"),
+    ("instance", "recall@10", "R@10"),
+    ("coarse", "mAP@1", "coarse mAP@1"),
+    ("image_to_text", "recall@1", "image→text R@1"),
+    ("text_to_image", "recall@1", "text→image R@1"),
+]
 TASKS = ("instance", "coarse", "image_to_text", "text_to_image")
 
 
@@ -92,22 +96,76 @@ def seed_tasks(seed: int, work: Path, catalog: str, quick: bool, stage1_ablation
         if not stage1_ablation and name not in ("InfoNCE", "AGCL"):
             continue
         out = work / slug(name)
-        stage1[name] = Task(f"seed{seed}/{slug(name)}", [
-            py, str(recipes / "agcl_train.py"), "--config", "recipes/configs/agcl_demo.yaml", "--catalog", catalog,
-            "--output_dir", str(out), "--eval_split", "none", "--seed", str(seed), "--disable_tqdm", "true", *flags,
-            *(["--num_train_epochs", "1"] if quick else [])], out / "encoder_config.json")
+        stage1[name] = Task(
+            f"seed{seed}/{slug(name)}",
+            [
+                py,
+                str(recipes / "agcl_train.py"),
+                "--config",
+                "recipes/configs/agcl_demo.yaml",
+                "--catalog",
+                catalog,
+                "--output_dir",
+                str(out),
+                "--eval_split",
+                "none",
+                "--seed",
+                str(seed),
+                "--disable_tqdm",
+                "true",
+                *flags,
+                *(["--num_train_epochs", "1"] if quick else []),
+            ],
+            out / "encoder_config.json",
+        )
     agcl, rar, cit = work / "agcl", work / "rar", work / "cit"
-    rar_task = Task(f"seed{seed}/rar", [
-        py, str(recipes / "rar_grpo.py"), "--config", "recipes/configs/rar_demo.yaml", "--encoder", str(agcl),
-        "--output_dir", str(rar), "--seed", str(seed), "--disable_tqdm", "true",
-        *(["--max_steps", "4", "--sft_recipe", quick_sft_config(work)] if quick else [])],
-        rar / "metrics.json", (stage1["AGCL"].name,))
-    cit_task = Task(f"seed{seed}/cit", [
-        py, str(recipes / "cit.py"), "--generator", str(rar), "--encoder", str(agcl), "--output_dir", str(cit),
-        "--seed", str(seed), "--fraction", "0.3", *(["--epochs", "1"] if quick else [])], cit / "cit_metrics.json", (rar_task.name,))
+    rar_task = Task(
+        f"seed{seed}/rar",
+        [
+            py,
+            str(recipes / "rar_grpo.py"),
+            "--config",
+            "recipes/configs/rar_demo.yaml",
+            "--encoder",
+            str(agcl),
+            "--output_dir",
+            str(rar),
+            "--seed",
+            str(seed),
+            "--disable_tqdm",
+            "true",
+            *(["--max_steps", "4", "--sft_recipe", quick_sft_config(work)] if quick else []),
+        ],
+        rar / "metrics.json",
+        (stage1["AGCL"].name,),
+    )
+    cit_task = Task(
+        f"seed{seed}/cit",
+        [
+            py,
+            str(recipes / "cit.py"),
+            "--generator",
+            str(rar),
+            "--encoder",
+            str(agcl),
+            "--output_dir",
+            str(cit),
+            "--seed",
+            str(seed),
+            "--fraction",
+            "0.3",
+            *(["--epochs", "1"] if quick else []),
+        ],
+        cit / "cit_metrics.json",
+        (rar_task.name,),
+    )
     others = [t for n, t in stage1.items() if n != "AGCL"]
-    evaluate = Task(f"seed{seed}/evaluate", [py, __file__, "--_evaluate", str(work), catalog], work / "ladder.json",
-                    (cit_task.name, *(t.name for t in others)))
+    evaluate = Task(
+        f"seed{seed}/evaluate",
+        [py, __file__, "--_evaluate", str(work), catalog],
+        work / "ladder.json",
+        (cit_task.name, *(t.name for t in others)),
+    )
     return {"chain": [stage1["AGCL"], rar_task, cit_task], "others": others, "evaluate": [evaluate]}
 
 
@@ -125,8 +183,11 @@ def schedule(tasks: list[Task], jobs: int, log_dir: Path, started: float, label:
             with log.open("w", encoding="utf-8") as f:
                 f.write("$ " + " ".join(task.cmd) + "\n")
                 f.flush()
-                running[task.name] = (task, subprocess.Popen(task.cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                                             cwd=ROOT), time.time())
+                running[task.name] = (
+                    task,
+                    subprocess.Popen(task.cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                    time.time(),
+                )
         if not running:
             raise RuntimeError(f"tasks whose dependencies can never finish: {[t.name for t in pending]}")
         time.sleep(0.5)
@@ -137,10 +198,15 @@ def schedule(tasks: list[Task], jobs: int, log_dir: Path, started: float, label:
             if proc.returncode != 0 or not task.done.is_file():
                 for _, other, _ in running.values():
                     other.kill()
-                raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {log_dir / name.replace('/', '-')}.log")
+                raise RuntimeError(
+                    f"{name} failed (exit {proc.returncode}); see {log_dir / name.replace('/', '-')}.log"
+                )
             done.add(name)
-            print(f"[{label}] {name} done in {(time.time() - began) / 60:.1f} min ({(time.time() - started) / 60:.1f} "
-                  "min in all)", flush=True)
+            print(
+                f"[{label}] {name} done in {(time.time() - began) / 60:.1f} min ({(time.time() - started) / 60:.1f} "
+                "min in all)",
+                flush=True,
+            )
 
 
 def evaluate_seed(work: Path, catalog: str) -> dict:
@@ -156,27 +222,34 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
     lines = (work / "rar" / "attributes.jsonl").read_text(encoding="utf-8").splitlines()
     rows = {row["listing_id"]: row for row in map(json.loads, lines)}
     # Parsed and re-written canonically, as rar_grpo's own evaluation does.
-    attributes = {key: canonical_attributes([rows[lid][key] or "" for lid in test["listing_id"]])
-                  for key in ("sft_attributes", "rar_attributes")}
+    attributes = {
+        key: canonical_attributes([rows[lid][key] or "" for lid in test["listing_id"]])
+        for key in ("sft_attributes", "rar_attributes")
+    }
 
     def both_sides(encoder, texts):
         return instance_retrieval(encoder, test, {"a": texts}, gallery_attributes=texts, show_progress=False)["a"]
 
     results = {}
     for name in [n for n in STAGE1 if (work / slug(n) / "encoder_config.json").is_file()]:
-        results[name] = evaluate_encoder(ProductEncoder.from_pretrained(work / slug(name)), test, tasks=TASKS,
-                                         show_progress=False)
+        results[name] = evaluate_encoder(
+            ProductEncoder.from_pretrained(work / slug(name)), test, tasks=TASKS, show_progress=False
+        )
         results[name]["instance_query_only"] = results[name]["instance"]  # no attributes: one protocol
     results["InfoNCE encoder"], results["+ AGCL"] = results["InfoNCE"], results["AGCL"]
     # Attributes change only the instance task: the AGCL encoder's other tasks are shared.
     agcl = ProductEncoder.from_pretrained(work / slug("AGCL"))
     query_only = instance_retrieval(agcl, test, attributes, show_progress=False)
     for rung, key in (("+ SFT (distilled) attributes", "sft_attributes"), ("+ RAR attributes", "rar_attributes")):
-        results[rung] = {**results["AGCL"], "instance": both_sides(agcl, attributes[key]),
-                         "instance_query_only": query_only[key]}
+        results[rung] = {
+            **results["AGCL"],
+            "instance": both_sides(agcl, attributes[key]),
+            "instance_query_only": query_only[key],
+        }
     cit = ProductEncoder.from_pretrained(work / "cit" / "encoder")
-    results["+ one CIT round"] = evaluate_encoder(cit, test, tasks=TASKS, show_progress=False,
-                                                  query_attributes=attributes["rar_attributes"])
+    results["+ one CIT round"] = evaluate_encoder(
+        cit, test, tasks=TASKS, show_progress=False, query_attributes=attributes["rar_attributes"]
+    )
     results["+ one CIT round"]["instance_query_only"] = results["+ one CIT round"]["instance"]
     results["+ one CIT round"]["instance"] = both_sides(cit, attributes["rar_attributes"])
     (work / "ladder.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -184,6 +257,7 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+
 
 def mean_std(runs: list[dict], task: str, metric: str) -> tuple[float, float]:
     values = 100 * np.array([r[task][metric] for r in runs])
@@ -215,14 +289,18 @@ def plot(path: Path, per_seed: dict[int, dict]):
 def write_report(out: Path, per_seed: dict[int, dict], machine: str, seconds: float, jobs: int, extra_flags: str = ""):
     seeds = sorted(per_seed)
     runs = [per_seed[s] for s in seeds]
-    lines = ["# The ablation ladder on the embedded catalog", "",
-             f"Generated by `python -m benchmarks.ladder --seeds {' '.join(map(str, seeds))} --jobs {jobs}{extra_flags}` in "
-             f"{seconds / 60:.1f} min on: {machine}.",
-             "Protocol: the module docstring of `benchmarks/ladder.py`. Test split (held-out products), percent, "
-             f"mean ± std over seeds {', '.join(map(str, seeds))}. The paper's column is its M5Product ladder "
-             "(instance R@1): compare the shape, not the values.", "",
-             "| rung | " + " | ".join(label for _, _, label in METRICS) + " | paper R@1 | Δ R@1 vs previous rung |",
-             "|---|" + "---|" * (len(METRICS) + 2)]
+    lines = [
+        "# The ablation ladder on the embedded catalog",
+        "",
+        f"Generated by `python -m benchmarks.ladder --seeds {' '.join(map(str, seeds))} --jobs {jobs}{extra_flags}` in "
+        f"{seconds / 60:.1f} min on: {machine}.",
+        "Protocol: the module docstring of `benchmarks/ladder.py`. Test split (held-out products), percent, "
+        f"mean ± std over seeds {', '.join(map(str, seeds))}. The paper's column is its M5Product ladder "
+        "(instance R@1): compare the shape, not the values.",
+        "",
+        "| rung | " + " | ".join(label for _, _, label in METRICS) + " | paper R@1 | Δ R@1 vs previous rung |",
+        "|---|" + "---|" * (len(METRICS) + 2),
+    ]
     previous = None
     for rung in RUNGS:
         cells = [f"{m:.1f} ± {s:.1f}" for m, s in (mean_std([r[rung] for r in runs], t, k) for t, k, _ in METRICS)]
@@ -231,37 +309,63 @@ def write_report(out: Path, per_seed: dict[int, dict], machine: str, seconds: fl
         paper = f"{PAPER_R1[rung]:.2f}" if rung in PAPER_R1 else "—"
         lines.append(f"| {rung} | " + " | ".join(cells) + f" | {paper} | {delta} |")
         previous = r1
-    lines += ["", "Instance retrieval under both protocols (R@1; Δ vs the previous rung, mean and min over seeds): "
-              "*both sides* is the table above (every listing annotated by the generator under test, as deployed), "
-              "*query only* annotates the queries and leaves the gallery image + title.", "",
-              "| rung | both sides R@1 | Δ | query only R@1 | Δ |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Instance retrieval under both protocols (R@1; Δ vs the previous rung, mean and min over seeds): "
+        "*both sides* is the table above (every listing annotated by the generator under test, as deployed), "
+        "*query only* annotates the queries and leaves the gallery image + title.",
+        "",
+        "| rung | both sides R@1 | Δ | query only R@1 | Δ |",
+        "|---|---|---|---|---|",
+    ]
     previous = {}
     for rung in RUNGS:
         cells = []
         for task in ("instance", "instance_query_only"):
             r1 = np.array([r[rung][task]["recall@1"] for r in runs]) * 100
-            delta = "" if task not in previous else f"{(r1 - previous[task]).mean():+.1f} (min {(r1 - previous[task]).min():+.1f})"
+            delta = (
+                ""
+                if task not in previous
+                else f"{(r1 - previous[task]).mean():+.1f} (min {(r1 - previous[task]).min():+.1f})"
+            )
             cells += [f"{r1.mean():.1f} ± {r1.std():.1f}", delta]
             previous[task] = r1
         lines.append(f"| {rung} | " + " | ".join(cells) + " |")
-    lines += ["", "![ladder](ladder.png)", "", "## Stage 1 alone: which part of AGCL helps", "",
-              "Same runs (the InfoNCE and AGCL encoders are the ladder's first two rungs); instance retrieval, "
-              "no attributes on the queries; Δ against InfoNCE with the same seed.", "",
-              "| variant | R@1 | R@5 | R@10 | mAP@10 | Δ R@1 (pts) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "![ladder](ladder.png)",
+        "",
+        "## Stage 1 alone: which part of AGCL helps",
+        "",
+        "Same runs (the InfoNCE and AGCL encoders are the ladder's first two rungs); instance retrieval, "
+        "no attributes on the queries; Δ against InfoNCE with the same seed.",
+        "",
+        "| variant | R@1 | R@5 | R@10 | mAP@10 | Δ R@1 (pts) |",
+        "|---|---|---|---|---|---|",
+    ]
     base = np.array([r["InfoNCE"]["instance"]["recall@1"] for r in runs]) * 100
     variants = [n for n in STAGE1 if all(n in r for r in runs)]
     for name in variants:
-        cells = [f"{m:.1f} ± {s:.1f}" for m, s in (mean_std([r[name] for r in runs], "instance", k)
-                                                   for k in ("recall@1", "recall@5", "recall@10", "mAP@10"))]
+        cells = [
+            f"{m:.1f} ± {s:.1f}"
+            for m, s in (
+                mean_std([r[name] for r in runs], "instance", k)
+                for k in ("recall@1", "recall@5", "recall@10", "mAP@10")
+            )
+        ]
         delta = np.array([r[name]["instance"]["recall@1"] for r in runs]) * 100 - base
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta.mean():+.1f} (min {delta.min():+.1f}) |")
     if len(variants) < len(STAGE1):
-        lines += ["", "Weighting only and filtering only were not run here (`--stage1_ablation false`): "
-                  "`python -m benchmarks.ladder` runs them, and `experiments/agcl_ablation.py` on the default catalog."]
+        lines += [
+            "",
+            "Weighting only and filtering only were not run here (`--stage1_ablation false`): "
+            "`python -m benchmarks.ladder` runs them, and `experiments/agcl_ablation.py` on the default catalog.",
+        ]
     lines += ["", "Per seed, instance R@1:", "", "| seed | " + " | ".join(RUNGS) + " |", "|---|" + "---|" * len(RUNGS)]
     for s in seeds:
-        lines.append(f"| {s} | " + " | ".join(f"{100 * per_seed[s][r]['instance']['recall@1']:.1f}" for r in RUNGS)
-                     + " |")
+        lines.append(
+            f"| {s} | " + " | ".join(f"{100 * per_seed[s][r]['instance']['recall@1']:.1f}" for r in RUNGS) + " |"
+        )
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot(out.with_name("ladder.png"), per_seed)
 
@@ -270,12 +374,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="Child processes at once, each on one thread.")
-    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "ladder"),
-                        help="Stages already finished there are reused (delete it to start over).")
+    parser.add_argument(
+        "--work_dir",
+        default=str(ROOT / "outputs" / "ladder"),
+        help="Stages already finished there are reused (delete it to start over).",
+    )
     parser.add_argument("--output", default=str(ROOT / "docs" / "results" / "ladder.md"))
     parser.add_argument("--quick", action="store_true", help="A few steps per stage; nothing written to docs/.")
-    parser.add_argument("--stage1_ablation", default="true", choices=["true", "false"],
-                        help="Also train the weighting-only and filtering-only encoders (the stage-1 ablation).")
+    parser.add_argument(
+        "--stage1_ablation",
+        default="true",
+        choices=["true", "false"],
+        help="Also train the weighting-only and filtering-only encoders (the stage-1 ablation).",
+    )
     parser.add_argument("--_evaluate", nargs=2, metavar=("SEED_DIR", "CATALOG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._evaluate:
@@ -288,11 +399,14 @@ def main(argv=None):
     machine = describe_machine()
     work = Path(tempfile.mkdtemp(prefix="ladder-quick-")) if args.quick else Path(args.work_dir)
     catalog = str(resolve_catalog("embedded", "outputs/embedded", val_fraction=0.3))  # the catalog of rar_demo.yaml
-    per_seed = {s: seed_tasks(s, work / f"seed{s}", catalog, args.quick, args.stage1_ablation == "true")
-                for s in args.seeds}
+    per_seed = {
+        s: seed_tasks(s, work / f"seed{s}", catalog, args.quick, args.stage1_ablation == "true") for s in args.seeds
+    }
     # Longest chains first, then the independent stage-1 variants, then the evaluations.
-    order = [t for i in range(3) for s in args.seeds for t in per_seed[s]["chain"][i:i + 1]]
-    order += [t for s in args.seeds for t in per_seed[s]["others"]] + [t for s in args.seeds for t in per_seed[s]["evaluate"]]
+    order = [t for i in range(3) for s in args.seeds for t in per_seed[s]["chain"][i : i + 1]]
+    order += [t for s in args.seeds for t in per_seed[s]["others"]] + [
+        t for s in args.seeds for t in per_seed[s]["evaluate"]
+    ]
     (work / "logs").mkdir(parents=True, exist_ok=True)
     schedule(order, args.jobs, work / "logs", started)
     results = {s: json.loads((work / f"seed{s}" / "ladder.json").read_text()) for s in args.seeds}
@@ -302,8 +416,14 @@ def main(argv=None):
         return summary
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_report(out, results, machine, time.time() - started, args.jobs,
-                 "" if args.stage1_ablation == "true" else " --stage1_ablation false")
+    write_report(
+        out,
+        results,
+        machine,
+        time.time() - started,
+        args.jobs,
+        "" if args.stage1_ablation == "true" else " --stage1_ablation false",
+    )
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(out.read_text())
     return summary

@@ -46,34 +46,101 @@ N_GPUS = 8
 LORA_R = 16
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + fp8 absmax per 64 + fp32 per 256 blocks (double quant)
 _MROPE = {"type": "mrope", "mrope_section": [16, 24, 24]}
-_QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+_QWEN25_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
 # The published configs (config.json on the hub), and the parameter counts the hub reports for them.
 ARCHITECTURES = {
     "Qwen2-VL-2B (stage-1 encoder)": dict(
-        model_type="qwen2_vl", tie_word_embeddings=True, published=2_208_985_600,
-        text_config=dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_hidden_layers=28,
-                         num_key_value_heads=2, vocab_size=151936, rope_scaling=_MROPE),
-        vision_config=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3, hidden_size=1536,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2)),
+        model_type="qwen2_vl",
+        tie_word_embeddings=True,
+        published=2_208_985_600,
+        text_config=dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_attention_heads=12,
+            num_hidden_layers=28,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            rope_scaling=_MROPE,
+        ),
+        vision_config=dict(
+            depth=32,
+            embed_dim=1280,
+            mlp_ratio=4,
+            num_heads=16,
+            in_chans=3,
+            hidden_size=1536,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+    ),
     "Qwen2.5-VL-3B (generator)": dict(
-        model_type="qwen2_5_vl", tie_word_embeddings=True, published=3_754_622_976,
-        text_config=dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_hidden_layers=36,
-                         num_key_value_heads=2, vocab_size=151936, rope_scaling=_MROPE),
-        vision_config=dict(_QWEN25_VISION, out_hidden_size=2048)),
+        model_type="qwen2_5_vl",
+        tie_word_embeddings=True,
+        published=3_754_622_976,
+        text_config=dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_attention_heads=16,
+            num_hidden_layers=36,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            rope_scaling=_MROPE,
+        ),
+        vision_config=dict(_QWEN25_VISION, out_hidden_size=2048),
+    ),
     "Qwen2.5-VL-7B (generator)": dict(
-        model_type="qwen2_5_vl", tie_word_embeddings=False, published=8_292_166_656,
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_hidden_layers=28,
-                         num_key_value_heads=4, vocab_size=152064, rope_scaling=_MROPE),
-        vision_config=dict(_QWEN25_VISION, out_hidden_size=3584)),
+        model_type="qwen2_5_vl",
+        tie_word_embeddings=False,
+        published=8_292_166_656,
+        text_config=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_attention_heads=28,
+            num_hidden_layers=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            rope_scaling=_MROPE,
+        ),
+        vision_config=dict(_QWEN25_VISION, out_hidden_size=3584),
+    ),
 }
 # The measured model: the same family, small enough for a CPU (about 200M parameters).
-MEASURED = dict(model_type="qwen2_vl", tie_word_embeddings=False,
-                text_config=dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_hidden_layers=12,
-                                 num_key_value_heads=4, vocab_size=32000,
-                                 rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
-                vision_config=dict(depth=2, embed_dim=512, mlp_ratio=4, num_heads=8, in_chans=3, hidden_size=1024,
-                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
+MEASURED = dict(
+    model_type="qwen2_vl",
+    tie_word_embeddings=False,
+    text_config=dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_attention_heads=16,
+        num_hidden_layers=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+    ),
+    vision_config=dict(
+        depth=2,
+        embed_dim=512,
+        mlp_ratio=4,
+        num_heads=8,
+        in_chans=3,
+        hidden_size=1024,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    ),
+)
 QUICK = dict(MEASURED, text_config=dict(MEASURED["text_config"], num_hidden_layers=2, vocab_size=4096))
 
 
@@ -91,11 +158,16 @@ def count_parameters(model) -> dict:
 
     total = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
-    linear = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-                 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    linear = sum(
+        m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    )
     modules = dict(model.named_modules())
-    lora = sum(LORA_R * (modules[n].in_features + modules[n].out_features)
-               for n in language_lora_targets(model, LM_LORA_TARGETS))
+    lora = sum(
+        LORA_R * (modules[n].in_features + modules[n].out_features)
+        for n in language_lora_targets(model, LM_LORA_TARGETS)
+    )
     return {"total": total, "vision": vision, "quantisable_linear": linear, "other": total - linear, "lora": lora}
 
 
@@ -113,8 +185,9 @@ def model_state_bytes(counts: dict, method: str, zero: str, n: int = N_GPUS) -> 
         trainable, frozen = counts["total"], 0.0
     else:
         trainable = counts["lora"]
-        frozen = (counts["quantisable_linear"] * NF4_BYTES + counts["other"] * 2 if method == "qlora"
-                  else counts["total"] * 2)
+        frozen = (
+            counts["quantisable_linear"] * NF4_BYTES + counts["other"] * 2 if method == "qlora" else counts["total"] * 2
+        )
     if zero == "none":
         return frozen + trainable * 16
     if zero == "zero2":
@@ -125,6 +198,7 @@ def model_state_bytes(counts: dict, method: str, zero: str, n: int = N_GPUS) -> 
 
 
 # ----------------------------------------------------------------------------- (ii) measured, one process each
+
 
 def _status_bytes(field: str) -> int:
     """A /proc/self/status memory field (reported in kB), in bytes."""
@@ -142,8 +216,12 @@ def measure(model_dir: str, variant: str, steps: int, batch: int, seq: int) -> d
     before = _status_bytes("VmRSS")
     started = time.perf_counter()
     model, _ = load_mllm(model_dir, dtype=torch.bfloat16, load_in_4bit=variant == "qlora")
-    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, bias="none",
-                                             target_modules=language_lora_targets(model, LM_LORA_TARGETS)))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA_R, lora_alpha=2 * LORA_R, bias="none", target_modules=language_lora_targets(model, LM_LORA_TARGETS)
+        ),
+    )
     with torch.no_grad():  # transformers may map safetensors lazily: read every weight so that it is resident
         for param in model.parameters():
             param.detach().sum()
@@ -168,8 +246,15 @@ def measure(model_dir: str, variant: str, steps: int, batch: int, seq: int) -> d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - t)
-    return {"variant": variant, "after_load_bytes": loaded, "tensor_bytes": tensor_bytes, "peak_bytes": _status_bytes("VmHWM") - before,
-            "load_s": load_s, "step_s": sorted(step_s)[len(step_s) // 2], "loss": float(loss)}
+    return {
+        "variant": variant,
+        "after_load_bytes": loaded,
+        "tensor_bytes": tensor_bytes,
+        "peak_bytes": _status_bytes("VmHWM") - before,
+        "load_s": load_s,
+        "step_s": sorted(step_s)[len(step_s) // 2],
+        "loss": float(loss),
+    }
 
 
 def build_measured_model(spec: dict, out: Path) -> dict:
@@ -188,62 +273,83 @@ def build_measured_model(spec: dict, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
+
 def fmt_gb(x: float) -> str:
     return f"{x / GB:.1f}" if x >= 10 * GB else f"{x / GB:.2f}"
 
 
 def write_report(path: Path, estimates: dict, measured: dict, machine: str, seconds: float):
-    lines = ["# Memory: LoRA vs QLoRA, and what the real sizes need", "",
-             f"Generated by `python -m benchmarks.memory` in {seconds:.0f} s on: {machine}.",
-             "Method: the module docstring of `benchmarks/memory.py`.", "",
-             "## Estimates for the real architectures (model states per GPU, GB)", "",
-             f"Built on the meta device from the published configs; parameter counts checked against the hub's. "
-             f"ZeRO columns: {N_GPUS} GPUs. Model states only: activations, generation's KV cache and "
-             "workspace come on top. GRPO also holds the reward's frozen stage-1 encoder in every process "
-             f"(Qwen2-VL-2B in bf16: {fmt_gb(estimates['Qwen2-VL-2B (stage-1 encoder)']['counts']['total'] * 2)} GB, "
-             "outside ZeRO-3 by design).", "",
-             "| architecture | parameters (published) | vision | LoRA r16 (LM) | method | one GPU | ZeRO-2 | ZeRO-3 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Memory: LoRA vs QLoRA, and what the real sizes need",
+        "",
+        f"Generated by `python -m benchmarks.memory` in {seconds:.0f} s on: {machine}.",
+        "Method: the module docstring of `benchmarks/memory.py`.",
+        "",
+        "## Estimates for the real architectures (model states per GPU, GB)",
+        "",
+        f"Built on the meta device from the published configs; parameter counts checked against the hub's. "
+        f"ZeRO columns: {N_GPUS} GPUs. Model states only: activations, generation's KV cache and "
+        "workspace come on top. GRPO also holds the reward's frozen stage-1 encoder in every process "
+        f"(Qwen2-VL-2B in bf16: {fmt_gb(estimates['Qwen2-VL-2B (stage-1 encoder)']['counts']['total'] * 2)} GB, "
+        "outside ZeRO-3 by design).",
+        "",
+        "| architecture | parameters (published) | vision | LoRA r16 (LM) | method | one GPU | ZeRO-2 | ZeRO-3 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, e in estimates.items():
         c = e["counts"]
         ok = "" if c["total"] == e["published"] else " **differs**"
         for method, label in (("lora", "LoRA, bf16 base"), ("qlora", "QLoRA, nf4 base"), ("full", "full fine-tuning")):
             row = e["gb"][method]
-            lines.append(f"| {name} | {c['total'] / 1e9:.3f} B ({e['published'] / 1e9:.3f} B){ok} | "
-                         f"{c['vision'] / 1e6:.0f} M | {c['lora'] / 1e6:.1f} M | {label} | {row['none']:.1f} | "
-                         f"{row['zero2']:.1f} | {row['zero3']:.1f} |")
+            lines.append(
+                f"| {name} | {c['total'] / 1e9:.3f} B ({e['published'] / 1e9:.3f} B){ok} | "
+                f"{c['vision'] / 1e6:.0f} M | {c['lora'] / 1e6:.1f} M | {label} | {row['none']:.1f} | "
+                f"{row['zero2']:.1f} | {row['zero3']:.1f} |"
+            )
     m = measured
     c = m["counts"]
-    lines += ["", "## Measured on this machine (CPU, one process per variant)", "",
-              f"A random Qwen2-VL of {c['total'] / 1e6:.0f} M parameters ({c['quantisable_linear'] / 1e6:.0f} M in "
-              f"quantisable linears, LoRA r16: {c['lora'] / 1e6:.2f} M trainable), {m['steps']} AdamW steps on "
-              f"{m['batch']} x {m['seq']} tokens. Memory above the process's own before loading, GB.", "",
-              "| variant | weights held (counted) | weights (estimate) | resident after load | peak during the steps "
-              "| step (median) |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Measured on this machine (CPU, one process per variant)",
+        "",
+        f"A random Qwen2-VL of {c['total'] / 1e6:.0f} M parameters ({c['quantisable_linear'] / 1e6:.0f} M in "
+        f"quantisable linears, LoRA r16: {c['lora'] / 1e6:.2f} M trainable), {m['steps']} AdamW steps on "
+        f"{m['batch']} x {m['seq']} tokens. Memory above the process's own before loading, GB.",
+        "",
+        "| variant | weights held (counted) | weights (estimate) | resident after load | peak during the steps "
+        "| step (median) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in m["runs"]:
         # the estimate's weight part: frozen weights + LoRA's fp32 weights (gradients and Adam come with the steps)
         est = model_state_bytes(c, r["variant"], "none") - 12 * c["lora"]
-        lines.append(f"| {'LoRA, bf16 base' if r['variant'] == 'lora' else 'QLoRA, nf4 base'} | "
-                     f"{fmt_gb(r['tensor_bytes'])} | {fmt_gb(est)} | {fmt_gb(r['after_load_bytes'])} | "
-                     f"{fmt_gb(r['peak_bytes'])} | {r['step_s']:.2f} s |")
+        lines.append(
+            f"| {'LoRA, bf16 base' if r['variant'] == 'lora' else 'QLoRA, nf4 base'} | "
+            f"{fmt_gb(r['tensor_bytes'])} | {fmt_gb(est)} | {fmt_gb(r['after_load_bytes'])} | "
+            f"{fmt_gb(r['peak_bytes'])} | {r['step_s']:.2f} s |"
+        )
     lora, qlora = (next(r for r in m["runs"] if r["variant"] == v) for v in ("lora", "qlora"))
-    lines += ["", f"QLoRA / LoRA: {qlora['tensor_bytes'] / lora['tensor_bytes']:.2f} in weights held, "
-              f"{qlora['after_load_bytes'] / lora['after_load_bytes']:.2f} resident after load, "
-              f"{qlora['peak_bytes'] / lora['peak_bytes']:.2f} at the peak; step time "
-              f"{qlora['step_s'] / lora['step_s']:.2f}x.",
-              "Weights held = the bytes of every parameter and buffer storage, which the estimate's method should "
-              "match. On a CPU the resident set says less: the bf16 LoRA model's weights are pages of the "
-              "memory-mapped checkpoint, and after quantising, the checkpoint pages that bitsandbytes read stay "
-              "mapped (reclaimable, but counted) beside the nf4 copies; during the steps, CPU bitsandbytes "
-              "dequantises each layer for its matmuls, so the activations and temporaries of the step, not the "
-              "weights, set the peak. On a GPU the weights are copied to device memory and the saving is the "
-              "weights' column.", "",
-              "## Not measured here", "",
-              "No GPU was lent to this work: real-size bf16 step time and peak GPU memory of the larger configs "
-              "(`recipes/configs/rar_qwen25vl_3b.yaml`, `rar_qlora_7b.yaml`) are not measured. On a GPU, "
-              "`torch.cuda.max_memory_allocated()` around a step of `recipes/rar_grpo.py` gives the number to "
-              "put beside the estimates above."]
+    lines += [
+        "",
+        f"QLoRA / LoRA: {qlora['tensor_bytes'] / lora['tensor_bytes']:.2f} in weights held, "
+        f"{qlora['after_load_bytes'] / lora['after_load_bytes']:.2f} resident after load, "
+        f"{qlora['peak_bytes'] / lora['peak_bytes']:.2f} at the peak; step time "
+        f"{qlora['step_s'] / lora['step_s']:.2f}x.",
+        "Weights held = the bytes of every parameter and buffer storage, which the estimate's method should "
+        "match. On a CPU the resident set says less: the bf16 LoRA model's weights are pages of the "
+        "memory-mapped checkpoint, and after quantising, the checkpoint pages that bitsandbytes read stay "
+        "mapped (reclaimable, but counted) beside the nf4 copies; during the steps, CPU bitsandbytes "
+        "dequantises each layer for its matmuls, so the activations and temporaries of the step, not the "
+        "weights, set the peak. On a GPU the weights are copied to device memory and the saving is the "
+        "weights' column.",
+        "",
+        "## Not measured here",
+        "",
+        "No GPU was lent to this work: real-size bf16 step time and peak GPU memory of the larger configs "
+        "(`recipes/configs/rar_qwen25vl_3b.yaml`, `rar_qlora_7b.yaml`) are not measured. On a GPU, "
+        "`torch.cuda.max_memory_allocated()` around a step of `recipes/rar_grpo.py` gives the number to "
+        "put beside the estimates above.",
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -264,17 +370,33 @@ def main(argv=None):
     estimates = {}
     for name, spec in ARCHITECTURES.items():
         counts = meta_counts(spec)
-        estimates[name] = {"counts": counts, "published": spec["published"],
-                           "gb": {m: {z: model_state_bytes(counts, m, z) / GB for z in ("none", "zero2", "zero3")}
-                                  for m in ("lora", "qlora", "full")}}
+        estimates[name] = {
+            "counts": counts,
+            "published": spec["published"],
+            "gb": {
+                m: {z: model_state_bytes(counts, m, z) / GB for z in ("none", "zero2", "zero3")}
+                for m in ("lora", "qlora", "full")
+            },
+        }
         print(f"{name}: {counts['total']:,} parameters (published {spec['published']:,})", flush=True)
     steps, seq = (2, 64) if args.quick else (args.steps, args.seq)
     with tempfile.TemporaryDirectory() as tmp:
         counts = build_measured_model(QUICK if args.quick else MEASURED, Path(tmp))
         runs = []
         for variant in ("lora", "qlora"):
-            cmd = [sys.executable, __file__, "--_measure", tmp, variant, "--steps", str(steps), "--batch",
-                   str(args.batch), "--seq", str(seq)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--_measure",
+                tmp,
+                variant,
+                "--steps",
+                str(steps),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(seq),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(f"measured {variant}: {runs[-1]}", flush=True)

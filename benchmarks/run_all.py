@@ -39,34 +39,66 @@ LADDER_ENCODER = REL_WORK / "ladder" / "seed0" / "agcl"  # the ladder's seed-0 A
 BENCHMARKS = {
     # The weighting-only / filtering-only encoders are left to agcl_ablation.py and a plain ladder.py run: at
     # about 4 minutes they would take run_all further past its budget on 2 cores.
-    "ladder": ("The ablation ladder (3 seeds)",
-               ["ladder.py", "--work_dir", str(REL_WORK / "ladder"), "--stage1_ablation", "false"],
-               ["--seeds", "0", "--quick"], "ladder.md"),
-    "moon_ablation": ("MOON-family options of stage 1 (3 seeds)",
-                      ["moon_ablation.py", "--reuse", str(REL_WORK / "ladder"), "--work_dir", str(REL_WORK / "moon")],
-                      ["--seeds", "0", "--quick"], "moon_ablation.md"),
-    "catalog_difficulty": ("How hard the embedded catalog is", ["catalog_difficulty.py"],
-                           ["--seeds", "0", "--output", str(REL_WORK / "quick" / "catalog_difficulty.md")],
-                           "catalog_difficulty.md"),
+    "ladder": (
+        "The ablation ladder (3 seeds)",
+        ["ladder.py", "--work_dir", str(REL_WORK / "ladder"), "--stage1_ablation", "false"],
+        ["--seeds", "0", "--quick"],
+        "ladder.md",
+    ),
+    "moon_ablation": (
+        "MOON-family options of stage 1 (3 seeds)",
+        ["moon_ablation.py", "--reuse", str(REL_WORK / "ladder"), "--work_dir", str(REL_WORK / "moon")],
+        ["--seeds", "0", "--quick"],
+        "moon_ablation.md",
+    ),
+    "catalog_difficulty": (
+        "How hard the embedded catalog is",
+        ["catalog_difficulty.py"],
+        ["--seeds", "0", "--output", str(REL_WORK / "quick" / "catalog_difficulty.md")],
+        "catalog_difficulty.md",
+    ),
     "agcl_step_time": ("AGCL step time against InfoNCE", ["agcl_step_time.py"], ["--steps", "3"], "agcl_step_time.md"),
-    "grpo_step_breakdown": ("Where a GRPO step goes: the demo's policy",
-                            ["grpo_step_breakdown.py", "--encoder", str(LADDER_ENCODER)], ["--quick"],
-                            "grpo_step_breakdown.md"),
-    "grpo_step_breakdown_larger": ("Where a GRPO step goes: a larger policy",
-                                   ["grpo_step_breakdown.py", "--policy", "larger", "--steps", "6", "--encoder", str(LADDER_ENCODER),
-                                    "--output", "docs/results/grpo_step_breakdown_larger.md"], ["--quick"],
-                                   "grpo_step_breakdown_larger.md"),
-    "reward_cost": ("The reward's cost: physical limit, gallery size and index type",
-                    ["reward_cost.py", "--hnsw_max_size", "100000"], ["--quick"],
-                    "reward_cost.md"),
+    "grpo_step_breakdown": (
+        "Where a GRPO step goes: the demo's policy",
+        ["grpo_step_breakdown.py", "--encoder", str(LADDER_ENCODER)],
+        ["--quick"],
+        "grpo_step_breakdown.md",
+    ),
+    "grpo_step_breakdown_larger": (
+        "Where a GRPO step goes: a larger policy",
+        [
+            "grpo_step_breakdown.py",
+            "--policy",
+            "larger",
+            "--steps",
+            "6",
+            "--encoder",
+            str(LADDER_ENCODER),
+            "--output",
+            "docs/results/grpo_step_breakdown_larger.md",
+        ],
+        ["--quick"],
+        "grpo_step_breakdown_larger.md",
+    ),
+    "reward_cost": (
+        "The reward's cost: physical limit, gallery size and index type",
+        ["reward_cost.py", "--hnsw_max_size", "100000"],
+        ["--quick"],
+        "reward_cost.md",
+    ),
     "memory": ("Memory: LoRA vs QLoRA, and the real sizes", ["memory.py"], ["--quick"], "memory.md"),
 }
 # Pages of benchmarks that run_all does not rerun (too long for its budget, or made on other hardware); included
 # when present. Research probes are not here: they live in experiments/ and docs/experiments/.
-STANDALONE = {"index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
-              "index_scale_clustered": ("Deployment index at 100k and 1M vectors, clustered data", "index_scale_clustered.md"),
-              "real_size": ("Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes", "real_size.md")}
-README_BEGIN, README_END = "<!-- results:begin (python -m benchmarks.run_all writes this block) -->", "<!-- results:end -->"
+STANDALONE = {
+    "index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
+    "index_scale_clustered": ("Deployment index at 100k and 1M vectors, clustered data", "index_scale_clustered.md"),
+    "real_size": ("Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes", "real_size.md"),
+}
+README_BEGIN, README_END = (
+    "<!-- results:begin (python -m benchmarks.run_all writes this block) -->",
+    "<!-- results:end -->",
+)
 
 
 def run_benchmark(name: str, quick: bool) -> float:
@@ -87,11 +119,15 @@ def demote(markdown: str) -> str:
 
 
 def assemble(seconds: dict) -> Path:
-    lines = ["# Results", "",
-             "Everything on this page is regenerated by `python -m benchmarks.run_all` (each section also by its own "
-             "script, named at its top) from the embedded synthetic catalog and tiny models built from config: no "
-             "figure is typed by hand. Timings were measured on shared CPU cores: compare ratios within one section, "
-             "not absolute times across sections or machines.", ""]
+    lines = [
+        "# Results",
+        "",
+        "Everything on this page is regenerated by `python -m benchmarks.run_all` (each section also by its own "
+        "script, named at its top) from the embedded synthetic catalog and tiny models built from config: no "
+        "figure is typed by hand. Timings were measured on shared CPU cores: compare ratios within one section, "
+        "not absolute times across sections or machines.",
+        "",
+    ]
     if "_full_run" in seconds:
         full = seconds["_full_run"]
         lines += [f"Last full run: {full['seconds'] / 60:.1f} min on: {full['machine']}.", ""]
@@ -124,13 +160,24 @@ def update_readme() -> bool:
     from benchmarks.ladder import RUNGS, mean_std
 
     runs = list(json.loads(data.read_text(encoding="utf-8"))["seeds"].values())
-    block = [README_BEGIN, "", f"Instance retrieval on the embedded catalog's held-out products, mean ± std over "
-             f"{len(runs)} seeds, every listing annotated by the generator of its rung as in deployment (`python -m "
-             "benchmarks.run_all`; the query-only protocol and the rest in [docs/results/RESULTS.md](docs/results/RESULTS.md)):", "",
-             "| rung | Recall@1 | Recall@5 | Recall@10 |", "|---|---|---|---|"]
+    block = [
+        README_BEGIN,
+        "",
+        f"Instance retrieval on the embedded catalog's held-out products, mean ± std over "
+        f"{len(runs)} seeds, every listing annotated by the generator of its rung as in deployment (`python -m "
+        "benchmarks.run_all`; the query-only protocol and the rest in "
+        "[docs/results/RESULTS.md](docs/results/RESULTS.md)):",
+        "",
+        "| rung | Recall@1 | Recall@5 | Recall@10 |",
+        "|---|---|---|---|",
+    ]
     for rung in RUNGS:
-        cells = [f"{m:.1f} ± {s:.1f}" for m, s in (mean_std([r[rung] for r in runs], "instance", k)
-                                                   for k in ("recall@1", "recall@5", "recall@10"))]
+        cells = [
+            f"{m:.1f} ± {s:.1f}"
+            for m, s in (
+                mean_std([r[rung] for r in runs], "instance", k) for k in ("recall@1", "recall@5", "recall@10")
+            )
+        ]
         block.append(f"| {rung} | " + " | ".join(cells) + " |")
     block += ["", README_END]
     start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
@@ -142,9 +189,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Every benchmark's smoke test; docs/ untouched.")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="Run these only, then reassemble.")
-    parser.add_argument("--reuse", action="store_true",
-                        help="Keep the finished stages of the ladder and the MOON ablation in outputs/run-all "
-                             "(default: start from scratch).")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Keep the finished stages of the ladder and the MOON ablation in outputs/run-all "
+        "(default: start from scratch).",
+    )
     args = parser.parse_args(argv)
     names = args.only or list(BENCHMARKS)
     started = time.time()
@@ -164,8 +214,11 @@ def main(argv=None):
         seconds["_full_run"] = {"seconds": time.time() - started, "machine": machine}
     seconds_file.write_text(json.dumps(seconds, indent=2) + "\n", encoding="utf-8")
     out = assemble(seconds)
-    print(f"[run_all] wrote {out}" + (" and README.md's results block" if update_readme() else "")
-          + f" in {(time.time() - started) / 60:.1f} min")
+    print(
+        f"[run_all] wrote {out}"
+        + (" and README.md's results block" if update_readme() else "")
+        + f" in {(time.time() - started) / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,13 @@ import numpy as np
 __all__ = ["calibrate_threshold", "plot_precision_recall"]
 
 
-def calibrate_threshold(answers: Sequence[Mapping], product_of: Mapping[str, str], positives: Sequence[int], *,
-                        target_precision: float = 0.95) -> dict:
+def calibrate_threshold(
+    answers: Sequence[Mapping],
+    product_of: Mapping[str, str],
+    positives: Sequence[int],
+    *,
+    target_precision: float = 0.95,
+) -> dict:
     """``answers``: ``ProductIndex.search`` output for labelled listings; ``product_of``: listing id -> product
     id for queries and results; ``positives[i]``: how many indexed listings (other than itself) share query
     i's product. Returns ``{"score", "precision", "recall", "target_precision", "pairs", "curve"}`` where
@@ -48,11 +53,15 @@ def calibrate_threshold(answers: Sequence[Mapping], product_of: Mapping[str, str
     precision, recall, sorted_scores = precision[last], recall[last], sorted_scores[last]
     ok = np.flatnonzero(precision >= target_precision)
     chosen = None if len(ok) == 0 else int(ok[-1])  # the lowest score that still reaches the target
-    return {"score": None if chosen is None else float(sorted_scores[chosen]),
-            "precision": None if chosen is None else float(precision[chosen]),
-            "recall": None if chosen is None else float(recall[chosen]),
-            "target_precision": target_precision, "pairs": len(scores), "positives": total,
-            "curve": {"score": sorted_scores.tolist(), "precision": precision.tolist(), "recall": recall.tolist()}}
+    return {
+        "score": None if chosen is None else float(sorted_scores[chosen]),
+        "precision": None if chosen is None else float(precision[chosen]),
+        "recall": None if chosen is None else float(recall[chosen]),
+        "target_precision": target_precision,
+        "pairs": len(scores),
+        "positives": total,
+        "curve": {"score": sorted_scores.tolist(), "precision": precision.tolist(), "recall": recall.tolist()},
+    }
 
 
 def plot_precision_recall(calibration: Mapping, path: str | Path) -> Path:
@@ -66,8 +75,13 @@ def plot_precision_recall(calibration: Mapping, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(curve["recall"], curve["precision"], label="same product when score >= t")
     if calibration["score"] is not None:
-        ax.scatter([calibration["recall"]], [calibration["precision"]], color="C3", zorder=3,
-                   label=f"t = {calibration['score']:.3f} (precision {calibration['precision']:.3f})")
+        ax.scatter(
+            [calibration["recall"]],
+            [calibration["precision"]],
+            color="C3",
+            zorder=3,
+            label=f"t = {calibration['score']:.3f} (precision {calibration['precision']:.3f})",
+        )
     ax.axhline(calibration["target_precision"], color="0.6", ls="--", lw=1)
     ax.set_xlabel("recall of same-product pairs")
     ax.set_ylabel("precision")

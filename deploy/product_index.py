@@ -41,8 +41,9 @@ def check_listings(listings, split: str | None, attribute_column: str | None) ->
     if len(listings) == 0:
         raise ValueError(f"the catalog{'' if split is None else f' split {split!r}'} has no listings to index")
     if attribute_column is not None and attribute_column not in listings.column_names:
-        raise ValueError(f"--attribute_column {attribute_column!r} is not a column of the catalog "
-                         f"(columns: {listings.column_names})")
+        raise ValueError(
+            f"--attribute_column {attribute_column!r} is not a column of the catalog (columns: {listings.column_names})"
+        )
 
 
 class ProductIndex:
@@ -57,40 +58,87 @@ class ProductIndex:
 
     # ------------------------------------------------------------------ build, save, load
     @classmethod
-    def configure(cls, encoder: str, *, generator: str | None = None, attribute_column: str | None = None,
-                  generation: dict | None = None, catalog: str | None = None, split: str | None = None) -> ProductIndex:
+    def configure(
+        cls,
+        encoder: str,
+        *,
+        generator: str | None = None,
+        attribute_column: str | None = None,
+        generation: dict | None = None,
+        catalog: str | None = None,
+        split: str | None = None,
+    ) -> ProductIndex:
         """An index with nothing in it yet, only how listings are annotated and embedded: what
         ``annotate`` and ``embed`` use (``deploy.sharding`` builds from several such processes)."""
         index = cls.__new__(cls)
         index.gallery, index.attributes, index._encoder = None, [], None
-        index.config = {"encoder": str(Path(encoder).resolve()), "generator": None if generator is None else str(generator),
-                        "attribute_column": attribute_column, "generation": dict(generation or {}), "threshold": None,
-                        "catalog": catalog, "split": split}
+        index.config = {
+            "encoder": str(Path(encoder).resolve()),
+            "generator": None if generator is None else str(generator),
+            "attribute_column": attribute_column,
+            "generation": dict(generation or {}),
+            "threshold": None,
+            "catalog": catalog,
+            "split": split,
+        }
         return index
 
     @classmethod
-    def build(cls, catalog, encoder: str, *, split: str | None = None, generator: str | None = None,
-              attribute_column: str | None = None, generation: dict | None = None, log_path=None,
-              batch_size: int = 32, show_progress: bool | None = None, **index_options) -> ProductIndex:
+    def build(
+        cls,
+        catalog,
+        encoder: str,
+        *,
+        split: str | None = None,
+        generator: str | None = None,
+        attribute_column: str | None = None,
+        generation: dict | None = None,
+        log_path=None,
+        batch_size: int = 32,
+        show_progress: bool | None = None,
+        **index_options,
+    ) -> ProductIndex:
         """Annotate, embed and index ``catalog`` (a path or a Dataset from ``load_catalog``; ``split`` selects
         rows) in this process; ``index_options`` go to ``from_vectors``."""
         ds = catalog if not isinstance(catalog, str | Path) else load_catalog(catalog, split=split)
         check_listings(ds, split, attribute_column)
-        index = cls.configure(encoder, generator=generator, attribute_column=attribute_column, generation=generation,
-                              catalog=None if not isinstance(catalog, str | Path) else str(catalog), split=split)
+        index = cls.configure(
+            encoder,
+            generator=generator,
+            attribute_column=attribute_column,
+            generation=generation,
+            catalog=None if not isinstance(catalog, str | Path) else str(catalog),
+            split=split,
+        )
         attributes = index.annotate(ds, log_path=log_path, batch_size=batch_size, show_progress=show_progress)
         vectors = index.embed(ds, attributes, batch_size=batch_size, show_progress=show_progress)
         return index.from_vectors(ds, vectors, attributes, **index_options)
 
-    def from_vectors(self, listings, vectors: np.ndarray, attributes: Sequence[str | None], *, index_type: str = "auto",
-                     target_recall: float = 0.98, recall_k: int = 10, memory_budget: int | None = None) -> ProductIndex:
+    def from_vectors(
+        self,
+        listings,
+        vectors: np.ndarray,
+        attributes: Sequence[str | None],
+        *,
+        index_type: str = "auto",
+        target_recall: float = 0.98,
+        recall_k: int = 10,
+        memory_budget: int | None = None,
+    ) -> ProductIndex:
         """The faiss index over ``vectors`` (row i = ``listings[i]`` annotated with ``attributes[i]``; may be
         memory-mapped), chosen by size (``afmrl.retrieval.index``) and tuned to ``target_recall`` of the exact top-k."""
         gallery = ProductGallery.from_embeddings(
-            vectors, list(listings["listing_id"]), list(listings["product_id"]), index_type=index_type, recall_k=recall_k,
-            target_recall=target_recall, memory_budget=memory_budget,
-            encoder_fingerprint=encoder_fingerprints(self.config["encoder"]), catalog_fingerprint=catalog_fingerprint(listings),
-            info={"catalog_source": self.config["catalog"], "catalog_split": self.config["split"]})
+            vectors,
+            list(listings["listing_id"]),
+            list(listings["product_id"]),
+            index_type=index_type,
+            recall_k=recall_k,
+            target_recall=target_recall,
+            memory_budget=memory_budget,
+            encoder_fingerprint=encoder_fingerprints(self.config["encoder"]),
+            catalog_fingerprint=catalog_fingerprint(listings),
+            info={"catalog_source": self.config["catalog"], "catalog_split": self.config["split"]},
+        )
         return type(self)(gallery, attributes, self.config)
 
     def save(self, directory: str | Path) -> Path:
@@ -107,8 +155,10 @@ class ProductIndex:
         """Read a saved index; its encoder directory must still hold the weights it was built with."""
         directory = Path(directory)
         if not (directory / INDEX_FILE).is_file():
-            raise FileNotFoundError(f"{str(directory)!r} is not a product index: {INDEX_FILE} is missing "
-                                    "(build one with recipes/index_catalog.py)")
+            raise FileNotFoundError(
+                f"{str(directory)!r} is not a product index: {INDEX_FILE} is missing "
+                "(build one with recipes/index_catalog.py)"
+            )
         config = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
         gallery = ProductGallery.load(directory)
         if gallery.size == 0:
@@ -135,54 +185,90 @@ class ProductIndex:
             if column is None:
                 return [None] * len(listings)
             if column not in listings.column_names:
-                raise ValueError(f"the index carries the catalog's {column!r} attributes, but these listings "
-                                 f"have no such column (columns: {listings.column_names})")
+                raise ValueError(
+                    f"the index carries the catalog's {column!r} attributes, but these listings "
+                    f"have no such column (columns: {listings.column_names})"
+                )
             return [format_attributes(a, keys) or None for a in listings[column]]
-        texts = annotate(listings, config["generator"], prompt_template=generation.get("prompt_template"),
-                         attribute_keys=keys, max_new_tokens=generation.get("max_new_tokens", 64),
-                         batch_size=batch_size, log_path=log_path, show_progress=show_progress)
+        texts = annotate(
+            listings,
+            config["generator"],
+            prompt_template=generation.get("prompt_template"),
+            attribute_keys=keys,
+            max_new_tokens=generation.get("max_new_tokens", 64),
+            batch_size=batch_size,
+            log_path=log_path,
+            show_progress=show_progress,
+        )
         return canonical_attributes(texts, keys)
 
-    def embed(self, listings, attributes: Sequence[str | None], *, batch_size: int = 32,
-              show_progress: bool | None = None) -> np.ndarray:
+    def embed(
+        self, listings, attributes: Sequence[str | None], *, batch_size: int = 32, show_progress: bool | None = None
+    ) -> np.ndarray:
         return encode_catalog(self.encoder, listings, attributes, batch_size=batch_size, show_progress=show_progress)
 
-    def search(self, listings, k: int = 10, *, batch_size: int = 32, same_product_only: bool = False,
-               show_progress: bool | None = None) -> list[dict]:
+    def search(
+        self,
+        listings,
+        k: int = 10,
+        *,
+        batch_size: int = 32,
+        same_product_only: bool = False,
+        show_progress: bool | None = None,
+    ) -> list[dict]:
         """For each listing (a catalog Dataset): ``{"listing_id", "attributes", "results": [{"listing_id",
         "product_id", "score"}, ...]}``, best first. A listing that is itself indexed is left out of its own results.
         ``same_product_only`` keeps the results at or above the calibrated threshold."""
         threshold = self.config.get("threshold")
         if same_product_only and (threshold is None or threshold.get("score") is None):
-            raise ValueError("--same_product_only needs a calibrated threshold: run recipes/index_catalog.py with "
-                             "--calibration_split" + ("" if threshold is None else
-                                                      f" (no score reached precision {threshold['target_precision']})"))
+            raise ValueError(
+                "--same_product_only needs a calibrated threshold: run recipes/index_catalog.py with "
+                "--calibration_split"
+                + ("" if threshold is None else f" (no score reached precision {threshold['target_precision']})")
+            )
         attributes = self.annotate(listings, batch_size=batch_size, show_progress=show_progress)
         vectors = self.embed(listings, attributes, batch_size=batch_size, show_progress=show_progress)
         own = self.gallery.rows_of([str(x) for x in listings["listing_id"]])  # -1 where not indexed
         scores, rows = self.gallery.search(vectors, k, exclude=own)
         answers = []
         for lid, text, row_scores, row_ids in zip(listings["listing_id"], attributes, scores, rows, strict=True):
-            results = [{"listing_id": self.gallery.listing_ids[r], "product_id": self.gallery.product_ids[r],
-                        "score": round(float(s), 6)} for s, r in zip(row_scores, row_ids, strict=True) if r >= 0]
+            results = [
+                {
+                    "listing_id": self.gallery.listing_ids[r],
+                    "product_id": self.gallery.product_ids[r],
+                    "score": round(float(s), 6),
+                }
+                for s, r in zip(row_scores, row_ids, strict=True)
+                if r >= 0
+            ]
             if same_product_only:
                 results = [r for r in results if r["score"] >= threshold["score"]]
             answers.append({"listing_id": str(lid), "attributes": text, "results": results})
         return answers
 
-    def calibrate(self, listings, *, k: int = 10, target_precision: float = 0.95, batch_size: int = 32,
-                  show_progress: bool | None = None) -> dict:
+    def calibrate(
+        self,
+        listings,
+        *,
+        k: int = 10,
+        target_precision: float = 0.95,
+        batch_size: int = 32,
+        show_progress: bool | None = None,
+    ) -> dict:
         """Choose the match threshold on labelled ``listings`` (``deploy.calibration``) and keep it in ``config``
         (saved with the index); returns the calibration with its precision/recall curve."""
         answers = self.search(listings, k, batch_size=batch_size, show_progress=show_progress)
         query_ids, query_products = [str(x) for x in listings["listing_id"]], [str(x) for x in listings["product_id"]]
-        product_of = {**dict(zip(self.gallery.listing_ids, self.gallery.product_ids, strict=True)),
-                      **dict(zip(query_ids, query_products, strict=True))}
-        positives = self.gallery.positives_count(self.gallery.codes_of(query_products),
-                                                 exclude_rows=self.gallery.rows_of(query_ids))
+        product_of = {
+            **dict(zip(self.gallery.listing_ids, self.gallery.product_ids, strict=True)),
+            **dict(zip(query_ids, query_products, strict=True)),
+        }
+        positives = self.gallery.positives_count(
+            self.gallery.codes_of(query_products), exclude_rows=self.gallery.rows_of(query_ids)
+        )
         calibration = calibrate_threshold(answers, product_of, positives.tolist(), target_precision=target_precision)
-        self.config["threshold"] = {key: calibration[key] for key in ("score", "precision", "recall",
-                                                                      "target_precision", "pairs", "positives")}
+        self.config["threshold"] = {
+            key: calibration[key] for key in ("score", "precision", "recall", "target_precision", "pairs", "positives")
+        }
         self.config["threshold"]["k"] = k
         return calibration
-

@@ -39,9 +39,14 @@ def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 def shard_stamp(listings, index_config: dict, encoder_fingerprint: dict, start: int, stop: int) -> dict:
     """What a shard's vectors depend on: its rows, the encoder's weights and how listings are annotated."""
-    return {"rows": [start, stop], "catalog_fingerprint": catalog_fingerprint(listings),
-            "encoder_fingerprint": encoder_fingerprint, "generator": index_config["generator"],
-            "attribute_column": index_config["attribute_column"], "generation": index_config["generation"]}
+    return {
+        "rows": [start, stop],
+        "catalog_fingerprint": catalog_fingerprint(listings),
+        "encoder_fingerprint": encoder_fingerprint,
+        "generator": index_config["generator"],
+        "attribute_column": index_config["attribute_column"],
+        "generation": index_config["generation"],
+    }
 
 
 def shard_is_done(shard_dir: Path, stamp: dict) -> bool:
@@ -52,12 +57,23 @@ def shard_is_done(shard_dir: Path, stamp: dict) -> bool:
 def planned_shards(listings, index, shard_size: int) -> list[tuple[int, int, int, dict]]:
     """(number, start, stop, stamp) of every shard of ``listings`` as ``index`` (a ``ProductIndex``) makes it."""
     fingerprint = encoder_fingerprints(index.config["encoder"])
-    return [(number, start, stop, shard_stamp(listings.select(range(start, stop)), index.config, fingerprint, start, stop))
-            for number, (start, stop) in enumerate(shard_bounds(len(listings), shard_size))]
+    return [
+        (number, start, stop, shard_stamp(listings.select(range(start, stop)), index.config, fingerprint, start, stop))
+        for number, (start, stop) in enumerate(shard_bounds(len(listings), shard_size))
+    ]
 
 
-def encode_shards(listings, index, output_dir: str | Path, *, shard_size: int, rank: int = 0, world_size: int = 1,
-                  batch_size: int = 32, show_progress: bool | None = None) -> list[int]:
+def encode_shards(
+    listings,
+    index,
+    output_dir: str | Path,
+    *,
+    shard_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 32,
+    show_progress: bool | None = None,
+) -> list[int]:
     """Annotate and embed this process's shards of ``listings`` with ``index`` (a ``ProductIndex``, whose
     config says how); returns the shards this call computed (those already done are skipped)."""
     computed = []
@@ -72,8 +88,9 @@ def encode_shards(listings, index, output_dir: str | Path, *, shard_size: int, r
             (shard_dir / GENERATIONS_FILE).unlink(missing_ok=True)  # another generator's or prompt's completions
         started.write_text(json.dumps(stamp), encoding="utf-8")
         shard = listings.select(range(start, stop))
-        attributes = index.annotate(shard, log_path=shard_dir / GENERATIONS_FILE, batch_size=batch_size,
-                                    show_progress=show_progress)
+        attributes = index.annotate(
+            shard, log_path=shard_dir / GENERATIONS_FILE, batch_size=batch_size, show_progress=show_progress
+        )
         vectors = index.embed(shard, attributes, batch_size=batch_size, show_progress=show_progress)
         np.save(shard_dir / "vectors.npy", vectors.astype(np.float32))
         (shard_dir / "attributes.json").write_text(json.dumps(attributes, ensure_ascii=False), encoding="utf-8")
@@ -83,8 +100,15 @@ def encode_shards(listings, index, output_dir: str | Path, *, shard_size: int, r
     return computed
 
 
-def merge_shards(listings, index, output_dir: str | Path, *, shard_size: int, poll_seconds: float = 10.0,
-                 timeout_seconds: float | None = None) -> tuple[np.ndarray, list[str | None]]:
+def merge_shards(
+    listings,
+    index,
+    output_dir: str | Path,
+    *,
+    shard_size: int,
+    poll_seconds: float = 10.0,
+    timeout_seconds: float | None = None,
+) -> tuple[np.ndarray, list[str | None]]:
     """Wait until every shard carries the stamp this run expects (other processes may still be writing theirs;
     a stamp left by an earlier run with another encoder or generator does not count), then copy the shards'
     vectors into ``<output_dir>/vectors.npy`` (memory-mapped, never all in memory) and return it with the
@@ -94,8 +118,9 @@ def merge_shards(listings, index, output_dir: str | Path, *, shard_size: int, po
     waited, reported = time.time(), None
     while missing := [d for d, (*_, stamp) in zip(dirs, plan, strict=True) if not shard_is_done(d, stamp)]:
         if timeout_seconds is not None and time.time() - waited > timeout_seconds:
-            raise TimeoutError(f"{len(missing)} of {len(dirs)} shards unfinished after {timeout_seconds:.0f} s "
-                               f"(first: {missing[0]})")
+            raise TimeoutError(
+                f"{len(missing)} of {len(dirs)} shards unfinished after {timeout_seconds:.0f} s (first: {missing[0]})"
+            )
         if reported is None or time.time() - reported > 300:  # a line every 5 minutes, not every poll
             print(f"[index_catalog] waiting for {len(missing)} of {len(dirs)} shards ...", flush=True)
             reported = time.time()
@@ -107,8 +132,10 @@ def merge_shards(listings, index, output_dir: str | Path, *, shard_size: int, po
     for shard_dir, (_, start, stop, _) in zip(dirs, plan, strict=True):
         part = np.load(shard_dir / "vectors.npy", mmap_mode="r")
         if part.shape != (stop - start, dim):
-            raise ValueError(f"{shard_dir / 'vectors.npy'} holds {part.shape}, expected {(stop - start, dim)}: "
-                             f"delete {shard_dir} and run again")
+            raise ValueError(
+                f"{shard_dir / 'vectors.npy'} holds {part.shape}, expected {(stop - start, dim)}: "
+                f"delete {shard_dir} and run again"
+            )
         merged[start:stop] = part
         attributes += json.loads((shard_dir / "attributes.json").read_text(encoding="utf-8"))
     merged.flush()

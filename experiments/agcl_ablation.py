@@ -52,12 +52,23 @@ class StepTimer(TrainerCallback):
 DEMO_RECIPE = "recipes/configs/agcl_demo.yaml"
 
 
-def run(variant_flags: list[str], seed: int, extra: list[str], output_dir: str,
-        config: str = DEMO_RECIPE) -> tuple[dict, list[float]]:
+def run(
+    variant_flags: list[str], seed: int, extra: list[str], output_dir: str, config: str = DEMO_RECIPE
+) -> tuple[dict, list[float]]:
     parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
     args = parser.parse_args_and_config(
-        ["--config", config, "--seed", str(seed), "--output_dir", output_dir,
-         "--disable_tqdm", "true", *variant_flags, *extra]
+        [
+            "--config",
+            config,
+            "--seed",
+            str(seed),
+            "--output_dir",
+            output_dir,
+            "--disable_tqdm",
+            "true",
+            *variant_flags,
+            *extra,
+        ]
     )
     timer = StepTimer()
     original = agcl_train.AGCLTrainer.__init__
@@ -96,7 +107,8 @@ def main(argv=None):
     step_times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for seed in args.seeds:
         for name, flags in VARIANTS.items():
-            out = f"{args.work_dir}/seed{seed}-{name.replace(' ', '').replace('+', 'plus').replace('(', '').replace(')', '')}"
+            slug = name.replace(" ", "").replace("+", "plus").replace("(", "").replace(")", "")
+            out = f"{args.work_dir}/seed{seed}-{slug}"
             results, times = run(flags, seed, extra, out, args.config)
             table[name].append(results["instance"])
             step_times[name] += times[1:]  # the first step pays for warm-up
@@ -126,10 +138,19 @@ def main(argv=None):
             cells.append(f"{vals.mean():.1f} ± {vals.std():.1f}")
         delta = 100 * (np.array([r["recall@1"] for r in runs]) - base)
         ratio = np.median(step_times[name]) / base_time
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta.mean():+.1f} (min {delta.min():+.1f}) | {ratio:.2f} |")
-        summary[name] = {"runs": runs, "delta_recall@1": delta.tolist(), "median_step_s": float(np.median(step_times[name]))}
-    lines += ["", "Step time: median wall time of an optimizer step (collation, two encoder passes, loss, backward,",
-              "update), ratios measured in one process so that machine noise cancels."]
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {delta.mean():+.1f} (min {delta.min():+.1f}) | {ratio:.2f} |"
+        )
+        summary[name] = {
+            "runs": runs,
+            "delta_recall@1": delta.tolist(),
+            "median_step_s": float(np.median(step_times[name])),
+        }
+    lines += [
+        "",
+        "Step time: median wall time of an optimizer step (collation, two encoder passes, loss, backward,",
+        "update), ratios measured in one process so that machine noise cancels.",
+    ]
     write_report(args.output, lines, summary)
 
 

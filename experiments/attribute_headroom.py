@@ -50,13 +50,19 @@ def key_accuracy(ds, generated: list[str | None]) -> dict[str, dict[str, float]]
             if not _states(title, truth[key]):
                 unstated[key] += 1
                 right_unstated[key] += ok
-    return {key: {"emitted": emitted[key] / len(ds), "right": right[key] / emitted[key],
-                  "right_when_not_in_title": right_unstated[key] / unstated[key] if unstated[key] else float("nan")}
-            for key in sorted(emitted)}
+    return {
+        key: {
+            "emitted": emitted[key] / len(ds),
+            "right": right[key] / emitted[key],
+            "right_when_not_in_title": right_unstated[key] / unstated[key] if unstated[key] else float("nan"),
+        }
+        for key in sorted(emitted)
+    }
 
 
-def attribute_sources(catalog, generated_files: list[str], columns: list[str] | None = None
-                      ) -> dict[str, list[str | None] | None]:
+def attribute_sources(
+    catalog, generated_files: list[str], columns: list[str] | None = None
+) -> dict[str, list[str | None] | None]:
     """{name: attribute line per listing of ``catalog``}: none, teacher, true (if the catalog has it), and each
     column (those in ``columns``, default all) of each ``attributes.jsonl`` that rar_grpo.py wrote, named
     ``<run dir>/<column>`` and parsed and re-written canonically, as rar_grpo's evaluation and the deployed index do.
@@ -72,8 +78,9 @@ def attribute_sources(catalog, generated_files: list[str], columns: list[str] | 
         rows = {r["listing_id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
         missing = [i for i in ids if i not in rows]
         if missing:
-            raise ValueError(f"--generated {path}: no row for listing {missing[0]!r} "
-                             f"({len(missing)} of {len(ids)} listings missing)")
+            raise ValueError(
+                f"--generated {path}: no row for listing {missing[0]!r} ({len(missing)} of {len(ids)} listings missing)"
+            )
         run = str(Path(path).parent).removeprefix("outputs/")  # the run's directory names its columns
         for column in dict.fromkeys(k for r in rows.values() for k in r if k != "listing_id"):  # file order
             if columns is not None and column not in columns:
@@ -101,26 +108,40 @@ def main(argv=None):
         parser.error(str(err))
     encoder = ProductEncoder.from_pretrained(args.encoder)
 
-    lines = [f"Encoder `{args.encoder}`, catalog `{args.catalog}` split `{args.split}` ({len(ds)} listings).", "",
-             "| attributes | both sides (deployment) R@1 | R@5 | query only, gallery image+title R@1 | R@5 | "
-             "query only, gallery + teacher attributes R@1 | R@5 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Encoder `{args.encoder}`, catalog `{args.catalog}` split `{args.split}` ({len(ds)} listings).",
+        "",
+        "| attributes | both sides (deployment) R@1 | R@5 | query only, gallery image+title R@1 | R@5 | "
+        "query only, gallery + teacher attributes R@1 | R@5 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     with torch.no_grad():
         plain = instance_retrieval(encoder, ds, sources, show_progress=False)
         annotated = instance_retrieval(encoder, ds, sources, gallery_attributes=sources["teacher"], show_progress=False)
-        both = {name: instance_retrieval(encoder, ds, {name: texts}, gallery_attributes=texts, show_progress=False)[name]
-                for name, texts in sources.items()}
+        both = {
+            name: instance_retrieval(encoder, ds, {name: texts}, gallery_attributes=texts, show_progress=False)[name]
+            for name, texts in sources.items()
+        }
     for name in sources:
-        cells = [f"{100 * r[k]:.1f}" for r in (both[name], plain[name], annotated[name]) for k in ("recall@1", "recall@5")]
+        cells = [
+            f"{100 * r[k]:.1f}" for r in (both[name], plain[name], annotated[name]) for k in ("recall@1", "recall@5")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, texts in sources.items():
         if "/" not in name:
             continue
-        lines += ["", f"`{name}` per key: emitted / right / right when the title does not state it (%)", "",
-                  "| key | emitted | right | right, not in title |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"`{name}` per key: emitted / right / right when the title does not state it (%)",
+            "",
+            "| key | emitted | right | right, not in title |",
+            "|---|---|---|---|",
+        ]
         for key, row in key_accuracy(ds, texts).items():
-            lines.append(f"| {key} | {100 * row['emitted']:.0f} | {100 * row['right']:.0f} | "
-                         f"{100 * row['right_when_not_in_title']:.0f} |")
+            lines.append(
+                f"| {key} | {100 * row['emitted']:.0f} | {100 * row['right']:.0f} | "
+                f"{100 * row['right_when_not_in_title']:.0f} |"
+            )
     text = "\n".join(lines) + "\n"
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")

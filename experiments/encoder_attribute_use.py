@@ -36,10 +36,20 @@ def main(argv=None):
     parser.add_argument("--catalog", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--generated", nargs="*", default=[], help="attributes.jsonl files written by rar_grpo.py")
-    parser.add_argument("--columns", nargs="+", default=None,
-                        help="Read only these columns of the --generated files (default: all), e.g. rar_attributes.")
-    parser.add_argument("--group", nargs="+", action="append", required=True, metavar=("LABEL", "ENCODER_DIR"),
-                        help="A label and the encoder directories of that group (one per seed); repeatable.")
+    parser.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        help="Read only these columns of the --generated files (default: all), e.g. rar_attributes.",
+    )
+    parser.add_argument(
+        "--group",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar=("LABEL", "ENCODER_DIR"),
+        help="A label and the encoder directories of that group (one per seed); repeatable.",
+    )
     parser.add_argument("--output", default=None, help="Write the markdown here (default: print only).")
     args = parser.parse_args(argv)
     for group in args.group:
@@ -65,13 +75,17 @@ def main(argv=None):
 
     names = list(sources)
     lines = [
-        "# How much each stage-1 encoder gains from the same attribute lines", "",
+        "# How much each stage-1 encoder gains from the same attribute lines",
+        "",
         f"Made by `python -m experiments.encoder_attribute_use {' '.join(sys.argv[1:] if argv is None else argv)}` "
-        f"in {time.time() - started:.0f} s on {machine}.", "",
+        f"in {time.time() - started:.0f} s on {machine}.",
+        "",
         f"Instance Recall@1 (%) on the `{args.split}` split of `{args.catalog}` ({len(catalog)} listings), each "
         "source's attribute lines on both sides (every listing annotated, as deployed); mean ± std over a group's "
-        "encoders, and in brackets the gain over no attributes: mean, and minimum over the group.", "",
-        "| encoders | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+        "encoders, and in brackets the gain over no attributes: mean, and minimum over the group.",
+        "",
+        "| encoders | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
     ]
     for label, *paths in args.group:
         cells = []
@@ -83,8 +97,13 @@ def main(argv=None):
                 cell += f" ({gain.mean():+.1f}, min {gain.min():+.1f})"
             cells.append(cell)
         lines.append(f"| {label} ({len(paths)}) | " + " | ".join(cells) + " |")
-    lines += ["", "Per encoder:", "", "| encoders | directory | " + " | ".join(names) + " |",
-              "|---|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "Per encoder:",
+        "",
+        "| encoders | directory | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for (label, path), row in r1.items():
         lines.append(f"| {label} | `{path}` | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
     text = "\n".join(lines) + "\n"

@@ -73,18 +73,24 @@ def main(argv=None):
     ds = load_catalog(args.catalog, split=args.split)
     missing = [c for c in ("family_id", "true_attributes") if c not in ds.column_names]
     if missing:
-        raise SystemExit(f"error: --catalog {args.catalog}: no {' / '.join(missing)} column; this diagnostic needs "
-                         "the synthetic catalog's families and true attributes (recipes/make_catalog.py)")
+        raise SystemExit(
+            f"error: --catalog {args.catalog}: no {' / '.join(missing)} column; this diagnostic needs "
+            "the synthetic catalog's families and true attributes (recipes/make_catalog.py)"
+        )
     keys = varying_keys(ds)
     counts = {k: keys.count(k) for k in set(keys)}
     results = {path: recall_by_key(ProductEncoder.from_pretrained(path), ds, keys) for path in args.encoders}
     columns = ["all", *sorted(counts)]
-    lines = ["| encoder | " + " | ".join(f"{c} ({counts.get(c, len(ds))})" for c in columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = [
+        "| encoder | " + " | ".join(f"{c} ({counts.get(c, len(ds))})" for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for path, row in {"(chance inside the family)": family_chance(ds, keys), **results}.items():
         lines.append(f"| {path} | " + " | ".join(f"{100 * row[c]:.1f}" for c in columns) + " |")
-    print(f"Instance Recall@1 on split {args.split!r} of {args.catalog}, by the key in which a query's product "
-          "differs from its family (queries per column):\n\n" + "\n".join(lines))
+    print(
+        f"Instance Recall@1 on split {args.split!r} of {args.catalog}, by the key in which a query's product "
+        "differs from its family (queries per column):\n\n" + "\n".join(lines)
+    )
     return results
 
 

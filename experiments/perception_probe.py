@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 python -m experiments.perception_probe --data corpus --out outputs/perception-probe/corpus.json
     OMP_NUM_THREADS=1 python -m experiments.perception_probe --data uniform --out outputs/perception-probe/uniform.json
     python -m experiments.perception_probe --data corpus --trainer sft --out outputs/perception-probe/corpus-sft.json
-    python -m experiments.perception_probe --score outputs/probe3/D --eval_photos 150 --out outputs/perception-probe/D.json
+    python -m experiments.perception_probe --score outputs/probe3/D --eval_photos 150 \
+        --out outputs/perception-probe/D.json
 
 The issue's first probe (a plain PyTorch loop, compact targets, photos with independently drawn
 attributes) taught the generator-sized tiny model pattern and logo far faster than
@@ -50,21 +51,25 @@ def uniform_photos(n: int, seed: int) -> tuple[list, list[dict]]:
 
 
 def prompt_text(processor) -> str:
-    return processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
-                                         tokenize=False, add_generation_prompt=True)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
 
 
 def batch_with_labels(processor, prefix: str, images, targets: list[str]) -> dict:
     """Tokenised prompt + target per photo; labels are -100 except on the target and its end token."""
     tokenizer = processor.tokenizer
     ends = [t + "<|im_end|>" for t in targets]
-    batch = processor(text=[prefix + t for t in ends], images=[im.convert("RGB") for im in images], padding=True,
-                      return_tensors="pt")
+    batch = processor(
+        text=[prefix + t for t in ends], images=[im.convert("RGB") for im in images], padding=True, return_tensors="pt"
+    )
     labels = torch.full_like(batch["input_ids"], -100)
     last = batch["attention_mask"].shape[1] - batch["attention_mask"].flip(1).argmax(1)  # one past the last token
     for row, text in enumerate(ends):
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        labels[row, last[row] - n:last[row]] = batch["input_ids"][row, last[row] - n:last[row]]
+        labels[row, last[row] - n : last[row]] = batch["input_ids"][row, last[row] - n : last[row]]
     batch["labels"] = labels
     return batch
 
@@ -80,17 +85,21 @@ def slot_accuracy(model, processor, images, attributes, batch_size: int = 64) ->
         pairs = [(i, v) for i in range(len(images)) for v in values]
         scores = []
         for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
+            chunk = pairs[start : start + batch_size]
             heads = [" ".join(attributes[i][k] for k in KEYS[:k_index]) for i, _ in chunk]
             texts = [(h + " " + v).strip() for h, (_, v) in zip(heads, chunk, strict=True)]
-            batch = processor(text=[prefix + t for t in texts], images=[images[i].convert("RGB") for i, _ in chunk],
-                              padding=True, return_tensors="pt")
+            batch = processor(
+                text=[prefix + t for t in texts],
+                images=[images[i].convert("RGB") for i, _ in chunk],
+                padding=True,
+                return_tensors="pt",
+            )
             logits = model(**batch).logits.float()
             logprobs = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
             last = batch["attention_mask"].shape[1] - batch["attention_mask"].flip(1).argmax(1)
             for row, (_, v) in enumerate(chunk):
                 n = len(processor.tokenizer((" " + v) if k_index else v, add_special_tokens=False)["input_ids"])
-                scores.append(logprobs[row, last[row] - 1 - n:last[row] - 1].sum().item())
+                scores.append(logprobs[row, last[row] - 1 - n : last[row] - 1].sum().item())
         best = np.asarray(scores).reshape(len(images), len(values)).argmax(1)
         truth = np.asarray([values.index(a[key]) for a in attributes])
         result[key] = float(np.mean(best == truth))
@@ -107,20 +116,31 @@ def describe_accuracy(model, processor, images, attributes) -> dict[str, float]:
 
     prefix = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DESCRIBE_PROMPTS[0]}]}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     model.eval()
     result = {}
     for key in KEYS:
         values, correct = list(ATTRIBUTE_VALUES[key]), 0
         for image, truth in zip(images, attributes, strict=True):
             replies = [_sentence([clause(k, {**truth, key: v}[k]) for k in KEYS]) + "<|im_end|>" for v in values]
-            batch = processor(text=[prefix + r for r in replies], images=[image.convert("RGB")] * len(values),
-                              padding=True, return_tensors="pt")
+            batch = processor(
+                text=[prefix + r for r in replies],
+                images=[image.convert("RGB")] * len(values),
+                padding=True,
+                return_tensors="pt",
+            )
             logprobs = torch.log_softmax(model(**batch).logits.float()[:, :-1], -1).gather(
-                -1, batch["input_ids"][:, 1:, None])[..., 0]
+                -1, batch["input_ids"][:, 1:, None]
+            )[..., 0]
             last = batch["attention_mask"].shape[1] - batch["attention_mask"].flip(1).argmax(1)
-            scores = [logprobs[row, last[row] - 1 - n:last[row] - 1].sum().item() for row, n in enumerate(
-                len(processor.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies)]
+            scores = [
+                logprobs[row, last[row] - 1 - n : last[row] - 1].sum().item()
+                for row, n in enumerate(
+                    len(processor.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies
+                )
+            ]
             correct += int(np.argmax(scores) == values.index(truth[key]))
         result[key] = correct / len(images)
     return result
@@ -164,17 +184,34 @@ def train_with_sft_trainer(model, processor, corpus, args, rng) -> float:
     rows = corpus.select(order[np.arange(args.steps * args.batch_size) % len(corpus)])
 
     def as_conversation(attributes):
-        return {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
-                             {"role": "assistant", "content": [{"type": "text", "text": compact_target(attributes)}]}]}
+        return {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
+                {"role": "assistant", "content": [{"type": "text", "text": compact_target(attributes)}]},
+            ]
+        }
 
     dataset = rows.select_columns(["image", "true_attributes"]).map(
-        as_conversation, input_columns=["true_attributes"], remove_columns=["true_attributes"])
-    config = SFTConfig(output_dir=str(Path(args.out).with_suffix("")) + "-sft", assistant_only_loss=True,
-                       max_length=256, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                       learning_rate=args.learning_rate, lr_scheduler_type="cosine",
-                       warmup_steps=min(100, args.steps // 10), weight_decay=0.0, logging_steps=50,
-                       save_strategy="no", bf16=False, use_cpu=True, report_to="none", dataloader_num_workers=0,
-                       seed=args.seed)
+        as_conversation, input_columns=["true_attributes"], remove_columns=["true_attributes"]
+    )
+    config = SFTConfig(
+        output_dir=str(Path(args.out).with_suffix("")) + "-sft",
+        assistant_only_loss=True,
+        max_length=256,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(100, args.steps // 10),
+        weight_decay=0.0,
+        logging_steps=50,
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        dataloader_num_workers=0,
+        seed=args.seed,
+    )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor)
     trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # each: the last 50 steps
@@ -184,12 +221,23 @@ def train_with_sft_trainer(model, processor, corpus, args, rng) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("corpus", "uniform"))
-    parser.add_argument("--trainer", choices=("plain", "sft"), default="plain",
-                        help="plain: the loop above; sft: TRL's SFTTrainer, as recipes/pretrain_tiny.py trains.")
-    parser.add_argument("--score", help="Only score this pretrained model (recipes/pretrain_tiny.py) in the format "
-                                        "of --format on the corpus's test split.")
-    parser.add_argument("--format", choices=("caption", "describe"), default="caption",
-                        help="The task whose replies --score compares (the model should have been trained on it).")
+    parser.add_argument(
+        "--trainer",
+        choices=("plain", "sft"),
+        default="plain",
+        help="plain: the loop above; sft: TRL's SFTTrainer, as recipes/pretrain_tiny.py trains.",
+    )
+    parser.add_argument(
+        "--score",
+        help="Only score this pretrained model (recipes/pretrain_tiny.py) in the format "
+        "of --format on the corpus's test split.",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("caption", "describe"),
+        default="caption",
+        help="The task whose replies --score compares (the model should have been trained on it).",
+    )
     parser.add_argument("--catalog", default="outputs/pretrain-corpus")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -222,18 +270,40 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     corpus = load_catalog(args.catalog, split="train")
     held_out = load_catalog(args.catalog, split="test").select(range(args.eval_photos))
-    eval_sets = {"corpus test split": (catalog_views(held_out), [{k: str(a[k]) for k in KEYS} for a in
-                                                                   held_out["true_attributes"]]),
-                 "uniform renders": uniform_photos(args.eval_photos, seed=10_000 + args.seed)}
+    eval_sets = {
+        "corpus test split": (
+            catalog_views(held_out),
+            [{k: str(a[k]) for k in KEYS} for a in held_out["true_attributes"]],
+        ),
+        "uniform renders": uniform_photos(args.eval_photos, seed=10_000 + args.seed),
+    }
     texts = vocabulary_corpus() + [PROMPT] + [compact_target(a) for a in corpus["true_attributes"]]
-    model, processor = build_tiny_mllm("qwen2_vl", corpus=texts, hidden_size=128, num_layers=4, num_heads=4,
-                                       vision_hidden_size=64, min_image_tokens=16, max_image_tokens=16, seed=args.seed)
+    model, processor = build_tiny_mllm(
+        "qwen2_vl",
+        corpus=texts,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        vision_hidden_size=64,
+        min_image_tokens=16,
+        max_image_tokens=16,
+        seed=args.seed,
+    )
     started = time.time()
-    loss_last_50 = (train_with_sft_trainer if args.trainer == "sft" else train_plain)(model, processor, corpus, args, rng)
+    loss_last_50 = (train_with_sft_trainer if args.trainer == "sft" else train_plain)(
+        model, processor, corpus, args, rng
+    )
     minutes = (time.time() - started) / 60
-    result = {"data": args.data, "trainer": args.trainer, "steps": args.steps, "batch_size": args.batch_size,
-              "photos_seen": args.steps * args.batch_size, "minutes": round(minutes, 1), "loss_last_50": loss_last_50,
-              "accuracy": {name: slot_accuracy(model, processor, *photos) for name, photos in eval_sets.items()}}
+    result = {
+        "data": args.data,
+        "trainer": args.trainer,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "photos_seen": args.steps * args.batch_size,
+        "minutes": round(minutes, 1),
+        "loss_last_50": loss_last_50,
+        "accuracy": {name: slot_accuracy(model, processor, *photos) for name, photos in eval_sets.items()},
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -36,10 +36,27 @@ SOURCES = ("no_attributes", "sft_attributes", "rar_attributes")
 
 
 def run_seed(seed: int, demo: Path, out: Path, extra: list[str] = ()) -> dict:
-    cmd = [sys.executable, str(ROOT / "recipes" / "rar_grpo.py"), "--config", str(ROOT / "recipes/configs/rar_demo.yaml"),
-           "--encoder", str(demo / "encoder"), "--encoder_recipe", "", "--sft_recipe", "",
-           "--model_name_or_path", str(demo / "sft"), "--output_dir", str(out), "--seed", str(seed),
-           "--disable_tqdm", "true", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "recipes" / "rar_grpo.py"),
+        "--config",
+        str(ROOT / "recipes/configs/rar_demo.yaml"),
+        "--encoder",
+        str(demo / "encoder"),
+        "--encoder_recipe",
+        "",
+        "--sft_recipe",
+        "",
+        "--model_name_or_path",
+        str(demo / "sft"),
+        "--output_dir",
+        str(out),
+        "--seed",
+        str(seed),
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
     stamp = out / "rar_seeds_command.json"
     if (out / "metrics.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == cmd[1:]:
         return json.loads((out / "metrics.json").read_text())  # this very run finished before
@@ -83,7 +100,8 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {record['setting']} | {record.get('title', '')} | {' / '.join(f'{v:.1f}' for v in sft)} | "
             f"{format_summary(summarize(deltas))} | {' / '.join(f'{d:+.1f}' for d in deltas)} | {n_listings} | "
-            f"{record.get('date', '?')}, {record.get('commit', '?')} | `{record.get('command', '?')}` |")
+            f"{record.get('date', '?')}, {record.get('commit', '?')} | `{record.get('command', '?')}` |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -101,12 +119,16 @@ def main(argv=None):
     parser.add_argument("--title", default="the demo's settings", help="What this setting changes, for the table.")
     parser.add_argument("--demo_dir", default="outputs/rar-demo", help="Where the demo left encoder/ and sft/.")
     parser.add_argument("--output_dir", default="outputs/rar-seeds")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="Seeds run at once (one process each; with 2 or more, set OMP_NUM_THREADS=1 on 2 cores).")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Seeds run at once (one process each; with 2 or more, set OMP_NUM_THREADS=1 on 2 cores).",
+    )
     parser.add_argument("--table_only", action="store_true", help="Only rewrite the page from the JSON files.")
     argv = sys.argv[1:] if argv is None else list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.table_only:
         print(write_table())
         return
@@ -118,10 +140,17 @@ def main(argv=None):
         futures = {s: pool.submit(run_seed, s, demo, Path(args.output_dir) / f"seed{s}", extra) for s in args.seeds}
         runs = {str(s): f.result() for s, f in futures.items()}
     DATA.mkdir(parents=True, exist_ok=True)
-    record = {"setting": args.setting, "title": args.title,
-              "command": shlex.join(["python", "-m", "experiments.rar_seeds", *argv]), "commit": commit(),
-              "date": time.strftime("%Y-%m-%d"), "demo_dir": str(demo), "seconds": round(time.time() - start),
-              "machine": f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})", "seeds": runs}
+    record = {
+        "setting": args.setting,
+        "title": args.title,
+        "command": shlex.join(["python", "-m", "experiments.rar_seeds", *argv]),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "demo_dir": str(demo),
+        "seconds": round(time.time() - start),
+        "machine": f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
+        "seeds": runs,
+    }
     (DATA / f"{args.setting}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(write_table())
 

@@ -50,20 +50,34 @@ def score_run(run: Path, encoder_dir: Path, catalog_dir: str, split: str, temper
     catalog = load_catalog(catalog_dir, split=split)
     template = json.loads((run / "attribute_prompt.json").read_text())["prompt_template"]
     prompts = build_prompt_dataset(catalog, prompt_template=template)
-    texts = {"sft": annotate(run / "sft", prompts, temperature, draws), "rar": annotate(run, prompts, temperature, draws)}
+    texts = {
+        "sft": annotate(run / "sft", prompts, temperature, draws),
+        "rar": annotate(run, prompts, temperature, draws),
+    }
     stored = {}
     for line in (run / "gallery_attributes.jsonl").read_text().splitlines():
         row = json.loads(line)
         stored[row["listing_id"]] = row["completion"]
     ids = list(catalog["listing_id"])
     # The reward's gallery for the split it annotated; elsewhere the same starting policy's greedy attributes.
-    gallery = (canonical_attributes([stored[i] for i in ids]) if all(i in stored for i in ids)
-               else texts["sft"]["greedy"][0])
+    gallery = (
+        canonical_attributes([stored[i] for i in ids]) if all(i in stored for i in ids) else texts["sft"]["greedy"][0]
+    )
     # Every source of the split in one call: the gallery is encoded once.
-    sources = {"none": None} | {f"{name}/{decoding}/{d}": draw for name, by_decoding in texts.items()
-                                for decoding, draws_texts in by_decoding.items() for d, draw in enumerate(draws_texts)}
-    scores = evaluate_attribute_sources(ProductEncoder.from_pretrained(encoder_dir), catalog, sources,
-                                        protocol="query_only", gallery_attributes=gallery, show_progress=False)
+    sources = {"none": None} | {
+        f"{name}/{decoding}/{d}": draw
+        for name, by_decoding in texts.items()
+        for decoding, draws_texts in by_decoding.items()
+        for d, draw in enumerate(draws_texts)
+    }
+    scores = evaluate_attribute_sources(
+        ProductEncoder.from_pretrained(encoder_dir),
+        catalog,
+        sources,
+        protocol="query_only",
+        gallery_attributes=gallery,
+        show_progress=False,
+    )
     results = {}
     for decoding in DECODINGS:
         row = {"none": (scores["none"]["recall@1"], scores["none"]["mrr"])}
@@ -75,13 +89,17 @@ def score_run(run: Path, encoder_dir: Path, catalog_dir: str, split: str, temper
 
 
 def write_report(path: Path, per_run: dict, args, seconds: float):
-    lines = ["# Does GRPO improve the attributes, or how it samples them?", "",
-             f"Made by `python -m experiments.rl_sharpening {' '.join(sys.argv[1:])}` in {seconds:.0f} s on: "
-             f"{describe_machine()}.",
-             f"Protocol: the module docstring of `experiments/rl_sharpening.py`. Sampled = temperature "
-             f"{args.temperature}, {args.draws} draws averaged. R@1 in percent; MRR of the true product.", "",
-             "| run | split | decoding | none R@1 / MRR | SFT R@1 / MRR | RAR R@1 / MRR | RAR − SFT MRR |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Does GRPO improve the attributes, or how it samples them?",
+        "",
+        f"Made by `python -m experiments.rl_sharpening {' '.join(sys.argv[1:])}` in {seconds:.0f} s on: "
+        f"{describe_machine()}.",
+        f"Protocol: the module docstring of `experiments/rl_sharpening.py`. Sampled = temperature "
+        f"{args.temperature}, {args.draws} draws averaged. R@1 in percent; MRR of the true product.",
+        "",
+        "| run | split | decoding | none R@1 / MRR | SFT R@1 / MRR | RAR R@1 / MRR | RAR − SFT MRR |",
+        "|---|---|---|---|---|---|---|",
+    ]
     deltas = {}
     for run, by_split in per_run.items():
         for split, by_decoding in by_split.items():
@@ -100,8 +118,12 @@ def write_report(path: Path, per_run: dict, args, seconds: float):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", nargs="+", required=True, help="rar_grpo.py output dirs (policy, sft/, "
-                        "gallery_attributes.jsonl, attribute_prompt.json).")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        required=True,
+        help="rar_grpo.py output dirs (policy, sft/, gallery_attributes.jsonl, attribute_prompt.json).",
+    )
     parser.add_argument("--encoders", nargs="+", required=True, help="The frozen encoder of each run, in order.")
     parser.add_argument("--catalog", default="outputs/embedded/catalog-600-seed0-val0.3")
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
@@ -112,15 +134,19 @@ def main(argv=None):
     if len(args.runs) != len(args.encoders):
         parser.error(f"--runs has {len(args.runs)} dirs but --encoders {len(args.encoders)}: give one encoder per run")
     for run, encoder in zip(args.runs, args.encoders, strict=True):
-        needs = [Path(run) / n for n in ("config.json", "sft/config.json", "gallery_attributes.jsonl",
-                                           "attribute_prompt.json")] + [Path(encoder) / "encoder_config.json"]
+        needs = [
+            Path(run) / n
+            for n in ("config.json", "sft/config.json", "gallery_attributes.jsonl", "attribute_prompt.json")
+        ] + [Path(encoder) / "encoder_config.json"]
         if missing := [str(n) for n in needs if not n.is_file()]:
             parser.error(f"not a finished rar_grpo.py run with its encoder: missing {', '.join(missing)}")
     started = time.time()
     per_run = {}
     for run, encoder in zip(args.runs, args.encoders, strict=True):
-        per_run[run] = {split: score_run(Path(run), Path(encoder), args.catalog, split, args.temperature, args.draws)
-                        for split in args.splits}
+        per_run[run] = {
+            split: score_run(Path(run), Path(encoder), args.catalog, split, args.temperature, args.draws)
+            for split in args.splits
+        }
         print(run, json.dumps(per_run[run]), flush=True)
     write_report(Path(args.output), per_run, args, time.time() - started)
 

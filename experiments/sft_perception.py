@@ -33,8 +33,11 @@ KEYS = ("category", "color", "secondary_color", "pattern", "logo")
 
 def unstated(rows, key):
     """Indices of rows whose true ``key`` value exists and is not in the title."""
-    return [i for i, (a, t) in enumerate(zip(rows["true_attributes"], rows["title"], strict=True))
-            if a.get(key) not in (None, "") and str(a[key]).lower() not in t.lower()]
+    return [
+        i
+        for i, (a, t) in enumerate(zip(rows["true_attributes"], rows["title"], strict=True))
+        if a.get(key) not in (None, "") and str(a[key]).lower() not in t.lower()
+    ]
 
 
 def score(rows, right) -> dict:
@@ -42,7 +45,9 @@ def score(rows, right) -> dict:
     out = {}
     for key in KEYS:
         idx = unstated(rows, key)
-        out[key] = round(100 * sum(right(i, key, str(rows["true_attributes"][i][key])) for i in idx) / max(len(idx), 1), 1)
+        out[key] = round(
+            100 * sum(right(i, key, str(rows["true_attributes"][i][key])) for i in idx) / max(len(idx), 1), 1
+        )
     return out
 
 
@@ -51,14 +56,18 @@ def caption_accuracy(model_dir, rows, batch_size=25) -> dict:
     model.eval()
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPTS[0]}]}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     texts = []
     for start in range(0, len(rows["image"]), batch_size):
-        images = [im.convert("RGB") for im in rows["image"][start:start + batch_size]]
+        images = [im.convert("RGB") for im in rows["image"][start : start + batch_size]]
         batch = processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=40, do_sample=False)
-        texts += [t.lower() for t in processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+        texts += [
+            t.lower() for t in processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
 
     def right(i, key, truth):
         truth = _value_words(key, truth).lower()  # a caption says "plain" for the solid pattern
@@ -67,6 +76,7 @@ def caption_accuracy(model_dir, rows, batch_size=25) -> dict:
         if key == "secondary_color":
             return f"{truth} trim" in texts[i]
         return truth in texts[i].replace(".", " ").replace(",", " ").split() or truth in texts[i]
+
     return score(rows, right)
 
 
@@ -81,8 +91,9 @@ def generator_accuracy(sft_dir, rows, prompt_template) -> dict:
 def vision_features(model, processor, images, batch_size=64) -> torch.Tensor:
     out = []
     for start in range(0, len(images), batch_size):
-        batch = processor.image_processor(images=[im.convert("RGB") for im in images[start:start + batch_size]],
-                                          return_tensors="pt")
+        batch = processor.image_processor(
+            images=[im.convert("RGB") for im in images[start : start + batch_size]], return_tensors="pt"
+        )
         with torch.no_grad():
             features = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
         features = getattr(features, "pooler_output", features)  # one (tokens, hidden) tensor per photo
@@ -95,14 +106,19 @@ def vision_probe(model_dir, train, test, steps=300) -> dict:
     torch.manual_seed(0)
     model, processor = load_mllm(model_dir)
     model.eval()
-    x_train, x_test = vision_features(model, processor, train["image"]), vision_features(model, processor, test["image"])
+    x_train, x_test = (
+        vision_features(model, processor, train["image"]),
+        vision_features(model, processor, test["image"]),
+    )
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     result = {}
     for key in KEYS:
         values = sorted({str(a[key]) for a in train["true_attributes"]})
         y_train = torch.tensor([values.index(str(a[key])) for a in train["true_attributes"]])
-        y_test = torch.tensor([values.index(str(a[key])) if str(a[key]) in values else -1 for a in test["true_attributes"]])
+        y_test = torch.tensor(
+            [values.index(str(a[key])) if str(a[key]) in values else -1 for a in test["true_attributes"]]
+        )
         weight = torch.zeros(x_train.shape[1], len(values), requires_grad=True)
         bias = torch.zeros(len(values), requires_grad=True)
         optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
@@ -112,15 +128,21 @@ def vision_probe(model_dir, train, test, steps=300) -> dict:
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            result[key] = {"fit": round(100 * ((x_train @ weight + bias).argmax(1) == y_train).float().mean().item(), 1),
-                           "demo": round(100 * ((x_test @ weight + bias).argmax(1) == y_test).float().mean().item(), 1)}
+            result[key] = {
+                "fit": round(100 * ((x_train @ weight + bias).argmax(1) == y_train).float().mean().item(), 1),
+                "demo": round(100 * ((x_test @ weight + bias).argmax(1) == y_test).float().mean().item(), 1),
+            }
     return result
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--caption", nargs="*", default=[], help="Caption-pretrained base(s) to let caption the photos.")
-    parser.add_argument("--generator", nargs="*", default=[], help="SFT generator(s) to score on train and test products.")
+    parser.add_argument(
+        "--caption", nargs="*", default=[], help="Caption-pretrained base(s) to let caption the photos."
+    )
+    parser.add_argument(
+        "--generator", nargs="*", default=[], help="SFT generator(s) to score on train and test products."
+    )
     parser.add_argument("--vision", nargs="*", default=[], help="Model(s) whose vision output to probe linearly.")
     parser.add_argument("--catalog", default="outputs/embedded/catalog-600-seed0-val0.3", help="The demo's catalog.")
     parser.add_argument("--corpus", default="outputs/pretrain-corpus", help="Photos the linear probe is trained on.")

@@ -31,8 +31,14 @@ from afmrl.modeling import outside_zero3
 from rar.policy import load_policy
 from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
 
-__all__ = ["annotate", "generate_attributes", "load_generator", "read_generation_log", "sample_attributes",
-           "user_messages"]
+__all__ = [
+    "annotate",
+    "generate_attributes",
+    "load_generator",
+    "read_generation_log",
+    "sample_attributes",
+    "user_messages",
+]
 
 
 def read_generation_log(path) -> dict[str, str]:
@@ -109,15 +115,18 @@ def generate_attributes(
             for row in rows:
                 row_images = _row_images(row)
                 images.append(row_images)
-                texts.append(processor.apply_chat_template(user_messages(row["prompt"], len(row_images)),
-                                                           tokenize=False, add_generation_prompt=True))
+                texts.append(
+                    processor.apply_chat_template(
+                        user_messages(row["prompt"], len(row_images)), tokenize=False, add_generation_prompt=True
+                    )
+                )
             has_images = any(images)
             if has_images and not all(images):
                 raise ValueError(f"rows {start}..{start + len(rows) - 1}: some prompts have an image and some do not")
             inputs = processor(text=texts, images=images if has_images else None, padding=True, return_tensors="pt")
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             generated = model.generate(**inputs, **options)
-            new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+            new_tokens = generated[:, inputs["input_ids"].shape[1] :]
             batch = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
             outputs.extend(batch)
             if on_batch is not None:
@@ -128,8 +137,14 @@ def generate_attributes(
     return outputs
 
 
-def load_generator(name_or_path: str, *, model_args=None, cache_dir: str = "outputs/embedded",
-                   trust_remote_code: bool = False, device=None):
+def load_generator(
+    name_or_path: str,
+    *,
+    model_args=None,
+    cache_dir: str = "outputs/embedded",
+    trust_remote_code: bool = False,
+    device=None,
+):
     """``(model, processor)`` of a generator for annotation: a saved policy (full weights or a LoRA adapter, merged),
     a hub id or an embedded name, loaded whole (outside DeepSpeed ZeRO-3) and placed on ``device`` (default: CUDA
     when there is one, else the CPU; 4-bit weights stay where they were loaded). ``model_args`` (a
@@ -138,17 +153,30 @@ def load_generator(name_or_path: str, *, model_args=None, cache_dir: str = "outp
 
     model_args = model_args or ModelConfig(model_name_or_path=str(name_or_path))
     with outside_zero3():
-        model, processor, _ = load_policy(model_args, cache_dir=cache_dir, name_or_path=str(name_or_path),
-                                          trust_remote_code=trust_remote_code, for_training=False)
+        model, processor, _ = load_policy(
+            model_args,
+            cache_dir=cache_dir,
+            name_or_path=str(name_or_path),
+            trust_remote_code=trust_remote_code,
+            for_training=False,
+        )
     if getattr(model, "hf_quantizer", None) is None:  # 4-bit models are placed at load time and refuse .to()
         model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model, processor
 
 
-def annotate(listings: datasets.Dataset, generator, *, prompt_template: str | None = None,
-             attribute_keys: Sequence[str] | None = None, max_new_tokens: int = 64, batch_size: int = 16,
-             log_path: str | Path | None = None, show_progress: bool | None = None,
-             desc: str = "annotating listings") -> list[str]:
+def annotate(
+    listings: datasets.Dataset,
+    generator,
+    *,
+    prompt_template: str | None = None,
+    attribute_keys: Sequence[str] | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    log_path: str | Path | None = None,
+    show_progress: bool | None = None,
+    desc: str = "annotating listings",
+) -> list[str]:
     """One greedy completion per listing (a catalog Dataset with ``listing_id``), in row order.
 
     ``generator``: a generator directory or name (``load_generator``), a ``(model, processor)`` pair, or a
@@ -159,8 +187,9 @@ def annotate(listings: datasets.Dataset, generator, *, prompt_template: str | No
     done = read_generation_log(log_path)
     todo = [i for i, lid in enumerate(ids) if lid not in done]
     if todo:
-        prompts = build_prompt_dataset(listings.select(todo), attribute_keys=attribute_keys,
-                                       prompt_template=prompt_template or DEFAULT_PROMPT)  # a bad template: no load
+        prompts = build_prompt_dataset(
+            listings.select(todo), attribute_keys=attribute_keys, prompt_template=prompt_template or DEFAULT_PROMPT
+        )  # a bad template: no load
         if isinstance(generator, str | Path):
             model, processor = load_generator(generator)
         else:
@@ -170,26 +199,51 @@ def annotate(listings: datasets.Dataset, generator, *, prompt_template: str | No
         with open(log_path, "a", encoding="utf-8") if log_path is not None else nullcontext() as log:
 
             def save(start: int, texts: list[str]):
-                for i, text in zip(todo[start:start + len(texts)], texts, strict=True):
+                for i, text in zip(todo[start : start + len(texts)], texts, strict=True):
                     done[ids[i]] = text
                     if log is not None:
                         log.write(json.dumps({"listing_id": ids[i], "completion": text}, ensure_ascii=False) + "\n")
                 if log is not None:
                     log.flush()
 
-            generate_attributes(model, processor, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                show_progress=show_progress, desc=desc, on_batch=save)
+            generate_attributes(
+                model,
+                processor,
+                prompts,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                show_progress=show_progress,
+                desc=desc,
+                on_batch=save,
+            )
     return [done[lid] for lid in ids]
 
 
-def sample_attributes(model, processor, prompts: datasets.Dataset, *, draws: int, temperature: float = 1.0,
-                      batch_size: int = 32, show_progress: bool | None = None) -> list[list[str]]:
+def sample_attributes(
+    model,
+    processor,
+    prompts: datasets.Dataset,
+    *,
+    draws: int,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    show_progress: bool | None = None,
+) -> list[list[str]]:
     """``draws`` sampled completions per prompt, as GRPO samples a group: ``[draw][row]``, draw d seeded with d (so
     that a rerun draws the same lines)."""
     out = []
     for draw in range(draws):
         torch.manual_seed(draw)
-        out.append(generate_attributes(model, processor, prompts, batch_size=batch_size, do_sample=True,
-                                       temperature=temperature, show_progress=show_progress,
-                                       desc=f"sampling (draw {draw + 1}/{draws})"))
+        out.append(
+            generate_attributes(
+                model,
+                processor,
+                prompts,
+                batch_size=batch_size,
+                do_sample=True,
+                temperature=temperature,
+                show_progress=show_progress,
+                desc=f"sampling (draw {draw + 1}/{draws})",
+            )
+        )
     return out

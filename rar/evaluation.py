@@ -31,17 +31,23 @@ from pathlib import Path
 
 from afmrl.retrieval.evaluation import instance_retrieval
 
-__all__ = ["PROTOCOLS", "SOURCES", "evaluate_attribute_sources", "format_table",
-           "reward_trend", "write_report"]
+__all__ = ["PROTOCOLS", "SOURCES", "evaluate_attribute_sources", "format_table", "reward_trend", "write_report"]
 
 SOURCES = ("no_attributes", "sft_attributes", "rar_attributes")
 PROTOCOLS = ("both_sides", "query_only")
 REPORTED = ("recall@1", "recall@5", "recall@10", "mAP@10", "mrr")
 
 
-def evaluate_attribute_sources(encoder, catalog, sources: Mapping[str, Sequence[str | None] | None], *,
-                               protocol: str = "query_only", gallery_attributes: Sequence[str | None] | None = None,
-                               batch_size: int = 32, show_progress: bool | None = None) -> dict[str, dict]:
+def evaluate_attribute_sources(
+    encoder,
+    catalog,
+    sources: Mapping[str, Sequence[str | None] | None],
+    *,
+    protocol: str = "query_only",
+    gallery_attributes: Sequence[str | None] | None = None,
+    batch_size: int = 32,
+    show_progress: bool | None = None,
+) -> dict[str, dict]:
     """Instance retrieval on ``catalog`` for each source of attributes (None = no attributes).
 
     ``protocol="query_only"``: the sources annotate the queries, and ``gallery_attributes`` (texts, or None for
@@ -52,10 +58,13 @@ def evaluate_attribute_sources(encoder, catalog, sources: Mapping[str, Sequence[
         scores = instance_retrieval(encoder, catalog, sources, gallery_attributes=gallery_attributes, **options)
     elif protocol == "both_sides":
         if gallery_attributes is not None:
-            raise ValueError("protocol 'both_sides' annotates the gallery with each source: gallery_attributes must "
-                             "be None")
-        scores = {name: instance_retrieval(encoder, catalog, {name: texts}, gallery_attributes=texts, **options)[name]
-                  for name, texts in sources.items()}
+            raise ValueError(
+                "protocol 'both_sides' annotates the gallery with each source: gallery_attributes must be None"
+            )
+        scores = {
+            name: instance_retrieval(encoder, catalog, {name: texts}, gallery_attributes=texts, **options)[name]
+            for name, texts in sources.items()
+        }
     else:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     results = {}
@@ -73,10 +82,14 @@ def evaluate_attribute_sources(encoder, catalog, sources: Mapping[str, Sequence[
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """A Markdown table of Recall@1/5/10 and mAP@10 (percent) per attribute source."""
     cols = [c for c in REPORTED if any(c in m for m in results.values())]
-    lines = ["| query attributes | " + " | ".join(c.replace("recall", "Recall") for c in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    lines = [
+        "| query attributes | " + " | ".join(c.replace("recall", "Recall") for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for name, metrics in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * metrics[c]:.1f}" if c in metrics else "" for c in cols) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{100 * metrics[c]:.1f}" if c in metrics else "" for c in cols) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -97,9 +110,17 @@ def reward_trend(log_history: Sequence[Mapping]) -> dict[str, dict[str, float]]:
     """Mean of each reward curve over the first and the last quarter of the logged steps (did it rise?)."""
     steps, curves = reward_curve(log_history)
     quarter = max(1, len(steps) // 4)
-    return {key.removeprefix("rewards/").removesuffix("/mean"): {
-        "first_quarter": sum(v[:quarter]) / quarter, "last_quarter": sum(v[-quarter:]) / quarter}
-        for key, v in curves.items()} if steps else {}
+    return (
+        {
+            key.removeprefix("rewards/").removesuffix("/mean"): {
+                "first_quarter": sum(v[:quarter]) / quarter,
+                "last_quarter": sum(v[-quarter:]) / quarter,
+            }
+            for key, v in curves.items()
+        }
+        if steps
+        else {}
+    )
 
 
 def _plot_rewards(log_history, path: Path) -> bool:
@@ -115,8 +136,10 @@ def _plot_rewards(log_history, path: Path) -> bool:
     window = max(1, len(steps) // 10)  # a rolling mean over a tenth of the run shows the trend through the noise
     for ax, (key, values) in zip(axes[0], curves.items(), strict=True):
         label = "total (weighted)" if key == "reward" else key.removeprefix("rewards/").removesuffix("/mean")
-        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-                  for i in range(len(values))]
+        smooth = [
+            sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))
+        ]
         ax.plot(steps, values, alpha=0.35, linewidth=1)
         ax.plot(steps, smooth, linewidth=2)
         ax.set_title(label, fontsize=9)
@@ -152,15 +175,23 @@ def _plot_recall(results: Mapping[str, Mapping[str, float]], path: Path) -> None
     plt.close(fig)
 
 
-def write_report(output_dir, results: Mapping[str, Mapping], *, log_history: Sequence[Mapping] = (),
-                 generated: Mapping[str, Sequence] | None = None, extra: Mapping | None = None) -> dict[str, Path]:
+def write_report(
+    output_dir,
+    results: Mapping[str, Mapping],
+    *,
+    log_history: Sequence[Mapping] = (),
+    generated: Mapping[str, Sequence] | None = None,
+    extra: Mapping | None = None,
+) -> dict[str, Path]:
     """metrics.json, attributes.jsonl (generated text per listing) and the two PNGs; returns their paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json"}
     trend = reward_trend(log_history)
-    paths["metrics"].write_text(json.dumps({**results, **({"reward_trend": trend} if trend else {}), **(extra or {})},
-                                           indent=2) + "\n", encoding="utf-8")
+    paths["metrics"].write_text(
+        json.dumps({**results, **({"reward_trend": trend} if trend else {}), **(extra or {})}, indent=2) + "\n",
+        encoding="utf-8",
+    )
     if generated:
         paths["attributes"] = out / "attributes.jsonl"
         rows = zip(*generated.values(), strict=True)

@@ -39,8 +39,16 @@ __all__ = ["annotate_reward_gallery", "policy_attributes", "report_heldout", "ru
 logger = logging.getLogger(__name__)
 
 # A child recipe must not join this run's process group.
-_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                    "MASTER_ADDR", "MASTER_PORT")
+_DISTRIBUTED_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def run_recipe(script: Path, config: str, overrides: dict) -> None:
@@ -50,8 +58,11 @@ def run_recipe(script: Path, config: str, overrides: dict) -> None:
     for key, value in overrides.items():
         if value is not None:
             cmd += [f"--{key}", *(map(str, value) if isinstance(value, list | tuple) else [str(value)])]
-    env = {k: v for k, v in os.environ.items()
-           if k not in _DISTRIBUTED_ENV and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _DISTRIBUTED_ENV and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))
+    }
     print(f"[rar_grpo] running {' '.join(cmd)}", flush=True)
     code = subprocess.run(cmd, env=env).returncode
     if code:
@@ -64,31 +75,57 @@ def train_missing_stages(script_args, training_args, model_args, catalog: str, r
     policy RL starts from (the SFT output, else ``--model_name_or_path``). Call it in every process, inside
     ``main_process_first``: the main process trains, the others find the results."""
     if not (Path(script_args.encoder) / "encoder_config.json").is_file():
-        run_recipe(recipes_dir / "agcl_train.py", script_args.encoder_recipe,
-                   {"catalog": catalog, "cache_dir": script_args.cache_dir, "output_dir": script_args.encoder,
-                    "model_name_or_path": script_args.encoder_model_name_or_path or model_args.model_name_or_path,
-                    "seed": training_args.seed})
+        run_recipe(
+            recipes_dir / "agcl_train.py",
+            script_args.encoder_recipe,
+            {
+                "catalog": catalog,
+                "cache_dir": script_args.cache_dir,
+                "output_dir": script_args.encoder,
+                "model_name_or_path": script_args.encoder_model_name_or_path or model_args.model_name_or_path,
+                "seed": training_args.seed,
+            },
+        )
     if not script_args.sft_recipe:
         return model_args.model_name_or_path
     policy_path = str(Path(training_args.output_dir) / "sft")
     if not any((Path(policy_path) / name).is_file() for name in ("config.json", "adapter_config.json")):
-        run_recipe(recipes_dir / "sft_attributes.py", script_args.sft_recipe,
-                   {"catalog": catalog, "split": script_args.sft_split, "cache_dir": script_args.cache_dir,
-                    "model_name_or_path": model_args.model_name_or_path, "output_dir": policy_path,
-                    "prompt_template": script_args.prompt_template,
-                    "attribute_keys": script_args.attribute_keys, "seed": training_args.seed})
+        run_recipe(
+            recipes_dir / "sft_attributes.py",
+            script_args.sft_recipe,
+            {
+                "catalog": catalog,
+                "split": script_args.sft_split,
+                "cache_dir": script_args.cache_dir,
+                "model_name_or_path": model_args.model_name_or_path,
+                "output_dir": policy_path,
+                "prompt_template": script_args.prompt_template,
+                "attribute_keys": script_args.attribute_keys,
+                "seed": training_args.seed,
+            },
+        )
     return policy_path
 
 
 def policy_attributes(script_args, training_args, model_args, policy_path, listings, log_path=None) -> list[str]:
     """Greedy completions of a saved policy for ``listings`` (a whole copy of it, outside ZeRO-3), with the
     recipe's prompt; resumable through ``log_path``."""
-    return annotate(listings, lambda: load_generator(str(policy_path), model_args=model_args,
-                                                     cache_dir=script_args.cache_dir, device=training_args.device,
-                                                     trust_remote_code=training_args.trust_remote_code),
-                    prompt_template=script_args.prompt_template, attribute_keys=script_args.attribute_keys,
-                    max_new_tokens=script_args.eval_max_new_tokens or training_args.max_completion_length,
-                    batch_size=script_args.eval_batch_size, log_path=log_path, desc="generating attributes")
+    return annotate(
+        listings,
+        lambda: load_generator(
+            str(policy_path),
+            model_args=model_args,
+            cache_dir=script_args.cache_dir,
+            device=training_args.device,
+            trust_remote_code=training_args.trust_remote_code,
+        ),
+        prompt_template=script_args.prompt_template,
+        attribute_keys=script_args.attribute_keys,
+        max_new_tokens=script_args.eval_max_new_tokens or training_args.max_completion_length,
+        batch_size=script_args.eval_batch_size,
+        log_path=log_path,
+        desc="generating attributes",
+    )
 
 
 def annotate_reward_gallery(script_args, training_args, model_args, policy_path, catalog: str):
@@ -98,8 +135,11 @@ def annotate_reward_gallery(script_args, training_args, model_args, policy_path,
     process generates and the others read."""
     full = load_catalog(catalog)
     splits = set(script_args.gallery_splits)
-    rows = range(len(full)) if "split" not in full.column_names else \
-        [i for i, s in enumerate(full["split"]) if s in splits]
+    rows = (
+        range(len(full))
+        if "split" not in full.column_names
+        else [i for i, s in enumerate(full["split"]) if s in splits]
+    )
     gallery = full.select(rows)
     log = Path(training_args.output_dir) / "gallery_attributes.jsonl"
     texts = policy_attributes(script_args, training_args, model_args, policy_path, gallery, log)
@@ -113,24 +153,46 @@ def report_heldout(script_args, training_args, evaluation, generated: dict, log_
     ``metrics.json``, ``attributes.jsonl`` and the plots, prints both tables; returns the deployment results."""
     output_dir = Path(training_args.output_dir)
     encoder = load_frozen_encoder(script_args.encoder, device=training_args.device)  # a whole copy, this process only
-    sources = {"no_attributes": None, **{k: canonical_attributes(v, script_args.attribute_keys)
-                                         for k, v in generated.items()}}
+    sources = {
+        "no_attributes": None,
+        **{k: canonical_attributes(v, script_args.attribute_keys) for k, v in generated.items()},
+    }
     # The deployment protocol (every listing annotated by the generator under test) is the headline; the
     # reward's protocol (query only, against the --gallery_attributes gallery) sits beside it.
-    results = evaluate_attribute_sources(encoder, evaluation, sources, protocol="both_sides",
-                                         batch_size=script_args.eval_batch_size)
-    gallery_texts = (sources["sft_attributes"] if script_args.gallery_attributes == "policy" else
-                     attribute_texts(evaluation, script_args.gallery_attributes, script_args.attribute_keys))
-    query_only = evaluate_attribute_sources(encoder, evaluation, sources, protocol="query_only",
-                                            gallery_attributes=gallery_texts, batch_size=script_args.eval_batch_size)
-    paths = write_report(output_dir, {k: results[k] for k in SOURCES}, log_history=log_history,
-                         generated={"listing_id": evaluation["listing_id"], **generated},
-                         extra={"protocol": "both_sides", "query_only": {k: query_only[k] for k in SOURCES},
-                                "elapsed_s": round(time.time() - started, 1), "eval_split": script_args.eval_split,
-                                "n_eval_listings": len(evaluation),
-                                "gallery_attributes": script_args.gallery_attributes})
-    print(f"\nHeld-out instance retrieval ({len(evaluation)} listings of split {script_args.eval_split!r}), every "
-          "listing annotated by the generator (deployment):")
+    results = evaluate_attribute_sources(
+        encoder, evaluation, sources, protocol="both_sides", batch_size=script_args.eval_batch_size
+    )
+    gallery_texts = (
+        sources["sft_attributes"]
+        if script_args.gallery_attributes == "policy"
+        else attribute_texts(evaluation, script_args.gallery_attributes, script_args.attribute_keys)
+    )
+    query_only = evaluate_attribute_sources(
+        encoder,
+        evaluation,
+        sources,
+        protocol="query_only",
+        gallery_attributes=gallery_texts,
+        batch_size=script_args.eval_batch_size,
+    )
+    paths = write_report(
+        output_dir,
+        {k: results[k] for k in SOURCES},
+        log_history=log_history,
+        generated={"listing_id": evaluation["listing_id"], **generated},
+        extra={
+            "protocol": "both_sides",
+            "query_only": {k: query_only[k] for k in SOURCES},
+            "elapsed_s": round(time.time() - started, 1),
+            "eval_split": script_args.eval_split,
+            "n_eval_listings": len(evaluation),
+            "gallery_attributes": script_args.gallery_attributes,
+        },
+    )
+    print(
+        f"\nHeld-out instance retrieval ({len(evaluation)} listings of split {script_args.eval_split!r}), every "
+        "listing annotated by the generator (deployment):"
+    )
     print(format_table({k: results[k] for k in SOURCES}))
     print(f"Query-only attributes, gallery {script_args.gallery_attributes!r} (the reward's protocol):")
     print(format_table({k: query_only[k] for k in SOURCES}))

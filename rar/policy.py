@@ -46,8 +46,9 @@ def _adapter_base(name: str) -> str | None:
     return json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"] if adapter.is_file() else None
 
 
-def check_policy_processor(name_or_path: str, *, cache_dir: str = "outputs/embedded",
-                           trust_remote_code: bool = False) -> None:
+def check_policy_processor(
+    name_or_path: str, *, cache_dir: str = "outputs/embedded", trust_remote_code: bool = False
+) -> None:
     """Fail early (no weights loaded) when the policy's processor cannot serve RAR: it must see images
     (an image processor) and render conversations (a chat template, for TRL's conversational prompts)."""
     name = resolve_model(name_or_path, cache_dir)
@@ -56,8 +57,15 @@ def check_policy_processor(name_or_path: str, *, cache_dir: str = "outputs/embed
     check_processor(load_processor(name, trust_remote_code=trust_remote_code), name)
 
 
-def load_policy(model_args, *, cache_dir: str = "outputs/embedded", freeze_vision: bool = True,
-                trust_remote_code: bool = False, name_or_path: str | None = None, for_training: bool = True):
+def load_policy(
+    model_args,
+    *,
+    cache_dir: str = "outputs/embedded",
+    freeze_vision: bool = True,
+    trust_remote_code: bool = False,
+    name_or_path: str | None = None,
+    for_training: bool = True,
+):
     """Load the policy described by ``model_args`` (a ``trl.ModelConfig``).
 
     ``name_or_path`` overrides ``model_args.model_name_or_path`` (the recipe passes its SFT warm
@@ -72,8 +80,9 @@ def load_policy(model_args, *, cache_dir: str = "outputs/embedded", freeze_visio
     if model_args.load_in_4bit and not model_args.use_peft and for_training:
         raise ValueError("--load_in_4bit trains LoRA adapters on frozen 4-bit weights: pass --use_peft too (QLoRA)")
     base = _adapter_base(name)
-    model, processor = load_mllm(base or name, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit,
-                                 trust_remote_code=trust_remote_code)
+    model, processor = load_mllm(
+        base or name, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit, trust_remote_code=trust_remote_code
+    )
     if base is not None:
         from peft import PeftModel
 
@@ -83,8 +92,10 @@ def load_policy(model_args, *, cache_dir: str = "outputs/embedded", freeze_visio
             # fine-tune of the merged model must train its weights again
             model = model.merge_and_unload().requires_grad_(True)
         elif for_training:
-            raise ValueError(f"{name} is a LoRA adapter over 4-bit weights: merge it into its base model before "
-                             "starting QLoRA RL from it")
+            raise ValueError(
+                f"{name} is a LoRA adapter over 4-bit weights: merge it into its base model before "
+                "starting QLoRA RL from it"
+            )
     if not for_training:
         return model, processor, None
     peft_config = get_peft_config(model_args)

@@ -37,7 +37,14 @@ import datasets
 
 from afmrl.attributes import format_attributes
 
-__all__ = ["DEFAULT_PROMPT", "build_prompt_dataset", "build_sft_dataset", "sft_target", "PROMPT_FILE", "save_prompt_settings"]
+__all__ = [
+    "DEFAULT_PROMPT",
+    "build_prompt_dataset",
+    "build_sft_dataset",
+    "sft_target",
+    "PROMPT_FILE",
+    "save_prompt_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +65,11 @@ def _check_template(template: str) -> None:
         base = name.split(".")[0].split("[")[0]
         if base not in PLACEHOLDERS:
             shown = "{" + name + "}" if name else "{} (positional)"
-            raise ValueError(f"unknown placeholder {shown} in prompt template; allowed: "
-                             + ", ".join("{" + p + "}" for p in PLACEHOLDERS) + " (write literal braces as {{ }})")
+            raise ValueError(
+                f"unknown placeholder {shown} in prompt template; allowed: "
+                + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                + " (write literal braces as {{ }})"
+            )
         if name != base:
             raise ValueError(f"placeholder {{{name}}} in prompt template: use plain {{{base}}}")
 
@@ -92,12 +102,22 @@ def _image_columns(ds: datasets.Dataset, image_column: str) -> tuple[datasets.Da
     raw = datasets.Image(decode=False)
     if source == "images":  # the listing's first image; the list's other images are dropped
         ds = ds.cast_column("images", datasets.List(raw))
-        ds = ds.map(lambda imgs: {"image": imgs[0]}, input_columns=["images"], remove_columns=["images"],
-                    features=_with(ds.features, "images", "image", raw), desc="first image")
+        ds = ds.map(
+            lambda imgs: {"image": imgs[0]},
+            input_columns=["images"],
+            remove_columns=["images"],
+            features=_with(ds.features, "images", "image", raw),
+            desc="first image",
+        )
         return ds.cast_column("image", datasets.Image()), ["image"]
     ds = ds.cast_column("image", raw)  # one image -> a one-element list
-    ds = ds.map(lambda img: {"images": [img]}, input_columns=["image"], remove_columns=["image"],
-                features=_with(ds.features, "image", "images", datasets.List(raw)), desc="image list")
+    ds = ds.map(
+        lambda img: {"images": [img]},
+        input_columns=["image"],
+        remove_columns=["image"],
+        features=_with(ds.features, "image", "images", datasets.List(raw)),
+        desc="image list",
+    )
     return ds.cast_column("images", datasets.List(datasets.Image())), ["images"]
 
 
@@ -110,7 +130,9 @@ def _with(features: datasets.Features, old: str, new: str, feature) -> datasets.
 def _assemble(catalog, template, attribute_keys, keep_columns, image_column, carry: Sequence[str] = ()):
     """prompt + image column(s) + carried internal columns + kept catalog columns."""
     if not isinstance(catalog, datasets.Dataset):
-        raise TypeError(f"catalog must be a datasets.Dataset (see afmrl.catalog.load.load_catalog), got {type(catalog).__name__}")
+        raise TypeError(
+            f"catalog must be a datasets.Dataset (see afmrl.catalog.load.load_catalog), got {type(catalog).__name__}"
+        )
     if "listing_id" not in catalog.column_names:
         raise ValueError("the catalog has no 'listing_id' column; the RAR rewards need it to find the ground truth")
     text = _user_text_fn(template, attribute_keys)
@@ -119,10 +141,14 @@ def _assemble(catalog, template, attribute_keys, keep_columns, image_column, car
             raise ValueError("the prompt template uses {title} but the catalog has no 'title' column")
         catalog = catalog.add_column("title", [""] * len(catalog))
     ds, image_cols = _image_columns(catalog, image_column)
-    kept = [c for c in dict.fromkeys(["listing_id", *keep_columns])
-            if c in ds.column_names and c not in (*image_cols, *carry, "prompt")]
-    ds = ds.map(lambda title: {"prompt": [{"role": "user", "content": text(title)}]},
-                input_columns=["title"], desc="prompts")
+    kept = [
+        c
+        for c in dict.fromkeys(["listing_id", *keep_columns])
+        if c in ds.column_names and c not in (*image_cols, *carry, "prompt")
+    ]
+    ds = ds.map(
+        lambda title: {"prompt": [{"role": "user", "content": text(title)}]}, input_columns=["title"], desc="prompts"
+    )
     return ds.select_columns(["prompt", *carry, *image_cols, *kept]), image_cols
 
 
@@ -172,11 +198,15 @@ def build_sft_dataset(
     catalog has no ``attributes`` column or no row has any.
     """
     if "attributes" not in catalog.column_names:
-        raise ValueError("the catalog has no 'attributes' column: nothing to fine-tune on "
-                         "(run recipes/extract_attributes.py first)")
+        raise ValueError(
+            "the catalog has no 'attributes' column: nothing to fine-tune on (run recipes/extract_attributes.py first)"
+        )
     keys = list(attribute_keys) if attribute_keys is not None else None
-    ds = catalog.map(lambda a: {"_target": sft_target({"attributes": a}, keys) or ""},
-                     input_columns=["attributes"], desc="SFT targets")
+    ds = catalog.map(
+        lambda a: {"_target": sft_target({"attributes": a}, keys) or ""},
+        input_columns=["attributes"],
+        desc="SFT targets",
+    )
     total = len(ds)
     ds = ds.filter(lambda t: bool(t), input_columns=["_target"], desc="rows with attributes")
     skipped = total - len(ds)
@@ -185,8 +215,12 @@ def build_sft_dataset(
     if len(ds) == 0:
         raise ValueError(f"no row of the catalog has attributes ({total} rows): nothing to fine-tune on")
     ds, image_cols = _assemble(ds, prompt_template, keys, keep_columns, image_column, carry=("_target",))
-    ds = ds.map(lambda p, t: {"messages": [*p, {"role": "assistant", "content": t}]},
-                input_columns=["prompt", "_target"], remove_columns=["prompt", "_target"], desc="messages")
+    ds = ds.map(
+        lambda p, t: {"messages": [*p, {"role": "assistant", "content": t}]},
+        input_columns=["prompt", "_target"],
+        remove_columns=["prompt", "_target"],
+        desc="messages",
+    )
     kept = [c for c in ds.column_names if c not in ("messages", *image_cols)]
     return ds.select_columns(["messages", *image_cols, *kept])
 
@@ -194,13 +228,17 @@ def build_sft_dataset(
 PROMPT_FILE = "attribute_prompt.json"
 
 
-def save_prompt_settings(directory, *, prompt_template: str, attribute_keys: Sequence[str] | None,
-                         max_new_tokens: int) -> None:
+def save_prompt_settings(
+    directory, *, prompt_template: str, attribute_keys: Sequence[str] | None, max_new_tokens: int
+) -> None:
     """Write beside a generator the prompt it was trained with (``attribute_prompt.json``), so that
     ``recipes/index_catalog.py`` asks it the same way."""
     import json
     from pathlib import Path
 
-    settings = {"prompt_template": prompt_template, "attribute_keys": list(attribute_keys) if attribute_keys else None,
-                "max_new_tokens": max_new_tokens}
+    settings = {
+        "prompt_template": prompt_template,
+        "attribute_keys": list(attribute_keys) if attribute_keys else None,
+        "max_new_tokens": max_new_tokens,
+    }
     (Path(directory) / PROMPT_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

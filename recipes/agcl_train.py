@@ -39,38 +39,55 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
     """Everything that can fail on user input, in order, before any training step."""
     set_seed(training_args.seed)
     # 1. Data first: a bad catalog or option fails here, before any model is loaded.
-    catalog = resolve_catalog(script_args.catalog, script_args.cache_dir,
-                              num_products=script_args.embedded_num_products, seed=script_args.embedded_seed,
-                              image_size=script_args.embedded_image_size)
+    catalog = resolve_catalog(
+        script_args.catalog,
+        script_args.cache_dir,
+        num_products=script_args.embedded_num_products,
+        seed=script_args.embedded_seed,
+        image_size=script_args.embedded_image_size,
+    )
     train = load_catalog(catalog, split=script_args.train_split)
     trained_on = train  # as loaded: what training_catalog.json fingerprints
     train, kept = use_title_column(train, script_args.title_column)
     if kept:
-        logger.warning("%d of %d training rows have no %r: they keep their own title", kept, len(train),
-                       script_args.title_column)
+        logger.warning(
+            "%d of %d training rows have no %r: they keep their own title", kept, len(train), script_args.title_column
+        )
     check_attribute_options(training_args, train)
     crop_views = script_args.crop_views
     if script_args.init_encoder:  # a continued encoder keeps the views and experts it was saved with
         saved = read_encoder_config(script_args.init_encoder)
-        for flag, given, kept in (("crop_views", script_args.crop_views, saved.crop_views),
-                                  ("moe_experts", script_args.moe_experts, saved.moe_experts)):
+        for flag, given, kept in (
+            ("crop_views", script_args.crop_views, saved.crop_views),
+            ("moe_experts", script_args.moe_experts, saved.moe_experts),
+        ):
             if given and given != kept:
-                raise ValueError(f"--{flag} {given}: --init_encoder {script_args.init_encoder!r} was saved with "
-                                 f"{flag}={kept}, which a continued encoder keeps; drop --{flag}")
+                raise ValueError(
+                    f"--{flag} {given}: --init_encoder {script_args.init_encoder!r} was saved with "
+                    f"{flag}={kept}, which a continued encoder keeps; drop --{flag}"
+                )
         crop_views = saved.crop_views
     if crop_views and "bbox" not in train.column_names:
-        origin = f" (the --init_encoder {script_args.init_encoder!r} was saved with it)" if script_args.init_encoder else ""
-        raise ValueError(f"--crop_views{origin}: the catalog has no 'bbox' column to crop to (columns: {train.column_names}); "
-                         "write boxes with recipes/extract_attributes.py --task bbox")
+        origin = (
+            f" (the --init_encoder {script_args.init_encoder!r} was saved with it)" if script_args.init_encoder else ""
+        )
+        raise ValueError(
+            f"--crop_views{origin}: the catalog has no 'bbox' column to crop to (columns: {train.column_names}); "
+            "write boxes with recipes/extract_attributes.py --task bbox"
+        )
     eval_split = None if str(script_args.eval_split).lower() in ("", "none") else script_args.eval_split
     test = load_catalog(catalog, split=eval_split) if eval_split else None
 
     # 2. The encoder: continued from a saved one, or new over the backbone (LoRA when --use_peft,
     #    else full fine-tuning of the language model).
     if script_args.init_encoder:
-        encoder = ProductEncoder.from_pretrained(script_args.init_encoder, dtype=model_args.dtype, trainable=True,
-                                                 load_in_4bit=model_args.load_in_4bit,
-                                                 trust_remote_code=script_args.trust_remote_code)
+        encoder = ProductEncoder.from_pretrained(
+            script_args.init_encoder,
+            dtype=model_args.dtype,
+            trainable=True,
+            load_in_4bit=model_args.load_in_4bit,
+            trust_remote_code=script_args.trust_remote_code,
+        )
     else:
         backbone = resolve_model(model_args.model_name_or_path or "tiny-qwen2-vl", script_args.cache_dir)
         encoder_config = EncoderConfig(
@@ -85,9 +102,12 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
             **({"lora_target_modules": model_args.lora_target_modules} if model_args.lora_target_modules else {}),
             **({"instruction": script_args.instruction} if script_args.instruction else {}),
         )
-        encoder = ProductEncoder.from_backbone(encoder_config, dtype=model_args.dtype,
-                                               load_in_4bit=model_args.load_in_4bit,
-                                               trust_remote_code=script_args.trust_remote_code)
+        encoder = ProductEncoder.from_backbone(
+            encoder_config,
+            dtype=model_args.dtype,
+            load_in_4bit=model_args.load_in_4bit,
+            trust_remote_code=script_args.trust_remote_code,
+        )
     trainer = AGCLTrainer(model=encoder, args=training_args, train_dataset=train)
     return trainer, encoder, test, (catalog, trained_on)
 

@@ -42,17 +42,27 @@ USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, No
 class CITArguments:
     generator: str = field(default="outputs/rar-demo", metadata={"help": "The RAR generator (rar_grpo.py output)."})
     encoder: str = field(default="outputs/rar-demo/encoder", metadata={"help": "The stage-1 encoder to continue from."})
-    catalog: str = field(default="embedded", metadata={"help": "Catalog directory, saved dataset, hub id or 'embedded'."})
+    catalog: str = field(
+        default="embedded", metadata={"help": "Catalog directory, saved dataset, hub id or 'embedded'."}
+    )
     embedded_val_fraction: float = field(default=0.3, metadata={"help": "As in rar_demo.yaml (same embedded catalog)."})
     split: str = field(default="train", metadata={"help": "Split to re-annotate and retrain on."})
     eval_split: str = field(default="test", metadata={"help": "Held-out split for the before/after table."})
-    fraction: float = field(default=1.0, metadata={"help": "Share of the split's products re-annotated and retrained on."})
+    fraction: float = field(
+        default=1.0, metadata={"help": "Share of the split's products re-annotated and retrained on."}
+    )
     agcl_config: str = field(default="recipes/configs/agcl_demo.yaml", metadata={"help": "AGCL recipe YAML."})
     epochs: float = field(default=10, metadata={"help": "AGCL epochs of the retraining round."})
-    learning_rate: float = field(default=1e-4, metadata={
-        "help": "AGCL learning rate of the round: it continues a trained encoder, so lower than from scratch."})
-    prompt_template: str = field(default="Title: {title}\nAttributes:", metadata={
-        "help": "The prompt the generator was trained with (rar_demo.yaml's by default)."})
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={
+            "help": "AGCL learning rate of the round: it continues a trained encoder, so lower than from scratch."
+        },
+    )
+    prompt_template: str = field(
+        default="Title: {title}\nAttributes:",
+        metadata={"help": "The prompt the generator was trained with (rar_demo.yaml's by default)."},
+    )
     output_dir: str = field(default="outputs/cit-demo", metadata={"help": "Where the round writes its outputs."})
     cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where 'embedded' is built."})
     batch_size: int = field(default=32, metadata={"help": "Generation and encoding batch size."})
@@ -82,23 +92,60 @@ def main(args: CITArguments) -> dict:
     source = out / "source"
     if len(keep) < len(rows):
         write_catalog_dir(rows.select(keep), source)
-    run("extract_attributes.py", "--model", args.generator, "--catalog", str(source if len(keep) < len(rows) else catalog),
-        *(["--split", args.split] if len(keep) == len(rows) else []), "--output_dir", str(out / "catalog"),
-        "--prompt_template", args.prompt_template, "--batch_size", str(args.batch_size))
+    run(
+        "extract_attributes.py",
+        "--model",
+        args.generator,
+        "--catalog",
+        str(source if len(keep) < len(rows) else catalog),
+        *(["--split", args.split] if len(keep) == len(rows) else []),
+        "--output_dir",
+        str(out / "catalog"),
+        "--prompt_template",
+        args.prompt_template,
+        "--batch_size",
+        str(args.batch_size),
+    )
     # 2. Retrain AGCL on the re-annotated copy, from the current encoder.
-    run("agcl_train.py", "--config", args.agcl_config, "--catalog", str(out / "catalog"), "--train_split", args.split,
-        "--eval_split", "none", "--init_encoder", args.encoder, "--num_train_epochs", str(args.epochs),
-        "--learning_rate", str(args.learning_rate),
-        "--output_dir", str(out / "encoder"), "--seed", str(args.seed), "--disable_tqdm", "true")
+    run(
+        "agcl_train.py",
+        "--config",
+        args.agcl_config,
+        "--catalog",
+        str(out / "catalog"),
+        "--train_split",
+        args.split,
+        "--eval_split",
+        "none",
+        "--init_encoder",
+        args.encoder,
+        "--num_train_epochs",
+        str(args.epochs),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--output_dir",
+        str(out / "encoder"),
+        "--seed",
+        str(args.seed),
+        "--disable_tqdm",
+        "true",
+    )
 
     # 3. Before / after on held-out products, with and without the generator's attributes.
-    generated = canonical_attributes(annotate(evaluation, lambda: load_generator(args.generator, cache_dir=args.cache_dir),
-                                              prompt_template=args.prompt_template, batch_size=args.batch_size))
+    generated = canonical_attributes(
+        annotate(
+            evaluation,
+            lambda: load_generator(args.generator, cache_dir=args.cache_dir),
+            prompt_template=args.prompt_template,
+            batch_size=args.batch_size,
+        )
+    )
     results = {}
     for label, path in (("before CIT", args.encoder), ("after one CIT round", out / "encoder")):
         encoder = ProductEncoder.from_pretrained(path)
-        scores = evaluate_attribute_sources(encoder, evaluation, {"no_attributes": None, "rar_attributes": generated},
-                                            batch_size=args.batch_size)
+        scores = evaluate_attribute_sources(
+            encoder, evaluation, {"no_attributes": None, "rar_attributes": generated}, batch_size=args.batch_size
+        )
         for source_name, metrics in scores.items():
             results[f"{label}, {source_name.replace('_', ' ')}"] = metrics
     print(format_table(results))

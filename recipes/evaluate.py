@@ -25,12 +25,17 @@ USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, No
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a product encoder on a catalog split.")
     parser.add_argument("--encoder", required=True, help="Directory written by recipes/agcl_train.py.")
-    parser.add_argument("--catalog", required=True, help="Catalog directory, save_to_disk directory, hub id or `embedded`.")
+    parser.add_argument(
+        "--catalog", required=True, help="Catalog directory, save_to_disk directory, hub id or `embedded`."
+    )
     parser.add_argument("--split", default="test", help="Split to evaluate (`none`: the whole catalog).")
     parser.add_argument("--output_json", default=None, help="Write the metrics here.")
-    parser.add_argument("--query_attributes", default="none",
-                        help="Append attribute text to the queries: `none`, `reference` (the `attributes` column) "
-                             "or any column of attribute dicts (e.g. one written by extract_attributes.py).")
+    parser.add_argument(
+        "--query_attributes",
+        default="none",
+        help="Append attribute text to the queries: `none`, `reference` (the `attributes` column) "
+        "or any column of attribute dicts (e.g. one written by extract_attributes.py).",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--mrr_depth", type=int, default=None, help="Rank only this deep for MRR (huge galleries).")
@@ -45,8 +50,14 @@ def main(argv=None) -> dict:
     catalog = load_catalog(resolve_catalog(args.catalog, args.cache_dir), split=split)
     queries = attribute_texts(catalog, args.query_attributes)  # fails on a missing column before loading a model
     encoder = ProductEncoder.from_pretrained(args.encoder, trust_remote_code=args.trust_remote_code)
-    results = evaluate_encoder(encoder, catalog, query_attributes=queries, tasks=args.tasks,
-                               batch_size=args.batch_size, mrr_depth=args.mrr_depth)
+    results = evaluate_encoder(
+        encoder,
+        catalog,
+        query_attributes=queries,
+        tasks=args.tasks,
+        batch_size=args.batch_size,
+        mrr_depth=args.mrr_depth,
+    )
     print(format_results(results))
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)

@@ -63,23 +63,41 @@ class ExtractArguments:
     catalog: str = field(metadata={"help": "Catalog directory, saved dataset, hub id, or 'embedded'."})
     output_dir: str = field(metadata={"help": "Where the annotated catalog copy and the generations log go."})
     split: str | None = field(default=None, metadata={"help": "Annotate only this split (default: every listing)."})
-    task: str = field(default="attributes", metadata={
-        "help": "`attributes`: key: value pairs (the teacher and CIT step); `title`: an enriched title that states "
-                "what the image shows (MOON2.0's title co-augmentation; train AGCL on it with --title_column); "
-                "`bbox`: the product's box from a grounding-capable MLLM (MOON's crops; agcl_train --crop_views)."})
-    column: str | None = field(default=None, metadata={
-        "help": "Column the result is written to (default: `attributes`, `enriched_title` or `bbox` by --task)."})
-    bbox_coordinates: str = field(default="per_mille", metadata={
-        "help": "How the model states a box (--task bbox): `per_mille` (0-1000 of width and height, as Qwen2-VL and "
-                "Qwen3-VL answer) or `pixels` of the original image. Qwen2.5-VL answers in pixels of its resized "
-                "input: rescale, or prompt it for per-mille coordinates."})
+    task: str = field(
+        default="attributes",
+        metadata={
+            "help": "`attributes`: key: value pairs (the teacher and CIT step); `title`: an enriched title that states "
+            "what the image shows (MOON2.0's title co-augmentation; train AGCL on it with --title_column); "
+            "`bbox`: the product's box from a grounding-capable MLLM (MOON's crops; agcl_train --crop_views)."
+        },
+    )
+    column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column the result is written to (default: `attributes`, `enriched_title` or `bbox` by --task)."
+        },
+    )
+    bbox_coordinates: str = field(
+        default="per_mille",
+        metadata={
+            "help": "How the model states a box (--task bbox): `per_mille` (0-1000 of width and height, as Qwen2-VL "
+            "and "
+            "Qwen3-VL answer) or `pixels` of the original image. Qwen2.5-VL answers in pixels of its resized "
+            "input: rescale, or prompt it for per-mille coordinates."
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per completion."})
-    prompt_template: str | None = field(default=None, metadata={
-        "help": "User prompt with {title} and {keys}; use the one the generator was trained with (default: "
-                "rar.prompts.DEFAULT_PROMPT, or TITLE_PROMPT for --task title)."})
-    attribute_keys: list[str] | None = field(default=None, metadata={
-        "help": "Keys to ask for (named in the prompt) and to order the written attributes by."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "User prompt with {title} and {keys}; use the one the generator was trained with (default: "
+            "rar.prompts.DEFAULT_PROMPT, or TITLE_PROMPT for --task title)."
+        },
+    )
+    attribute_keys: list[str] | None = field(
+        default=None, metadata={"help": "Keys to ask for (named in the prompt) and to order the written attributes by."}
+    )
     limit: int | None = field(default=None, metadata={"help": "Annotate only the first N listings (a dry run)."})
     dtype: str | None = field(default=None, metadata={"help": "Model dtype (e.g. bfloat16); default: transformers'."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit nf4 (bitsandbytes)."})
@@ -87,10 +105,14 @@ class ExtractArguments:
     cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where 'embedded' and tiny models are built."})
 
 
-TITLE_PROMPT = ("Product title: {title}\nRewrite the title so that it also states what the image shows (category, "
-                "colours, pattern, logo) and keeps every fact of the original. Answer with the new title only.")
-BBOX_PROMPT = ("Product title: {title}\nLocate the product in the image. Answer with its bounding box as "
-               "[x0, y0, x1, y1], coordinates from 0 to 1000.")
+TITLE_PROMPT = (
+    "Product title: {title}\nRewrite the title so that it also states what the image shows (category, "
+    "colours, pattern, logo) and keeps every fact of the original. Answer with the new title only."
+)
+BBOX_PROMPT = (
+    "Product title: {title}\nLocate the product in the image. Answer with its bounding box as "
+    "[x0, y0, x1, y1], coordinates from 0 to 1000."
+)
 TASKS = ("attributes", "title", "bbox")
 DEFAULT_COLUMN = {"attributes": "attributes", "title": "enriched_title", "bbox": "bbox"}
 DEFAULT_TEMPLATE = {"attributes": DEFAULT_PROMPT, "title": TITLE_PROMPT, "bbox": BBOX_PROMPT}
@@ -139,20 +161,35 @@ def main(args: ExtractArguments) -> dict:
     log_path = out / (GENERATIONS if args.task == "attributes" else f"generations-{args.task}.jsonl")
     listing_ids = list(catalog["listing_id"])  # read the column once
     resumed = len(read_generation_log(log_path).keys() & set(listing_ids))
-    print(f"[extract_attributes] {len(catalog)} listings, {resumed} already done, {len(catalog) - resumed} to generate",
-          flush=True)
-    model_args = ModelConfig(model_name_or_path=args.model, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                             load_in_4bit=args.load_in_4bit)
-    texts = annotate(catalog, lambda: load_generator(args.model, model_args=model_args, cache_dir=args.cache_dir,
-                                                     trust_remote_code=args.trust_remote_code),
-                     prompt_template=template, attribute_keys=args.attribute_keys, max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, log_path=log_path, desc="generating attributes")
+    print(
+        f"[extract_attributes] {len(catalog)} listings, {resumed} already done, {len(catalog) - resumed} to generate",
+        flush=True,
+    )
+    model_args = ModelConfig(
+        model_name_or_path=args.model,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        load_in_4bit=args.load_in_4bit,
+    )
+    texts = annotate(
+        catalog,
+        lambda: load_generator(
+            args.model, model_args=model_args, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code
+        ),
+        prompt_template=template,
+        attribute_keys=args.attribute_keys,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        log_path=log_path,
+        desc="generating attributes",
+    )
 
     if args.task == "title":
         values = [parse_title(text) for text in texts]
     elif args.task == "bbox":  # boxes are in pixels of each listing's first image
-        values = [parse_bbox(text, *size, coordinates=args.bbox_coordinates)
-                  for text, size in zip(texts, first_image_sizes(catalog), strict=True)]
+        values = [
+            parse_bbox(text, *size, coordinates=args.bbox_coordinates)
+            for text, size in zip(texts, first_image_sizes(catalog), strict=True)
+        ]
     else:
         parsed = [parse_attributes(text).attributes for text in texts]
         if args.attribute_keys:
@@ -162,13 +199,22 @@ def main(args: ExtractArguments) -> dict:
     if column in catalog.column_names:
         catalog = catalog.rename_column(column, f"{column}_previous")
     write_catalog_dir(catalog, out, extra_columns={column: values})
-    summary = {"model": args.model, "source_catalog": args.catalog, "split": args.split, "task": args.task,
-               "column": column,
-               "n_listings": len(catalog), "n_resumed": resumed, "n_generated": len(catalog) - resumed,
-               "n_unparsable": sum(v is None for v in values)}
+    summary = {
+        "model": args.model,
+        "source_catalog": args.catalog,
+        "split": args.split,
+        "task": args.task,
+        "column": column,
+        "n_listings": len(catalog),
+        "n_resumed": resumed,
+        "n_generated": len(catalog) - resumed,
+        "n_unparsable": sum(v is None for v in values),
+    }
     (out / "extraction_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(f"[extract_attributes] wrote {out / 'catalog.jsonl'}: {summary['n_unparsable']} of {len(catalog)} "
-          f"completions did not parse (column {column!r} is null there)")
+    print(
+        f"[extract_attributes] wrote {out / 'catalog.jsonl'}: {summary['n_unparsable']} of {len(catalog)} "
+        f"completions did not parse (column {column!r} is null there)"
+    )
     return summary
 
 

@@ -45,31 +45,72 @@ class IndexArguments:
     catalog: str = field(metadata={"help": "Catalog directory, catalog.jsonl, saved dataset, hub id or 'embedded'."})
     encoder: str = field(metadata={"help": "The stage-1 encoder directory (recipes/agcl_train.py output)."})
     output_dir: str = field(metadata={"help": "Where the index goes (index.faiss, ids, attributes, fingerprints)."})
-    generator: str | None = field(default=None, metadata={
-        "help": "The attribute generator (rar_grpo.py or sft_attributes.py output); None = --attribute_column or none."})
-    attribute_column: str | None = field(default=None, metadata={
-        "help": "Without --generator: index the catalog's stored attributes of this column (e.g. attributes)."})
+    generator: str | None = field(
+        default=None,
+        metadata={
+            "help": "The attribute generator (rar_grpo.py or sft_attributes.py output); None = --attribute_column or "
+            "none."
+        },
+    )
+    attribute_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Without --generator: index the catalog's stored attributes of this column (e.g. attributes)."
+        },
+    )
     split: str | None = field(default=None, metadata={"help": "Index only this split (default: every listing)."})
-    prompt_template: str | None = field(default=None, metadata={
-        "help": "The generator's prompt (default: its attribute_prompt.json, else rar.prompts.DEFAULT_PROMPT)."})
-    attribute_keys: list[str] | None = field(default=None, metadata={"help": "Keys to ask for (default: attribute_prompt.json)."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "Tokens per completion (default: attribute_prompt.json, else 64)."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "The generator's prompt (default: its attribute_prompt.json, else rar.prompts.DEFAULT_PROMPT)."
+        },
+    )
+    attribute_keys: list[str] | None = field(
+        default=None, metadata={"help": "Keys to ask for (default: attribute_prompt.json)."}
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Tokens per completion (default: attribute_prompt.json, else 64)."}
+    )
     batch_size: int = field(default=32, metadata={"help": "Listings per generation / encoding batch."})
-    index_type: str = field(default="auto", metadata={
-        "help": "flat, ivf, ivfpq, hnsw or auto (flat up to 100k vectors, IVF beyond, IVF-PQ above --max_memory_gb)."})
-    target_recall: float = field(default=0.98, metadata={"help": "An approximate index is tuned to this recall of the exact top-10."})
-    max_memory_gb: float | None = field(default=None, metadata={
-        "help": "With --index_type auto: IVF-PQ (codes in memory, vectors on disk) once the float32 vectors exceed this "
-                "(default: half of this machine's memory)."})
-    shard_size: int = field(default=20_000, metadata={
-        "help": "Listings per shard: the unit of work of each process and of resuming a killed run."})
+    index_type: str = field(
+        default="auto",
+        metadata={
+            "help": "flat, ivf, ivfpq, hnsw or auto (flat up to 100k vectors, IVF beyond, IVF-PQ above "
+            "--max_memory_gb)."
+        },
+    )
+    target_recall: float = field(
+        default=0.98, metadata={"help": "An approximate index is tuned to this recall of the exact top-10."}
+    )
+    max_memory_gb: float | None = field(
+        default=None,
+        metadata={
+            "help": "With --index_type auto: IVF-PQ (codes in memory, vectors on disk) once the float32 vectors exceed "
+            "this "
+            "(default: half of this machine's memory)."
+        },
+    )
+    shard_size: int = field(
+        default=20_000,
+        metadata={"help": "Listings per shard: the unit of work of each process and of resuming a killed run."},
+    )
     keep_shards: bool = field(default=False, metadata={"help": "Keep <output_dir>/shards once the index is saved."})
-    calibration_split: str | None = field(default=None, metadata={
-        "help": "A labelled split (product ids) to choose the match threshold on; its listings are queried against the index."})
+    calibration_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "A labelled split (product ids) to choose the match threshold on; its listings are queried against "
+            "the index."
+        },
+    )
     target_precision: float = field(default=0.95, metadata={"help": "Precision the match threshold must reach."})
     calibration_k: int = field(default=10, metadata={"help": "Results per calibration query whose pairs are scored."})
-    embedded_val_fraction: float = field(default=0.0, metadata={
-        "help": "With --catalog embedded: the fraction of train families relabelled 'val' (the demo's catalog: 0.3)."})
+    embedded_val_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "With --catalog embedded: the fraction of train families relabelled 'val' (the demo's catalog: "
+            "0.3)."
+        },
+    )
     cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where 'embedded' is built."})
 
 
@@ -77,8 +118,11 @@ def generation_settings(args: IndexArguments) -> dict:
     saved = {}
     if args.generator and (Path(args.generator) / PROMPT_FILE).is_file():
         saved = json.loads((Path(args.generator) / PROMPT_FILE).read_text(encoding="utf-8"))
-    given = {"prompt_template": args.prompt_template, "attribute_keys": args.attribute_keys,
-             "max_new_tokens": args.max_new_tokens}
+    given = {
+        "prompt_template": args.prompt_template,
+        "attribute_keys": args.attribute_keys,
+        "max_new_tokens": args.max_new_tokens,
+    }
     return {**saved, **{k: v for k, v in given.items() if v is not None}}
 
 
@@ -90,8 +134,10 @@ def main(args: IndexArguments) -> ProductIndex | None:
     # only one (and all of them would encode every shard).
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes != int(os.environ.get("WORLD_SIZE", 1)):
-        raise ValueError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
-                         f"{state.num_processes}: check the accelerate config")
+        raise ValueError(
+            f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
+            f"{state.num_processes}: check the accelerate config"
+        )
     if args.generator and args.attribute_column:
         raise ValueError("pass --generator or --attribute_column, not both")
     if args.generator and not Path(args.generator).is_dir():
@@ -106,19 +152,41 @@ def main(args: IndexArguments) -> ProductIndex | None:
     labelled = load_catalog(catalog, split=args.calibration_split) if args.calibration_split else None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index = ProductIndex.configure(args.encoder, generator=args.generator, attribute_column=args.attribute_column,
-                                   generation=generation_settings(args), catalog=str(catalog), split=args.split)
-    encode_shards(listings, index, out, shard_size=args.shard_size, rank=state.process_index,
-                  world_size=state.num_processes, batch_size=args.batch_size)
+    index = ProductIndex.configure(
+        args.encoder,
+        generator=args.generator,
+        attribute_column=args.attribute_column,
+        generation=generation_settings(args),
+        catalog=str(catalog),
+        split=args.split,
+    )
+    encode_shards(
+        listings,
+        index,
+        out,
+        shard_size=args.shard_size,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        batch_size=args.batch_size,
+    )
     if not state.is_main_process:
         return None
     vectors, attributes = merge_shards(listings, index, out, shard_size=args.shard_size)
     budget = None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30)
-    index = index.from_vectors(listings, vectors, attributes, index_type=args.index_type,
-                               target_recall=args.target_recall, memory_budget=budget)
+    index = index.from_vectors(
+        listings,
+        vectors,
+        attributes,
+        index_type=args.index_type,
+        target_recall=args.target_recall,
+        memory_budget=budget,
+    )
     kind = index.gallery.index.index_type
-    print(f"[index_catalog] indexed {index.gallery.size} listings ({kind}, {state.num_processes} process"
-          f"{'es' if state.num_processes > 1 else ''}) in {time.time() - started:.0f} s", flush=True)
+    print(
+        f"[index_catalog] indexed {index.gallery.size} listings ({kind}, {state.num_processes} process"
+        f"{'es' if state.num_processes > 1 else ''}) in {time.time() - started:.0f} s",
+        flush=True,
+    )
     if labelled is not None:
         calibrate(index, labelled, args, out)
     index.save(out)
@@ -132,17 +200,24 @@ def main(args: IndexArguments) -> ProductIndex | None:
 
 
 def calibrate(index: ProductIndex, labelled, args: IndexArguments, out: Path) -> None:
-    calibration = index.calibrate(labelled, k=args.calibration_k, target_precision=args.target_precision,
-                                  batch_size=args.batch_size)
+    calibration = index.calibrate(
+        labelled, k=args.calibration_k, target_precision=args.target_precision, batch_size=args.batch_size
+    )
     plot_precision_recall(calibration, out / "precision_recall.png")
     (out / "calibration.json").write_text(json.dumps(calibration) + "\n", encoding="utf-8")
     if calibration["score"] is None:
-        print(f"[index_catalog] no score threshold reaches precision {args.target_precision} on split "
-              f"{args.calibration_split!r}: --same_product_only will be refused", flush=True)
+        print(
+            f"[index_catalog] no score threshold reaches precision {args.target_precision} on split "
+            f"{args.calibration_split!r}: --same_product_only will be refused",
+            flush=True,
+        )
     else:
-        print(f"[index_catalog] same product when score >= {calibration['score']:.4f}: precision "
-              f"{calibration['precision']:.3f}, recall {calibration['recall']:.3f} on split "
-              f"{args.calibration_split!r} ({out / 'precision_recall.png'})", flush=True)
+        print(
+            f"[index_catalog] same product when score >= {calibration['score']:.4f}: precision "
+            f"{calibration['precision']:.3f}, recall {calibration['recall']:.3f} on split "
+            f"{args.calibration_split!r} ({out / 'precision_recall.png'})",
+            flush=True,
+        )
 
 
 def cli(argv=None):

@@ -44,10 +44,14 @@ logger = logging.getLogger("rar_grpo")
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "rar_demo.yaml"
 USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
+
+
 def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
     """Everything that can fail on user input, before any model is loaded; returns the catalog path, the prompt
     dataset and the held-out listings (or None)."""
-    catalog = resolve_catalog(script_args.catalog, script_args.cache_dir, val_fraction=script_args.embedded_val_fraction)
+    catalog = resolve_catalog(
+        script_args.catalog, script_args.cache_dir, val_fraction=script_args.embedded_val_fraction
+    )
     train = load_catalog(catalog, split=script_args.split)
     if script_args.max_train_listings:
         train = train.select(range(min(script_args.max_train_listings, len(train))))
@@ -59,39 +63,57 @@ def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, mod
     if Path(script_args.encoder).exists() or not script_args.encoder_recipe:
         read_encoder_config(script_args.encoder)  # not an AGCL encoder -> EncoderLoadError
     # Stage outputs this recipe trains itself are reused only when they were trained on this catalog.
-    stages = [("--encoder", script_args.encoder, script_args.encoder_recipe),
-              ("--sft_recipe's output", str(Path(training_args.output_dir) / "sft"), script_args.sft_recipe)]
+    stages = [
+        ("--encoder", script_args.encoder, script_args.encoder_recipe),
+        ("--sft_recipe's output", str(Path(training_args.output_dir) / "sft"), script_args.sft_recipe),
+    ]
     for flag, directory, recipe in stages:
         if recipe and Path(directory).is_dir() and not check_training_record(directory, catalog, flag=flag):
-            logger.warning("%s %s has no training_catalog.json: reused without checking which catalog it was trained on",
-                           flag, directory)
+            logger.warning(
+                "%s %s has no training_catalog.json: reused without checking which catalog it was trained on",
+                flag,
+                directory,
+            )
     if script_args.encoder_recipe and not Path(script_args.encoder_recipe).is_file():
         raise FileNotFoundError(f"--encoder_recipe {script_args.encoder_recipe!r} does not exist")
     backbone = script_args.encoder_model_name_or_path or model_args.model_name_or_path
-    if script_args.encoder_recipe and not Path(script_args.encoder).exists() and backbone and not is_embedded_model(backbone):
+    if (
+        script_args.encoder_recipe
+        and not Path(script_args.encoder).exists()
+        and backbone
+        and not is_embedded_model(backbone)
+    ):
         check_model_source(backbone)  # the encoder this run will train: its base must be loadable
     if script_args.sft_recipe and not Path(script_args.sft_recipe).is_file():
         raise FileNotFoundError(f"--sft_recipe {script_args.sft_recipe!r} does not exist")
     if script_args.gallery and not Path(script_args.gallery).is_dir():
         raise FileNotFoundError(f"--gallery {script_args.gallery!r} is not a directory")
-    prompts = build_prompt_dataset(train, prompt_template=script_args.prompt_template,
-                                   attribute_keys=script_args.attribute_keys)
+    prompts = build_prompt_dataset(
+        train, prompt_template=script_args.prompt_template, attribute_keys=script_args.attribute_keys
+    )
     if model_args.load_in_4bit:
         require_bitsandbytes()
-    check_policy_processor(model_args.model_name_or_path or "tiny-qwen2-vl", cache_dir=script_args.cache_dir,
-                           trust_remote_code=training_args.trust_remote_code)  # processor files only, no weights
+    check_policy_processor(
+        model_args.model_name_or_path or "tiny-qwen2-vl",
+        cache_dir=script_args.cache_dir,
+        trust_remote_code=training_args.trust_remote_code,
+    )  # processor files only, no weights
     # Rewards resolve without loading anything heavy (the retrieval reward loads on its first call).
     column = script_args.gallery_attribute_column
     if script_args.gallery_attributes == "policy" and script_args.gallery:
         raise ValueError("--gallery_attributes policy annotates and encodes the gallery in this run: drop --gallery")
-    gallery_rows = [("--gallery_split", load_catalog(catalog, split=name))
-                    for name in script_args.gallery_splits
-                    if name != script_args.split and not script_args.gallery]  # unknown split: CatalogError
+    gallery_rows = [
+        ("--gallery_split", load_catalog(catalog, split=name))
+        for name in script_args.gallery_splits
+        if name != script_args.split and not script_args.gallery
+    ]  # unknown split: CatalogError
     if column is not None and script_args.gallery_attributes != "policy":
         for name, ds in (("--split", train), *gallery_rows, ("--eval_split", evaluation)):
             if ds is not None and column not in ds.column_names:
-                raise ValueError(f"--gallery_attributes {script_args.gallery_attributes!r}: the {name} rows have no "
-                                 f"column {column!r}")
+                raise ValueError(
+                    f"--gallery_attributes {script_args.gallery_attributes!r}: the {name} rows have no "
+                    f"column {column!r}"
+                )
     # The rewards resolve and check their arguments here, loading nothing (the retrieval reward loads on its first
     # call); main builds them again once the reward's gallery is annotated.
     validate_reward_weights(training_args.reward_weights, make_rewards(script_args, catalog))
@@ -108,9 +130,15 @@ def make_rewards(script_args: RARScriptArguments, catalog):
     if not script_args.gallery and lookup != splits:
         gallery_options["split"] = splits
     return get_reward_funcs(
-        script_args.reward_entries(), encoder=script_args.encoder, catalog=catalog, gallery=script_args.gallery,
-        split=lookup[0] if len(lookup) == 1 else lookup, known_keys=script_args.attribute_keys,
-        key_order=script_args.attribute_keys, **({"gallery_options": gallery_options} if gallery_options else {}))
+        script_args.reward_entries(),
+        encoder=script_args.encoder,
+        catalog=catalog,
+        gallery=script_args.gallery,
+        split=lookup[0] if len(lookup) == 1 else lookup,
+        known_keys=script_args.attribute_keys,
+        key_order=script_args.attribute_keys,
+        **({"gallery_options": gallery_options} if gallery_options else {}),
+    )
 
 
 def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
@@ -133,15 +161,31 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
     if evaluation is not None and state.is_main_process:
         generated["sft_attributes"] = policy_attributes(script_args, training_args, model_args, policy_path, evaluation)
 
-    model, processor, peft_config = load_policy(model_args, cache_dir=script_args.cache_dir, name_or_path=policy_path,
-                                                freeze_vision=script_args.freeze_vision,
-                                                trust_remote_code=training_args.trust_remote_code)
+    model, processor, peft_config = load_policy(
+        model_args,
+        cache_dir=script_args.cache_dir,
+        name_or_path=policy_path,
+        freeze_vision=script_args.freeze_vision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
     if script_args.rl_algorithm == "rloo":
-        trainer = RLOOTrainer(model=model, reward_funcs=reward_funcs, args=to_rloo_config(training_args),
-                              train_dataset=prompts, processing_class=processor, peft_config=peft_config)
+        trainer = RLOOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=to_rloo_config(training_args),
+            train_dataset=prompts,
+            processing_class=processor,
+            peft_config=peft_config,
+        )
     else:
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=prompts,
-                              processing_class=processor, peft_config=peft_config)
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=training_args,
+            train_dataset=prompts,
+            processing_class=processor,
+            peft_config=peft_config,
+        )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     trainer.save_model(str(output_dir))
@@ -150,8 +194,12 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
         # the per-step log (reward std, KL, clipping) as a checkpoint's trainer_state.json holds it: save_strategy
         # "no" writes no checkpoint, and without it a finished run's training dynamics are lost
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-        save_prompt_settings(output_dir, prompt_template=script_args.prompt_template,
-                             attribute_keys=script_args.attribute_keys, max_new_tokens=training_args.max_completion_length)
+        save_prompt_settings(
+            output_dir,
+            prompt_template=script_args.prompt_template,
+            attribute_keys=script_args.attribute_keys,
+            max_new_tokens=training_args.max_completion_length,
+        )
     state.wait_for_everyone()
 
     if evaluation is not None and state.is_main_process:

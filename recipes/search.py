@@ -33,15 +33,26 @@ USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, No
 @dataclass
 class SearchArguments:
     index: str = field(metadata={"help": "An index directory written by recipes/index_catalog.py."})
-    catalog: str = field(metadata={"help": "Catalog of the query listings (directory, saved dataset, hub id, 'embedded')."})
-    split: str | None = field(default=None, metadata={"help": "Query the listings of this split (default: every listing)."})
+    catalog: str = field(
+        metadata={"help": "Catalog of the query listings (directory, saved dataset, hub id, 'embedded')."}
+    )
+    split: str | None = field(
+        default=None, metadata={"help": "Query the listings of this split (default: every listing)."}
+    )
     listing_ids: list[str] | None = field(default=None, metadata={"help": "Query only these listings."})
     top_k: int = field(default=10, metadata={"help": "Results per query."})
-    same_product_only: bool = field(default=False, metadata={"help": "Keep only results above the calibrated threshold."})
+    same_product_only: bool = field(
+        default=False, metadata={"help": "Keep only results above the calibrated threshold."}
+    )
     output_jsonl: str | None = field(default=None, metadata={"help": "Where the answers go (default: stdout)."})
     batch_size: int = field(default=32, metadata={"help": "Listings per generation / encoding batch."})
-    embedded_val_fraction: float = field(default=0.0, metadata={
-        "help": "With --catalog embedded: the fraction of train families relabelled 'val' (the demo's catalog: 0.3)."})
+    embedded_val_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "With --catalog embedded: the fraction of train families relabelled 'val' (the demo's catalog: "
+            "0.3)."
+        },
+    )
     cache_dir: str = field(default="outputs/embedded", metadata={"help": "Where 'embedded' is built."})
 
 
@@ -49,8 +60,11 @@ def recall_at(answers: list[dict], products: list[str], positives: np.ndarray, k
     """Instance Recall@k over the queries whose product has another indexed listing."""
     product_of = {a["listing_id"]: p for a, p in zip(answers, products, strict=True)}
     counted = [(a, product_of[a["listing_id"]]) for a, n in zip(answers, positives, strict=True) if n > 0]
-    return {f"recall@{k}": sum(any(r["product_id"] == p for r in a["results"][:k]) for a, p in counted) / max(len(counted), 1)
-            for k in ks} | {"n_queries": len(counted)}
+    return {
+        f"recall@{k}": sum(any(r["product_id"] == p for r in a["results"][:k]) for a, p in counted)
+        / max(len(counted), 1)
+        for k in ks
+    } | {"n_queries": len(counted)}
 
 
 def main(args: SearchArguments) -> list[dict]:
@@ -58,12 +72,17 @@ def main(args: SearchArguments) -> list[dict]:
     if args.top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
     index = ProductIndex.load(args.index)
-    queries = load_catalog(resolve_catalog(args.catalog, args.cache_dir, val_fraction=args.embedded_val_fraction), split=args.split)
+    queries = load_catalog(
+        resolve_catalog(args.catalog, args.cache_dir, val_fraction=args.embedded_val_fraction), split=args.split
+    )
     if args.listing_ids:
         row_of = {lid: i for i, lid in enumerate(queries["listing_id"])}
         missing = [lid for lid in args.listing_ids if lid not in row_of]
         if missing:
-            raise ValueError(f"--listing_ids: {missing[:5]} are not listings of the catalog{'' if not args.split else f' split {args.split!r}'}")
+            raise ValueError(
+                f"--listing_ids: {missing[:5]} are not listings of the "
+                f"catalog{'' if not args.split else f' split {args.split!r}'}"
+            )
         queries = queries.select([row_of[lid] for lid in args.listing_ids])
     answers = index.search(queries, args.top_k, batch_size=args.batch_size, same_product_only=args.same_product_only)
     lines = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
@@ -73,14 +92,21 @@ def main(args: SearchArguments) -> list[dict]:
     else:
         sys.stdout.write(lines)
     products = [str(p) for p in queries["product_id"]]
-    positives = index.gallery.positives_count(index.gallery.codes_of(products),
-                                              exclude_rows=index.gallery.rows_of([str(x) for x in queries["listing_id"]]))
+    positives = index.gallery.positives_count(
+        index.gallery.codes_of(products), exclude_rows=index.gallery.rows_of([str(x) for x in queries["listing_id"]])
+    )
     if not args.same_product_only and positives.any():
         scores = recall_at(answers, products, positives, ks=[k for k in (1, 5, 10) if k <= args.top_k])
-        print(f"[search] instance retrieval of {scores['n_queries']} labelled queries: " +
-              ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items() if k != "n_queries"), file=sys.stderr)
-    print(f"[search] {len(answers)} queries answered in {time.time() - started:.1f} s"
-          + (f", wrote {args.output_jsonl}" if args.output_jsonl else ""), file=sys.stderr)
+        print(
+            f"[search] instance retrieval of {scores['n_queries']} labelled queries: "
+            + ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items() if k != "n_queries"),
+            file=sys.stderr,
+        )
+    print(
+        f"[search] {len(answers)} queries answered in {time.time() - started:.1f} s"
+        + (f", wrote {args.output_jsonl}" if args.output_jsonl else ""),
+        file=sys.stderr,
+    )
     return answers
 
 

@@ -44,20 +44,38 @@ LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass
 class SFTScriptArguments:
-    catalog: str = field(default="embedded", metadata={
-        "help": "Catalog directory, catalog.jsonl, saved dataset or hub id; 'embedded' = the synthetic catalog."})
+    catalog: str = field(
+        default="embedded",
+        metadata={
+            "help": "Catalog directory, catalog.jsonl, saved dataset or hub id; 'embedded' = the synthetic catalog."
+        },
+    )
     split: str = field(default="train", metadata={"help": "Catalog split to fine-tune on."})
-    attribute_keys: list[str] | None = field(default=None, metadata={
-        "help": "Keys the generator should write, in this order (named in the prompt); None = all the teacher's keys."})
-    cache_dir: str = field(default="outputs/embedded", metadata={
-        "help": "Where the embedded catalog and tiny models are built."})
-    max_train_listings: int | None = field(default=None, metadata={
-        "help": "Use only the first N listings of the split (None = all)."})
-    prompt_template: str = field(default=DEFAULT_PROMPT, metadata={
-        "help": "User prompt with {title} and {keys} placeholders (the one GRPO will use)."})
-    freeze_vision: bool = field(default=False, metadata={
-        "help": "Without --use_peft, keep the vision tower's weights as loaded and train the rest (the paper's LoRA "
-                "SFT adapts the language model only; with --use_peft the vision tower is untouched anyway)."})
+    attribute_keys: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Keys the generator should write, in this order (named in the prompt); None = all the teacher's "
+            "keys."
+        },
+    )
+    cache_dir: str = field(
+        default="outputs/embedded", metadata={"help": "Where the embedded catalog and tiny models are built."}
+    )
+    max_train_listings: int | None = field(
+        default=None, metadata={"help": "Use only the first N listings of the split (None = all)."}
+    )
+    prompt_template: str = field(
+        default=DEFAULT_PROMPT,
+        metadata={"help": "User prompt with {title} and {keys} placeholders (the one GRPO will use)."},
+    )
+    freeze_vision: bool = field(
+        default=False,
+        metadata={
+            "help": "Without --use_peft, keep the vision tower's weights as loaded and train the rest (the paper's "
+            "LoRA "
+            "SFT adapts the language model only; with --use_peft the vision tower is untouched anyway)."
+        },
+    )
 
 
 def setup(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig):
@@ -71,15 +89,20 @@ def setup(script_args: SFTScriptArguments, training_args: SFTConfig, model_args:
         if script_args.max_train_listings < 1:
             raise ValueError(f"--max_train_listings must be >= 1, got {script_args.max_train_listings}")
         catalog = catalog.select(range(min(script_args.max_train_listings, len(catalog))))
-    dataset = build_sft_dataset(catalog, prompt_template=script_args.prompt_template,
-                                attribute_keys=script_args.attribute_keys)
+    dataset = build_sft_dataset(
+        catalog, prompt_template=script_args.prompt_template, attribute_keys=script_args.attribute_keys
+    )
     dataset = dataset.select_columns([c for c in ("messages", "image", "images") if c in dataset.column_names])
     logger.info("SFT on %d listings", len(dataset))
 
     # 2. The policy and its processor; LoRA on the language model only.
     name = resolve_model(model_args.model_name_or_path or "tiny-qwen2-vl", script_args.cache_dir)
-    model, processor = load_mllm(name, dtype=model_args.dtype, load_in_4bit=model_args.load_in_4bit,
-                                 trust_remote_code=training_args.trust_remote_code)
+    model, processor = load_mllm(
+        name,
+        dtype=model_args.dtype,
+        load_in_4bit=model_args.load_in_4bit,
+        trust_remote_code=training_args.trust_remote_code,
+    )
     peft_config = get_peft_config(model_args)
     if peft_config is None and script_args.freeze_vision:
         frozen = freeze_vision_tower(model)
@@ -89,8 +112,9 @@ def setup(script_args: SFTScriptArguments, training_args: SFTConfig, model_args:
     if peft_config is not None:
         # peft has no default targets for Qwen-VL, and short names would also hit the vision tower's linears.
         peft_config.target_modules = language_lora_targets(model, model_args.lora_target_modules or LM_LORA_TARGETS)
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=processor,
-                         peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model, args=training_args, train_dataset=dataset, processing_class=processor, peft_config=peft_config
+    )
     return trainer, processor, (source, trained_on)
 
 
@@ -106,8 +130,12 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
         write_training_record(training_args.output_dir, trained_on, catalog=source, split=script_args.split)
-        save_prompt_settings(training_args.output_dir, prompt_template=script_args.prompt_template,
-                             attribute_keys=script_args.attribute_keys, max_new_tokens=64)
+        save_prompt_settings(
+            training_args.output_dir,
+            prompt_template=script_args.prompt_template,
+            attribute_keys=script_args.attribute_keys,
+            max_new_tokens=64,
+        )
     return trainer
 
 

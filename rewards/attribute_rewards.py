@@ -176,9 +176,11 @@ class AttributeFormatReward:
         return [self._score(text, p) for text, p in parsed]
 
     def __repr__(self) -> str:
-        return (f"AttributeFormatReward(known_keys={self.known_keys}, noncanonical_penalty={self.noncanonical_penalty}, "
-                f"junk_penalty={self.junk_penalty}, unknown_key_penalty={self.unknown_key_penalty}, "
-                f"duplicate_penalty={self.duplicate_penalty}, invalid_reward={self.invalid_reward})")
+        return (
+            f"AttributeFormatReward(known_keys={self.known_keys}, noncanonical_penalty={self.noncanonical_penalty}, "
+            f"junk_penalty={self.junk_penalty}, unknown_key_penalty={self.unknown_key_penalty}, "
+            f"duplicate_penalty={self.duplicate_penalty}, invalid_reward={self.invalid_reward})"
+        )
 
 
 class ConcisenessReward:
@@ -221,7 +223,9 @@ class ConcisenessReward:
         if max_attributes is not None:
             max_attributes = int(_check_number("max_attributes", max_attributes, 1.0))
             if max_attributes < self.target_attributes:
-                raise ValueError(f"max_attributes ({max_attributes}) must be >= target_attributes ({self.target_attributes})")
+                raise ValueError(
+                    f"max_attributes ({max_attributes}) must be >= target_attributes ({self.target_attributes})"
+                )
         self.max_attributes = max_attributes
         self.penalty_per_extra = _check_number("penalty_per_extra", penalty_per_extra, 0.0)
         self.length_weight = _check_number("length_weight", length_weight, 0.0)
@@ -257,9 +261,11 @@ class ConcisenessReward:
         return [self._score(n, chars) for n, chars in measured]
 
     def __repr__(self) -> str:
-        return (f"ConcisenessReward(target_attributes={self.target_attributes}, max_attributes={self.max_attributes}, "
-                f"penalty_per_extra={self.penalty_per_extra}, length_weight={self.length_weight}, "
-                f"char_budget={self.char_budget}, invalid_reward={self.invalid_reward})")
+        return (
+            f"ConcisenessReward(target_attributes={self.target_attributes}, max_attributes={self.max_attributes}, "
+            f"penalty_per_extra={self.penalty_per_extra}, length_weight={self.length_weight}, "
+            f"char_budget={self.char_budget}, invalid_reward={self.invalid_reward})"
+        )
 
 
 class AttributeF1Reward:
@@ -290,8 +296,13 @@ class AttributeF1Reward:
 
     SCORES = ("f1", "precision", "recall")
 
-    def __init__(self, reference_column: str = "attributes", ignore_keys: Collection[str] = (),
-                 invalid_reward: float = 0.0, score: str = "f1"):
+    def __init__(
+        self,
+        reference_column: str = "attributes",
+        ignore_keys: Collection[str] = (),
+        invalid_reward: float = 0.0,
+        score: str = "f1",
+    ):
         if score not in self.SCORES:
             raise ValueError(f"attribute_f1: score must be one of {self.SCORES}, got {score!r}")
         if not isinstance(reference_column, str) or not reference_column:
@@ -348,10 +359,15 @@ class AttributeF1Reward:
             return list(column)
         if not self._warned:
             self._warned = True
-            warnings.warn(f"attribute_f1: reference column {self.reference_column!r} {problem}; "
-                          "the reward returns None (not applicable) for these samples.", stacklevel=3)
+            warnings.warn(
+                f"attribute_f1: reference column {self.reference_column!r} {problem}; "
+                "the reward returns None (not applicable) for these samples.",
+                stacklevel=3,
+            )
         return [None] * n
 
     def __repr__(self) -> str:
-        return (f"AttributeF1Reward(reference_column={self.reference_column!r}, ignore_keys={self.ignore_keys}, "
-                f"invalid_reward={self.invalid_reward}, score={self.score!r})")
+        return (
+            f"AttributeF1Reward(reference_column={self.reference_column!r}, ignore_keys={self.ignore_keys}, "
+            f"invalid_reward={self.invalid_reward}, score={self.score!r})"
+        )

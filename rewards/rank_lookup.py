@@ -40,8 +40,11 @@ def _lookup_catalog(catalog, gallery: ProductGallery | None, split: str | Sequen
     if not source or not Path(source).exists():
         raise ValueError(
             "RetrievalRankReward needs catalog= to look up the query listings' images and titles: the gallery "
-            + (f"was built from {source!r}, which no longer exists" if source else
-               "records no catalog path (it was built from an in-memory dataset)")
+            + (
+                f"was built from {source!r}, which no longer exists"
+                if source
+                else "records no catalog path (it was built from an in-memory dataset)"
+            )
         )
     return load_catalog(source, split=gallery.info.get("catalog_split"), verify_images=False)
 
@@ -51,25 +54,36 @@ class RankLookup:
     """The loaded encoder and gallery, and per lookup-catalog row what ranking a query of it needs."""
 
     encoder: object
-    image_cache: object | None       # the encoder's ImageCache across calls, or None
+    image_cache: object | None  # the encoder's ImageCache across calls, or None
     listing_ids: list[str]
     gallery: ProductGallery
-    row_of: dict[str, int]           # listing_id -> lookup-catalog row
+    row_of: dict[str, int]  # listing_id -> lookup-catalog row
     titles: list
-    images: object | None            # the catalog's image column (a Dataset), read on demand
+    images: object | None  # the catalog's image column (a Dataset), read on demand
     image_column: str | None
-    bboxes: list | None              # product-region boxes, when the encoder was trained with crops
-    gallery_row: np.ndarray          # each catalog row's gallery row (-1: not in the gallery)
-    code: np.ndarray                 # each catalog row's product code in the gallery's numbering
-    positives: np.ndarray            # each catalog row's identical listings in the gallery, itself excluded
-    log_norm: float                  # log of the gallery size (the "log" rank transform's scale)
-    baseline_from_gallery: bool      # read attribute-free baselines from the gallery's vectors
+    bboxes: list | None  # product-region boxes, when the encoder was trained with crops
+    gallery_row: np.ndarray  # each catalog row's gallery row (-1: not in the gallery)
+    code: np.ndarray  # each catalog row's product code in the gallery's numbering
+    positives: np.ndarray  # each catalog row's identical listings in the gallery, itself excluded
+    log_norm: float  # log of the gallery size (the "log" rank transform's scale)
+    baseline_from_gallery: bool  # read attribute-free baselines from the gallery's vectors
     load_seconds: float
 
     @classmethod
-    def load(cls, encoder, catalog=None, gallery=None, *, split: str | Sequence[str] | None = None, device: str | None = None,
-             encoder_kwargs: dict | None = None, gallery_options: dict | None = None, image_cache_size: int = 256,
-             baseline_from_gallery: bool = True, name: str = "retrieval_rank") -> RankLookup:
+    def load(
+        cls,
+        encoder,
+        catalog=None,
+        gallery=None,
+        *,
+        split: str | Sequence[str] | None = None,
+        device: str | None = None,
+        encoder_kwargs: dict | None = None,
+        gallery_options: dict | None = None,
+        image_cache_size: int = 256,
+        baseline_from_gallery: bool = True,
+        name: str = "retrieval_rank",
+    ) -> RankLookup:
         start = time.perf_counter()
         encoder = load_frozen_encoder(encoder, device, **(encoder_kwargs or {}))
         if isinstance(gallery, str):
@@ -95,15 +109,26 @@ class RankLookup:
                 f"{gallery.product_ids[g_rows[i]]!r} in the gallery ({int(disagree.sum())} listings disagree): the "
                 "gallery was built from another version of the catalog; rebuild it"
             )
-        if not built_here and gallery.catalog_fingerprint is not None and catalog_fingerprint(ds) != gallery.catalog_fingerprint:
+        if (
+            not built_here
+            and gallery.catalog_fingerprint is not None
+            and catalog_fingerprint(ds) != gallery.catalog_fingerprint
+        ):
             logger.warning(
                 "%s: the lookup catalog (%d rows) is not the catalog the gallery (%d rows) was built from; the %d "
-                "listings in both agree on product_id", name, len(ds), gallery.size, int(shared.sum())
+                "listings in both agree on product_id",
+                name,
+                len(ds),
+                gallery.size,
+                int(shared.sum()),
             )
         crops = uses_crops(encoder)
         if crops and "bbox" not in ds.column_names:
-            logger.warning("%s: the encoder was trained with product-region crops, but the lookup catalog has no "
-                           "'bbox' column: queries are encoded without crops", name)
+            logger.warning(
+                "%s: the encoder was trained with product-region crops, but the lookup catalog has no "
+                "'bbox' column: queries are encoded without crops",
+                name,
+            )
         image_column = "image" if "image" in ds.column_names else "images" if "images" in ds.column_names else None
         new_cache = getattr(encoder, "new_image_cache", None)
         return cls(
@@ -150,6 +175,8 @@ class RankLookup:
             keep = cache is not None and len(distinct) <= cache.max_entries
             if keep:
                 cache.touch(self.listing_ids[r] for r in distinct)
-            fetched = {r: image if keep and self.listing_ids[r] in cache else listing_views(image, self.bboxes[r])
-                       for r, image in fetched.items()}
+            fetched = {
+                r: image if keep and self.listing_ids[r] in cache else listing_views(image, self.bboxes[r])
+                for r, image in fetched.items()
+            }
         return [fetched[r] for r in rows]

@@ -151,8 +151,10 @@ def resolve_reward(entry, shared_kwargs: Mapping | None = None):
     if isinstance(entry, Mapping):
         unknown = sorted(set(entry) - {"name", "kwargs"})
         if "name" not in entry or unknown:
-            raise ValueError(f"a reward entry given as a mapping needs 'name' and optionally 'kwargs', got keys "
-                             f"{sorted(entry)}" + (f" (unknown: {unknown})" if unknown else ""))
+            raise ValueError(
+                f"a reward entry given as a mapping needs 'name' and optionally 'kwargs', got keys "
+                f"{sorted(entry)}" + (f" (unknown: {unknown})" if unknown else "")
+            )
         kwargs = entry.get("kwargs") or {}
         if not isinstance(kwargs, Mapping):
             raise ValueError(f"'kwargs' of reward {entry['name']!r} must be a mapping, got {type(kwargs).__name__}")
@@ -180,15 +182,18 @@ def resolve_reward(entry, shared_kwargs: Mapping | None = None):
         names.discard("self")
         rejected = sorted(set(kwargs) - names)
         if rejected:
-            raise ValueError(f"reward {label!r} ({obj.__qualname__}) does not accept kwargs {rejected}; "
-                             f"its arguments are {sorted(names)}")
+            raise ValueError(
+                f"reward {label!r} ({obj.__qualname__}) does not accept kwargs {rejected}; "
+                f"its arguments are {sorted(names)}"
+            )
         call_kwargs = {k: v for k, v in shared_kwargs.items() if k in names}
         call_kwargs.update(kwargs)
         try:
             reward = obj(**call_kwargs)
         except TypeError as err:
-            raise ValueError(f"could not construct reward {label!r} ({obj.__qualname__}) with "
-                             f"{sorted(call_kwargs)}: {err}") from err
+            raise ValueError(
+                f"could not construct reward {label!r} ({obj.__qualname__}) with {sorted(call_kwargs)}: {err}"
+            ) from err
     elif inspect.isfunction(obj) or inspect.ismethod(obj) or isinstance(obj, functools.partial):
         reward = obj
         if kwargs:
@@ -199,8 +204,10 @@ def resolve_reward(entry, shared_kwargs: Mapping | None = None):
             reward = functools.partial(obj, **kwargs)
     elif callable(obj):
         if kwargs:
-            raise ValueError(f"reward {label!r} is an already built {type(obj).__name__} instance; it takes no "
-                             f"kwargs (got {sorted(kwargs)}). Point the config at its class instead.")
+            raise ValueError(
+                f"reward {label!r} is an already built {type(obj).__name__} instance; it takes no "
+                f"kwargs (got {sorted(kwargs)}). Point the config at its class instead."
+            )
         reward = obj
     else:
         raise TypeError(f"reward {label!r} resolved to a {type(obj).__name__}, which is not callable")
@@ -251,8 +258,10 @@ def validate_reward_weights(weights, reward_funcs: Sequence) -> list[float] | No
         raise TypeError(f"reward_weights must be a list of numbers, got {type(weights).__name__}")
     names = [_reward_name(f) for f in reward_funcs]
     if len(weights) != len(reward_funcs):
-        raise ValueError(f"got {len(weights)} reward_weights {list(weights)} for {len(reward_funcs)} reward "
-                         f"functions {names}: give exactly one weight per reward, in the same order")
+        raise ValueError(
+            f"got {len(weights)} reward_weights {list(weights)} for {len(reward_funcs)} reward "
+            f"functions {names}: give exactly one weight per reward, in the same order"
+        )
     out = []
     for name, weight in zip(names, weights, strict=True):
         try:

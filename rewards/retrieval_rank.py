@@ -143,9 +143,13 @@ class RetrievalRankReward:
         if unscorable_reward is not None and not math.isfinite(unscorable_reward):
             raise ValueError(f"unscorable_reward must be finite or None, got {unscorable_reward!r}")
         if encoder is None:
-            raise ValueError("RetrievalRankReward needs encoder= (the frozen stage-1 encoder: a directory or an object)")
+            raise ValueError(
+                "RetrievalRankReward needs encoder= (the frozen stage-1 encoder: a directory or an object)"
+            )
         if catalog is None and gallery is None:
-            raise ValueError("RetrievalRankReward needs catalog= (query lookups) and/or gallery= (see the module docstring)")
+            raise ValueError(
+                "RetrievalRankReward needs catalog= (query lookups) and/or gallery= (see the module docstring)"
+            )
         if isinstance(image_cache_size, bool) or not isinstance(image_cache_size, int) or image_cache_size < 0:
             raise ValueError(f"image_cache_size must be a non-negative integer, got {image_cache_size!r}")
         if max_attribute_chars is not None and max_attribute_chars < 1:
@@ -179,16 +183,27 @@ class RetrievalRankReward:
 
     @staticmethod
     def _new_counters() -> dict[str, int]:
-        return {"calls": 0, "completions": 0, "invalid": 0, "unscorable": 0, "encoded_queries": 0,
-                "encoded_baselines": 0, "gallery_baselines": 0, "baseline_cache_hits": 0, "encoder_failures": 0}
+        return {
+            "calls": 0,
+            "completions": 0,
+            "invalid": 0,
+            "unscorable": 0,
+            "encoded_queries": 0,
+            "encoded_baselines": 0,
+            "gallery_baselines": 0,
+            "baseline_cache_hits": 0,
+            "encoder_failures": 0,
+        }
 
     def __repr__(self) -> str:
         def show(x):
             return repr(x) if isinstance(x, str) or x is None else type(x).__name__
 
-        return (f"RetrievalRankReward(encoder={show(self.encoder)}, catalog={show(self.catalog)}, "
-                f"gallery={show(self.gallery)}, mode={self.mode!r}, k={self.k}, rank_transform={self.rank_transform!r}, "
-                f"rank_depth={self.rank_depth}, invalid_reward={self.invalid_reward})")
+        return (
+            f"RetrievalRankReward(encoder={show(self.encoder)}, catalog={show(self.catalog)}, "
+            f"gallery={show(self.gallery)}, mode={self.mode!r}, k={self.k}, rank_transform={self.rank_transform!r}, "
+            f"rank_depth={self.rank_depth}, invalid_reward={self.invalid_reward})"
+        )
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
@@ -204,10 +219,17 @@ class RetrievalRankReward:
     def _ensure_loaded(self) -> RankLookup:
         if self._state is None:
             self._state = RankLookup.load(
-                self.encoder, self.catalog, self.gallery, split=self.split, device=self.device,
-                encoder_kwargs=self.encoder_kwargs, gallery_options=self.gallery_options,
-                image_cache_size=self.image_cache_size, baseline_from_gallery=self.baseline_from_gallery,
-                name=self.__name__)
+                self.encoder,
+                self.catalog,
+                self.gallery,
+                split=self.split,
+                device=self.device,
+                encoder_kwargs=self.encoder_kwargs,
+                gallery_options=self.gallery_options,
+                image_cache_size=self.image_cache_size,
+                baseline_from_gallery=self.baseline_from_gallery,
+                name=self.__name__,
+            )
         return self._state
 
     # ------------------------------------------------------------------ parsing
@@ -229,15 +251,25 @@ class RetrievalRankReward:
         return canon, canon.count("; ") + 1
 
     # ------------------------------------------------------------------ ranking
-    def _rank_stats(self, gallery: ProductGallery, queries: np.ndarray, exclude: np.ndarray,
-                    codes: np.ndarray) -> np.ndarray:
+    def _rank_stats(
+        self, gallery: ProductGallery, queries: np.ndarray, exclude: np.ndarray, codes: np.ndarray
+    ) -> np.ndarray:
         """(Q, 5) rows of (rank, reciprocal rank, recall_fraction@k, hit@1, hit@k), via afmrl.retrieval.metrics."""
         d = self.depth
         search_depth = min(d + 1, gallery.size)
         scores, rows = gallery.search(queries, search_depth, exclude=exclude)
         kk = min(self.k, search_depth)
-        m = metrics_from_search(rows, scores, codes, gallery.product_codes, ks=(1, kk), map_k=None,
-                                exclude=exclude, skip_queries_without_positive=True, per_query=True)
+        m = metrics_from_search(
+            rows,
+            scores,
+            codes,
+            gallery.product_codes,
+            ks=(1, kk),
+            map_k=None,
+            exclude=exclude,
+            skip_queries_without_positive=True,
+            per_query=True,
+        )
         rank = m["rank"]
         found = np.isfinite(rank)
         floor = 1.0 / (d + 1)
@@ -273,7 +305,9 @@ class RetrievalRankReward:
         ok = np.isfinite(queries).all(axis=1)
         stats = np.zeros((len(queries), 5))
         if ok.any():
-            stats[ok] = self._rank_stats(st.gallery, queries[ok], st.gallery_row[query_rows[ok]], st.code[query_rows[ok]])
+            stats[ok] = self._rank_stats(
+                st.gallery, queries[ok], st.gallery_row[query_rows[ok]], st.code[query_rows[ok]]
+            )
         t_search = time.perf_counter()
 
         with_attr, without = self._per_completion(plan, stats, ok, query_rows, cat_rows, need)
@@ -283,17 +317,29 @@ class RetrievalRankReward:
         t_end = time.perf_counter()
 
         self._count(n, valid, scorable, failed, plan)
-        timings = {"load": t_load - t0, "parse": t_parse - t_load, "encode": t_encode - t_parse,
-                   "search": t_search - t_encode, "assemble": t_end - t_search, "total": t_end - t0}
+        timings = {
+            "load": t_load - t0,
+            "parse": t_parse - t_load,
+            "encode": t_encode - t_parse,
+            "search": t_search - t_encode,
+            "assemble": t_end - t_search,
+            "total": t_end - t0,
+        }
         self.last_timings = timings
         return RankDetails(
-            rewards=rewards, valid=valid, scorable=scorable, attributes=[t or "" for t in texts],
-            num_attributes=num_attrs, rank=np.where(scored, with_attr[:, 0], np.nan),
+            rewards=rewards,
+            valid=valid,
+            scorable=scorable,
+            attributes=[t or "" for t in texts],
+            num_attributes=num_attrs,
+            rank=np.where(scored, with_attr[:, 0], np.nan),
             rank_without_attributes=np.where(scored, without[:, 0], np.nan),
             reciprocal_rank=np.where(scored, with_attr[:, 1], np.nan),
             reciprocal_rank_without_attributes=np.where(scored, without[:, 1], np.nan),
-            recall_fraction=np.where(scored, with_attr[:, 2], np.nan), hit_at_1=np.where(scored, with_attr[:, 3], np.nan),
-            hit_at_k=np.where(scored, with_attr[:, 4], np.nan), timings=timings,
+            recall_fraction=np.where(scored, with_attr[:, 2], np.nan),
+            hit_at_1=np.where(scored, with_attr[:, 3], np.nan),
+            hit_at_k=np.where(scored, with_attr[:, 4], np.nan),
+            timings=timings,
         )
 
     # ------------------------------------------------------------------ the steps of score
@@ -325,27 +371,47 @@ class RetrievalRankReward:
         todo = np.array([r for r in base_rows if r not in cached], dtype=np.int64)
         in_gallery = st.gallery_row[todo] >= 0 if st.baseline_from_gallery else np.zeros(len(todo), dtype=bool)
         return SimpleNamespace(
-            uid=uid, q_rows=np.fromiter((r for r, _ in uid_of), dtype=np.int64, count=len(uid_of)),
-            q_texts=[t for _, t in uid_of], cached=cached, base_from_gallery=todo[in_gallery], base_encode=todo[~in_gallery])
+            uid=uid,
+            q_rows=np.fromiter((r for r, _ in uid_of), dtype=np.int64, count=len(uid_of)),
+            q_texts=[t for _, t in uid_of],
+            cached=cached,
+            base_from_gallery=todo[in_gallery],
+            base_encode=todo[~in_gallery],
+        )
 
     def _embed_queries(self, st: RankLookup, plan: SimpleNamespace) -> tuple[np.ndarray, np.ndarray]:
         """One encoder call (enriched queries, then attribute-free queries of listings outside the gallery), then
         the gallery's own vectors as the other baselines; returns the query vectors and their catalog rows."""
         enc_rows = np.concatenate([plan.q_rows, plan.base_encode])
         if len(enc_rows):
-            cache = {} if st.image_cache is None else {
-                "image_keys": [st.listing_ids[r] for r in enc_rows.tolist()], "image_cache": st.image_cache}
-            embeddings = st.encoder.encode(st.fetch_images(enc_rows.tolist()), [st.titles[r] for r in enc_rows.tolist()],
-                                           plan.q_texts + [None] * len(plan.base_encode), batch_size=self.batch_size,
-                                           show_progress=False, **cache)
+            cache = (
+                {}
+                if st.image_cache is None
+                else {"image_keys": [st.listing_ids[r] for r in enc_rows.tolist()], "image_cache": st.image_cache}
+            )
+            embeddings = st.encoder.encode(
+                st.fetch_images(enc_rows.tolist()),
+                [st.titles[r] for r in enc_rows.tolist()],
+                plan.q_texts + [None] * len(plan.base_encode),
+                batch_size=self.batch_size,
+                show_progress=False,
+                **cache,
+            )
             embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(enc_rows), -1)
         else:
             embeddings = np.zeros((0, st.gallery.dim), dtype=np.float32)
         queries = np.concatenate([embeddings, st.gallery.vectors(st.gallery_row[plan.base_from_gallery])])
         return queries, np.concatenate([enc_rows, plan.base_from_gallery])
 
-    def _per_completion(self, plan: SimpleNamespace, stats: np.ndarray, ok: np.ndarray, query_rows: np.ndarray,
-                        cat_rows: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _per_completion(
+        self,
+        plan: SimpleNamespace,
+        stats: np.ndarray,
+        ok: np.ndarray,
+        query_rows: np.ndarray,
+        cat_rows: np.ndarray,
+        need: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(n, 5) rank statistics of each completion's query with its attributes and without (NaN where none);
         newly ranked baselines enter the LRU cache."""
         n_q = len(plan.q_rows)
@@ -364,8 +430,15 @@ class RetrievalRankReward:
             without[idx] = np.stack([base_stats.get(int(r), np.full(5, np.nan)) for r in cat_rows[idx]])
         return with_attr, without
 
-    def _rewards(self, st: RankLookup, with_attr: np.ndarray, without: np.ndarray, valid: np.ndarray,
-                 scored: np.ndarray, failed: np.ndarray) -> list:
+    def _rewards(
+        self,
+        st: RankLookup,
+        with_attr: np.ndarray,
+        without: np.ndarray,
+        valid: np.ndarray,
+        scored: np.ndarray,
+        failed: np.ndarray,
+    ) -> list:
         if self.mode == "rank_improvement":
             if self.rank_transform == "reciprocal":
                 value = with_attr[:, 1] - without[:, 1]
@@ -385,7 +458,9 @@ class RetrievalRankReward:
                 rewards.append(self.unscorable_reward)
         return rewards
 
-    def _count(self, n: int, valid: np.ndarray, scorable: np.ndarray, failed: np.ndarray, plan: SimpleNamespace) -> None:
+    def _count(
+        self, n: int, valid: np.ndarray, scorable: np.ndarray, failed: np.ndarray, plan: SimpleNamespace
+    ) -> None:
         c = self.counters
         c["calls"] += 1
         c["completions"] += n
@@ -398,10 +473,13 @@ class RetrievalRankReward:
         c["encoder_failures"] += int(failed.sum())
 
     # ------------------------------------------------------------------ TRL entry point
-    def __call__(self, prompts=None, completions=None, listing_id=None, log_metric=None, log_extra=None,
-                 **kwargs) -> list:
+    def __call__(
+        self, prompts=None, completions=None, listing_id=None, log_metric=None, log_extra=None, **kwargs
+    ) -> list:
         if completions is None:
-            raise TypeError("RetrievalRankReward is called by TRL as reward(prompts=..., completions=..., listing_id=...)")
+            raise TypeError(
+                "RetrievalRankReward is called by TRL as reward(prompts=..., completions=..., listing_id=...)"
+            )
         if listing_id is None:
             raise ValueError(
                 "RetrievalRankReward needs a 'listing_id' column in the prompt dataset (TRL passes every column to "
@@ -420,13 +498,15 @@ class RetrievalRankReward:
                 metrics["num_attributes"] = float(d.num_attributes[d.valid].mean())
             s = d.scored
             if s.any():
-                metrics.update({
-                    "rank": float(d.rank[s].mean()),
-                    "rank_without_attributes": float(d.rank_without_attributes[s].mean()),
-                    "recall@1": float(d.hit_at_1[s].mean()),
-                    f"recall@{self.k}": float(d.hit_at_k[s].mean()),
-                    "mrr": float(d.reciprocal_rank[s].mean()),
-                })
+                metrics.update(
+                    {
+                        "rank": float(d.rank[s].mean()),
+                        "rank_without_attributes": float(d.rank_without_attributes[s].mean()),
+                        "recall@1": float(d.hit_at_1[s].mean()),
+                        f"recall@{self.k}": float(d.hit_at_k[s].mean()),
+                        "mrr": float(d.reciprocal_rank[s].mean()),
+                    }
+                )
             for key, value in metrics.items():
                 if math.isfinite(value):
                     log_metric(f"{name}/{key}", value)

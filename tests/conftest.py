@@ -82,13 +82,42 @@ def warm_policy_dir(tiny_model_dir, small_catalog_dir, tmp_path_factory):
     recipe = _load_recipe("sft_attributes")
     out = tmp_path_factory.mktemp("warm-policy")
     parser = trl.TrlParser((recipe.SFTScriptArguments, trl.SFTConfig, trl.ModelConfig))
-    args = parser.parse_args_and_config([
-        "--catalog", str(small_catalog_dir), "--model_name_or_path", str(tiny_model_dir),
-        "--max_train_listings", "8", "--output_dir", str(out), "--max_steps", "40",
-        "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-        "--assistant_only_loss", "true", "--activation_checkpointing", "false", "--save_strategy", "no",
-        "--bf16", "false", "--use_cpu", "true", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true",
-    ])
+    args = parser.parse_args_and_config(
+        [
+            "--catalog",
+            str(small_catalog_dir),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--max_train_listings",
+            "8",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "40",
+            "--per_device_train_batch_size",
+            "8",
+            "--learning_rate",
+            "1e-2",
+            "--lr_scheduler_type",
+            "constant",
+            "--assistant_only_loss",
+            "true",
+            "--activation_checkpointing",
+            "false",
+            "--save_strategy",
+            "no",
+            "--bf16",
+            "false",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+            "--seed",
+            "0",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

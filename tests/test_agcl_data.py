@@ -8,13 +8,15 @@ from agcl.data import GroupedBatchSampler, ProductPairDataset
 
 def _catalog():
     products = ["a", "a", "a", "b", "b", "c", "d", "d"]
-    return datasets.Dataset.from_dict({
-        "listing_id": [f"l{i}" for i in range(len(products))],
-        "product_id": products,
-        "title": ["t"] * len(products),
-        "category": ["mug", "mug", "mug", "bag", "bag", "bag", "mug", "mug"],
-        "attributes": [{"brand": "x", "category": "mug"}] * 3 + [{"brand": "y"}] * 2 + [{}] + [{"brand": "x"}] * 2,
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "listing_id": [f"l{i}" for i in range(len(products))],
+            "product_id": products,
+            "title": ["t"] * len(products),
+            "category": ["mug", "mug", "mug", "bag", "bag", "bag", "mug", "mug"],
+            "attributes": [{"brand": "x", "category": "mug"}] * 3 + [{"brand": "y"}] * 2 + [{}] + [{"brand": "x"}] * 2,
+        }
+    )
 
 
 def test_pairs_are_two_distinct_listings_of_one_product_and_singletons_are_counted(caplog):
@@ -69,7 +71,8 @@ def test_grouped_sampler_keeps_groups_contiguous_and_reshuffles_each_epoch():
 
 
 def test_candidate_attributes_are_appended_with_their_own_coin_and_queries_stay_as_they_were(
-        tiny_encoder_dir, small_catalog_dir):
+    tiny_encoder_dir, small_catalog_dir
+):
     from afmrl.attributes import format_attributes
     from afmrl.catalog.load import load_catalog
     from afmrl.encoder.model import ProductEncoder
@@ -81,18 +84,24 @@ def test_candidate_attributes_are_appended_with_their_own_coin_and_queries_stay_
     positives = [catalog[i["positive"]] for i in items]
 
     def collate(p_query, p_candidate):
-        return AGCLCollator(encoder, catalog, query_attribute_probability=p_query,
-                            candidate_attribute_probability=p_candidate, seed=7)(items)
+        return AGCLCollator(
+            encoder, catalog, query_attribute_probability=p_query, candidate_attribute_probability=p_candidate, seed=7
+        )(items)
 
     plain = encoder.build_inputs([r["image"] for r in positives], [r["title"] for r in positives])
-    annotated = encoder.build_inputs([r["image"] for r in positives], [r["title"] for r in positives],
-                                     [format_attributes(r["attributes"]) for r in positives])
+    annotated = encoder.build_inputs(
+        [r["image"] for r in positives],
+        [r["title"] for r in positives],
+        [format_attributes(r["attributes"]) for r in positives],
+    )
     assert collate(0.5, 0.0)["candidate"]["input_ids"].equal(plain["input_ids"])
     assert collate(0.5, 1.0)["candidate"]["input_ids"].equal(annotated["input_ids"])
     # The query's coins do not move when candidates get attributes (runs without the option are unchanged).
     assert collate(0.5, 1.0)["query"]["input_ids"].equal(collate(0.5, 0.0)["query"]["input_ids"])
     # The two sides draw independently: at 0.5 some pair appends on one side only.
-    collator = AGCLCollator(encoder, catalog, query_attribute_probability=0.5, candidate_attribute_probability=0.5, seed=7)
+    collator = AGCLCollator(
+        encoder, catalog, query_attribute_probability=0.5, candidate_attribute_probability=0.5, seed=7
+    )
     pairs = [{"query": q, "positive": q + 1} for q in range(0, 40, 2)]
     sides = {(collator._coin(p) < 0.5, collator._coin(p, "candidate") < 0.5) for p in pairs}
     assert {(True, False), (False, True)} <= sides
@@ -105,8 +114,9 @@ def test_candidate_attribute_probability_out_of_range_is_named(tmp_path):
         AGCLConfig(output_dir=str(tmp_path), candidate_attribute_probability=1.5)
 
 
-def test_attribute_key_dropout_appends_subsets_of_the_line_and_keeps_bm25_whole(tiny_encoder_dir, small_catalog_dir,
-                                                                                 monkeypatch):
+def test_attribute_key_dropout_appends_subsets_of_the_line_and_keeps_bm25_whole(
+    tiny_encoder_dir, small_catalog_dir, monkeypatch
+):
     from afmrl.attributes import format_attributes, parse_attributes
     from afmrl.catalog.load import load_catalog
     from afmrl.encoder.model import ProductEncoder
@@ -123,8 +133,14 @@ def test_attribute_key_dropout_appends_subsets_of_the_line_and_keeps_bm25_whole(
 
     original = encoder.build_inputs
     monkeypatch.setattr(encoder, "build_inputs", spy)
-    batch = AGCLCollator(encoder, catalog, query_attribute_probability=1.0, candidate_attribute_probability=1.0,
-                         attribute_key_probability=0.5, seed=3)(items)
+    batch = AGCLCollator(
+        encoder,
+        catalog,
+        query_attribute_probability=1.0,
+        candidate_attribute_probability=1.0,
+        attribute_key_probability=0.5,
+        seed=3,
+    )(items)
     queries, candidates = seen["calls"]
     full = [format_attributes(catalog[i["query"]]["attributes"]) for i in items]
     assert batch["query_attributes"] == full  # BM25 and the filter read the whole line
@@ -165,7 +181,9 @@ def test_intra_product_text_side_is_the_title_the_attribute_line_or_both(tiny_en
     assert lines[0] and lines[1] is None
 
     def text_side(mode):
-        return AGCLCollator(encoder, catalog, with_modalities=True, modality_text=mode, seed=0)(items)["query_text_only"]
+        return AGCLCollator(encoder, catalog, with_modalities=True, modality_text=mode, seed=0)(items)[
+            "query_text_only"
+        ]
 
     expected = {
         "title": encoder.build_inputs([None, None], titles),

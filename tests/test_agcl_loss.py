@@ -94,10 +94,10 @@ def test_default_bm25_is_in_batch_bm25scorer():
 
 # --------------------------------------------------------------------------- filters
 # Hand-built cosine similarities; values kept away from every threshold used below.
-SIM = torch.tensor([[0.80, 0.95, 0.72, 0.10],
-                    [0.45, 0.60, 0.55, 0.92],
-                    [0.30, 0.20, 0.93, 0.85],
-                    [0.99, 0.40, 0.10, 0.70]], dtype=torch.float64)
+SIM = torch.tensor(
+    [[0.80, 0.95, 0.72, 0.10], [0.45, 0.60, 0.55, 0.92], [0.30, 0.20, 0.93, 0.85], [0.99, 0.40, 0.10, 0.70]],
+    dtype=torch.float64,
+)
 
 
 def as_mask(entries, shape=(4, 4)):
@@ -143,11 +143,13 @@ def test_attribute_filter_mask():
     by_sig = [(1, 3), (3, 1)]
     assert torch.equal(loss.false_negative_mask(SIM, row_product_ids=pids, col_product_ids=pids), as_mask(by_pid))
     assert torch.equal(loss.false_negative_mask(SIM, row_signatures=sigs, col_signatures=sigs), as_mask(by_sig))
-    both = loss.false_negative_mask(SIM, row_product_ids=pids, col_product_ids=pids,
-                                    row_signatures=sigs, col_signatures=[None] * 4)  # None never matches
+    both = loss.false_negative_mask(
+        SIM, row_product_ids=pids, col_product_ids=pids, row_signatures=sigs, col_signatures=[None] * 4
+    )  # None never matches
     assert torch.equal(both, as_mask(by_pid))
-    both = loss.false_negative_mask(SIM, row_product_ids=pids, col_product_ids=pids,
-                                    row_signatures=sigs, col_signatures=sigs)
+    both = loss.false_negative_mask(
+        SIM, row_product_ids=pids, col_product_ids=pids, row_signatures=sigs, col_signatures=sigs
+    )
     assert torch.equal(both, as_mask(by_pid + by_sig))
     with pytest.raises(ValueError, match="attribute"):
         loss.false_negative_mask(SIM)
@@ -158,8 +160,9 @@ def test_filters_never_mask_an_offset_positive_and_none_masks_nothing():
     labels = torch.tensor([2, 3])
     for rule in FILTERS:
         kw = {"row_product_ids": ["x", "x"], "col_product_ids": ["x"] * 4} if rule == "attribute" else {}
-        m = AGCLLoss(false_negative_filter=rule, filter_threshold=-2.0, dynamic_threshold=1.1,
-                     filter_margin=5.0).false_negative_mask(s, positive_indices=labels, **kw)
+        m = AGCLLoss(
+            false_negative_filter=rule, filter_threshold=-2.0, dynamic_threshold=1.1, filter_margin=5.0
+        ).false_negative_mask(s, positive_indices=labels, **kw)
         assert not m[0, 2] and not m[1, 3], rule
         assert m.sum() == (0 if rule == "none" else 6), rule
 
@@ -188,8 +191,9 @@ def test_gradients_finite_under_heavy_masking(symmetric):
     assert loss.last_stats["masked_per_query"] == 5
     assert torch.isfinite(q.grad).all() and torch.isfinite(c.grad).all()
     q.grad = c.grad = None
-    AGCLLoss(hard_negative_weighting=False, false_negative_filter="relative", filter_margin=0.5,
-             temperature=0.01)(q, c).backward()
+    AGCLLoss(hard_negative_weighting=False, false_negative_filter="relative", filter_margin=0.5, temperature=0.01)(
+        q, c
+    ).backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(c.grad).all()
 
 
@@ -198,8 +202,13 @@ def test_queue_is_a_capped_fifo_and_skips_eval_mode():
     loss = AGCLLoss(hard_negative_weighting=False, memory_queue_size=5)
     batches = [unit(2, seed=20 + k) for k in range(3)]
     for k, c in enumerate(batches):
-        loss(unit(2, seed=30 + k), c, product_ids=[f"b{k}i0", f"b{k}i1"], candidate_attributes=["x", "y"],
-             query_attributes=["x", "y"])
+        loss(
+            unit(2, seed=30 + k),
+            c,
+            product_ids=[f"b{k}i0", f"b{k}i1"],
+            candidate_attributes=["x", "y"],
+            query_attributes=["x", "y"],
+        )
     assert loss.queue_size == 5 and loss.last_stats["queue_size"] == 5
     torch.testing.assert_close(loss.queue.emb, torch.cat(batches)[1:])
     assert loss.queue.product_ids == ["b0i1", "b1i0", "b1i1", "b2i0", "b2i1"]
@@ -215,8 +224,13 @@ def test_queue_is_a_capped_fifo_and_skips_eval_mode():
 def test_queue_entries_are_weighted_negatives_and_same_product_entries_are_masked():
     loss = AGCLLoss(bm25=overlap_bm25, memory_queue_size=6)
     c0, a0 = unit(4, seed=50), texts(4, 9)
-    loss(unit(4, seed=51), c0, product_ids=["old0", "old1", "old2", "old3"],
-         query_attributes=texts(4, 10), candidate_attributes=a0)
+    loss(
+        unit(4, seed=51),
+        c0,
+        product_ids=["old0", "old1", "old2", "old3"],
+        query_attributes=texts(4, 10),
+        candidate_attributes=a0,
+    )
     q, c, qa, ca = unit(4, seed=52), unit(4, seed=53), texts(4, 11), texts(4, 12)
     pids = ["new0", "old2", "new2", "new3"]  # query 1 is the product of queue entry 2
     got = loss(q, c, product_ids=pids, query_attributes=qa, candidate_attributes=ca)
@@ -270,11 +284,11 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="product_ids has 2 entries"):
         AGCLLoss(hard_negative_weighting=False)(q, c, product_ids=["a", "b"])
     with pytest.raises(ValueError, match=r"bm25 returned shape \(3, 2\), expected \(3, 3\)"):
-        AGCLLoss(bm25=lambda a, b: np.zeros((3, 2)))(q, c, query_attributes=["a"] * 3,
-                                                   candidate_attributes=["b"] * 3)
+        AGCLLoss(bm25=lambda a, b: np.zeros((3, 2)))(q, c, query_attributes=["a"] * 3, candidate_attributes=["b"] * 3)
     with pytest.raises(ValueError, match=r"\(3, 8\) and \(3, 4\)"):
         AGCLLoss(hard_negative_weighting=False, intra_product_weight=1.0)(
-            q, c, image_embeddings=q, text_embeddings=unit(3, d=4))
+            q, c, image_embeddings=q, text_embeddings=unit(3, d=4)
+        )
     with pytest.raises(ValueError, match="together"):
         AGCLLoss(hard_negative_weighting=False)(q, c, query_signatures=["s"] * 3)
 
@@ -305,16 +319,31 @@ def _check_equal_shards(rank, world):
     enc = torch.nn.Linear(10, 8).double()
     pids = [f"p{i % 4}" for i in range(N)]  # repeated products across ranks
     qa, ca = texts(N, 1), texts(N, 2)
-    kw = dict(temperature=0.1, bm25=overlap_bm25, false_negative_filter="relative", filter_margin=0.2,
-              symmetric=True, memory_queue_size=4, intra_product_weight=0.5)
+    kw = dict(
+        temperature=0.1,
+        bm25=overlap_bm25,
+        false_negative_filter="relative",
+        filter_margin=0.2,
+        symmetric=True,
+        memory_queue_size=4,
+        intra_product_weight=0.5,
+    )
     dist_loss, full_loss = AGCLLoss(**kw), AGCLLoss(**kw, gather_across_processes=False)
     local = slice(rank * n, (rank + 1) * n)
 
     def run(loss_fn, x, rows, step):
         enc.zero_grad()
         e = [F.normalize(enc(x[k, rows]), dim=-1) for k in range(4)]
-        out = loss_fn(e[0], e[1], product_ids=pids[rows], query_attributes=qa[rows], candidate_attributes=ca[rows],
-                      image_embeddings=e[2], text_embeddings=e[3], step=step)
+        out = loss_fn(
+            e[0],
+            e[1],
+            product_ids=pids[rows],
+            query_attributes=qa[rows],
+            candidate_attributes=ca[rows],
+            image_embeddings=e[2],
+            text_embeddings=e[3],
+            step=step,
+        )
         out.backward()
         return out.detach(), [p.grad.clone() for p in enc.parameters()]
 
@@ -368,5 +397,7 @@ def test_weighting_negatives_only_leaves_the_positive_logit_alone():
     logits = q @ c.T / 0.05 + torch.tanh(b) * (1 - torch.eye(5, dtype=torch.float64))
     expected = torch.nn.functional.cross_entropy(logits, torch.arange(5))
     torch.testing.assert_close(got, expected)
-    literal = AGCLLoss(temperature=0.05, bm25=lambda rows, cols: b)(q, c, query_attributes=texts, candidate_attributes=texts)
+    literal = AGCLLoss(temperature=0.05, bm25=lambda rows, cols: b)(
+        q, c, query_attributes=texts, candidate_attributes=texts
+    )
     assert not torch.isclose(literal, got)

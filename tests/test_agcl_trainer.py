@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 from PIL import Image
@@ -12,9 +11,19 @@ from agcl.trainer import AGCLTrainer, check_attribute_options
 
 
 def _args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_train_epochs=8,
-                learning_rate=1e-3, temperature=0.05, save_strategy="no", report_to=[], use_cpu=True,
-                logging_steps=5, seed=0, disable_tqdm=True)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        num_train_epochs=8,
+        learning_rate=1e-3,
+        temperature=0.05,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=5,
+        seed=0,
+        disable_tqdm=True,
+    )
     return AGCLConfig(**(base | overrides))
 
 
@@ -25,9 +34,17 @@ def test_short_agcl_run_improves_instance_recall(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0, freeze_vision=False))
     before = evaluate_encoder(encoder, test, tasks=["instance"])["instance"]["recall@1"]
-    trainer = AGCLTrainer(model=encoder, args=_args(tmp_path, false_negative_filter="attribute", weight_positive=False,
-                                                    per_device_train_batch_size=32, num_train_epochs=6),
-                          train_dataset=train)
+    trainer = AGCLTrainer(
+        model=encoder,
+        args=_args(
+            tmp_path,
+            false_negative_filter="attribute",
+            weight_positive=False,
+            per_device_train_batch_size=32,
+            num_train_epochs=6,
+        ),
+        train_dataset=train,
+    )
     trainer.train()
     after = evaluate_encoder(encoder, test, tasks=["instance"])["instance"]["recall@1"]
     assert after > before + 0.05, (before, after)
@@ -35,7 +52,9 @@ def test_short_agcl_run_improves_instance_recall(tiny_model_dir, tmp_path):
     assert losses[-1] < losses[0]
     trainer.save_model()
     reloaded = ProductEncoder.from_pretrained(tmp_path / "out")
-    assert evaluate_encoder(reloaded, test, tasks=["instance"])["instance"]["recall@1"] == pytest.approx(after, abs=1e-6)
+    assert evaluate_encoder(reloaded, test, tasks=["instance"])["instance"]["recall@1"] == pytest.approx(
+        after, abs=1e-6
+    )
     assert (tmp_path / "out" / "bm25_idf.json").is_file()
 
 
@@ -45,9 +64,17 @@ def test_gradient_cache_gives_the_same_gradients_as_one_pass(tiny_model_dir, sma
     for chunk in (None, 3):
         torch.manual_seed(0)
         encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0))
-        trainer = AGCLTrainer(model=encoder, args=_args(tmp_path, per_device_train_batch_size=8,
-                                                        gradient_cache_chunk_size=chunk, query_attribute_probability=0.0,
-                                                        false_negative_filter="relative"), train_dataset=train)
+        trainer = AGCLTrainer(
+            model=encoder,
+            args=_args(
+                tmp_path,
+                per_device_train_batch_size=8,
+                gradient_cache_chunk_size=chunk,
+                query_attribute_probability=0.0,
+                false_negative_filter="relative",
+            ),
+            train_dataset=train,
+        )
         items = [trainer.train_dataset.groups[i] for i in range(8)]
         batch = trainer.data_collator([{"query": rows[0], "positive": rows[1]} for rows in items])
         encoder.zero_grad()
@@ -63,12 +90,17 @@ def test_gradient_cache_gives_the_same_gradients_as_one_pass(tiny_model_dir, sma
 
 def test_weighting_without_attribute_column_names_flag_and_column(small_catalog_dir):
     train = load_catalog(small_catalog_dir, split="train").remove_columns(["attributes"])
-    args = AGCLConfig(output_dir="unused", hard_negative_weighting=True, false_negative_filter="none",
-                      query_attribute_probability=0.0)
+    args = AGCLConfig(
+        output_dir="unused", hard_negative_weighting=True, false_negative_filter="none", query_attribute_probability=0.0
+    )
     with pytest.raises(ValueError, match=r"--hard_negative_weighting.*'attributes'"):
         check_attribute_options(args, train)
-    ok = AGCLConfig(output_dir="unused", hard_negative_weighting=False, false_negative_filter="relative",
-                    query_attribute_probability=0.0)
+    ok = AGCLConfig(
+        output_dir="unused",
+        hard_negative_weighting=False,
+        false_negative_filter="relative",
+        query_attribute_probability=0.0,
+    )
     check_attribute_options(ok, train)  # nothing needs attributes: no error
 
 
@@ -82,11 +114,14 @@ def test_recipe_reports_user_errors_without_traceback(tmp_path, load_recipe, cap
     bad = tmp_path / "cat"
     bad.mkdir()
     Image.new("RGB", (8, 8)).save(bad / "a.png")
-    (bad / "catalog.jsonl").write_text('{"listing_id": "a", "product_id": "p", "title": "", "image": "a.png", "split": "train"}\n')
+    (bad / "catalog.jsonl").write_text(
+        '{"listing_id": "a", "product_id": "p", "title": "", "image": "a.png", "split": "train"}\n'
+    )
     recipe = load_recipe("agcl_train")
     for argv, fragments in (
-            (["--catalog", str(bad), "--output_dir", str(tmp_path / "o")], ("line 1", "'title'")),
-            (["--false_negative_filter", "fuzzy"], ("fuzzy", "dynamic"))):
+        (["--catalog", str(bad), "--output_dir", str(tmp_path / "o")], ("line 1", "'title'")),
+        (["--false_negative_filter", "fuzzy"], ("fuzzy", "dynamic")),
+    ):
         with pytest.raises(SystemExit) as info:
             recipe.cli(["--config", "recipes/configs/agcl_demo.yaml", *argv])
         err = capsys.readouterr().err
@@ -106,12 +141,30 @@ def test_recipe_continues_training_from_a_saved_encoder(tiny_model_dir, small_ca
     start = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=4, lora_alpha=8))
     start.save_pretrained(tmp_path / "start")
     parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
-    args = parser.parse_args_and_config([
-        "--catalog", str(small_catalog_dir), "--init_encoder", str(tmp_path / "start"),
-        "--output_dir", str(tmp_path / "continued"), "--max_steps", "2", "--per_device_train_batch_size", "8",
-        "--eval_split", "none", "--use_cpu", "true", "--save_strategy", "no", "--report_to", "none",
-        "--model_name_or_path", "ignored-because-init_encoder-is-set",
-    ])
+    args = parser.parse_args_and_config(
+        [
+            "--catalog",
+            str(small_catalog_dir),
+            "--init_encoder",
+            str(tmp_path / "start"),
+            "--output_dir",
+            str(tmp_path / "continued"),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--eval_split",
+            "none",
+            "--use_cpu",
+            "true",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--model_name_or_path",
+            "ignored-because-init_encoder-is-set",
+        ]
+    )
     trainer = agcl_train.main(*args)
     assert trainer.state.global_step == 2
     continued = ProductEncoder.from_pretrained(tmp_path / "continued")
@@ -139,10 +192,22 @@ def test_recipe_trains_on_the_title_column_it_is_given(tiny_model_dir, small_cat
     (catalog / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = load_recipe("agcl_train")
     parser = trl.TrlParser((AGCLScriptArguments, AGCLConfig, trl.ModelConfig))
-    args = parser.parse_args_and_config(["--config", "recipes/configs/agcl_demo.yaml", "--catalog", str(catalog),
-                                         "--model_name_or_path", str(tiny_model_dir), "--output_dir",
-                                         str(tmp_path / "out"), "--eval_split", "none",
-                                         "--title_column", "enriched_title"])
+    args = parser.parse_args_and_config(
+        [
+            "--config",
+            "recipes/configs/agcl_demo.yaml",
+            "--catalog",
+            str(catalog),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--eval_split",
+            "none",
+            "--title_column",
+            "enriched_title",
+        ]
+    )
     trainer, encoder, _, _ = recipe.setup(*args)
     assert trainer.catalog["title"] == [f"zzenriched {t}" for t in trainer.catalog["title_original"]]
     seen = []
@@ -164,15 +229,19 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_model_dir, small
     grads = {}
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=4, lora_alpha=8,
-                                                             lora_dropout=0.0))
+        encoder = ProductEncoder.from_backbone(
+            EncoderConfig(backbone=str(tiny_model_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0)
+        )
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # LoRA's B starts at zero, which would leave every A without a gradient
             for param in encoder.parameters():
                 if param.requires_grad:
                     param.add_(0.05 * torch.randn(param.shape, generator=gen))
-        trainer = AGCLTrainer(model=encoder, args=_args(tmp_path, per_device_train_batch_size=8,
-                                                        query_attribute_probability=0.0), train_dataset=train)
+        trainer = AGCLTrainer(
+            model=encoder,
+            args=_args(tmp_path, per_device_train_batch_size=8, query_attribute_probability=0.0),
+            train_dataset=train,
+        )
         if checkpointing:
             encoder.activation_checkpointing_enable({"use_reentrant": reentrant})
             assert encoder.is_activation_checkpointing
@@ -198,11 +267,33 @@ def test_recipe_trains_with_activation_checkpointing(tiny_model_dir, small_catal
 
     agcl_train = load_recipe("agcl_train")
     parser = TrlParser((AGCLScriptArguments, AGCLConfig, ModelConfig))
-    args = parser.parse_args_and_config([
-        "--catalog", str(small_catalog_dir), "--model_name_or_path", str(tiny_model_dir), "--use_peft", "true",
-        "--lora_r", "4", "--activation_checkpointing", "true", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
-        "--per_device_train_batch_size", "8", "--eval_split", "none", "--use_cpu", "true", "--save_strategy", "no",
-        "--report_to", "none",
-    ])
+    args = parser.parse_args_and_config(
+        [
+            "--catalog",
+            str(small_catalog_dir),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--use_peft",
+            "true",
+            "--lora_r",
+            "4",
+            "--activation_checkpointing",
+            "true",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--eval_split",
+            "none",
+            "--use_cpu",
+            "true",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+        ]
+    )
     trainer = agcl_train.main(*args)
     assert trainer.state.global_step == 2 and trainer.model.is_activation_checkpointing

@@ -160,8 +160,13 @@ def test_attribute_f1_values():
 
 def test_attribute_f1_precision_and_recall_scores():
     reference = {"color": "red", "size": "m", "logo": "star"}
-    completions = ["color: red", "color: red; size: l; brand: acme; logo: star", "color: blue", "nothing parsable",
-                   "color: red"]
+    completions = [
+        "color: red",
+        "color: red; size: l; brand: acme; logo: star",
+        "color: blue",
+        "nothing parsable",
+        "color: red",
+    ]
     kwargs = {"completions": completions, "attributes": [reference] * 4 + [None]}
     precision = AttributeF1Reward(score="precision", invalid_reward=-0.2)(**kwargs)
     recall = AttributeF1Reward(score="recall", invalid_reward=-0.2)(**kwargs)
@@ -223,8 +228,13 @@ def test_rewards_never_raise_and_are_finite(completions, data):
     references = data.draw(st.lists(_reference, min_size=len(completions), max_size=len(completions)))
     log = Recorder()
     for reward in REWARDS:
-        out = reward(prompts=[None] * len(completions), completions=completions, attributes=references,
-                     log_metric=log, trainer_state=None)
+        out = reward(
+            prompts=[None] * len(completions),
+            completions=completions,
+            attributes=references,
+            log_metric=log,
+            trainer_state=None,
+        )
         assert len(out) == len(completions)
         for value in out:
             assert value is None or (isinstance(value, float) and math.isfinite(value))

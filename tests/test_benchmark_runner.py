@@ -12,7 +12,9 @@ import pytest
 
 def load(name):
     """benchmarks.NAME or experiments.NAME, imported as ``python -m`` runs it (from the repository root)."""
-    folder = "benchmarks" if (Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py").is_file() else "experiments"
+    folder = (
+        "benchmarks" if (Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py").is_file() else "experiments"
+    )
     return importlib.import_module(f"{folder}.{name}")
 
 
@@ -24,8 +26,10 @@ def ladder():
 def task(ladder, tmp_path, name, deps=(), code="pass", sleep=0.3):
     """A child that records its start and end times, then leaves its `done` file."""
     done = tmp_path / f"{name}.done"
-    script = (f"import time, pathlib; s = time.time(); time.sleep({sleep}); {code}; "
-              f"pathlib.Path({str(done)!r}).write_text(f'{{s}} {{time.time()}}')")
+    script = (
+        f"import time, pathlib; s = time.time(); time.sleep({sleep}); {code}; "
+        f"pathlib.Path({str(done)!r}).write_text(f'{{s}} {{time.time()}}')"
+    )
     return ladder.Task(name, [sys.executable, "-c", script], done, tuple(deps))
 
 
@@ -70,8 +74,13 @@ def test_results_page_and_readme_block_come_from_the_generated_pages(tmp_path, m
     monkeypatch.setattr(run_all, "DOCS", docs)
     monkeypatch.setattr(run_all, "ROOT", tmp_path)
     (docs / "memory.md").write_text("# Memory page\n\nmeasured 1.23\n\n## A part\n\ntext\n")
-    seeds = {str(s): {rung: {"instance": {"recall@1": 0.1 * (i + 1) + 0.01 * s, "recall@5": 0.5, "recall@10": 0.9}}
-                      for i, rung in enumerate(ladder.RUNGS)} for s in (0, 1)}
+    seeds = {
+        str(s): {
+            rung: {"instance": {"recall@1": 0.1 * (i + 1) + 0.01 * s, "recall@5": 0.5, "recall@10": 0.9}}
+            for i, rung in enumerate(ladder.RUNGS)
+        }
+        for s in (0, 1)
+    }
     (docs / "ladder.json").write_text(json.dumps({"seeds": seeds}))
     out = run_all.assemble({"memory": 90.0, "_full_run": {"seconds": 1800, "machine": "test box"}})
     page = out.read_text()
@@ -89,12 +98,22 @@ def test_results_page_and_readme_block_come_from_the_generated_pages(tmp_path, m
 
 def test_ladder_report_without_the_stage1_ablation(ladder, tmp_path):
     def metrics(r1):
-        return {"instance": {"recall@1": r1, "recall@5": 0.8, "recall@10": 0.9, "mAP@10": 0.4},
-                "instance_query_only": {"recall@1": r1 - 0.05},
-                "coarse": {"mAP@1": 0.9}, "image_to_text": {"recall@1": 0.1}, "text_to_image": {"recall@1": 0.1}}
+        return {
+            "instance": {"recall@1": r1, "recall@5": 0.8, "recall@10": 0.9, "mAP@10": 0.4},
+            "instance_query_only": {"recall@1": r1 - 0.05},
+            "coarse": {"mAP@1": 0.9},
+            "image_to_text": {"recall@1": 0.1},
+            "text_to_image": {"recall@1": 0.1},
+        }
 
-    per_seed = {s: {**{rung: metrics(0.40 + 0.01 * i + 0.02 * s) for i, rung in enumerate(ladder.RUNGS)},
-                    "InfoNCE": metrics(0.40 + 0.02 * s), "AGCL": metrics(0.43 + 0.02 * s)} for s in (0, 1)}
+    per_seed = {
+        s: {
+            **{rung: metrics(0.40 + 0.01 * i + 0.02 * s) for i, rung in enumerate(ladder.RUNGS)},
+            "InfoNCE": metrics(0.40 + 0.02 * s),
+            "AGCL": metrics(0.43 + 0.02 * s),
+        }
+        for s in (0, 1)
+    }
     out = tmp_path / "ladder.md"
     ladder.write_report(out, per_seed, "test box", 60.0, 2, " --stage1_ablation false")
     text = out.read_text()
@@ -111,13 +130,17 @@ def test_attribute_headroom_counts_emitted_right_and_perceived_values_per_key():
     import datasets
 
     headroom = load("attribute_headroom")
-    ds = datasets.Dataset.from_dict({
-        "title": ["Acme red mug size M", "mug", "mug with green trim"],
-        "true_attributes": [{"brand": "acme", "color": "red", "size": "M"},
-                            {"brand": "lumo", "color": "blue", "size": "S"},
-                            {"brand": "lumo", "color": "black", "size": "L"}],
-        "attributes": [{}, {}, {}],
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "title": ["Acme red mug size M", "mug", "mug with green trim"],
+            "true_attributes": [
+                {"brand": "acme", "color": "red", "size": "M"},
+                {"brand": "lumo", "color": "blue", "size": "S"},
+                {"brand": "lumo", "color": "black", "size": "L"},
+            ],
+            "attributes": [{}, {}, {}],
+        }
+    )
     generated = ["brand: acme; color: blue; size: m", "color: blue; size: l; shipping: free", "oops"]
     rows = headroom.key_accuracy(ds, generated)
     assert rows["brand"]["emitted"] == 1 / 3 and rows["brand"]["right"] == 1.0
@@ -140,7 +163,8 @@ def test_reward_signal_variants_change_the_sft_line_in_one_way_each():
     assert lines["SFT without pattern, logo, size, brand"] == {"category": "mug", "color": "red"}
     wrong = lines["SFT with a wrong colour"]
     assert wrong["color"] != "red" and {k: v for k, v in wrong.items() if k != "color"} == {
-        k: v for k, v in sft.items() if k != "color"}
+        k: v for k, v in sft.items() if k != "color"
+    }
     assert lines["colour only (SFT's)"] == {"color": "red"}
 
 
@@ -158,7 +182,10 @@ def test_reward_signal_noise_rows_measure_the_spread_within_a_listing_and_the_be
     lines = signal.noise_rows(reward, ["L0", "L1"], samples, base, headroom=0.1, temperature=1.0)
     spreads = [np.std([0.5, 1.0, 0.5], ddof=1), np.std([0.0, 0.0, -0.5], ddof=1)]
     sigma = np.mean(spreads)
-    assert lines[0].split(" | ")[1:3] == [f"{np.mean([0.5, 1.0, 0.5, 0.0, 0.0, -0.5]):+.3f}", f"{(0.5 - 0.5) / 6:+.3f}"]  # diffs 0, +0.5, 0 and 0, 0, -0.5
+    assert lines[0].split(" | ")[1:3] == [
+        f"{np.mean([0.5, 1.0, 0.5, 0.0, 0.0, -0.5]):+.3f}",
+        f"{(0.5 - 0.5) / 6:+.3f}",
+    ]  # diffs 0, +0.5, 0 and 0, 0, -0.5
     assert lines[1].split(" | ")[1:3] == ["+0.500", "+0.250"]  # best per listing: 1.0 and 0.0, minus 0.5 and 0.0
     assert f"σ = {sigma:.3f}" in lines[-1] and f"{(sigma / 0.1) ** 2:,.0f} samples" in lines[-1]
 
@@ -167,12 +194,15 @@ def test_errors_by_key_finds_each_familys_varying_key_and_its_chance_level():
     import datasets
 
     errors = load("errors_by_key")
-    ds = datasets.Dataset.from_dict({
-        "family_id": ["F0"] * 5 + ["F1"] * 2,
-        "product_id": ["a", "a", "a", "b", "b", "c", "c"],
-        "true_attributes": [{"color": "red", "logo": "star"}] * 3 + [{"color": "red", "logo": "moon"}] * 2
-                           + [{"color": "blue", "logo": "star"}] * 2,
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "family_id": ["F0"] * 5 + ["F1"] * 2,
+            "product_id": ["a", "a", "a", "b", "b", "c", "c"],
+            "true_attributes": [{"color": "red", "logo": "star"}] * 3
+            + [{"color": "red", "logo": "moon"}] * 2
+            + [{"color": "blue", "logo": "star"}] * 2,
+        }
+    )
     keys = errors.varying_keys(ds)
     assert keys == ["logo"] * 5 + ["single product"] * 2
     chance = errors.family_chance(ds, keys)
@@ -185,15 +215,19 @@ def test_encoder_attribute_use_reads_every_source_in_catalog_order_and_names_a_m
     import datasets
 
     use = load("encoder_attribute_use")
-    ds = datasets.Dataset.from_dict({
-        "listing_id": ["a", "b"],
-        "attributes": [{"color": "Red"}, {}],
-        "true_attributes": [{"color": "red", "size": "M"}, {"color": "blue"}],
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "listing_id": ["a", "b"],
+            "attributes": [{"color": "Red"}, {}],
+            "true_attributes": [{"color": "red", "size": "M"}, {"color": "blue"}],
+        }
+    )
     run = tmp_path / "run"
     run.mkdir()
-    rows = [{"listing_id": "b", "sft_attributes": "Color: Blue", "rar_attributes": "garbage"},
-            {"listing_id": "a", "sft_attributes": "size: m; color: red", "rar_attributes": ""}]
+    rows = [
+        {"listing_id": "b", "sft_attributes": "Color: Blue", "rar_attributes": "garbage"},
+        {"listing_id": "a", "sft_attributes": "size: m; color: red", "rar_attributes": ""},
+    ]
     (run / "attributes.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     sources = use.attribute_sources(ds, [str(run / "attributes.jsonl")])
     run_name = str(run)  # outside outputs/: the whole path names the run

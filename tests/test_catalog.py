@@ -134,10 +134,7 @@ def test_blank_lines_are_skipped_and_counted(tmp_path):
         r"catalog\.jsonl line 4 \(listing_id 'L1'\): field 'title' is empty",
     )
     recs[1]["title"] = "ok"
-    assert (
-        len(load_catalog(write_catalog(tmp_path, lines=["", json.dumps(recs[0]), "", json.dumps(recs[1])])))
-        == 2
-    )
+    assert len(load_catalog(write_catalog(tmp_path, lines=["", json.dumps(recs[0]), "", json.dumps(recs[1])]))) == 2
 
 
 def test_save_to_disk_dataset_round_trip(tmp_path):
@@ -164,9 +161,7 @@ def test_saved_dataset_with_string_paths_resolves_relative_to_saved_dir(tmp_path
 
 def test_save_to_disk_datasetdict_with_split_selection(tmp_path):
     ds = load_catalog(write_catalog(tmp_path / "c")).remove_columns("split")
-    datasets.DatasetDict({"train": ds.select([0, 1]), "test": ds.select([2, 3])}).save_to_disk(
-        str(tmp_path / "dd")
-    )
+    datasets.DatasetDict({"train": ds.select([0, 1]), "test": ds.select([2, 3])}).save_to_disk(str(tmp_path / "dd"))
     test = load_catalog(tmp_path / "dd", split="test")
     assert test["listing_id"][:] == ["L2", "L3"] and isinstance(test[0]["image"], Image.Image)
     both = load_catalog(tmp_path / "dd")
@@ -202,9 +197,7 @@ def test_all_problems_reported_together(tmp_path):
     recs[2]["image"] = "img/missing.png"
     for r in recs[5:]:
         del r["listing_id"]
-    err = bad(
-        write_catalog(tmp_path, recs), r"catalog\.jsonl line 1 \(listing_id 'L0'\): field 'title' is empty"
-    )
+    err = bad(write_catalog(tmp_path, recs), r"catalog\.jsonl line 1 \(listing_id 'L0'\): field 'title' is empty")
     assert len(err.problems) == 28
     assert any("line 2 (listing_id 'L1'): field 'product_id'" in p for p in err.problems)
     assert any("line 3 (listing_id 'L2'): field 'image'" in p for p in err.problems)
@@ -342,9 +335,7 @@ def test_split_that_selects_nothing(tmp_path):
 def test_both_image_and_images(tmp_path):
     recs = rows()
     recs[2]["images"] = ["img/0.png"]
-    bad(
-        write_catalog(tmp_path, recs), r"line 3 \(listing_id 'L2'\): fields 'image' and 'images' are both set"
-    )
+    bad(write_catalog(tmp_path, recs), r"line 3 \(listing_id 'L2'\): fields 'image' and 'images' are both set")
 
 
 def test_nested_attribute_value_rejected(tmp_path):
@@ -437,8 +428,13 @@ def test_mixed_image_and_images_rows_rejected(tmp_path):
 def test_title_column_replaces_titles_keeps_blank_rows_and_names_bad_input():
     from afmrl.catalog.load import use_title_column
 
-    ds = datasets.Dataset.from_dict({"listing_id": ["a", "b", "c"], "title": ["mug", "cup", "jar"],
-                                     "enriched_title": ["red mug with star", None, "  "]})
+    ds = datasets.Dataset.from_dict(
+        {
+            "listing_id": ["a", "b", "c"],
+            "title": ["mug", "cup", "jar"],
+            "enriched_title": ["red mug with star", None, "  "],
+        }
+    )
     out, kept = use_title_column(ds, "enriched_title")
     assert out["title"] == ["red mug with star", "cup", "jar"] and out["title_original"] == ["mug", "cup", "jar"]
     assert kept == 2

@@ -12,9 +12,16 @@ from afmrl.catalog.load import load_catalog
 def test_one_cit_round(load_recipe, warm_policy_dir, tiny_encoder_dir, small_catalog_dir, tmp_path):
     cit = load_recipe("cit")
     out = tmp_path / "cit"
-    args = cit.CITArguments(generator=str(warm_policy_dir), encoder=str(tiny_encoder_dir),
-                            catalog=str(small_catalog_dir), fraction=0.5, epochs=4, output_dir=str(out),
-                            prompt_template=cit.CITArguments.prompt_template, batch_size=16)
+    args = cit.CITArguments(
+        generator=str(warm_policy_dir),
+        encoder=str(tiny_encoder_dir),
+        catalog=str(small_catalog_dir),
+        fraction=0.5,
+        epochs=4,
+        output_dir=str(out),
+        prompt_template=cit.CITArguments.prompt_template,
+        batch_size=16,
+    )
     results = cit.main(args)
 
     # Half of the train products, every one of their listings, re-annotated by the generator.
@@ -32,7 +39,10 @@ def test_one_cit_round(load_recipe, warm_policy_dir, tiny_encoder_dir, small_cat
     after = load_file(out / "encoder" / "model.safetensors")
     assert before.keys() == after.keys() and any(not (before[k] == after[k]).all() for k in before)
 
-    assert set(results) == {f"{when}, {src}" for when in ("before CIT", "after one CIT round")
-                            for src in ("no attributes", "rar attributes")}
+    assert set(results) == {
+        f"{when}, {src}"
+        for when in ("before CIT", "after one CIT round")
+        for src in ("no attributes", "rar attributes")
+    }
     assert all(0 <= m["recall@1"] <= 1 for m in results.values())
     assert json.loads((out / "cit_metrics.json").read_text()) == results

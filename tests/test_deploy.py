@@ -40,30 +40,71 @@ def test_search_equals_brute_force_cosine_ranking(tiny_encoder_dir, test_split, 
         np.testing.assert_allclose([r["score"] for r in answer["results"]], similarity[i, expected], atol=1e-5)
 
 
-def test_search_recall_equals_the_both_sides_evaluation(tiny_encoder_dir, warm_policy_dir, small_catalog_dir,
-                                                        test_split, tmp_path, load_recipe, capsys):
+def test_search_recall_equals_the_both_sides_evaluation(
+    tiny_encoder_dir, warm_policy_dir, small_catalog_dir, test_split, tmp_path, load_recipe, capsys
+):
     """index_catalog.py + search.py over the test split (the generator annotates every listing) give the
     Recall@K that rar.evaluation's both-sides protocol gives for the same generator."""
     out = tmp_path / "index"
-    load_recipe("index_catalog").cli(["--catalog", str(small_catalog_dir), "--split", "test", "--encoder",
-                                      str(tiny_encoder_dir), "--generator", str(warm_policy_dir), "--max_new_tokens",
-                                      "24", "--output_dir", str(out), "--batch_size", "16"])
+    load_recipe("index_catalog").cli(
+        [
+            "--catalog",
+            str(small_catalog_dir),
+            "--split",
+            "test",
+            "--encoder",
+            str(tiny_encoder_dir),
+            "--generator",
+            str(warm_policy_dir),
+            "--max_new_tokens",
+            "24",
+            "--output_dir",
+            str(out),
+            "--batch_size",
+            "16",
+        ]
+    )
     generated = [json.loads(line)["attributes"] for line in (out / "attributes.jsonl").read_text().splitlines()]
     assert sum(g is not None for g in generated) > 0  # the warm policy writes parsable attributes
-    answers = load_recipe("search").cli(["--index", str(out), "--catalog", str(small_catalog_dir), "--split", "test",
-                                         "--top_k", "10", "--output_jsonl", str(tmp_path / "results.jsonl")])
+    answers = load_recipe("search").cli(
+        [
+            "--index",
+            str(out),
+            "--catalog",
+            str(small_catalog_dir),
+            "--split",
+            "test",
+            "--top_k",
+            "10",
+            "--output_jsonl",
+            str(tmp_path / "results.jsonl"),
+        ]
+    )
     assert [a["attributes"] for a in answers] == generated  # queries annotated as the index was
     err = capsys.readouterr().err
-    reference = evaluate_attribute_sources(ProductEncoder.from_pretrained(tiny_encoder_dir), test_split,
-                                           {"generated": generated}, protocol="both_sides", batch_size=16)["generated"]
+    reference = evaluate_attribute_sources(
+        ProductEncoder.from_pretrained(tiny_encoder_dir),
+        test_split,
+        {"generated": generated},
+        protocol="both_sides",
+        batch_size=16,
+    )["generated"]
     for k in (1, 5, 10):
         assert f"recall@{k} {100 * reference[f'recall@{k}']:.1f}" in err, err
 
 
 def test_threshold_is_the_lowest_score_that_reaches_the_precision():
-    answers = [{"listing_id": "q1", "results": [{"listing_id": "a", "score": 0.9}, {"listing_id": "x", "score": 0.8},
-                                                {"listing_id": "b", "score": 0.7}]},
-               {"listing_id": "q2", "results": [{"listing_id": "c", "score": 0.85}, {"listing_id": "y", "score": 0.6}]}]
+    answers = [
+        {
+            "listing_id": "q1",
+            "results": [
+                {"listing_id": "a", "score": 0.9},
+                {"listing_id": "x", "score": 0.8},
+                {"listing_id": "b", "score": 0.7},
+            ],
+        },
+        {"listing_id": "q2", "results": [{"listing_id": "c", "score": 0.85}, {"listing_id": "y", "score": 0.6}]},
+    ]
     product_of = {"q1": "P", "a": "P", "b": "P", "x": "X", "q2": "Q", "c": "Q", "y": "Y"}
     # pairs by score: .9 hit, .85 hit, .8 miss, .7 hit, .6 miss -> precision 1, 1, 2/3, 3/4, 3/5
     calibration = calibrate_threshold(answers, product_of, positives=[3, 1], target_precision=0.75)
@@ -72,8 +113,9 @@ def test_threshold_is_the_lowest_score_that_reaches_the_precision():
     assert calibrate_threshold(answers, product_of, positives=[3, 1], target_precision=0.5)["score"] == 0.6
 
 
-def test_bad_input_is_one_clear_line(tiny_encoder_dir, tiny_model_dir, small_catalog_dir, test_split, tmp_path,
-                                     load_recipe, capsys):
+def test_bad_input_is_one_clear_line(
+    tiny_encoder_dir, tiny_model_dir, small_catalog_dir, test_split, tmp_path, load_recipe, capsys
+):
     import shutil
 
     index_catalog, search = load_recipe("index_catalog"), load_recipe("search")
@@ -113,7 +155,6 @@ def test_bad_input_is_one_clear_line(tiny_encoder_dir, tiny_model_dir, small_cat
     expect_exit(search, query, "fingerprint")
 
 
-
 def test_a_shard_left_by_another_run_is_redone_not_merged(tiny_encoder_dir, test_split, tmp_path):
     """The main process merges a shard only when its stamp is this run's: a stamp an earlier run left (another
     encoder, generator or prompt) is waited for, not merged; and that run's generations log is dropped."""
@@ -135,19 +176,44 @@ def test_a_shard_left_by_another_run_is_redone_not_merged(tiny_encoder_dir, test
     assert attributes == index.annotate(test_split)
     np.testing.assert_allclose(vectors, index.embed(test_split, attributes, batch_size=16), atol=1e-5)
 
+
 @pytest.mark.slow
 def test_two_processes_build_the_single_process_index_and_a_killed_run_resumes(
-        tiny_encoder_dir, small_catalog_dir, test_split, tmp_path, load_recipe, capsys):
+    tiny_encoder_dir, small_catalog_dir, test_split, tmp_path, load_recipe, capsys
+):
     """accelerate launch with two CPU processes: each encodes its shards, the main one merges them into the
     index that one process builds; a rerun recomputes only the shard whose stamp is gone."""
     import subprocess
     import sys
 
     out = tmp_path / "index"
-    args = ["--catalog", str(small_catalog_dir), "--split", "test", "--encoder", str(tiny_encoder_dir),
-            "--attribute_column", "attributes", "--output_dir", str(out), "--batch_size", "16", "--shard_size", "7"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "deepspeed_configs/cpu_2proc.yaml",
-           "recipes/index_catalog.py", *args, "--keep_shards", "true"]
+    args = [
+        "--catalog",
+        str(small_catalog_dir),
+        "--split",
+        "test",
+        "--encoder",
+        str(tiny_encoder_dir),
+        "--attribute_column",
+        "attributes",
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "16",
+        "--shard_size",
+        "7",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "deepspeed_configs/cpu_2proc.yaml",
+        "recipes/index_catalog.py",
+        *args,
+        "--keep_shards",
+        "true",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = -(-len(test_split) // 7)
@@ -158,7 +224,9 @@ def test_two_processes_build_the_single_process_index_and_a_killed_run_resumes(
     single = ProductIndex.build(test_split, str(tiny_encoder_dir), attribute_column="attributes", batch_size=16)
     assert merged.gallery.listing_ids == single.gallery.listing_ids and merged.attributes == single.attributes
     got, want = merged.search(test_split, k=5), single.search(test_split, k=5)
-    assert [[r["listing_id"] for r in a["results"]] for a in got] == [[r["listing_id"] for r in a["results"]] for a in want]
+    assert [[r["listing_id"] for r in a["results"]] for a in got] == [
+        [r["listing_id"] for r in a["results"]] for a in want
+    ]
 
     (out / "shards" / "00002" / "done.json").unlink()  # killed while writing shard 2
     capsys.readouterr()

@@ -97,7 +97,9 @@ def test_loading_something_that_is_not_an_encoder_fails_clearly(tmp_path, tiny_m
     (bad / "encoder_config.json").write_text(json.dumps({"backbone": "x", "format": "something-else"}))
     with pytest.raises(EncoderLoadError, match="format"):
         ProductEncoder.from_pretrained(bad)
-    (bad / "encoder_config.json").write_text(json.dumps({"backbone": "x", "lora_r": 4, "format": "afmrl-product-encoder"}))
+    (bad / "encoder_config.json").write_text(
+        json.dumps({"backbone": "x", "lora_r": 4, "format": "afmrl-product-encoder"})
+    )
     with pytest.raises(EncoderLoadError, match="adapter_config.json"):
         ProductEncoder.from_pretrained(bad)
 
@@ -132,7 +134,8 @@ def test_max_length_bounds_the_text_part_of_a_listing(tiny_model_dir, listings):
 
 def test_deepspeed_auto_bucket_sizes_fill_from_the_encoder(tiny_model_dir, tmp_path):
     """The Trainer fills DeepSpeed's "auto" bucket sizes from model.config.hidden_size; a ProductEncoder's config had
-    none, so AGCL under deepspeed_configs/zero3.json stopped before the first step (found by benchmarks/real_size.py)."""
+    none, so AGCL under deepspeed_configs/zero3.json stopped before the first step (found by
+    benchmarks/real_size.py)."""
     import importlib.util
     from pathlib import Path
 

@@ -25,8 +25,9 @@ def listings(small_catalog_dir):
 
 
 def _encoder(backbone, **config) -> ProductEncoder:
-    enc = ProductEncoder.from_backbone(EncoderConfig(backbone=str(backbone), lora_r=2, lora_alpha=4, **config),
-                                       trainable=False).eval()
+    enc = ProductEncoder.from_backbone(
+        EncoderConfig(backbone=str(backbone), lora_r=2, lora_alpha=4, **config), trainable=False
+    ).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter, so that the language model's input matters
         for name, p in enc.named_parameters():
@@ -51,8 +52,21 @@ def _rows(images, titles):
     picks = [0, 0, 1, 0, 2, 1, 3, 4, 4, 5, 5, 0]
     imgs = [images[i] for i in picks] + [None]
     tits = [titles[i] for i in picks] + [titles[2]]
-    attrs = ["color: red", "color: blue; size: m", None, "brand: acme", "color: red", "material: wool", None,
-             "color: red", "size: xl", "color: green", None, "pattern: striped; color: red", "color: red"]
+    attrs = [
+        "color: red",
+        "color: blue; size: m",
+        None,
+        "brand: acme",
+        "color: red",
+        "material: wool",
+        None,
+        "color: red",
+        "size: xl",
+        "color: green",
+        None,
+        "pattern: striped; color: red",
+        "color: red",
+    ]
     keys = [f"L{i}" for i in picks] + ["text-only"]
     return imgs, tits, attrs, keys
 
@@ -125,8 +139,12 @@ def test_bounded_lru_and_one_encoder_per_cache(tiny_model_dir, listings):
     # A batch larger than the bound still works: its listings stay alive for the batch.
     small = ImageCache(1)
     imgs, tits, attrs, keys = _rows(images, titles)
-    np.testing.assert_allclose(enc.encode(imgs, tits, attrs, image_keys=keys, image_cache=small),
-                               enc.encode(imgs, tits, attrs), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        enc.encode(imgs, tits, attrs, image_keys=keys, image_cache=small),
+        enc.encode(imgs, tits, attrs),
+        atol=1e-5,
+        rtol=0,
+    )
     other = _encoder(tiny_model_dir)
     with pytest.raises(ValueError, match="another encoder"):
         other.encode(images[:1], titles[:1], image_keys=["a"], image_cache=cache)
@@ -193,8 +211,16 @@ def test_retrieval_reward_outputs_do_not_change(tmp_path, tiny_model_dir, small_
     plain = RetrievalRankReward(image_cache_size=0, **kwargs)
     cached = RetrievalRankReward(**kwargs)
     ids = ds["listing_id"]
-    texts = ["color: red; size: m", "color: blue", "nonsense", "brand: acme; color: red", "size: xl",
-             "material: wool; pattern: plain", "color: red; size: m", "color: green"]
+    texts = [
+        "color: red; size: m",
+        "color: blue",
+        "nonsense",
+        "brand: acme; color: red",
+        "size: xl",
+        "material: wool; pattern: plain",
+        "color: red; size: m",
+        "color: green",
+    ]
     calls = [  # G = 4 completions per listing; later calls revisit listings (cross-call cache hits)
         ([ids[0]] * 4 + [ids[1]] * 4, texts),
         ([ids[1]] * 4 + [ids[2]] * 4, texts[::-1]),
@@ -204,8 +230,17 @@ def test_retrieval_reward_outputs_do_not_change(tmp_path, tiny_model_dir, small_
         a, b = plain.score(listing_ids, completions), cached.score(listing_ids, completions)
         assert a.rewards == b.rewards
         assert all(r is None or math.isfinite(r) for r in b.rewards) and b.scored.sum() >= 4
-        for name in ("valid", "scorable", "rank", "rank_without_attributes", "reciprocal_rank",
-                     "reciprocal_rank_without_attributes", "recall_fraction", "hit_at_1", "hit_at_k"):
+        for name in (
+            "valid",
+            "scorable",
+            "rank",
+            "rank_without_attributes",
+            "reciprocal_rank",
+            "reciprocal_rank_without_attributes",
+            "recall_fraction",
+            "hit_at_1",
+            "hit_at_k",
+        ):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     assert plain._state.image_cache is None
     cache = cached._state.image_cache

@@ -10,16 +10,51 @@ import pytest
 from test_reliability_images import huge_header_png
 
 ENTRY_POINTS = {
-    "agcl_train": ["recipes/agcl_train.py", "--config", "recipes/configs/agcl_demo.yaml", "--catalog", "{catalog}",
-                   "--output_dir", "{out}"],
+    "agcl_train": [
+        "recipes/agcl_train.py",
+        "--config",
+        "recipes/configs/agcl_demo.yaml",
+        "--catalog",
+        "{catalog}",
+        "--output_dir",
+        "{out}",
+    ],
     "evaluate": ["recipes/evaluate.py", "--encoder", "{out}", "--catalog", "{catalog}", "--split", "none"],
-    "sft_attributes": ["recipes/sft_attributes.py", "--config", "recipes/configs/sft_demo.yaml", "--catalog",
-                       "{catalog}", "--output_dir", "{out}"],
-    "extract_attributes": ["recipes/extract_attributes.py", "--model", "tiny-qwen2-vl", "--catalog", "{catalog}",
-                           "--output_dir", "{out}"],
-    "rar_grpo": ["recipes/rar_grpo.py", "--config", "recipes/configs/rar_demo.yaml", "--catalog", "{catalog}",
-                 "--split", "{split}", "--eval_split", "none", "--output_dir", "{out}", "--encoder_recipe", "",
-                 "--sft_recipe", ""],
+    "sft_attributes": [
+        "recipes/sft_attributes.py",
+        "--config",
+        "recipes/configs/sft_demo.yaml",
+        "--catalog",
+        "{catalog}",
+        "--output_dir",
+        "{out}",
+    ],
+    "extract_attributes": [
+        "recipes/extract_attributes.py",
+        "--model",
+        "tiny-qwen2-vl",
+        "--catalog",
+        "{catalog}",
+        "--output_dir",
+        "{out}",
+    ],
+    "rar_grpo": [
+        "recipes/rar_grpo.py",
+        "--config",
+        "recipes/configs/rar_demo.yaml",
+        "--catalog",
+        "{catalog}",
+        "--split",
+        "{split}",
+        "--eval_split",
+        "none",
+        "--output_dir",
+        "{out}",
+        "--encoder_recipe",
+        "",
+        "--sft_recipe",
+        "",
+    ],
 }
 
 
@@ -37,8 +72,10 @@ def bad_catalogs(small_catalog_dir, tmp_path_factory):
         (d / "catalog.jsonl").write_bytes(b"".join([*lines[:2], third_line, *lines[3:]]))
         cases[name] = d
 
-    make("non_utf8", json.dumps(row).replace(row["title"], "caf\u00e9").encode("utf-8").replace(b"\xc3\xa9", b"\xe9")
-         + b"\n")
+    make(
+        "non_utf8",
+        json.dumps(row).replace(row["title"], "caf\u00e9").encode("utf-8").replace(b"\xc3\xa9", b"\xe9") + b"\n",
+    )
     make("missing_image", json.dumps({**row, "image": "images/nope.png"}).encode() + b"\n")
     make("int_product_id", json.dumps({**row, "product_id": 7}).encode() + b"\n")
     return cases, row["listing_id"], row["split"]
@@ -69,15 +106,55 @@ def test_bad_catalog_through_every_entry_point(entry, case, bad_catalogs, tmp_pa
 # ----------------------------------------------------------------------------- the full cross product, in process
 
 IN_PROCESS = {
-    "agcl_train": ["--config", "recipes/configs/agcl_demo.yaml", "--catalog", "{catalog}", "--output_dir", "{out}",
-                   "--train_split", "{split}", "--eval_split", "none"],
+    "agcl_train": [
+        "--config",
+        "recipes/configs/agcl_demo.yaml",
+        "--catalog",
+        "{catalog}",
+        "--output_dir",
+        "{out}",
+        "--train_split",
+        "{split}",
+        "--eval_split",
+        "none",
+    ],
     "evaluate": ["--encoder", "{out}", "--catalog", "{catalog}", "--split", "{split}"],
-    "sft_attributes": ["--config", "recipes/configs/sft_demo.yaml", "--catalog", "{catalog}", "--output_dir", "{out}",
-                       "--split", "{split}"],
-    "extract_attributes": ["--model", "tiny-qwen2-vl", "--catalog", "{catalog}", "--output_dir", "{out}",
-                           "--split", "{split}"],
-    "rar_grpo": ["--config", "recipes/configs/rar_demo.yaml", "--catalog", "{catalog}", "--split", "{split}",
-                 "--eval_split", "none", "--output_dir", "{out}", "--encoder_recipe", "", "--sft_recipe", ""],
+    "sft_attributes": [
+        "--config",
+        "recipes/configs/sft_demo.yaml",
+        "--catalog",
+        "{catalog}",
+        "--output_dir",
+        "{out}",
+        "--split",
+        "{split}",
+    ],
+    "extract_attributes": [
+        "--model",
+        "tiny-qwen2-vl",
+        "--catalog",
+        "{catalog}",
+        "--output_dir",
+        "{out}",
+        "--split",
+        "{split}",
+    ],
+    "rar_grpo": [
+        "--config",
+        "recipes/configs/rar_demo.yaml",
+        "--catalog",
+        "{catalog}",
+        "--split",
+        "{split}",
+        "--eval_split",
+        "none",
+        "--output_dir",
+        "{out}",
+        "--encoder_recipe",
+        "",
+        "--sft_recipe",
+        "",
+    ],
 }
 
 
@@ -108,8 +185,18 @@ def _break(case, row, first, image_dir):
     raise KeyError(case)
 
 
-BAD_ROW_CASES = ["missing_field", "wrong_type", "duplicate_id", "empty_title", "missing_image", "corrupt_image",
-                 "truncated_image", "huge_image", "outside_path", "non_utf8"]
+BAD_ROW_CASES = [
+    "missing_field",
+    "wrong_type",
+    "duplicate_id",
+    "empty_title",
+    "missing_image",
+    "corrupt_image",
+    "truncated_image",
+    "huge_image",
+    "outside_path",
+    "non_utf8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +261,10 @@ def test_empty_split_through_every_entry_point(entry, small_catalog_dir, load_re
 
 
 def test_make_catalog_rejects_bad_flags():
-    proc = subprocess.run([sys.executable, "recipes/make_catalog.py", "--output_dir", "/nonexistent/x",
-                           "--num_products", "1"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "recipes/make_catalog.py", "--output_dir", "/nonexistent/x", "--num_products", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "num_products" in proc.stderr and "Traceback" not in proc.stderr

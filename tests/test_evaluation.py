@@ -20,20 +20,24 @@ class HashEncoder:
     def encode(self, images, titles, attributes=None, **kwargs):
         self.calls.append((len(titles), attributes is not None))
         attrs = attributes or [None] * len(titles)
-        return np.stack([self._vec(im, t, a) for im, t, a in zip(images, titles, attrs, strict=True)]).astype(np.float32)
+        return np.stack([self._vec(im, t, a) for im, t, a in zip(images, titles, attrs, strict=True)]).astype(
+            np.float32
+        )
 
 
 def _catalog():
     rng = np.random.default_rng(0)
     products = [f"p{i}" for i in range(12) for _ in range(int(rng.integers(2, 5)))] + ["lonely"]
-    return datasets.Dataset.from_dict({
-        "listing_id": [f"l{i}" for i in range(len(products))],
-        "product_id": products,
-        "title": [f"title {i}" for i in range(len(products))],
-        "image": [f"img{i}" for i in range(len(products))],  # the stand-in encoder only hashes them
-        "category": [f"c{int(p[1:]) % 3}" if p != "lonely" else "c0" for p in products],
-        "attributes": [{"color": f"x{i % 5}"} for i in range(len(products))],
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "listing_id": [f"l{i}" for i in range(len(products))],
+            "product_id": products,
+            "title": [f"title {i}" for i in range(len(products))],
+            "image": [f"img{i}" for i in range(len(products))],  # the stand-in encoder only hashes them
+            "category": [f"c{int(p[1:]) % 3}" if p != "lonely" else "c0" for p in products],
+            "attributes": [{"color": f"x{i % 5}"} for i in range(len(products))],
+        }
+    )
 
 
 def brute_force(queries, gallery, q_labels, g_labels, exclude_self):
@@ -122,15 +126,19 @@ def test_instance_retrieval_encodes_the_gallery_once_and_matches_the_suite(with_
 
     ds = _catalog()
     stored = attribute_texts(ds, "reference") if with_gallery_attributes else None
-    sources = {"none": None, "a": [f"color: q{i % 3}" for i in range(len(ds))],
-               "b": [None if i % 2 else "size: m" for i in range(len(ds))]}
+    sources = {
+        "none": None,
+        "a": [f"color: q{i % 3}" for i in range(len(ds))],
+        "b": [None if i % 2 else "size: m" for i in range(len(ds))],
+    }
     enc = HashEncoder()
     got = instance_retrieval(enc, ds, sources, gallery_attributes=stored)
     # One gallery encoding, then one per source that needs its own queries.
     assert len(enc.calls) == 1 + 2 + int(with_gallery_attributes)
     for name, texts in sources.items():
-        expected = evaluate_encoder(HashEncoder(), ds, tasks=["instance"], query_attributes=texts,
-                                    gallery_attributes=stored)["instance"]
+        expected = evaluate_encoder(
+            HashEncoder(), ds, tasks=["instance"], query_attributes=texts, gallery_attributes=stored
+        )["instance"]
         assert got[name] == expected
     with pytest.raises(ValueError, match="a: 3 attribute texts"):
         instance_retrieval(enc, ds, {"a": ["x"] * 3})

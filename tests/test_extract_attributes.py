@@ -17,8 +17,9 @@ def recipe(load_recipe):
 
 
 def run(recipe, model, catalog, out, **kw):
-    args = recipe.ExtractArguments(model=str(model), catalog=str(catalog), output_dir=str(out), batch_size=4,
-                                   max_new_tokens=32, **kw)
+    args = recipe.ExtractArguments(
+        model=str(model), catalog=str(catalog), output_dir=str(out), batch_size=4, max_new_tokens=32, **kw
+    )
     return recipe.main(args)
 
 
@@ -41,7 +42,9 @@ def test_annotates_a_copy_and_resumes(recipe, warm_policy_dir, small_catalog_dir
     whole = tmp_path / "whole"
     run(recipe, warm_policy_dir, small_catalog_dir, whole, limit=10)
     assert {r["listing_id"]: r["completion"] for r in log} == {
-        r["listing_id"]: r["completion"] for r in map(json.loads, (whole / "generations.jsonl").read_text().splitlines())}
+        r["listing_id"]: r["completion"]
+        for r in map(json.loads, (whole / "generations.jsonl").read_text().splitlines())
+    }
 
     copy = load_catalog(out)  # a valid catalog directory, images included
     source = load_catalog(small_catalog_dir).select(range(10))

@@ -23,19 +23,23 @@ class StubEncoder:
 
     def encode(self, images, titles, attributes=None, *, batch_size=32, show_progress=None):
         names = [Path(getattr(im, "filename", im)).stem for im in images]
-        rows = [np.random.default_rng(zlib.crc32(f"{name}|{t}".encode())).normal(size=self.embedding_dim)
-                for name, t in zip(names, titles, strict=True)]
+        rows = [
+            np.random.default_rng(zlib.crc32(f"{name}|{t}".encode())).normal(size=self.embedding_dim)
+            for name, t in zip(names, titles, strict=True)
+        ]
         x = np.stack(rows).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _catalog(n=30):
-    return datasets.Dataset.from_dict({
-        "listing_id": [f"L{i}" for i in range(n)],
-        "product_id": [f"P{i // 3}" for i in range(n)],
-        "title": [f"title {i}" for i in range(n)],
-        "image": image_files(n),
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "listing_id": [f"L{i}" for i in range(n)],
+            "product_id": [f"P{i // 3}" for i in range(n)],
+            "title": [f"title {i}" for i in range(n)],
+            "image": image_files(n),
+        }
+    )
 
 
 def _clustered(n, dim=16, centres=40, seed=0):
@@ -72,8 +76,9 @@ def test_approximate_index_is_tuned_and_round_trips(tmp_path, index_type):
     x, q = data[:4000], data[4000:]  # unseen queries from the same distribution
     ids = [f"L{i}" for i in range(len(x))]
     opts = {"ivf": {"nlist": 64}, "hnsw": {"hnsw_m": 8}, "ivfpq": {"nlist": 16}}[index_type]
-    gallery = ProductGallery.from_embeddings(x, ids, [f"P{i // 4}" for i in range(len(x))], index_type=index_type,
-                                             recall_k=20, target_recall=0.95, **opts)
+    gallery = ProductGallery.from_embeddings(
+        x, ids, [f"P{i // 4}" for i in range(len(x))], index_type=index_type, recall_k=20, target_recall=0.95, **opts
+    )
     tuning = gallery.index.params["tuning"]
     assert tuning["recall"] >= tuning["goal"] == pytest.approx(0.975) and tuning["k"] == 20
     # measured independently on unseen queries
@@ -92,7 +97,9 @@ def test_approximate_index_is_tuned_and_round_trips(tmp_path, index_type):
 def test_mismatches_raise_clear_errors(tmp_path):
     ds, enc = _catalog(), StubEncoder()
     ProductGallery.build(ds, enc).save(tmp_path / "g")
-    with pytest.raises(ValueError, match=r"encoder mismatch: the gallery was built with encoder fingerprint stub-v1.*stub-v2"):
+    with pytest.raises(
+        ValueError, match=r"encoder mismatch: the gallery was built with encoder fingerprint stub-v1.*stub-v2"
+    ):
         ProductGallery.load(tmp_path / "g", encoder=StubEncoder(fingerprint="stub-v2"))
     with pytest.raises(ValueError, match=r"dimension mismatch: the gallery holds 16-dim vectors .* 8 dimensions"):
         ProductGallery.load(tmp_path / "g", encoder=StubEncoder(dim=8))
@@ -188,8 +195,9 @@ def test_a_recall_below_the_goal_is_warned_at_the_callers_line(monkeypatch):
     x = _clustered(600)
     monkeypatch.setattr(VectorIndex, "search", blind_search)
     with pytest.warns(UserWarning, match="below the goal") as record:
-        gallery = ProductGallery.from_embeddings(x, [f"L{i}" for i in range(600)], [f"P{i}" for i in range(600)],
-                                                 index_type="ivf", nlist=8, recall_k=5)
+        gallery = ProductGallery.from_embeddings(
+            x, [f"L{i}" for i in range(600)], [f"P{i}" for i in range(600)], index_type="ivf", nlist=8, recall_k=5
+        )
     assert record[0].filename == __file__
     with pytest.warns(UserWarning, match="below the goal") as record:
         gallery.tune_search(k=5)

@@ -14,8 +14,9 @@ N = 7
 class Encoder(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Dropout(0.3),
-                                       torch.nn.Linear(32, 8))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 8)
+        )
 
     def forward(self, x):
         return F.normalize(self.net(x), dim=-1)
@@ -29,9 +30,11 @@ def make():
     torch.manual_seed(0)
     enc = Encoder().double().train()
     xq, xc = torch.randn(N, 6, dtype=torch.float64), torch.randn(N, 6, dtype=torch.float64)
-    kwargs = dict(product_ids=["a", "b", "a", "c", "d", "b", "e"],
-                  query_attributes=["red cotton", "blue", "red round", "logo", "wool", "blue big", "red"],
-                  candidate_attributes=["red", "blue wool", "round", "logo red", "wool", "big", "cotton"])
+    kwargs = dict(
+        product_ids=["a", "b", "a", "c", "d", "b", "e"],
+        query_attributes=["red cotton", "blue", "red round", "logo", "wool", "blue big", "red"],
+        candidate_attributes=["red", "blue wool", "round", "logo red", "wool", "big", "cotton"],
+    )
     loss_fn = AGCLLoss(temperature=0.1, bm25=overlap_bm25, false_negative_filter="attribute")
     return enc, xq, xc, kwargs, loss_fn
 

@@ -39,7 +39,8 @@ def grpo_config(output_dir, **overrides):
         logging_steps=1,
         save_strategy="no",
         bf16=False,
-        activation_checkpointing=False,  # GRPOConfig defaults to gradient checkpointing on; this alias avoids a FutureWarning
+        # GRPOConfig defaults to gradient checkpointing on; this alias avoids a FutureWarning
+        activation_checkpointing=False,
         use_cpu=True,
         report_to=[],
         seed=0,
@@ -51,8 +52,13 @@ def grpo_config(output_dir, **overrides):
 def train(policy_dir, dataset, reward_funcs, output_dir, **overrides):
     model, processor = load_mllm(policy_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_funcs, args=grpo_config(output_dir, **overrides),
-                              train_dataset=dataset, processing_class=processor)
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=grpo_config(output_dir, **overrides),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(before[n], p.detach())]
     steps = [h for h in trainer.state.log_history if "step_time" in h]
@@ -78,19 +84,26 @@ def test_grpo_trains_with_attribute_rewards(warm_policy_dir, prompt_dataset, tmp
     assert changed, "GRPO did not change any trainable parameter"
 
 
-def test_grpo_trains_with_retrieval_rank(warm_policy_dir, tiny_model_dir, small_catalog_dir, prompt_dataset,
-                                         tmp_path):
+def test_grpo_trains_with_retrieval_rank(warm_policy_dir, tiny_model_dir, small_catalog_dir, prompt_dataset, tmp_path):
     from afmrl.encoder.model import EncoderConfig, ProductEncoder
 
     encoder_dir = tmp_path / "encoder"
     ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0)).save_pretrained(encoder_dir)
     funcs = get_reward_funcs(
         ["retrieval_rank", "attribute_format", {"name": "conciseness", "kwargs": {"target_attributes": 3}}],
-        encoder=str(encoder_dir), catalog=str(small_catalog_dir), split="train", known_keys=ATTRIBUTE_KEYS,
+        encoder=str(encoder_dir),
+        catalog=str(small_catalog_dir),
+        split="train",
+        known_keys=ATTRIBUTE_KEYS,
     )
     assert funcs[0].__name__ == "retrieval_rank"
-    steps, changed = train(warm_policy_dir, prompt_dataset, funcs, tmp_path / "run",
-                           reward_weights=validate_reward_weights([1.0, 0.2, 0.2], funcs))
+    steps, changed = train(
+        warm_policy_dir,
+        prompt_dataset,
+        funcs,
+        tmp_path / "run",
+        reward_weights=validate_reward_weights([1.0, 0.2, 0.2], funcs),
+    )
 
     assert len(steps) == 2
     for log in steps:

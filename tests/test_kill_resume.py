@@ -21,13 +21,21 @@ from safetensors.torch import load_file
 
 def run_until_checkpoint(cmd, checkpoint, timeout=300):
     """Start ``cmd``, SIGKILL its whole process group as soon as ``checkpoint`` is complete."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + timeout
     # trainer_state.json is written last in a checkpoint: once it exists, the checkpoint is whole.
     while not (checkpoint / "trainer_state.json").is_file():
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (code {proc.returncode}) before {checkpoint.name}: {proc.stderr.read()[-3000:]}")
+            pytest.fail(
+                f"the run ended (code {proc.returncode}) before {checkpoint.name}: {proc.stderr.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("no checkpoint within the timeout")
@@ -40,8 +48,9 @@ def run_until_checkpoint(cmd, checkpoint, timeout=300):
 def start(cmd):
     """A child run whose stderr goes to a file (a pipe nobody reads while the test waits could fill and block it)."""
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     proc.log = log
     return proc
 
@@ -70,10 +79,23 @@ def kill_resume_compare(base_cmd, tmp_path, weights_file, key, atol):
     # The reference runs beside the killed run and its resumption (one thread each): most of each run is imports.
     uninterrupted = start([*base_cmd, "--output_dir", str(reference), *save, "--max_steps", "4"])
     try:
-        run_until_checkpoint([*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "1000"],
-                             killed / "checkpoint-2")
-        finish(start([*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "4",
-                      "--resume_from_checkpoint", str(killed / "checkpoint-2")]))
+        run_until_checkpoint(
+            [*base_cmd, "--output_dir", str(killed), *save, "--max_steps", "1000"], killed / "checkpoint-2"
+        )
+        finish(
+            start(
+                [
+                    *base_cmd,
+                    "--output_dir",
+                    str(killed),
+                    *save,
+                    "--max_steps",
+                    "4",
+                    "--resume_from_checkpoint",
+                    str(killed / "checkpoint-2"),
+                ]
+            )
+        )
         finish(uninterrupted)
     finally:  # a failure above must not leave the reference run behind
         if uninterrupted.poll() is None:
@@ -99,20 +121,71 @@ def kill_resume_compare(base_cmd, tmp_path, weights_file, key, atol):
 
 @pytest.mark.slow
 def test_agcl_run_survives_sigkill(small_catalog_dir, tiny_model_dir, tmp_path):
-    cmd = [sys.executable, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_demo.yaml",
-           "--catalog", str(small_catalog_dir), "--model_name_or_path", str(tiny_model_dir),
-           "--per_device_train_batch_size", "8", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-           "--eval_split", "none", "--disable_tqdm", "true", "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "recipes/agcl_train.py",
+        "--config",
+        "recipes/configs/agcl_demo.yaml",
+        "--catalog",
+        str(small_catalog_dir),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--per_device_train_batch_size",
+        "8",
+        "--lr_scheduler_type",
+        "constant",
+        "--warmup_steps",
+        "0",
+        "--eval_split",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+    ]
     kill_resume_compare(cmd, tmp_path, "model.safetensors", "loss", atol=1e-6)
 
 
 @pytest.mark.slow
 def test_grpo_run_survives_sigkill(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
-    cmd = [sys.executable, "recipes/rar_grpo.py", "--config", "recipes/configs/rar_demo.yaml",
-           "--gallery_attributes", "reference", "--beta", "0.0",
-           "--catalog", str(small_catalog_dir), "--encoder", str(tiny_encoder_dir), "--encoder_recipe", "",
-           "--sft_recipe", "", "--model_name_or_path", str(warm_policy_dir), "--split", "train",
-           "--max_train_listings", "8", "--num_generations", "4", "--per_device_train_batch_size", "4",
-           "--max_completion_length", "24", "--use_peft", "true", "--lora_r", "8", "--eval_split", "none",
-           "--disable_tqdm", "true", "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "recipes/rar_grpo.py",
+        "--config",
+        "recipes/configs/rar_demo.yaml",
+        "--gallery_attributes",
+        "reference",
+        "--beta",
+        "0.0",
+        "--catalog",
+        str(small_catalog_dir),
+        "--encoder",
+        str(tiny_encoder_dir),
+        "--encoder_recipe",
+        "",
+        "--sft_recipe",
+        "",
+        "--model_name_or_path",
+        str(warm_policy_dir),
+        "--split",
+        "train",
+        "--max_train_listings",
+        "8",
+        "--num_generations",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_completion_length",
+        "24",
+        "--use_peft",
+        "true",
+        "--lora_r",
+        "8",
+        "--eval_split",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+    ]
     kill_resume_compare(cmd, tmp_path, "adapter_model.safetensors", "reward", atol=1e-6)

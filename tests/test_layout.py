@@ -41,10 +41,14 @@ def imported_packages(path: Path) -> set[str]:
 SOURCES = [(package, path) for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))]
 
 
-@pytest.mark.parametrize(("package", "path"), SOURCES, ids=lambda x: str(x.relative_to(ROOT)) if isinstance(x, Path) else x)
+@pytest.mark.parametrize(
+    ("package", "path"), SOURCES, ids=lambda x: str(x.relative_to(ROOT)) if isinstance(x, Path) else x
+)
 def test_imports_run_one_way(package, path):
     wrong = imported_packages(path) - ALLOWED[package]
-    assert not wrong, f"{path.relative_to(ROOT)} ({package}) imports {sorted(wrong)}; allowed: {sorted(ALLOWED[package])}"
+    assert not wrong, (
+        f"{path.relative_to(ROOT)} ({package}) imports {sorted(wrong)}; allowed: {sorted(ALLOWED[package])}"
+    )
 
 
 def test_the_rule_catches_a_stage_importing_another(tmp_path):

@@ -27,9 +27,7 @@ def test_recall_matches_enumeration_over_tie_orders(seed, k):
     positives = rng.random((4, 6)) < 0.3
     positives[:, 0] |= ~positives.any(axis=1)
     scores[0, 1] = -np.inf  # an excluded item
-    assert recall_at_k(scores, positives, k) == pytest.approx(
-        brute_force_expected_recall(scores, positives, k)
-    )
+    assert recall_at_k(scores, positives, k) == pytest.approx(brute_force_expected_recall(scores, positives, k))
 
 
 def test_recall_without_ties_is_the_plain_hit_rate():
@@ -60,9 +58,7 @@ def concrete_metrics(ranked_rel, n_pos, ks, map_k):
         top = ranked_rel[:k]
         out[f"recall@{k}"] = float(any(top))
         out[f"recall_fraction@{k}"] = sum(top) / n_pos
-    precision_sum = sum(
-        sum(ranked_rel[: r + 1]) / (r + 1) for r in range(min(map_k, len(ranked_rel))) if ranked_rel[r]
-    )
+    precision_sum = sum(sum(ranked_rel[: r + 1]) / (r + 1) for r in range(min(map_k, len(ranked_rel))) if ranked_rel[r])
     out[f"mAP@{map_k}"] = precision_sum / min(map_k, n_pos)
     first = ranked_rel.index(1)
     out["mrr"] = 1.0 / (first + 1)
@@ -198,9 +194,7 @@ def test_queries_without_positive_raise_or_are_skipped():
     positives[2] = False
     positives[4] = False
     positives[4, 4] = True  # its only positive is its own excluded column: still none
-    with pytest.raises(
-        ValueError, match=r"2 of 6 queries have no positive.*rows 2, 4.*skip_queries_without_positive"
-    ):
+    with pytest.raises(ValueError, match=r"2 of 6 queries have no positive.*rows 2, 4.*skip_queries_without_positive"):
         retrieval_metrics(scores, positives)
     with pytest.raises(ValueError, match="no positive"):
         ranks_of_positives(scores, positives)

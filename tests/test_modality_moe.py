@@ -25,8 +25,9 @@ def listings():
 def test_inputs_carry_each_listings_modality(moe_encoder, tiny_model_dir):
     images, titles = listings()
     batch = moe_encoder.build_inputs(images, titles)
-    assert batch["listing_modality"].tolist() == [MODALITIES.index(m) for m in ("image+text", "text", "image",
-                                                                                "image+text")]
+    assert batch["listing_modality"].tolist() == [
+        MODALITIES.index(m) for m in ("image+text", "text", "image", "image+text")
+    ]
     cached = moe_encoder.build_inputs_cached(images, titles, None, ["a", "b", "c", "d"], moe_encoder.new_image_cache())
     assert torch.equal(cached.inputs["listing_modality"], batch["listing_modality"])
     plain = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0))
@@ -86,11 +87,20 @@ def test_a_training_step_adds_the_regulariser_and_moves_the_router(tiny_model_di
     from agcl.trainer import AGCLTrainer
 
     torch.manual_seed(0)
-    encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0, moe_experts=3,
-                                                         moe_entropy_weight=0.5))
+    encoder = ProductEncoder.from_backbone(
+        EncoderConfig(backbone=str(tiny_model_dir), lora_r=0, moe_experts=3, moe_entropy_weight=0.5)
+    )
     router_before = encoder.moe.router.weight.detach().clone()
-    args = AGCLConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, learning_rate=1e-2,
-                      report_to=[], use_cpu=True, save_strategy="no", intra_product_weight=0.5)
+    args = AGCLConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        intra_product_weight=0.5,
+    )
     trainer = AGCLTrainer(model=encoder, args=args, train_dataset=load_catalog(small_catalog_dir, split="train"))
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     with torch.no_grad():
@@ -105,6 +115,8 @@ def test_a_training_step_adds_the_regulariser_and_moves_the_router(tiny_model_di
     assert not torch.allclose(encoder.moe.router.weight, router_before)
 
     with pytest.raises(ValueError, match="gradient_cache_chunk_size"):
-        AGCLTrainer(model=encoder, args=AGCLConfig(output_dir=str(tmp_path), gradient_cache_chunk_size=4,
-                                                   report_to=[], use_cpu=True),
-                    train_dataset=load_catalog(small_catalog_dir, split="train"))
+        AGCLTrainer(
+            model=encoder,
+            args=AGCLConfig(output_dir=str(tmp_path), gradient_cache_chunk_size=4, report_to=[], use_cpu=True),
+            train_dataset=load_catalog(small_catalog_dir, split="train"),
+        )

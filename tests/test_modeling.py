@@ -1,4 +1,4 @@
-"""Tests for afmrl.modeling and afmrl.embedded.tiny_models: tiny Qwen-VL models built in code, saved, and loaded like real ones."""
+"""afmrl.modeling and afmrl.embedded.tiny_models: tiny Qwen-VL models built in code, saved, loaded like real ones."""
 
 import json
 import shutil
@@ -29,9 +29,7 @@ CORPUS = [
     "List the key attributes.",
     "key attributes color pattern material shape size logo",
 ] * 2
-MESSAGES = [
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "List the key attributes."}]}
-]
+MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "List the key attributes."}]}]
 
 
 def image(color=(200, 30, 30), size=64):
@@ -101,9 +99,7 @@ def test_chat_template_string_and_block_content_and_assistant_mask(tiny):
     rendered = processor.apply_chat_template(as_string)
     assert rendered == processor.apply_chat_template(as_blocks)
     assert rendered == "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nblue mug<|im_end|>\n"
-    assert processor.apply_chat_template(as_string, add_generation_prompt=True).endswith(
-        "<|im_start|>assistant\n"
-    )
+    assert processor.apply_chat_template(as_string, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
     chat = as_string + [{"role": "assistant", "content": "color: blue"}]
     out = processor.tokenizer.apply_chat_template(chat, return_dict=True, return_assistant_tokens_mask=True)
     kept = [i for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
@@ -123,9 +119,7 @@ def test_save_reload_gives_the_same_model_and_processor(tiny, tiny_dir):
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reloaded(**reinputs).logits)
     # The saved files name the stock processor class, so the directory is an ordinary Qwen2-VL checkpoint.
-    assert (
-        json.loads((tiny_dir / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
-    )
+    assert json.loads((tiny_dir / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
     assert (tiny_dir / "model.safetensors").is_file()
     assert type(load_processor(tiny_dir)).__name__ == type(reprocessor).__name__
 
@@ -147,9 +141,7 @@ def test_checkpoint_in_the_hub_layout_loads_through_the_fallback(tiny, tiny_dir,
     (hub / "chat_template.jinja").unlink()
     (hub / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     tokenizer_config = json.loads((hub / "tokenizer_config.json").read_text())
-    (hub / "tokenizer_config.json").write_text(
-        json.dumps({**tokenizer_config, "tokenizer_class": "Qwen2Tokenizer"})
-    )
+    (hub / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "tokenizer_class": "Qwen2Tokenizer"}))
 
     loaded = load_processor(hub)
     assert loaded.chat_template == processor.chat_template
@@ -157,9 +149,7 @@ def test_checkpoint_in_the_hub_layout_loads_through_the_fallback(tiny, tiny_dir,
     assert torch.equal(prompt_inputs(loaded)["input_ids"], prompt_inputs(processor)["input_ids"])
 
 
-def test_tiny_mllm_path_reuses_a_complete_build_and_rebuilds_an_incomplete_one(
-    tiny_dir, tmp_path, monkeypatch
-):
+def test_tiny_mllm_path_reuses_a_complete_build_and_rebuilds_an_incomplete_one(tiny_dir, tmp_path, monkeypatch):
     weights = tiny_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     builds = []
@@ -282,8 +272,9 @@ def test_unknown_family_is_rejected():
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_vision_width_depth_and_image_token_count_are_options(family):
     """A generator can be given a wider, deeper vision tower and more image tokens than the encoder it serves."""
-    model, processor = build_tiny_mllm(family, corpus=CORPUS, vision_hidden_size=48, vision_depth=3,
-                                       min_image_tokens=16)
+    model, processor = build_tiny_mllm(
+        family, corpus=CORPUS, vision_hidden_size=48, vision_depth=3, min_image_tokens=16
+    )
     vision = model.config.vision_config
     assert (vision.embed_dim if family == "qwen2_vl" else vision.hidden_size) == 48
     assert vision.depth == len(model.model.visual.blocks) == 3

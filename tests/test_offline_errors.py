@@ -27,11 +27,29 @@ def assert_one_error(proc, *fragments):
 
 
 def test_paper_recipe_with_an_uncached_model_offline(small_catalog_dir, tmp_path):
-    proc, _ = run(["recipes/agcl_train.py", "--config", "recipes/configs/agcl_qwen2vl_2b.yaml", "--catalog",
-                   str(small_catalog_dir), "--bf16", "false", "--use_cpu", "true", "--output_dir", str(tmp_path / "o")],
-                  tmp_path, HF_HUB_OFFLINE="1")
-    assert_one_error(proc, "Qwen/Qwen2-VL-2B-Instruct is neither a local directory nor in the local Hugging Face cache",
-                     "HF_HUB_OFFLINE=1", "hf download Qwen/Qwen2-VL-2B-Instruct")
+    proc, _ = run(
+        [
+            "recipes/agcl_train.py",
+            "--config",
+            "recipes/configs/agcl_qwen2vl_2b.yaml",
+            "--catalog",
+            str(small_catalog_dir),
+            "--bf16",
+            "false",
+            "--use_cpu",
+            "true",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        tmp_path,
+        HF_HUB_OFFLINE="1",
+    )
+    assert_one_error(
+        proc,
+        "Qwen/Qwen2-VL-2B-Instruct is neither a local directory nor in the local Hugging Face cache",
+        "HF_HUB_OFFLINE=1",
+        "hf download Qwen/Qwen2-VL-2B-Instruct",
+    )
 
 
 @pytest.fixture
@@ -59,9 +77,15 @@ def expect_exit(recipe, argv, capsys, *fragments):
 
 @pytest.mark.usefixtures("hub_offline")
 def test_uncached_hub_catalog_offline(tmp_path, load_recipe, capsys):
-    elapsed = expect_exit(load_recipe("agcl_train"), ["--catalog", "someorg/products", "--output_dir", str(tmp_path)],
-                          capsys, "someorg/products", "not in the local cache", "HF_HUB_OFFLINE=1",
-                          "hf download someorg/products --repo-type dataset")
+    elapsed = expect_exit(
+        load_recipe("agcl_train"),
+        ["--catalog", "someorg/products", "--output_dir", str(tmp_path)],
+        capsys,
+        "someorg/products",
+        "not in the local cache",
+        "HF_HUB_OFFLINE=1",
+        "hf download someorg/products --repo-type dataset",
+    )
     assert elapsed < 30
 
 
@@ -75,9 +99,22 @@ def test_unreachable_hub_fails_at_once_without_retries(small_catalog_dir, tmp_pa
     try:
         started = time.time()
         with pytest.raises(SystemExit) as info:
-            recipe.cli(["--catalog", str(small_catalog_dir), "--split", "train", "--model_name_or_path", "someorg/some-vl-model",
-                        "--encoder", "nowhere", "--encoder_recipe", "recipes/configs/agcl_demo.yaml",
-                        "--output_dir", str(tmp_path / "o")])
+            recipe.cli(
+                [
+                    "--catalog",
+                    str(small_catalog_dir),
+                    "--split",
+                    "train",
+                    "--model_name_or_path",
+                    "someorg/some-vl-model",
+                    "--encoder",
+                    "nowhere",
+                    "--encoder_recipe",
+                    "recipes/configs/agcl_demo.yaml",
+                    "--output_dir",
+                    str(tmp_path / "o"),
+                ]
+            )
         elapsed = time.time() - started
     finally:
         constants.ENDPOINT = old
@@ -90,6 +127,17 @@ def test_unreachable_hub_fails_at_once_without_retries(small_catalog_dir, tmp_pa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the bf16 refusal only happens without a CUDA GPU")
 def test_paper_recipe_on_cpu_names_the_two_flags(small_catalog_dir, tmp_path, load_recipe, capsys):
-    expect_exit(load_recipe("agcl_train"), ["--config", "recipes/configs/agcl_qwen2vl_2b.yaml", "--catalog",
-                                            str(small_catalog_dir), "--output_dir", str(tmp_path / "o")],
-                capsys, "recipes/configs/agcl_qwen2vl_2b.yaml trains in bf16 on GPUs", "--bf16 false --use_cpu true")
+    expect_exit(
+        load_recipe("agcl_train"),
+        [
+            "--config",
+            "recipes/configs/agcl_qwen2vl_2b.yaml",
+            "--catalog",
+            str(small_catalog_dir),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+        "recipes/configs/agcl_qwen2vl_2b.yaml trains in bf16 on GPUs",
+        "--bf16 false --use_cpu true",
+    )

@@ -38,17 +38,25 @@ def _rows(root: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    return make_synthetic_catalog(tmp_path_factory.mktemp("pretrain") / "c", num_products=40, seed=11,
-                                  test_fraction=0.2, exclude_products_of_seeds=[0])
+    return make_synthetic_catalog(
+        tmp_path_factory.mktemp("pretrain") / "c",
+        num_products=40,
+        seed=11,
+        test_fraction=0.2,
+        exclude_products_of_seeds=[0],
+    )
 
 
 def test_the_corpus_holds_no_product_of_an_excluded_seed(tmp_path):
     excluded = products_of_seed(0, 150)
-    demo = {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS)
-            for r in _rows(make_synthetic_catalog(tmp_path / "demo", num_products=120, seed=0))}
+    demo = {
+        tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS)
+        for r in _rows(make_synthetic_catalog(tmp_path / "demo", num_products=120, seed=0))
+    }
     assert demo <= excluded  # a smaller catalog of the seed holds a subset of what is reserved
-    corpus = make_synthetic_catalog(tmp_path / "corpus", num_products=200, seed=0, exclude_products_of_seeds=[0],
-                                    exclude_up_to=150)
+    corpus = make_synthetic_catalog(
+        tmp_path / "corpus", num_products=200, seed=0, exclude_products_of_seeds=[0], exclude_up_to=150
+    )
     drawn = {tuple(r["true_attributes"][k] for k in ATTRIBUTE_KEYS) for r in _rows(corpus)}
     assert len(drawn) > 180 and not drawn & excluded
     plain = make_synthetic_catalog(tmp_path / "plain", num_products=200, seed=0)
@@ -56,8 +64,15 @@ def test_the_corpus_holds_no_product_of_an_excluded_seed(tmp_path):
 
 
 def test_conversations_name_what_the_photo_and_the_title_show():
-    attributes = {"category": "mug", "brand": "acme", "color": "red", "secondary_color": "blue",
-                  "pattern": "solid", "logo": "none", "size": "M"}
+    attributes = {
+        "category": "mug",
+        "brand": "acme",
+        "color": "red",
+        "secondary_color": "blue",
+        "pattern": "solid",
+        "logo": "none",
+        "size": "M",
+    }
     keys = [k for k in ATTRIBUTE_KEYS if k not in HIDDEN]
     title = "Acme red coffee mug size M hot sale"
     assert stated_keys(title, attributes, ATTRIBUTE_KEYS) == ["category", "brand", "color", "size"]
@@ -114,15 +129,32 @@ def test_captions_name_every_visible_value_in_a_fixed_order():
     from afmrl.embedded.pretraining import caption
 
     keys = [k for k in ATTRIBUTE_KEYS if k not in HIDDEN]
-    attributes = {"category": "mug", "brand": "acme", "color": "red", "secondary_color": "blue", "pattern": "striped",
-                  "logo": "star", "size": "M"}
+    attributes = {
+        "category": "mug",
+        "brand": "acme",
+        "color": "red",
+        "secondary_color": "blue",
+        "pattern": "striped",
+        "logo": "star",
+        "size": "M",
+    }
     assert caption(attributes, keys) == "A red striped mug with blue trim and a star logo."
-    assert caption({**attributes, "pattern": "solid", "logo": "none"}, keys) == "A red plain mug with blue trim and no logo."
-    assert caption({"hue": "orange", "material": "wool"}, ["hue", "material"]) == "An item with hue orange and material wool."
-    three = [conversation("t", attributes, keys, ATTRIBUTE_KEYS, np.random.default_rng([0, i]), (0.5, 0.3, 0.2))
-             for i in range(50)]
-    four = [conversation("t", attributes, keys, ATTRIBUTE_KEYS, np.random.default_rng([0, i]), (0.5, 0.3, 0.2, 0.0))
-            for i in range(50)]
+    assert (
+        caption({**attributes, "pattern": "solid", "logo": "none"}, keys)
+        == "A red plain mug with blue trim and no logo."
+    )
+    assert (
+        caption({"hue": "orange", "material": "wool"}, ["hue", "material"])
+        == "An item with hue orange and material wool."
+    )
+    three = [
+        conversation("t", attributes, keys, ATTRIBUTE_KEYS, np.random.default_rng([0, i]), (0.5, 0.3, 0.2))
+        for i in range(50)
+    ]
+    four = [
+        conversation("t", attributes, keys, ATTRIBUTE_KEYS, np.random.default_rng([0, i]), (0.5, 0.3, 0.2, 0.0))
+        for i in range(50)
+    ]
     assert three == four  # three weights: the shipped models' mix, draw for draw
     only = conversation("t", attributes, keys, ATTRIBUTE_KEYS, np.random.default_rng(0), (0, 0, 0, 1))
     assert _texts(only)[1] == caption(attributes, keys)
@@ -132,8 +164,11 @@ def test_any_catalog_keys_get_generic_phrasing(tmp_path, corpus_dir):
     rows = _rows(corpus_dir)
     for r in rows:
         a = r["true_attributes"]
-        r["true_attributes"] = {"hue": a["color"], "material": "cotton" if a["pattern"] == "solid" else "wool",
-                                "brand": a["brand"]}
+        r["true_attributes"] = {
+            "hue": a["color"],
+            "material": "cotton" if a["pattern"] == "solid" else "wool",
+            "brand": a["brand"],
+        }
     other = _write_catalog(corpus_dir / "other_keys.jsonl", rows)
     catalog = load_catalog(other, split="train")
     keys = visible_keys(catalog, HIDDEN)
@@ -179,17 +214,34 @@ def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, c
     assert info.value.code == 2, err[-2000:]
     error = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "Traceback" not in err
-    assert {"no column": "'true_attributes'", "all hidden": "none of its keys",
-            "no catalog": "--catalog", "bad format": "--perception_format 'describe'"}[case] in error[0]
+    assert {
+        "no column": "'true_attributes'",
+        "all hidden": "none of its keys",
+        "no catalog": "--catalog",
+        "bad format": "--perception_format 'describe'",
+    }[case] in error[0]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
 def test_a_short_pretraining_run_is_reproduced_bit_for_bit(tmp_path, corpus_dir, load_recipe, one_thread):
     """Two runs with the same flags (CPU, one thread) write identical weights; another seed does not."""
-    common = ["--config", "recipes/configs/pretrain_tiny_encoder.yaml", "--catalog", str(corpus_dir),
-              "--max_steps", "6", "--per_device_train_batch_size", "8", "--save_strategy", "no",
-              "--max_eval_listings", "8", "--disable_tqdm", "true"]
+    common = [
+        "--config",
+        "recipes/configs/pretrain_tiny_encoder.yaml",
+        "--catalog",
+        str(corpus_dir),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "8",
+        "--save_strategy",
+        "no",
+        "--max_eval_listings",
+        "8",
+        "--disable_tqdm",
+        "true",
+    ]
     weights = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         load_recipe("pretrain_tiny").cli([*common, "--output_dir", str(tmp_path / name), "--seed", seed])
@@ -227,13 +279,22 @@ def test_shipped_model_loads_by_name_offline_and_perceives(name, small_catalog_d
 
     task = json.loads((Path(path) / "perception.json").read_text()).get("perception_format", "ask")
     with torch.no_grad():
-        accuracy = perception_accuracy(model, processor, catalog_views(catalog), catalog["true_attributes"], keys,
-                                       {k: ATTRIBUTE_VALUES[k] for k in keys}, task=task)
+        accuracy = perception_accuracy(
+            model,
+            processor,
+            catalog_views(catalog),
+            catalog["true_attributes"],
+            keys,
+            {k: ATTRIBUTE_VALUES[k] for k in keys},
+            task=task,
+        )
     chance = {k: 1 / len(ATTRIBUTE_VALUES[k]) for k in keys}
     # What each model learned in pretraining (docs/embedded.md): the small one category and colour, the
     # large one (16 tokens per photo, four vision blocks, captions) the secondary colour and the pattern too.
-    learned = {"pretrained-tiny-qwen2-vl": ("category", "color"),
-               "pretrained-tiny-qwen2-vl-large": ("category", "color", "secondary_color", "pattern")}[name]
+    learned = {
+        "pretrained-tiny-qwen2-vl": ("category", "color"),
+        "pretrained-tiny-qwen2-vl-large": ("category", "color", "secondary_color", "pattern"),
+    }[name]
     for key in learned:
         assert accuracy[key] >= chance[key] + 0.4, (key, accuracy)
 
@@ -255,12 +316,14 @@ def test_perception_scores_match_scoring_each_reply_alone(task, corpus_dir, one_
     def reply_logprob(image, question, reply):
         prompt = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-            tokenize=False, add_generation_prompt=True)
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         n_prompt = processor(text=[prompt], images=[image.convert("RGB")], return_tensors="pt")["input_ids"].shape[1]
         batch = processor(text=[prompt + reply + "<|im_end|>"], images=[image.convert("RGB")], return_tensors="pt")
         logprobs = torch.log_softmax(model(**batch).logits[0, :-1].float(), -1)
         ids = batch["input_ids"][0, 1:]
-        return logprobs[torch.arange(len(ids)), ids][n_prompt - 1:].sum().item()
+        return logprobs[torch.arange(len(ids)), ids][n_prompt - 1 :].sum().item()
 
     accuracy = perception_accuracy(model, processor, images, truth, keys, values, batch_size=7, task=task)
     with torch.no_grad():
@@ -268,10 +331,14 @@ def test_perception_scores_match_scoring_each_reply_alone(task, corpus_dir, one_
             rows, scores = perception_scores(model, processor, images, truth, key, values[key], keys, 7, task)
             assert rows == list(range(len(images)))
             if task == "ask":
-                reference = [[reply_logprob(im, ask_question(key), answer(key, v)) for v in values[key]] for im in images]
+                reference = [
+                    [reply_logprob(im, ask_question(key), answer(key, v)) for v in values[key]] for im in images
+                ]
             else:
-                reference = [[reply_logprob(im, CAPTION_PROMPTS[0], caption({**a, key: v}, keys)) for v in values[key]]
-                             for im, a in zip(images, truth, strict=True)]
+                reference = [
+                    [reply_logprob(im, CAPTION_PROMPTS[0], caption({**a, key: v}, keys)) for v in values[key]]
+                    for im, a in zip(images, truth, strict=True)
+                ]
             np.testing.assert_allclose(scores, reference, rtol=1e-4, atol=1e-4)
             hits = [values[key][int(np.argmax(r))] == str(a[key]) for r, a in zip(reference, truth, strict=True)]
             assert accuracy[key] == pytest.approx(np.mean(hits)), key

@@ -34,16 +34,53 @@ def test_grpo_with_two_processes(setup, small_catalog_dir, tiny_encoder_dir, war
             pytest.fail(f"DeepSpeed is not installed in CI ({install})")
         pytest.skip(f"DeepSpeed is not installed; to run the ZeRO tests: {install}")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[setup], "recipes/rar_grpo.py",
-           "--config", "recipes/configs/rar_demo.yaml", "--gallery_attributes", "reference", "--beta", "0.0",
-           "--catalog", str(small_catalog_dir),
-           "--encoder", str(tiny_encoder_dir), "--encoder_recipe", "", "--sft_recipe", "",
-           "--model_name_or_path", str(warm_policy_dir), "--output_dir", str(out), "--split", "train", "--max_train_listings", "8",
-           "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "24",
-           "--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "0",
-           *(["--max_eval_listings", "12", "--eval_batch_size", "6"] if setup == "zero3" else ["--eval_split", "none"])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *LAUNCH[setup],
+        "recipes/rar_grpo.py",
+        "--config",
+        "recipes/configs/rar_demo.yaml",
+        "--gallery_attributes",
+        "reference",
+        "--beta",
+        "0.0",
+        "--catalog",
+        str(small_catalog_dir),
+        "--encoder",
+        str(tiny_encoder_dir),
+        "--encoder_recipe",
+        "",
+        "--sft_recipe",
+        "",
+        "--model_name_or_path",
+        str(warm_policy_dir),
+        "--output_dir",
+        str(out),
+        "--split",
+        "train",
+        "--max_train_listings",
+        "8",
+        "--num_generations",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_completion_length",
+        "24",
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+        *(["--max_eval_listings", "12", "--eval_batch_size", "6"] if setup == "zero3" else ["--eval_split", "none"]),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     logs = [ast.literal_eval(m) for m in re.findall(r"\{'loss'[^}]*\}", proc.stdout)]
     assert len(logs) == 2

@@ -26,12 +26,48 @@ PRE_DEMO_RL = ["--gallery_attributes", "reference", "--beta", "0.0"]
 
 
 def base_args(catalog, encoder, policy, out, *extra):
-    return ["--config", "recipes/configs/rar_demo.yaml", *PRE_DEMO_RL, "--catalog", str(catalog), "--encoder", str(encoder),
-            "--encoder_recipe", "", "--sft_recipe", "", "--model_name_or_path", str(policy),
-            "--output_dir", str(out), "--split", "train", "--max_train_listings", "8", "--max_eval_listings", "24",
-            "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "24",
-            "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "5e-3", "--disable_tqdm", "true",
-            "--eval_batch_size", "8", "--seed", "0", *extra]
+    return [
+        "--config",
+        "recipes/configs/rar_demo.yaml",
+        *PRE_DEMO_RL,
+        "--catalog",
+        str(catalog),
+        "--encoder",
+        str(encoder),
+        "--encoder_recipe",
+        "",
+        "--sft_recipe",
+        "",
+        "--model_name_or_path",
+        str(policy),
+        "--output_dir",
+        str(out),
+        "--split",
+        "train",
+        "--max_train_listings",
+        "8",
+        "--max_eval_listings",
+        "24",
+        "--num_generations",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_completion_length",
+        "24",
+        "--max_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "5e-3",
+        "--disable_tqdm",
+        "true",
+        "--eval_batch_size",
+        "8",
+        "--seed",
+        "0",
+        *extra,
+    ]
 
 
 class Snapshot:
@@ -52,22 +88,42 @@ class Snapshot:
 
 def changed_and_frozen(snapshot, model):
     after = dict(model.named_parameters())
-    changed = {n for n in snapshot.trainable if not torch.equal(snapshot.before[n], after[n].detach().float().to(
-        snapshot.before[n].dtype))}
-    frozen_moved = {n for n in snapshot.before if n not in snapshot.trainable
-                    and not torch.equal(snapshot.before[n], after[n].detach())}
+    changed = {
+        n
+        for n in snapshot.trainable
+        if not torch.equal(snapshot.before[n], after[n].detach().float().to(snapshot.before[n].dtype))
+    }
+    frozen_moved = {
+        n
+        for n in snapshot.before
+        if n not in snapshot.trainable and not torch.equal(snapshot.before[n], after[n].detach())
+    }
     return changed, frozen_moved
 
 
 @pytest.mark.parametrize("checkpointing", ["false", "true"])  # the paper-scale recipes turn it on
-def test_lora_grpo_trains_adapters_only_and_reports(recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir,
-                                                    warm_policy_dir, tmp_path, checkpointing):
+def test_lora_grpo_trains_adapters_only_and_reports(
+    recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path, checkpointing
+):
     spy = Snapshot(trl.GRPOTrainer)
     monkeypatch.setattr(recipe, "GRPOTrainer", spy.cls)
     out = tmp_path / "run"
-    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out,
-                                   "--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16",
-                                   "--activation_checkpointing", checkpointing))
+    trainer = recipe.cli(
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            warm_policy_dir,
+            out,
+            "--use_peft",
+            "true",
+            "--lora_r",
+            "8",
+            "--lora_alpha",
+            "16",
+            "--activation_checkpointing",
+            checkpointing,
+        )
+    )
 
     assert spy.trainable and all("lora_" in n for n in spy.trainable)
     assert not any("visual" in n for n in spy.trainable)  # LoRA on the language model only
@@ -81,7 +137,8 @@ def test_lora_grpo_trains_adapters_only_and_reports(recipe, monkeypatch, small_c
     assert (out / "adapter_model.safetensors").is_file()
     saved = json.loads((out / "trainer_state.json").read_text())["log_history"]  # the per-step log survives the run
     assert [h["rewards/retrieval_rank/mean"] for h in saved if "reward" in h] == [
-        h["rewards/retrieval_rank/mean"] for h in steps]
+        h["rewards/retrieval_rank/mean"] for h in steps
+    ]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["protocol"] == "both_sides"
     if metrics["gallery_attributes"] == "none":  # without text on either side the two protocols are one computation
@@ -98,12 +155,23 @@ def test_lora_grpo_trains_adapters_only_and_reports(recipe, monkeypatch, small_c
     assert len(rows) == 24 and set(rows[0]) == {"listing_id", "sft_attributes", "rar_attributes"}
 
 
-def test_full_finetune_keeps_the_vision_tower_frozen(recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir,
-                                                     warm_policy_dir, tmp_path):
+def test_full_finetune_keeps_the_vision_tower_frozen(
+    recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path
+):
     spy = Snapshot(trl.GRPOTrainer)
     monkeypatch.setattr(recipe, "GRPOTrainer", spy.cls)
-    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path / "run",
-                                   "--freeze_vision", "true", "--eval_split", "none"))
+    trainer = recipe.cli(
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            warm_policy_dir,
+            tmp_path / "run",
+            "--freeze_vision",
+            "true",
+            "--eval_split",
+            "none",
+        )
+    )
     assert spy.trainable and not any(".visual." in f".{n}" for n in spy.trainable)
     _, frozen_moved = changed_and_frozen(spy, trainer.model)
     assert not frozen_moved
@@ -113,9 +181,22 @@ def test_qlora_4bit_grpo(recipe, monkeypatch, small_catalog_dir, tiny_encoder_di
     pytest.importorskip("bitsandbytes")
     spy = Snapshot(trl.GRPOTrainer)
     monkeypatch.setattr(recipe, "GRPOTrainer", spy.cls)
-    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path / "run",
-                                   "--use_peft", "true", "--load_in_4bit", "true", "--lora_r", "8",
-                                   "--max_eval_listings", "8"))
+    trainer = recipe.cli(
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            warm_policy_dir,
+            tmp_path / "run",
+            "--use_peft",
+            "true",
+            "--load_in_4bit",
+            "true",
+            "--lora_r",
+            "8",
+            "--max_eval_listings",
+            "8",
+        )
+    )
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
@@ -125,25 +206,59 @@ def test_qlora_4bit_grpo(recipe, monkeypatch, small_catalog_dir, tiny_encoder_di
 
 
 def test_rloo_is_the_alternative_trainer(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
-    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path / "run",
-                                   "--rl_algorithm", "rloo", "--eval_split", "none", "--max_steps", "2"))
+    trainer = recipe.cli(
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            warm_policy_dir,
+            tmp_path / "run",
+            "--rl_algorithm",
+            "rloo",
+            "--eval_split",
+            "none",
+            "--max_steps",
+            "2",
+        )
+    )
     assert isinstance(trainer, trl.RLOOTrainer)
     assert trainer.state.global_step == 2
     assert trainer.args.num_generations == 4 and trainer.args.max_completion_length == 24
 
 
-def test_resume_continues_at_the_step_it_stopped(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir,
-                                                 tmp_path):
+def test_resume_continues_at_the_step_it_stopped(
+    recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path
+):
     out = tmp_path / "run"
-    common = ["--use_peft", "true", "--lora_r", "8", "--eval_split", "none", "--save_strategy", "steps",
-              "--save_steps", "2"]
+    common = [
+        "--use_peft",
+        "true",
+        "--lora_r",
+        "8",
+        "--eval_split",
+        "none",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+    ]
     recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out, *common, "--max_steps", "2"))
     checkpoint = out / "checkpoint-2"
     assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "optimizer.pt").is_file()
     saved = load_file(checkpoint / "adapter_model.safetensors")
 
-    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out, *common,
-                                   "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)))
+    trainer = recipe.cli(
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            warm_policy_dir,
+            out,
+            *common,
+            "--max_steps",
+            "4",
+            "--resume_from_checkpoint",
+            str(checkpoint),
+        )
+    )
     assert trainer.state.global_step == 4
     logged = [h["step"] for h in trainer.state.log_history if "reward" in h]
     assert logged == [1, 2, 3, 4]  # the history of the first run continues, no step repeated
@@ -177,61 +292,120 @@ def expect_exit(recipe, capsys, argv, *fragments):
 
 
 @pytest.mark.usefixtures("no_models")
-def test_4bit_without_bitsandbytes_names_the_extra(recipe, capsys, monkeypatch, small_catalog_dir, tiny_encoder_dir,
-                                                   tiny_model_dir, tmp_path):
+def test_4bit_without_bitsandbytes_names_the_extra(
+    recipe, capsys, monkeypatch, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path
+):
     """bitsandbytes is the optional [quantization] extra: --load_in_4bit without it is one line naming it."""
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path / "o",
-                                          "--use_peft", "true", "--load_in_4bit", "true"),
-                "--load_in_4bit needs bitsandbytes", "afmrl[quantization]")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            tiny_model_dir,
+            tmp_path / "o",
+            "--use_peft",
+            "true",
+            "--load_in_4bit",
+            "true",
+        ),
+        "--load_in_4bit needs bitsandbytes",
+        "afmrl[quantization]",
+    )
 
 
 @pytest.mark.usefixtures("no_models")
 def test_encoder_dir_that_is_not_an_agcl_encoder(recipe, capsys, small_catalog_dir, tiny_model_dir, tmp_path):
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_model_dir, tiny_model_dir, tmp_path),
-                "is not an AGCL encoder", "encoder_config.json")
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tmp_path / "nowhere", tiny_model_dir, tmp_path),
-                "does not exist")
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(small_catalog_dir, tiny_model_dir, tiny_model_dir, tmp_path),
+        "is not an AGCL encoder",
+        "encoder_config.json",
+    )
+    expect_exit(
+        recipe, capsys, base_args(small_catalog_dir, tmp_path / "nowhere", tiny_model_dir, tmp_path), "does not exist"
+    )
 
 
 @pytest.mark.usefixtures("no_models")
 def test_catalog_without_images(recipe, capsys, tiny_encoder_dir, tiny_model_dir, tmp_path):
     catalog = tmp_path / "no-images"
     catalog.mkdir()
-    rows = [{"listing_id": f"L{i}", "product_id": f"P{i // 2}", "title": f"mug {i}", "split": "train"} for i in range(4)]
+    rows = [
+        {"listing_id": f"L{i}", "product_id": f"P{i // 2}", "title": f"mug {i}", "split": "train"} for i in range(4)
+    ]
     (catalog / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     expect_exit(recipe, capsys, base_args(catalog, tiny_encoder_dir, tiny_model_dir, tmp_path / "o"), "line 1", "image")
 
 
 @pytest.mark.usefixtures("no_models")
 def test_unknown_reward_name(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path):
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
-                                          "--reward_funcs", "retrieval_rank", "rank_of_the_moon",
-                                          "--reward_weights", "1.0", "1.0"), "rank_of_the_moon")
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            tiny_model_dir,
+            tmp_path,
+            "--reward_funcs",
+            "retrieval_rank",
+            "rank_of_the_moon",
+            "--reward_weights",
+            "1.0",
+            "1.0",
+        ),
+        "rank_of_the_moon",
+    )
 
 
 @pytest.mark.usefixtures("no_models")
-def test_reward_weights_that_do_not_match(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path):
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
-                                          "--reward_weights", "1.0"), "reward")
+def test_reward_weights_that_do_not_match(
+    recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path
+):
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, "--reward_weights", "1.0"),
+        "reward",
+    )
 
 
 @pytest.mark.usefixtures("no_models")
-def test_num_generations_that_does_not_divide_the_batch(recipe, capsys, small_catalog_dir, tiny_encoder_dir,
-                                                        tiny_model_dir, tmp_path):
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
-                                          "--num_generations", "3"), "num_generations", "(3)")
+def test_num_generations_that_does_not_divide_the_batch(
+    recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path
+):
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, "--num_generations", "3"),
+        "num_generations",
+        "(3)",
+    )
 
 
 @pytest.mark.usefixtures("no_models")
 def test_bad_reward_kwargs_and_algorithm(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path):
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
-                                          "--reward_kwargs", "{not json"), "--reward_kwargs")
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
-                                          "--rl_algorithm", "ppo"), "--rl_algorithm", "TRL")
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, "--reward_kwargs", "{not json"),
+        "--reward_kwargs",
+    )
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, "--rl_algorithm", "ppo"),
+        "--rl_algorithm",
+        "TRL",
+    )
 
 
 def test_catalog_row_errors_name_the_row(recipe, capsys, tiny_encoder_dir, tiny_model_dir, tmp_path):
@@ -241,14 +415,30 @@ def test_catalog_row_errors_name_the_row(recipe, capsys, tiny_encoder_dir, tiny_
     row["title"] = ""
     lines[2] = json.dumps(row)
     (catalog / "catalog.jsonl").write_text("\n".join(lines) + "\n")
-    expect_exit(recipe, capsys, base_args(catalog, tiny_encoder_dir, tiny_model_dir, tmp_path / "o"),
-                "line 3", row["listing_id"], "title")
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(catalog, tiny_encoder_dir, tiny_model_dir, tmp_path / "o"),
+        "line 3",
+        row["listing_id"],
+        "title",
+    )
 
 
 def test_annotated_gallery_protocol(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
     out = tmp_path / "run"
-    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out,
-                                   "--gallery_attributes", "reference", "--max_steps", "1"))
+    trainer = recipe.cli(
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            warm_policy_dir,
+            out,
+            "--gallery_attributes",
+            "reference",
+            "--max_steps",
+            "1",
+        )
+    )
     reward = trainer.reward_funcs[0]
     assert reward._state.gallery.info["attribute_column"] == "attributes"
     assert reward.counters["gallery_baselines"] == 0  # baselines re-encoded: gallery vectors carry attributes
@@ -262,8 +452,20 @@ def test_policy_annotated_gallery(recipe, small_catalog_dir, tiny_encoder_dir, w
     from afmrl.attributes import parse_attributes
 
     out = tmp_path / "run"
-    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out,
-                                   "--gallery_attributes", "policy", "--beta", "0.04", "--max_steps", "1"))  # the demo's RL
+    trainer = recipe.cli(
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            warm_policy_dir,
+            out,
+            "--gallery_attributes",
+            "policy",
+            "--beta",
+            "0.04",
+            "--max_steps",
+            "1",
+        )
+    )  # the demo's RL
     train_ids = set(load_catalog(small_catalog_dir, split="train")["listing_id"])
     written = [json.loads(line) for line in (out / "gallery_attributes.jsonl").read_text().splitlines()]
     assert {row["listing_id"] for row in written} == train_ids  # the gallery split (--split train), once each
@@ -284,34 +486,64 @@ def test_reward_gallery_of_several_splits(recipe, small_catalog_dir, tiny_encode
     train, test = (load_catalog(small_catalog_dir, split=s) for s in ("train", "test"))
     earlier = "".join(json.dumps({"listing_id": lid, "completion": "color: red"}) + "\n" for lid in train["listing_id"])
     (out / "gallery_attributes.jsonl").write_text(earlier)  # as an earlier run with the train gallery left it
-    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, out, "--gallery_attributes",
-                                   "policy", "--gallery_split", "train", "test", "--max_steps", "1", "--eval_split", "none"))
+    trainer = recipe.cli(
+        base_args(
+            small_catalog_dir,
+            tiny_encoder_dir,
+            warm_policy_dir,
+            out,
+            "--gallery_attributes",
+            "policy",
+            "--gallery_split",
+            "train",
+            "test",
+            "--max_steps",
+            "1",
+            "--eval_split",
+            "none",
+        )
+    )
     lines = (out / "gallery_attributes.jsonl").read_text().splitlines()
-    assert lines[:len(train)] == earlier.splitlines()  # kept, not regenerated
-    assert [json.loads(line)["listing_id"] for line in lines[len(train):]] == list(test["listing_id"])
+    assert lines[: len(train)] == earlier.splitlines()  # kept, not regenerated
+    assert [json.loads(line)["listing_id"] for line in lines[len(train) :]] == list(test["listing_id"])
     reward = trainer.reward_funcs[0]
     assert sorted(reward._state.gallery.listing_ids) == sorted([*train["listing_id"], *test["listing_id"]])
     kept = dict(zip(reward.catalog["listing_id"], reward.catalog["policy_attributes"], strict=True))
-    assert {k: v for k, v in kept[train["listing_id"][0]].items() if v is not None} == {"color": "red"}  # arrow pads keys
+    assert {k: v for k, v in kept[train["listing_id"][0]].items() if v is not None} == {
+        "color": "red"
+    }  # arrow pads keys
     assert reward.counters["completions"] > 0 and reward.counters["unscorable"] < reward.counters["completions"]
 
 
 @pytest.mark.usefixtures("no_models")
 def test_unknown_gallery_split(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path):
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
-                                          "--gallery_split", "train", "gallry"), "gallry")
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, "--gallery_split", "train", "gallry"),
+        "gallry",
+    )
 
 
 @pytest.mark.usefixtures("no_models")
-def test_gallery_attributes_column_must_exist(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir,
-                                              tmp_path):
-    expect_exit(recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path,
-                                          "--gallery_attributes", "stored_attrs"), "--gallery_attributes", "stored_attrs")
+def test_gallery_attributes_column_must_exist(
+    recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path
+):
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(
+            small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, "--gallery_attributes", "stored_attrs"
+        ),
+        "--gallery_attributes",
+        "stored_attrs",
+    )
 
 
 @pytest.mark.slow
-def test_demo_stages_train_then_reuse_encoder_and_warm_start(recipe, monkeypatch, capsys, small_catalog_dir,
-                                                             tiny_model_dir, tmp_path):
+def test_demo_stages_train_then_reuse_encoder_and_warm_start(
+    recipe, monkeypatch, capsys, small_catalog_dir, tiny_model_dir, tmp_path
+):
     """--encoder_recipe / --sft_recipe: stage 1 and the SFT warm start run (as child recipes) when their
     outputs are missing, and are reused, not rerun, when present -- unless they were trained on another catalog."""
     import shutil
@@ -325,12 +557,29 @@ def test_demo_stages_train_then_reuse_encoder_and_warm_start(recipe, monkeypatch
         path.write_text(yaml.safe_dump(data))
         return str(path)
 
-    agcl = short("agcl_demo.yaml", max_steps=2, per_device_train_batch_size=8, eval_split="none",
-                 model_name_or_path=str(tiny_model_dir))
+    agcl = short(
+        "agcl_demo.yaml",
+        max_steps=2,
+        per_device_train_batch_size=8,
+        eval_split="none",
+        model_name_or_path=str(tiny_model_dir),
+    )
     sft = short("sft_demo.yaml", max_steps=2, per_device_train_batch_size=4)
     out, encoder = tmp_path / "run", tmp_path / "encoder"
-    argv = base_args(small_catalog_dir, encoder, tiny_model_dir, out, "--encoder_recipe", agcl, "--sft_recipe", sft,
-                     "--max_steps", "1", "--eval_split", "none")
+    argv = base_args(
+        small_catalog_dir,
+        encoder,
+        tiny_model_dir,
+        out,
+        "--encoder_recipe",
+        agcl,
+        "--sft_recipe",
+        sft,
+        "--max_steps",
+        "1",
+        "--eval_split",
+        "none",
+    )
     recipe.cli(argv)
     assert (encoder / "encoder_config.json").is_file()
     assert (out / "sft" / "config.json").is_file() and (out / "model.safetensors").is_file()
@@ -349,10 +598,12 @@ def test_demo_stages_train_then_reuse_encoder_and_warm_start(recipe, monkeypatch
 
 
 @pytest.mark.usefixtures("no_models")
-@pytest.mark.parametrize("remove,message", [("chat_template.jinja", "no chat template"),
-                                            ("processor_config.json", "image processor")])
-def test_policy_processor_that_cannot_serve_rar(recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir,
-                                                tmp_path, remove, message):
+@pytest.mark.parametrize(
+    "remove,message", [("chat_template.jinja", "no chat template"), ("processor_config.json", "image processor")]
+)
+def test_policy_processor_that_cannot_serve_rar(
+    recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, remove, message
+):
     import shutil
 
     policy = tmp_path / "policy"
@@ -375,8 +626,9 @@ def test_full_finetune_from_a_lora_adapter_trains_the_merged_weights(tiny_model_
     adapted = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
     adapted.save_pretrained(tmp_path / "adapter")
 
-    model, _, peft_config = load_policy(trl.ModelConfig(model_name_or_path=str(tmp_path / "adapter")),
-                                        freeze_vision=True)
+    model, _, peft_config = load_policy(
+        trl.ModelConfig(model_name_or_path=str(tmp_path / "adapter")), freeze_vision=True
+    )
     assert peft_config is None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]

@@ -58,8 +58,9 @@ def test_prompt_without_keys_and_custom_template(catalog):
     assert "{title}" in DEFAULT_PROMPT and "{keys}" in DEFAULT_PROMPT
     ds = build_prompt_dataset(catalog.select(range(2)))
     assert "Choose the keys" in ds[0]["prompt"][0]["content"]
-    ds = build_prompt_dataset(catalog.select(range(2)), prompt_template="T={title} {{json}}",
-                              keep_columns=("listing_id", "no_such_column"))
+    ds = build_prompt_dataset(
+        catalog.select(range(2)), prompt_template="T={title} {{json}}", keep_columns=("listing_id", "no_such_column")
+    )
     assert ds.column_names == ["prompt", "image", "listing_id"]
     assert ds[1]["prompt"][0]["content"] == f"T={catalog[1]['title'].strip()} {{json}}"
 
@@ -68,7 +69,8 @@ def test_images_catalog_first_image_or_list(multi_image_catalog):
     first = build_prompt_dataset(multi_image_catalog)
     assert "images" not in first.column_names and isinstance(first.features["image"], datasets.Image)
     assert [v["path"] for v in stored_paths(first, "image")] == [
-        v[0]["path"] for v in multi_image_catalog.data.column("images").to_pylist()]
+        v[0]["path"] for v in multi_image_catalog.data.column("images").to_pylist()
+    ]
     assert isinstance(first[0]["image"], Image.Image)
     both = build_prompt_dataset(multi_image_catalog, image_column="images")
     assert "image" not in both.column_names and len(both[0]["images"]) == 2
@@ -80,8 +82,9 @@ def test_single_image_catalog_as_list(catalog):
     assert [len(x) for x in ds["images"]] == [1, 1, 1] and isinstance(ds[0]["images"][0], Image.Image)
 
 
-@pytest.mark.parametrize("template, name", [("{title} {colour}", "{colour}"), ("{}", "positional"),
-                                            ("{title.upper}", "{title.upper}")])
+@pytest.mark.parametrize(
+    "template, name", [("{title} {colour}", "{colour}"), ("{}", "positional"), ("{title.upper}", "{title.upper}")]
+)
 def test_unknown_placeholder(catalog, template, name):
     with pytest.raises(ValueError, match=name.replace("{", r"\{").replace("}", r"\}").replace(".", r"\.")):
         build_prompt_dataset(catalog.select(range(2)), prompt_template=template)
@@ -97,8 +100,11 @@ def test_missing_listing_id_and_bad_image_column(catalog):
 def test_sft_dataset_targets_and_skipped_rows(catalog, caplog):
     assert sft_target({"attributes": None}, ATTRIBUTE_KEYS) is None
     ids = set(catalog["listing_id"][:5])
-    blanked = catalog.map(lambda lid, a: {"attributes": None if lid in ids else a},
-                          input_columns=["listing_id", "attributes"], features=catalog.features)
+    blanked = catalog.map(
+        lambda lid, a: {"attributes": None if lid in ids else a},
+        input_columns=["listing_id", "attributes"],
+        features=catalog.features,
+    )
     with caplog.at_level(logging.WARNING, logger="rar.prompts"):
         ds = build_sft_dataset(blanked, attribute_keys=ATTRIBUTE_KEYS)
     assert f"skipped 5 of {len(catalog)} rows without attributes" in caplog.text
@@ -110,8 +116,9 @@ def test_sft_dataset_targets_and_skipped_rows(catalog, caplog):
         assert assistant["content"] == format_attributes(teacher[row["listing_id"]], ATTRIBUTE_KEYS)
     assert stored_paths(ds, "image")[0]["bytes"] is None
     with pytest.raises(ValueError, match="no row"):
-        build_sft_dataset(catalog.map(lambda a: {"attributes": None}, input_columns=["attributes"],
-                                      features=catalog.features))
+        build_sft_dataset(
+            catalog.map(lambda a: {"attributes": None}, input_columns=["attributes"], features=catalog.features)
+        )
     with pytest.raises(ValueError, match="attributes"):
         build_sft_dataset(catalog.remove_columns("attributes"))
 
@@ -130,8 +137,14 @@ def test_deepspeed_json_configs():
 
 def test_accelerate_yaml_configs():
     names = {p.name for p in CONFIG_DIR.glob("*.yaml")}
-    assert {"zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "single_gpu.yaml", "multi_gpu.yaml",
-            "cpu_2proc.yaml"} <= names
+    assert {
+        "zero2.yaml",
+        "zero3.yaml",
+        "zero3_offload.yaml",
+        "single_gpu.yaml",
+        "multi_gpu.yaml",
+        "cpu_2proc.yaml",
+    } <= names
     for path in CONFIG_DIR.glob("*.yaml"):
         cfg = yaml.safe_load(path.read_text())
         if cfg["distributed_type"] == "DEEPSPEED":
@@ -157,11 +170,23 @@ def test_grpo_trainer_runs_on_prompt_dataset(catalog, multi_image_catalog, tiny_
         return [float(len(c[0]["content"])) for c in completions]
 
     model, processor = load_mllm(tiny_model_dir)
-    args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, num_generations=2,
-                          per_device_train_batch_size=2, max_completion_length=8, max_steps=1, report_to=[],
-                          activation_checkpointing=False, save_strategy="no", logging_steps=1, seed=0)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=trivial_reward, args=args, train_dataset=ds,
-                              processing_class=processor)
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        max_completion_length=8,
+        max_steps=1,
+        report_to=[],
+        activation_checkpointing=False,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+    )
+    trainer = trl.GRPOTrainer(
+        model=model, reward_funcs=trivial_reward, args=args, train_dataset=ds, processing_class=processor
+    )
     trainer.train()
     assert trainer.state.global_step == 1
     assert set(seen["listing_id"]) <= set(ds["listing_id"]) and len(seen["listing_id"]) == 2

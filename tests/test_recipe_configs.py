@@ -32,7 +32,8 @@ def test_there_are_configs_for_every_stage():
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_parses(config, load_recipe):
     script_args, training_args, *model_args = parser_for(config, load_recipe).parse_args_and_config(
-        ["--config", str(config), *CPU])
+        ["--config", str(config), *CPU]
+    )
     assert training_args.output_dir and training_args.seed is not None
     if config.stem.startswith("rar"):
         assert training_args.generation_batch_size % training_args.num_generations == 0

@@ -11,8 +11,14 @@ from PIL import Image
 
 from afmrl.catalog.load import CatalogError, load_catalog
 
-MODES = {"cmyk.jpg": "CMYK", "palette.png": "P", "rgba.png": "RGBA", "gray16.png": "I;16", "gray.png": "L",
-         "rgb.png": "RGB"}
+MODES = {
+    "cmyk.jpg": "CMYK",
+    "palette.png": "P",
+    "rgba.png": "RGBA",
+    "gray16.png": "I;16",
+    "gray.png": "L",
+    "rgb.png": "RGB",
+}
 
 
 def huge_header_png(path, side=20000):
@@ -33,10 +39,20 @@ def write_catalog(root, names):
             if mode == "I;16":
                 Image.fromarray(rng.integers(0, 65535, size, dtype=np.uint16)).save(root / "images" / name)
             else:
-                Image.new(mode, size, tuple([int(x) for x in rng.integers(0, 255, len(mode))]) if mode != "P" else 3
-                          ).save(root / "images" / name)
-    rows = [{"listing_id": f"L{i}", "product_id": f"P{i // 2}", "title": f"mug {i}", "image": f"images/{n}",
-             "split": "train", "attributes": {"color": "red"}} for i, n in enumerate(names)]
+                Image.new(
+                    mode, size, tuple([int(x) for x in rng.integers(0, 255, len(mode))]) if mode != "P" else 3
+                ).save(root / "images" / name)
+    rows = [
+        {
+            "listing_id": f"L{i}",
+            "product_id": f"P{i // 2}",
+            "title": f"mug {i}",
+            "image": f"images/{n}",
+            "split": "train",
+            "attributes": {"color": "red"},
+        }
+        for i, n in enumerate(names)
+    ]
     (root / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -45,7 +61,9 @@ def test_decompression_bomb_header_is_refused_with_row_and_field(tmp_path):
     root = write_catalog(tmp_path / "c", ["rgb.png", "rgb.png"])
     huge_header_png(root / "images" / "huge.png")
     with open(root / "catalog.jsonl", "a") as f:
-        f.write(json.dumps({"listing_id": "HUGE", "product_id": "P0", "title": "big", "image": "images/huge.png"}) + "\n")
+        f.write(
+            json.dumps({"listing_id": "HUGE", "product_id": "P0", "title": "big", "image": "images/huge.png"}) + "\n"
+        )
     with pytest.raises(CatalogError) as info:
         load_catalog(root)
     message = str(info.value)
@@ -62,18 +80,52 @@ def test_non_rgb_images_encode_generate_and_train(tmp_path, tiny_encoder_dir, wa
 
     from afmrl.encoder.model import ProductEncoder
 
-    embeddings = ProductEncoder.from_pretrained(tiny_encoder_dir).encode(list(ds["image"]), list(ds["title"]),
-                                                                         show_progress=False)
+    embeddings = ProductEncoder.from_pretrained(tiny_encoder_dir).encode(
+        list(ds["image"]), list(ds["title"]), show_progress=False
+    )
     assert embeddings.shape[0] == len(names) and np.isfinite(embeddings).all()
 
     recipe = load_recipe("rar_grpo")
-    trainer = recipe.cli([
-        "--config", "recipes/configs/rar_demo.yaml", "--gallery_attributes", "reference", "--beta", "0.0",
-        "--catalog", str(root), "--encoder", str(tiny_encoder_dir),
-        "--encoder_recipe", "", "--sft_recipe", "", "--model_name_or_path", str(warm_policy_dir),
-        "--output_dir", str(tmp_path / "run"), "--split", "train", "--eval_split", "train", "--num_generations", "2",
-        "--per_device_train_batch_size", "2", "--max_completion_length", "16", "--max_steps", "2",
-        "--logging_steps", "1", "--disable_tqdm", "true", "--eval_batch_size", "3"])
+    trainer = recipe.cli(
+        [
+            "--config",
+            "recipes/configs/rar_demo.yaml",
+            "--gallery_attributes",
+            "reference",
+            "--beta",
+            "0.0",
+            "--catalog",
+            str(root),
+            "--encoder",
+            str(tiny_encoder_dir),
+            "--encoder_recipe",
+            "",
+            "--sft_recipe",
+            "",
+            "--model_name_or_path",
+            str(warm_policy_dir),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--split",
+            "train",
+            "--eval_split",
+            "train",
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_completion_length",
+            "16",
+            "--max_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--disable_tqdm",
+            "true",
+            "--eval_batch_size",
+            "3",
+        ]
+    )
     assert all(math.isfinite(h["reward"]) for h in trainer.state.log_history if "reward" in h)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["rar_attributes"]["n_queries"] == len(names)

@@ -40,8 +40,12 @@ def test_saved_encoder_records_its_backbone_signature(lora_encoder_dir, tiny_mod
     backbone = json.loads((tiny_model_dir / "config.json").read_text())
     text, vision = backbone.get("text_config", backbone), backbone["vision_config"]
     assert config["backbone_signature"] == {
-        "model_type": "qwen2_vl", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": text["vocab_size"],
-        "vision_hidden_size": vision.get("embed_dim") or vision.get("hidden_size")}
+        "model_type": "qwen2_vl",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "vocab_size": text["vocab_size"],
+        "vision_hidden_size": vision.get("embed_dim") or vision.get("hidden_size"),
+    }
 
 
 @pytest.mark.usefixtures("no_weights")
@@ -52,8 +56,7 @@ def test_encoder_over_another_backbone_is_refused_before_weights_load(lora_encod
     assert "another backbone" in message and "hidden_size 64 (saved) vs 32 (found)" in message
 
 
-def test_old_encoder_without_signature_over_another_backbone_fails_clearly(lora_encoder_dir, narrow_backbone,
-                                                                           tmp_path):
+def test_old_encoder_without_signature_over_another_backbone_fails_clearly(lora_encoder_dir, narrow_backbone, tmp_path):
     """Without a saved signature, the adapter's shapes still give the mismatch away, named, not as a traceback
     from deep inside peft."""
     with pytest.raises(EncoderLoadError) as info:
@@ -74,20 +77,34 @@ def test_moved_backbone_with_the_same_signature_loads(lora_encoder_dir, tiny_mod
 
 
 @pytest.mark.usefixtures("no_weights")
-@pytest.mark.parametrize("remove,message", [("chat_template.jinja", "no chat template"),
-                                            ("processor_config.json", "image processor")])
-def test_encoder_backbone_that_cannot_serve_the_encoder(load_recipe, capsys, small_catalog_dir, tiny_model_dir,
-                                                        lora_encoder_dir, tmp_path, remove, message):
+@pytest.mark.parametrize(
+    "remove,message", [("chat_template.jinja", "no chat template"), ("processor_config.json", "image processor")]
+)
+def test_encoder_backbone_that_cannot_serve_the_encoder(
+    load_recipe, capsys, small_catalog_dir, tiny_model_dir, lora_encoder_dir, tmp_path, remove, message
+):
     """Stage 1 over such a backbone (agcl_train) and evaluation of an encoder over it both stop with one
     error line naming the model, before any weights load."""
     backbone = tmp_path / "backbone"
     shutil.copytree(tiny_model_dir, backbone)
     (backbone / remove).unlink()
     runs = {
-        "agcl_train": ["--config", "recipes/configs/agcl_demo.yaml", "--catalog", str(small_catalog_dir),
-                       "--model_name_or_path", str(backbone), "--output_dir", str(tmp_path / "out")],
-        "evaluate": ["--encoder", str(point_at(lora_encoder_dir, backbone, tmp_path)), "--catalog",
-                     str(small_catalog_dir)],
+        "agcl_train": [
+            "--config",
+            "recipes/configs/agcl_demo.yaml",
+            "--catalog",
+            str(small_catalog_dir),
+            "--model_name_or_path",
+            str(backbone),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        "evaluate": [
+            "--encoder",
+            str(point_at(lora_encoder_dir, backbone, tmp_path)),
+            "--catalog",
+            str(small_catalog_dir),
+        ],
     }
     for name, argv in runs.items():
         with pytest.raises(SystemExit) as info:

@@ -144,11 +144,7 @@ def test_save_load_round_trip(tmp_path, index_type):
     loaded = VectorIndex.load(tmp_path / "gallery")
     assert (loaded.index_type, loaded.size, loaded.dim, loaded.ids) == (index_type, 3000, 16, ids)
     assert loaded.metadata == {"encoder": "abc123", "step": 7, "dims": [16]}
-    assert (
-        loaded.params == index.params
-        and loaded.nprobe == index.nprobe
-        and loaded.ef_search == index.ef_search
-    )
+    assert loaded.params == index.params and loaded.nprobe == index.nprobe and loaded.ef_search == index.ef_search
     after = loaded.search(queries, 12, exclude=np.arange(50))
     np.testing.assert_array_equal(after[0], before[0])
     np.testing.assert_array_equal(after[1], before[1])

@@ -18,7 +18,7 @@ from rewards import (
     validate_reward_weights,
 )
 
-USER_MODULE = '''
+USER_MODULE = """
 import torch
 
 CALLS = []
@@ -62,7 +62,7 @@ class ModuleReward(torch.nn.Module):
 built = LengthReward(scale=2.0)
 module_instance = ModuleReward()
 not_callable = 3
-'''
+"""
 
 
 @pytest.fixture
@@ -91,7 +91,10 @@ def test_builtins_resolve_with_their_names():
 def test_shared_kwargs_are_filtered_by_signature_and_entry_kwargs_win():
     funcs = get_reward_funcs(
         ["attribute_format", {"name": "conciseness", "kwargs": {"target_attributes": 2}}, "attribute_f1"],
-        known_keys=["color", "size"], encoder="/some/encoder", catalog="/some/catalog", target_attributes=7,
+        known_keys=["color", "size"],
+        encoder="/some/encoder",
+        catalog="/some/catalog",
+        target_attributes=7,
     )
     assert funcs[0].known_keys == ("color", "size")
     assert funcs[1].target_attributes == 2  # per-entry beats shared
@@ -107,9 +110,14 @@ def test_shared_kwargs_are_filtered_by_signature_and_entry_kwargs_win():
 @pytest.mark.parametrize("sep", [":", "."])
 def test_import_paths_resolve_user_functions_and_classes(user_pkg, sep):
     funcs = get_reward_funcs(
-        [f"{user_pkg}.mod{sep}brand_reward", f"{user_pkg}.mod{sep}LengthReward", f"{user_pkg}.mod{sep}Nested.reward",
-         f"{user_pkg}.mod{sep}OpenReward"],
-        encoder="enc", catalog="cat",
+        [
+            f"{user_pkg}.mod{sep}brand_reward",
+            f"{user_pkg}.mod{sep}LengthReward",
+            f"{user_pkg}.mod{sep}Nested.reward",
+            f"{user_pkg}.mod{sep}OpenReward",
+        ],
+        encoder="enc",
+        catalog="cat",
     )
     import user_rewards_pkg.mod as mod
 
@@ -179,7 +187,9 @@ def test_reward_weights_are_checked():
     funcs = get_reward_funcs(["attribute_format", "conciseness"])
     assert validate_reward_weights(None, funcs) is None
     assert validate_reward_weights([1, 0.5], funcs) == [1.0, 0.5]
-    with pytest.raises(ValueError, match=r"got 3 reward_weights .* for 2 reward functions \['attribute_format', 'conciseness'\]"):
+    with pytest.raises(
+        ValueError, match=r"got 3 reward_weights .* for 2 reward functions \['attribute_format', 'conciseness'\]"
+    ):
         validate_reward_weights([1, 1, 1], funcs)
     with pytest.raises(ValueError, match="finite"):
         validate_reward_weights([1, float("inf")], funcs)
@@ -207,8 +217,11 @@ def test_guide_custom_reward_example_runs(tmp_path, monkeypatch):
         [{"role": "assistant", "content": "color: red"}],
         [{"role": "assistant", "content": "brand: acme"}],
     ]
-    out = reward(prompts=[None] * 3, completions=completions,
-                 attributes=[{"brand": "acme", "color": "red"}, {"brand": "acme"}, None])
+    out = reward(
+        prompts=[None] * 3,
+        completions=completions,
+        attributes=[{"brand": "acme", "color": "red"}, {"brand": "acme"}, None],
+    )
     assert out == [1.0, 0.0, None]
     assert len(namespace["reward_funcs"]) == len(namespace["reward_weights"])
 
@@ -225,7 +238,9 @@ def test_guide_custom_reward_example_runs(tmp_path, monkeypatch):
 def test_import_rewards_is_light_and_retrieval_rank_is_lazy():
     import subprocess
 
-    code = ("import sys, rewards; assert 'torch' not in sys.modules and 'rewards.retrieval_rank' not in sys.modules; "
-            "cls = rewards.RetrievalRankReward; assert cls.__name__ == 'RetrievalRankReward'; "
-            "assert 'rewards.retrieval_rank' in sys.modules")
+    code = (
+        "import sys, rewards; assert 'torch' not in sys.modules and 'rewards.retrieval_rank' not in sys.modules; "
+        "cls = rewards.RetrievalRankReward; assert cls.__name__ == 'RetrievalRankReward'; "
+        "assert 'rewards.retrieval_rank' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 
-SOURCES = [p for d in ("afmrl", "agcl", "rar", "rewards", "deploy", "recipes", "benchmarks", "experiments", "tests") for p in Path(d).rglob("*.py")]
+SOURCES = [
+    p
+    for d in ("afmrl", "agcl", "rar", "rewards", "deploy", "recipes", "benchmarks", "experiments", "tests")
+    for p in Path(d).rglob("*.py")
+]
 
 
 def calls(tree, dotted):
@@ -21,8 +25,11 @@ def test_torch_load_always_has_weights_only(path):
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for call in calls(tree, "torch.load"):
         flags = {k.arg: k.value for k in call.keywords}
-        assert "weights_only" in flags and isinstance(flags["weights_only"], ast.Constant) and \
-            flags["weights_only"].value is True, f"{path}:{call.lineno}: torch.load without weights_only=True"
+        assert (
+            "weights_only" in flags
+            and isinstance(flags["weights_only"], ast.Constant)
+            and flags["weights_only"].value is True
+        ), f"{path}:{call.lineno}: torch.load without weights_only=True"
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=str)
@@ -31,14 +38,16 @@ def test_trust_remote_code_is_never_switched_on_by_default(path):
     for node in ast.walk(tree):
         # keyword arguments trust_remote_code=True in calls, and defaults of parameters/fields named so
         if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
-            assert not (isinstance(node.value, ast.Constant) and node.value.value is True), \
+            assert not (isinstance(node.value, ast.Constant) and node.value.value is True), (
                 f"{path}:{node.value.lineno}: trust_remote_code=True hard-coded"
+            )
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "trust_remote_code":
             value = node.value
             if isinstance(value, ast.Call):  # dataclass field(default=...)
                 value = next((k.value for k in value.keywords if k.arg == "default"), None)
-            assert not (isinstance(value, ast.Constant) and value.value is True), \
+            assert not (isinstance(value, ast.Constant) and value.value is True), (
                 f"{path}:{node.lineno}: trust_remote_code defaults to True"
+            )
 
 
 def test_the_scan_sees_the_tree():

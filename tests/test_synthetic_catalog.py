@@ -16,7 +16,11 @@ from afmrl.embedded.synthetic_catalog import (
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def rows(root: Path) -> list[dict]:
@@ -91,7 +95,9 @@ def test_titles_are_noisy_and_partial(catalog):
     for r in data:
         t = r["true_attributes"]
         title = r["title"].lower()
-        mentions_everything += all(t[k] in title for k in ("brand", "color", "size")) and f"{t['secondary_color']} trim" in title
+        mentions_everything += (
+            all(t[k] in title for k in ("brand", "color", "size")) and f"{t['secondary_color']} trim" in title
+        )
     assert mentions_everything / len(data) < 0.05
     by_product = defaultdict(set)
     for r in data:
@@ -100,11 +106,25 @@ def test_titles_are_noisy_and_partial(catalog):
 
 
 def test_teacher_rates_are_configurable_and_measurable(tmp_path):
-    perfect = make_synthetic_catalog(tmp_path / "p", num_products=60, seed=0, teacher_omission_rate=0.0,
-                                     teacher_error_rate=0.0, teacher_redundancy_rate=0.0)
+    perfect = make_synthetic_catalog(
+        tmp_path / "p",
+        num_products=60,
+        seed=0,
+        teacher_omission_rate=0.0,
+        teacher_error_rate=0.0,
+        teacher_redundancy_rate=0.0,
+    )
     assert all(r["attributes"] == r["true_attributes"] for r in rows(perfect))
-    noisy = rows(make_synthetic_catalog(tmp_path / "n", num_products=300, seed=0, teacher_omission_rate=0.2,
-                                        teacher_error_rate=0.25, teacher_redundancy_rate=0.5))
+    noisy = rows(
+        make_synthetic_catalog(
+            tmp_path / "n",
+            num_products=300,
+            seed=0,
+            teacher_omission_rate=0.2,
+            teacher_error_rate=0.25,
+            teacher_redundancy_rate=0.5,
+        )
+    )
     pairs = [(r["attributes"], r["true_attributes"]) for r in noisy]
     omitted = np.mean([k not in a for a, t in pairs for k in ATTRIBUTE_KEYS])
     wrong = np.mean([a[k] != t[k] for a, t in pairs for k in ATTRIBUTE_KEYS if k in a])
@@ -155,8 +175,9 @@ def test_options_change_only_what_they_are_for(tmp_path, catalog, option):
     assert len(base) == len(changed)
     for a, b in zip(base, changed, strict=True):
         if "val_fraction" in option:
-            assert {**b, "split": a["split"]} == a and (b["split"] == a["split"] or (a["split"], b["split"]) == (
-                "train", "val"))
+            assert {**b, "split": a["split"]} == a and (
+                b["split"] == a["split"] or (a["split"], b["split"]) == ("train", "val")
+            )
         else:
             assert {k: v for k, v in b.items() if k != "bbox"} == a and len(b["bbox"]) == 4
     if "val_fraction" in option:
@@ -177,8 +198,10 @@ def test_a_listing_teacher_knows_brand_and_size_only_from_the_title(tmp_path, ca
         visible = {k: v for k, v in a["attributes"].items() if k not in ("brand", "size")}
         assert {k: v for k, v in b["attributes"].items() if k not in ("brand", "size")} == visible
         title = b["title"].lower()
-        stated = {"brand": b["true_attributes"]["brand"] in title.split(),
-                  "size": f"size {b['true_attributes']['size'].lower()}" in title}
+        stated = {
+            "brand": b["true_attributes"]["brand"] in title.split(),
+            "size": f"size {b['true_attributes']['size'].lower()}" in title,
+        }
         for key in ("brand", "size"):
             if key in b["attributes"]:
                 assert stated[key] and b["attributes"][key] == a["attributes"][key]

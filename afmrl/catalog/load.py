@@ -90,9 +90,7 @@ def _parse_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(
-                f"{path.name} line {n}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
-            )
+            problems.append(f"{path.name} line {n}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
             continue
         if not text.strip():
             continue
@@ -189,9 +187,7 @@ def _column_kinds(ds: datasets.Dataset, label: str) -> tuple[dict[str, str], boo
     if "image" not in feats and "images" not in feats:
         problems.append(f"{label}: fields 'image' and 'images' are both missing; give exactly one")
     attrs = feats.get("attributes")
-    if not (
-        attrs is None or isinstance(attrs, (datasets.Json, dict)) or getattr(attrs, "dtype", 0) == "null"
-    ):
+    if not (attrs is None or isinstance(attrs, (datasets.Json, dict)) or getattr(attrs, "dtype", 0) == "null"):
         problems.append(f"{label}: field 'attributes' must be a Json or struct column, found {attrs}")
     if problems:
         raise CatalogError(label, problems)
@@ -340,8 +336,13 @@ def _load(source, split: tuple[str, ...] | None, verify: bool, workers: int | No
             loaded = datasets.load_dataset(text, split=split, num_proc=num_proc)
     except Exception as e:  # unknown split, bad files, ...: say what datasets said
         if reason:
-            raise CatalogError(text, [f"not a local catalog, not in the local cache, and the hub {reason}: "
-                                      f"{download_hint(text, 'dataset')}"]) from None
+            raise CatalogError(
+                text,
+                [
+                    f"not a local catalog, not in the local cache, and the hub {reason}: "
+                    f"{download_hint(text, 'dataset')}"
+                ],
+            ) from None
         raise CatalogError(text, [f"could not load hub dataset {text!r} (split {split!r}): {e}"]) from e
     if isinstance(loaded, datasets.DatasetDict):
         return _from_dict(loaded, text, None, None, verify, workers)
@@ -357,7 +358,9 @@ def group_by_product(dataset: datasets.Dataset) -> dict[str, list[int]]:
     return groups
 
 
-def use_title_column(ds: datasets.Dataset, column: str, *, flag: str = "--title_column") -> tuple[datasets.Dataset, int]:
+def use_title_column(
+    ds: datasets.Dataset, column: str, *, flag: str = "--title_column"
+) -> tuple[datasets.Dataset, int]:
     """``ds`` with ``column``'s text as its ``title`` (the original kept as ``title_original``); rows where
     ``column`` is null or blank keep their own title. Returns ``(dataset, rows that kept their own title)``."""
     if column == "title":
@@ -367,8 +370,10 @@ def use_title_column(ds: datasets.Dataset, column: str, *, flag: str = "--title_
     titles, replacements = ds["title"], ds[column]
     bad = [i for i, v in enumerate(replacements) if v is not None and not isinstance(v, str)]
     if bad:
-        raise ValueError(f"{flag} {column!r}: row {bad[0]} (listing_id {ds[bad[0]]['listing_id']!r}) holds a "
-                           f"{type(replacements[bad[0]]).__name__}, not text ({len(bad)} such rows)")
+        raise ValueError(
+            f"{flag} {column!r}: row {bad[0]} (listing_id {ds[bad[0]]['listing_id']!r}) holds a "
+            f"{type(replacements[bad[0]]).__name__}, not text ({len(bad)} such rows)"
+        )
     merged = [new if new and new.strip() else old for new, old in zip(replacements, titles, strict=True)]
     kept = sum(not (new and new.strip()) for new in replacements)
     ds = ds.rename_column("title", "title_original").add_column("title", merged)

@@ -48,9 +48,7 @@ def type_name(value) -> str:
 class RowValidator:
     """Checks rows (plain dicts) one by one, collecting problems and image checks to run later."""
 
-    def __init__(
-        self, label: str, unit: str, root: str | None, image_kinds: dict[str, str], attr_struct: bool = False
-    ):
+    def __init__(self, label: str, unit: str, root: str | None, image_kinds: dict[str, str], attr_struct: bool = False):
         self.label, self.unit, self.root, self.attr_struct = label, unit, root, attr_struct
         self.image_kinds = image_kinds  # column -> "path" (str) or "feature" ({"bytes", "path"} dict)
         self.problems: list[str] = []
@@ -100,8 +98,10 @@ class RowValidator:
             return out
         bbox = rec.get("bbox")
         if bbox is not None and not _is_box(bbox):
-            bad(f"{where}: field 'bbox' must be [x0, y0, x1, y1] in pixels with 0 <= x0 < x1 and 0 <= y0 < y1, "
-                f"found {bbox!r:.60}")
+            bad(
+                f"{where}: field 'bbox' must be [x0, y0, x1, y1] in pixels with 0 <= x0 < x1 and 0 <= y0 < y1, "
+                f"found {bbox!r:.60}"
+            )
             bbox = None
         kind, checked = self.image_kinds.get(field, "path"), []
         for k, ref in enumerate(values):
@@ -116,8 +116,13 @@ class RowValidator:
                 bad(f"{where}: field '{name}' holds no image (neither bytes nor path)")
                 continue
             else:  # a datasets.Image() value: embedded bytes, or a path datasets resolves itself
-                ref = (ref.get("path") or "<embedded bytes>", ref.get("path"), ref.get("bytes"), None,
-                       bbox if k == 0 else None)
+                ref = (
+                    ref.get("path") or "<embedded bytes>",
+                    ref.get("path"),
+                    ref.get("bytes"),
+                    None,
+                    bbox if k == 0 else None,
+                )
             if check_images:
                 self.jobs.append((where, name, ref))
         if kind == "path":  # absolute paths, so that decoding does not depend on the working directory
@@ -126,9 +131,7 @@ class RowValidator:
 
     def _attributes(self, attrs, where: str):
         if not isinstance(attrs, dict):
-            self.problems.append(
-                f"{where}: field 'attributes' must be an object or null, found {attrs!r:.40}"
-            )
+            self.problems.append(f"{where}: field 'attributes' must be an object or null, found {attrs!r:.40}")
             return attrs
         clean = {}
         for key, value in attrs.items():
@@ -150,8 +153,11 @@ class RowValidator:
 
 
 def _is_box(bbox) -> bool:
-    numbers = isinstance(bbox, list | tuple) and len(bbox) == 4 and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+    numbers = (
+        isinstance(bbox, list | tuple)
+        and len(bbox) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+    )
     return numbers and 0 <= bbox[0] < bbox[2] and 0 <= bbox[1] < bbox[3]
 
 
@@ -195,8 +201,9 @@ def run_image_checks(v: RowValidator, pool: ThreadPoolExecutor, bar: tqdm, verif
             v.problems.append(f"{where}: field '{field}': {problem}")
 
 
-def raise_problems(v: RowValidator, source: str, rows_kept: int, split: tuple[str, ...] | None,
-                   splits_seen: set) -> None:
+def raise_problems(
+    v: RowValidator, source: str, rows_kept: int, split: tuple[str, ...] | None, splits_seen: set
+) -> None:
     if split is None:
         if not rows_kept and not v.problems:
             v.problems.append("the catalog has no listings")

@@ -44,8 +44,13 @@ def _place(ref: dict, target: Path) -> str:
     return target.name
 
 
-def write_catalog_dir(catalog: datasets.Dataset, output_dir: str | Path, *, extra_columns: dict | None = None,
-                      show_progress: bool | None = None) -> Path:
+def write_catalog_dir(
+    catalog: datasets.Dataset,
+    output_dir: str | Path,
+    *,
+    extra_columns: dict | None = None,
+    show_progress: bool | None = None,
+) -> Path:
     """Write ``catalog`` (from ``load_catalog``) to ``output_dir``; returns the directory.
 
     ``extra_columns`` ({name: one value per row}) are added to (or replace) the rows as written,
@@ -68,8 +73,9 @@ def write_catalog_dir(catalog: datasets.Dataset, output_dir: str | Path, *, extr
             if image_col == "image":
                 row["image"] = "images/" + _place(row["image"], out / "images" / f"{i:07d}-0")
             elif image_col == "images":
-                row["images"] = ["images/" + _place(ref, out / "images" / f"{i:07d}-{k}")
-                                 for k, ref in enumerate(row["images"])]
+                row["images"] = [
+                    "images/" + _place(ref, out / "images" / f"{i:07d}-{k}") for k, ref in enumerate(row["images"])
+                ]
             row.update({name: values[i] for name, values in extra.items()})
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(out / "catalog.jsonl")

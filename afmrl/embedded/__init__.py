@@ -29,8 +29,15 @@ def is_embedded_model(name: str) -> bool:
     return name in TINY_MODELS or name in PRETRAINED_MODELS
 
 
-def resolve_catalog(source: str, cache_dir: str | Path, *, num_products: int = 600, seed: int = 0,
-                    image_size: int = 64, val_fraction: float = 0.0) -> str:
+def resolve_catalog(
+    source: str,
+    cache_dir: str | Path,
+    *,
+    num_products: int = 600,
+    seed: int = 0,
+    image_size: int = 64,
+    val_fraction: float = 0.0,
+) -> str:
     """``embedded`` → the synthetic catalog's directory (built if missing); anything else unchanged."""
     if source != EMBEDDED_CATALOG:
         return source
@@ -39,8 +46,9 @@ def resolve_catalog(source: str, cache_dir: str | Path, *, num_products: int = 6
     name += "" if not val_fraction else f"-val{val_fraction:g}"
     out = Path(cache_dir) / name
     if not (out / "catalog.jsonl").is_file():  # written last, so a present file means a complete catalog
-        make_synthetic_catalog(out, num_products=num_products, seed=seed, image_size=image_size,
-                               val_fraction=val_fraction)
+        make_synthetic_catalog(
+            out, num_products=num_products, seed=seed, image_size=image_size, val_fraction=val_fraction
+        )
     return str(out)
 
 
@@ -50,8 +58,10 @@ def resolve_model(name_or_path: str, cache_dir: str | Path, **tiny_kwargs) -> st
     if name_or_path in PRETRAINED_MODELS:
         path = PRETRAINED_DIR / name_or_path
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{name_or_path}: the shipped weights are missing from {path} (a partial install? "
-                                    "reinstall the package, or rebuild them with recipes/pretrain_tiny.py)")
+            raise FileNotFoundError(
+                f"{name_or_path}: the shipped weights are missing from {path} (a partial install? "
+                "reinstall the package, or rebuild them with recipes/pretrain_tiny.py)"
+            )
         return str(path)
     if name_or_path not in TINY_MODELS:
         return name_or_path

@@ -43,23 +43,36 @@ def _shape_mask(category: str, box: tuple[float, float, float, float], canvas: i
         return (x0 + fx * w, y0 + fy * h)
 
     if category == "t-shirt":
-        d.polygon([p(.3, 0), p(.7, 0), p(1, .2), p(.85, .4), p(.78, .32), p(.78, 1), p(.22, 1),
-                   p(.22, .32), p(.15, .4), p(0, .2)], fill=255)
+        d.polygon(
+            [
+                p(0.3, 0),
+                p(0.7, 0),
+                p(1, 0.2),
+                p(0.85, 0.4),
+                p(0.78, 0.32),
+                p(0.78, 1),
+                p(0.22, 1),
+                p(0.22, 0.32),
+                p(0.15, 0.4),
+                p(0, 0.2),
+            ],
+            fill=255,
+        )
     elif category == "mug":
-        d.rectangle([p(.1, .1), p(.72, 1)], fill=255)
-        d.ellipse([p(.6, .3), p(1, .75)], outline=255, width=max(2, int(w * .08)))
+        d.rectangle([p(0.1, 0.1), p(0.72, 1)], fill=255)
+        d.ellipse([p(0.6, 0.3), p(1, 0.75)], outline=255, width=max(2, int(w * 0.08)))
     elif category == "bag":
-        d.rectangle([p(0, .35), p(1, 1)], fill=255)
-        d.arc([p(.25, 0), p(.75, .7)], 180, 360, fill=255, width=max(2, int(w * .07)))
+        d.rectangle([p(0, 0.35), p(1, 1)], fill=255)
+        d.arc([p(0.25, 0), p(0.75, 0.7)], 180, 360, fill=255, width=max(2, int(w * 0.07)))
     elif category == "bottle":
-        d.rectangle([p(.38, 0), p(.62, .2)], fill=255)
-        d.polygon([p(.38, .2), p(.62, .2), p(.8, .35), p(.2, .35)], fill=255)
-        d.rectangle([p(.2, .35), p(.8, 1)], fill=255)
+        d.rectangle([p(0.38, 0), p(0.62, 0.2)], fill=255)
+        d.polygon([p(0.38, 0.2), p(0.62, 0.2), p(0.8, 0.35), p(0.2, 0.35)], fill=255)
+        d.rectangle([p(0.2, 0.35), p(0.8, 1)], fill=255)
     elif category == "cap":
-        d.pieslice([p(.05, .15), p(.85, 1.2)], 180, 360, fill=255)
-        d.rectangle([p(.45, .62), p(1, .75)], fill=255)
+        d.pieslice([p(0.05, 0.15), p(0.85, 1.2)], 180, 360, fill=255)
+        d.rectangle([p(0.45, 0.62), p(1, 0.75)], fill=255)
     elif category == "phone case":
-        d.rounded_rectangle([p(.2, 0), p(.8, 1)], radius=w * .1, fill=255)
+        d.rounded_rectangle([p(0.2, 0), p(0.8, 1)], radius=w * 0.1, fill=255)
     else:
         raise ValueError(f"unknown category {category!r}")
     return mask
@@ -103,7 +116,7 @@ def _draw_logo(d: ImageDraw.ImageDraw, logo: str, center, radius: float, color) 
     elif logo == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
     elif logo == "triangle":
-        d.polygon([(cx, cy - r), (cx + r, cy + r * .8), (cx - r, cy + r * .8)], fill=color)
+        d.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=color)
     elif logo == "cross":
         t = r * 0.35
         d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=color)

@@ -39,17 +39,35 @@ import datasets
 import numpy as np
 import torch
 
-__all__ = ["PERCEPTION_FORMATS", "TASK_PROBABILITIES", "ask_question", "build_pretraining_dataset", "caption",
-           "conversation", "describe", "perception_accuracy", "perception_scores", "stated_keys", "visible_keys"]
+__all__ = [
+    "PERCEPTION_FORMATS",
+    "TASK_PROBABILITIES",
+    "ask_question",
+    "build_pretraining_dataset",
+    "caption",
+    "conversation",
+    "describe",
+    "perception_accuracy",
+    "perception_scores",
+    "stated_keys",
+    "visible_keys",
+]
 
 TASKS = ("describe", "ask", "title", "caption")
 TASK_PROBABILITIES = (0.5, 0.3, 0.2, 0.0)
 CAPTION_PROMPTS = ("Caption this photo.", "Give the photo a short caption.")
 
-DESCRIBE_PROMPTS = ("Describe the product in the photo.", "What do you see in this picture?",
-                    "Write a short description of this item.", "Tell me what this product looks like.")
-TITLE_PROMPTS = ("What does the title tell you?", "Which details does the seller's title give?",
-                 "Read the title. What does it say about the item?")
+DESCRIBE_PROMPTS = (
+    "Describe the product in the photo.",
+    "What do you see in this picture?",
+    "Write a short description of this item.",
+    "Tell me what this product looks like.",
+)
+TITLE_PROMPTS = (
+    "What does the title tell you?",
+    "Which details does the seller's title give?",
+    "Read the title. What does it say about the item?",
+)
 TITLE_OPENERS = ("The title names", "The seller's title gives", "According to the title:")
 
 # Clauses for keys this module knows words for; the first phrasing of each key is the one
@@ -106,7 +124,8 @@ def clause(key: str, value, rng: np.random.Generator | None = None, phrasing: st
         options = KEY_FIRST_NO_LOGO if key_first else NO_LOGO
     else:
         options = (KEY_FIRST_CLAUSES if key_first else CLAUSES).get(
-            key, KEY_FIRST_GENERIC_CLAUSES if key_first else GENERIC_CLAUSES)
+            key, KEY_FIRST_GENERIC_CLAUSES if key_first else GENERIC_CLAUSES
+        )
     text = options[0 if rng is None else int(rng.integers(len(options)))]
     return text.format(k=_key_words(key), v=_value_words(key, value))
 
@@ -116,8 +135,9 @@ def _sentence(parts: Sequence[str]) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def describe(attributes: Mapping, keys: Sequence[str], rng: np.random.Generator, phrasing: str = "natural",
-             shuffle: bool = True) -> str:
+def describe(
+    attributes: Mapping, keys: Sequence[str], rng: np.random.Generator, phrasing: str = "natural", shuffle: bool = True
+) -> str:
     """Free text naming the values of ``keys`` in a random phrasing, in a random order (or in ``keys``' order)."""
     present = [k for k in keys if attributes.get(k) not in (None, "")]
     order = rng.permutation(len(present)) if shuffle else range(len(present))
@@ -166,13 +186,17 @@ def stated_keys(title: str | None, attributes: Mapping, keys: Sequence[str]) -> 
     return found
 
 
-def visible_keys(catalog: datasets.Dataset, hidden_keys: Sequence[str] = (), column: str = "true_attributes") -> list[str]:
+def visible_keys(
+    catalog: datasets.Dataset, hidden_keys: Sequence[str] = (), column: str = "true_attributes"
+) -> list[str]:
     """The keys of ``column`` that a photo can show (all but ``hidden_keys``), in first-seen order.
 
     Raises ValueError naming the column when it is missing, empty, or every key is hidden."""
     if column not in catalog.column_names:
-        raise ValueError(f"the pretraining catalog has no {column!r} column: pretraining describes each photo's "
-                         f"true attributes (columns: {', '.join(catalog.column_names)})")
+        raise ValueError(
+            f"the pretraining catalog has no {column!r} column: pretraining describes each photo's "
+            f"true attributes (columns: {', '.join(catalog.column_names)})"
+        )
     keys = {}
     for attributes in catalog[column]:
         for key, value in (attributes or {}).items():
@@ -182,19 +206,28 @@ def visible_keys(catalog: datasets.Dataset, hidden_keys: Sequence[str] = (), col
         raise ValueError(f"column {column!r}: no row has any attribute value")
     shown = [k for k in keys if k not in set(hidden_keys)]
     if not shown:
-        raise ValueError(f"column {column!r}: none of its keys ({', '.join(keys)}) is visible in the photo: every "
-                         "one is in --hidden_keys")
+        raise ValueError(
+            f"column {column!r}: none of its keys ({', '.join(keys)}) is visible in the photo: every "
+            "one is in --hidden_keys"
+        )
     return shown
 
 
-def conversation(title: str | None, attributes: Mapping, keys: Sequence[str], all_keys: Sequence[str],
-                 rng: np.random.Generator, task_probabilities: Sequence[float] = TASK_PROBABILITIES,
-                 phrasing: str = "natural", shuffle: bool = True) -> list[dict]:
+def conversation(
+    title: str | None,
+    attributes: Mapping,
+    keys: Sequence[str],
+    all_keys: Sequence[str],
+    rng: np.random.Generator,
+    task_probabilities: Sequence[float] = TASK_PROBABILITIES,
+    phrasing: str = "natural",
+    shuffle: bool = True,
+) -> list[dict]:
     """One user/assistant exchange about a photo (the image block goes before the user text); the task is drawn
     with ``task_probabilities`` over ``TASKS`` (describe, ask, title, caption). ``phrasing`` and ``shuffle`` shape the
     descriptions (``describe``)."""
     weights = np.zeros(len(TASKS))
-    weights[:len(task_probabilities)] = task_probabilities  # three weights: no captions (the shipped models' mix)
+    weights[: len(task_probabilities)] = task_probabilities  # three weights: no captions (the shipped models' mix)
     task = TASKS[int(rng.choice(len(TASKS), p=weights / weights.sum()))]
     present = [k for k in keys if attributes.get(k) not in (None, "")]
     if task == "title" or not present:
@@ -212,14 +245,23 @@ def conversation(title: str | None, attributes: Mapping, keys: Sequence[str], al
     else:
         key = present[int(rng.integers(len(present)))]
         question, reply = ask_question(key, rng), answer(key, attributes[key], rng)
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": reply}]},
+    ]
 
 
-def build_pretraining_dataset(catalog: datasets.Dataset, keys: Sequence[str], *, passes: int = 1, seed: int = 0,
-                              column: str = "true_attributes",
-                              task_probabilities: Sequence[float] = TASK_PROBABILITIES, phrasing: str = "natural",
-                              shuffle: bool = True) -> datasets.Dataset:
+def build_pretraining_dataset(
+    catalog: datasets.Dataset,
+    keys: Sequence[str],
+    *,
+    passes: int = 1,
+    seed: int = 0,
+    column: str = "true_attributes",
+    task_probabilities: Sequence[float] = TASK_PROBABILITIES,
+    phrasing: str = "natural",
+    shuffle: bool = True,
+) -> datasets.Dataset:
     """``passes`` conversations per listing (``messages`` + its ``image``), each drawn afresh."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
@@ -231,12 +273,23 @@ def build_pretraining_dataset(catalog: datasets.Dataset, keys: Sequence[str], *,
 
     def draw(title, attributes, index, *, offset):
         rng = np.random.default_rng([seed, offset, index])
-        return {"messages": conversation(title, attributes or {}, keys, all_keys, rng, task_probabilities, phrasing,
-                                         shuffle)}
+        return {
+            "messages": conversation(
+                title, attributes or {}, keys, all_keys, rng, task_probabilities, phrasing, shuffle
+            )
+        }
 
-    parts = [base.map(draw, input_columns=["title", column], with_indices=True, fn_kwargs={"offset": p},
-                      remove_columns=["title", column], desc=f"pretraining conversations (pass {p + 1})")
-             for p in range(passes)]
+    parts = [
+        base.map(
+            draw,
+            input_columns=["title", column],
+            with_indices=True,
+            fn_kwargs={"offset": p},
+            remove_columns=["title", column],
+            desc=f"pretraining conversations (pass {p + 1})",
+        )
+        for p in range(passes)
+    ]
     ds = datasets.concatenate_datasets(parts)
     if image_column == "images":  # one photo per conversation: the listing's first
         ds = ds.map(lambda imgs: {"image": imgs[0]}, input_columns=["images"], remove_columns=["images"])
@@ -254,9 +307,17 @@ def _reply(task: str, key: str, value, attributes: Mapping, keys: Sequence[str])
 
 
 @torch.no_grad()
-def perception_scores(model, processor, images: Sequence, attributes: Sequence[Mapping], key: str,
-                      candidates: Sequence[str], keys: Sequence[str], batch_size: int = 64,
-                      task: str = "ask") -> tuple[list[int], np.ndarray]:
+def perception_scores(
+    model,
+    processor,
+    images: Sequence,
+    attributes: Sequence[Mapping],
+    key: str,
+    candidates: Sequence[str],
+    keys: Sequence[str],
+    batch_size: int = 64,
+    task: str = "ask",
+) -> tuple[list[int], np.ndarray]:
     """The photos with a value for ``key`` and, per photo and candidate value, the summed log-probability of
     the reply that names it (``perception_accuracy`` says which reply)."""
     if task not in PERCEPTION_FORMATS:
@@ -267,15 +328,21 @@ def perception_scores(model, processor, images: Sequence, attributes: Sequence[M
     question = ask_question(key) if task == "ask" else CAPTION_PROMPTS[0]
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     pairs = [(i, c) for i in rows for c in range(len(candidates))]
     scores = np.zeros(len(pairs))
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         replies = [_reply(task, key, candidates[c], attributes[i], keys) + "<|im_end|>" for i, c in chunk]
         lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies]
-        batch = processor(text=[prompt + r for r in replies], images=[images[i].convert("RGB") for i, _ in chunk],
-                          padding=True, return_tensors="pt")
+        batch = processor(
+            text=[prompt + r for r in replies],
+            images=[images[i].convert("RGB") for i, _ in chunk],
+            padding=True,
+            return_tensors="pt",
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(**batch).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
@@ -283,12 +350,20 @@ def perception_scores(model, processor, images: Sequence, attributes: Sequence[M
         ends = mask.shape[1] - mask.flip(1).argmax(1)  # one past each row's last real token, either padding side
         for j, length in enumerate(lengths):  # the reply is the row's last tokens; logprobs[t] predicts token t+1
             end = int(ends[j])
-            scores[start + j] = logprobs[j, end - 1 - length:end - 1].sum().item()
+            scores[start + j] = logprobs[j, end - 1 - length : end - 1].sum().item()
     return rows, scores.reshape(len(rows), len(candidates))
 
 
-def perception_accuracy(model, processor, images: Sequence, attributes: Sequence[Mapping], keys: Sequence[str],
-                        values: Mapping[str, Sequence[str]], batch_size: int = 64, task: str = "ask") -> dict[str, float]:
+def perception_accuracy(
+    model,
+    processor,
+    images: Sequence,
+    attributes: Sequence[Mapping],
+    keys: Sequence[str],
+    values: Mapping[str, Sequence[str]],
+    batch_size: int = 64,
+    task: str = "ask",
+) -> dict[str, float]:
     """Per key, the fraction of photos whose true value the model finds the likeliest reply.
 
     ``task="ask"``: each candidate value is scored by the summed log-probability of its answer ("It is
@@ -304,6 +379,8 @@ def perception_accuracy(model, processor, images: Sequence, attributes: Sequence
         rows, scores = perception_scores(model, processor, images, attributes, key, candidates, keys, batch_size, task)
         if not rows:
             continue
-        truth = [candidates.index(str(attributes[i][key])) if str(attributes[i][key]) in candidates else -1 for i in rows]
+        truth = [
+            candidates.index(str(attributes[i][key])) if str(attributes[i][key]) in candidates else -1 for i in rows
+        ]
         results[key] = float(np.mean(scores.argmax(axis=1) == np.asarray(truth)))
     return results

@@ -58,8 +58,20 @@ ATTRIBUTE_KEYS = ("category", "brand", "color", "secondary_color", "pattern", "l
 
 ATTRIBUTE_VALUES = {
     "category": ("t-shirt", "mug", "bag", "bottle", "cap", "phone case"),
-    "brand": ("acme", "nordvik", "lumo", "kestrel", "orbis", "valta", "pinecrest", "zephyr",
-              "halden", "mirova", "tasko", "brio"),
+    "brand": (
+        "acme",
+        "nordvik",
+        "lumo",
+        "kestrel",
+        "orbis",
+        "valta",
+        "pinecrest",
+        "zephyr",
+        "halden",
+        "mirova",
+        "tasko",
+        "brio",
+    ),
     "color": tuple(PALETTE),
     "secondary_color": tuple(PALETTE),
     "pattern": ("solid", "striped", "dotted", "checked", "zigzag"),
@@ -88,12 +100,33 @@ CATEGORY_SYNONYMS = {
     "phone case": ("phone case", "case", "phone cover"),
 }
 
-FILLER_WORDS = ("new", "hot sale", "free shipping", "2026", "premium", "original", "best price",
-                "gift", "top quality", "limited", "trendy", "fashion", "official store", "deal")
+FILLER_WORDS = (
+    "new",
+    "hot sale",
+    "free shipping",
+    "2026",
+    "premium",
+    "original",
+    "best price",
+    "gift",
+    "top quality",
+    "limited",
+    "trendy",
+    "fashion",
+    "official store",
+    "deal",
+)
 
 # How often a seller leaves each attribute out of a title (category is almost always there).
-TITLE_OMISSION = {"category": 0.05, "brand": 0.4, "color": 0.3, "secondary_color": 0.7,
-                  "pattern": 0.45, "logo": 0.55, "size": 0.6}
+TITLE_OMISSION = {
+    "category": 0.05,
+    "brand": 0.4,
+    "color": 0.3,
+    "secondary_color": 0.7,
+    "pattern": 0.45,
+    "logo": 0.55,
+    "size": 0.6,
+}
 
 ATTRIBUTE_PROMPT_SENTENCES = (
     "List the key attributes of this product.",
@@ -111,39 +144,67 @@ class SyntheticCatalogConfig:
     num_products: int = field(default=600, metadata={"help": "Number of distinct products (incl. duplicate SKUs)."})
     seed: int = field(default=0, metadata={"help": "Random seed; the same arguments give byte-identical files."})
     image_size: int = field(default=64, metadata={"help": "Side of the square PNG images in pixels."})
-    min_listings: int = field(default=2, metadata={"help": "Fewest listings per product (>= 2 so each has a positive)."})
+    min_listings: int = field(
+        default=2, metadata={"help": "Fewest listings per product (>= 2 so each has a positive)."}
+    )
     max_listings: int = field(default=5, metadata={"help": "Most listings per product."})
     min_family_size: int = field(default=2, metadata={"help": "Fewest near-duplicate products per family."})
     max_family_size: int = field(default=4, metadata={"help": "Most near-duplicate products per family."})
     test_fraction: float = field(default=0.3, metadata={"help": "Fraction of families put in the test split."})
-    val_fraction: float = field(default=0.0, metadata={
-        "help": "Fraction of the train families relabelled split='val': held out from stage 1 so that stage 2's RL "
-                "meets products the encoder has not memorised. 0 leaves the catalog byte-identical."})
+    val_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the train families relabelled split='val': held out from stage 1 so that stage 2's RL "
+            "meets products the encoder has not memorised. 0 leaves the catalog byte-identical."
+        },
+    )
     duplicate_sku_fraction: float = field(
-        default=0.02, metadata={"help": "Fraction of train products re-listed under a new product_id (false negatives)."}
+        default=0.02,
+        metadata={"help": "Fraction of train products re-listed under a new product_id (false negatives)."},
     )
     images_per_listing: int = field(
         default=1, metadata={"help": "Images per listing; > 1 writes an `images` list instead of `image`."}
     )
-    clutter: bool = field(default=False, metadata={
-        "help": "Shrink each product photo onto a busy scene of coloured shapes and record where it is in a `bbox` "
-                "column (for product-region crops, afmrl.encoder.crops); drawn from its own random stream, so titles and "
-                "attributes are those of the catalog without clutter. Off leaves the catalog byte-identical."})
-    teacher_omission_rate: float = field(default=0.15, metadata={"help": "Teacher drops each true attribute with this rate."})
-    teacher_error_rate: float = field(default=0.1, metadata={"help": "Teacher gives a wrong value for an attribute with this rate."})
-    teacher_sees: str = field(default="product", metadata={
-        "help": "What the simulated teacher knows. `listing`: like an MLLM run on one listing, it reads the photo and "
-                "the title, so brand and size (not drawn) appear only when that listing's title states them. "
-                "`product`: it knows every true attribute of the product (an oracle for the invisible keys)."})
-    teacher_redundancy_rate: float = field(
-        default=0.3, metadata={"help": "Teacher adds each non-discriminative key (condition, shipping, style) with this rate."}
+    clutter: bool = field(
+        default=False,
+        metadata={
+            "help": "Shrink each product photo onto a busy scene of coloured shapes and record where it is in a `bbox` "
+            "column (for product-region crops, afmrl.encoder.crops); drawn from its own random stream, so titles and "
+            "attributes are those of the catalog without clutter. Off leaves the catalog byte-identical."
+        },
     )
-    exclude_products_of_seeds: list[int] = field(default_factory=list, metadata={
-        "help": "Never draw a product (attribute vector) that a catalog of one of these seeds holds, for catalogs of up "
-                "to --exclude_up_to products with the default family sizes: a pretraining corpus disjoint from the "
-                "demo, test and benchmark catalogs. Empty leaves the catalog byte-identical."})
-    exclude_up_to: int = field(default=5000, metadata={
-        "help": "With --exclude_products_of_seeds: how many products of each excluded seed are reserved."})
+    teacher_omission_rate: float = field(
+        default=0.15, metadata={"help": "Teacher drops each true attribute with this rate."}
+    )
+    teacher_error_rate: float = field(
+        default=0.1, metadata={"help": "Teacher gives a wrong value for an attribute with this rate."}
+    )
+    teacher_sees: str = field(
+        default="product",
+        metadata={
+            "help": "What the simulated teacher knows. `listing`: like an MLLM run on one listing, it reads the photo "
+            "and "
+            "the title, so brand and size (not drawn) appear only when that listing's title states them. "
+            "`product`: it knows every true attribute of the product (an oracle for the invisible keys)."
+        },
+    )
+    teacher_redundancy_rate: float = field(
+        default=0.3,
+        metadata={"help": "Teacher adds each non-discriminative key (condition, shipping, style) with this rate."},
+    )
+    exclude_products_of_seeds: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Never draw a product (attribute vector) that a catalog of one of these seeds holds, for catalogs "
+            "of up "
+            "to --exclude_up_to products with the default family sizes: a pretraining corpus disjoint from the "
+            "demo, test and benchmark catalogs. Empty leaves the catalog byte-identical."
+        },
+    )
+    exclude_up_to: int = field(
+        default=5000,
+        metadata={"help": "With --exclude_products_of_seeds: how many products of each excluded seed are reserved."},
+    )
 
     def __post_init__(self):
         checks = {
@@ -166,7 +227,8 @@ class SyntheticCatalogConfig:
             raise ValueError(
                 f"invalid synthetic catalog argument(s) {bad}: need num_products >= 2, image_size >= 16, "
                 "2 <= min_listings <= max_listings, 1 <= min_family_size <= max_family_size <= 4, "
-                "rates in [0, 1], teacher_sees listing or product, test_fraction and val_fraction in [0, 1), duplicate_sku_fraction in [0, 0.5)"
+                "rates in [0, 1], teacher_sees listing or product, test_fraction and val_fraction in [0, 1), "
+                "duplicate_sku_fraction in [0, 0.5)"
             )
 
 
@@ -191,8 +253,9 @@ def _choice(rng: np.random.Generator, values):
     return values[int(rng.integers(len(values)))]
 
 
-def _sample_families(cfg: SyntheticCatalogConfig, rng: np.random.Generator, num_products: int,
-                     reserved: set | frozenset = frozenset()):
+def _sample_families(
+    cfg: SyntheticCatalogConfig, rng: np.random.Generator, num_products: int, reserved: set | frozenset = frozenset()
+):
     """Return a list of families, each a list of attribute dicts (distinct full vectors, none in ``reserved``)."""
     families, seen = [], set(reserved)
     while sum(len(f) for f in families) < num_products:
@@ -214,8 +277,9 @@ def _sample_families(cfg: SyntheticCatalogConfig, rng: np.random.Generator, num_
     return families
 
 
-def _teacher_attributes(cfg: SyntheticCatalogConfig, rng: np.random.Generator, true_attrs: dict,
-                        title_keys: set[str]) -> dict:
+def _teacher_attributes(
+    cfg: SyntheticCatalogConfig, rng: np.random.Generator, true_attrs: dict, title_keys: set[str]
+) -> dict:
     out = {}
     for key in ATTRIBUTE_KEYS:
         omit, wrong = rng.random(), rng.random()  # drawn in every mode: the other columns keep their bytes

@@ -12,12 +12,15 @@ Names are imported lazily: ``afmrl.encoder.crops`` does not import torch.
 
 from afmrl._lazy import lazy_exports
 
-__getattr__, __all__ = lazy_exports(__name__, {
-    "EncoderConfig": "afmrl.encoder.config",
-    "EncoderLoadError": "afmrl.encoder.config",
-    "read_encoder_config": "afmrl.encoder.config",
-    "ProductEncoder": "afmrl.encoder.model",
-    "encode_catalog": "afmrl.encoder.model",
-    "catalog_views": "afmrl.encoder.crops",
-    "uses_crops": "afmrl.encoder.crops",
-})
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "EncoderConfig": "afmrl.encoder.config",
+        "EncoderLoadError": "afmrl.encoder.config",
+        "read_encoder_config": "afmrl.encoder.config",
+        "ProductEncoder": "afmrl.encoder.model",
+        "encode_catalog": "afmrl.encoder.model",
+        "catalog_views": "afmrl.encoder.crops",
+        "uses_crops": "afmrl.encoder.crops",
+    },
+)

@@ -15,8 +15,15 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["DEFAULT_INSTRUCTION", "ENCODER_CONFIG_NAME", "ENCODER_FORMAT", "MOE_FILE", "EncoderConfig", "EncoderLoadError",
-           "read_encoder_config"]
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "ENCODER_CONFIG_NAME",
+    "ENCODER_FORMAT",
+    "MOE_FILE",
+    "EncoderConfig",
+    "EncoderLoadError",
+    "read_encoder_config",
+]
 
 ENCODER_CONFIG_NAME = "encoder_config.json"
 MOE_FILE = "moe.safetensors"
@@ -33,8 +40,12 @@ class EncoderConfig:
     """How inputs are built and how the backbone is adapted. Saved as ``encoder_config.json``."""
 
     backbone: str = field(metadata={"help": "Backbone MLLM: hub name or local path (AutoModelForImageTextToText)."})
-    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction placed before the listing's text."})
-    attribute_prefix: str = field(default="Attributes: ", metadata={"help": "Text placed before appended attribute text."})
+    instruction: str = field(
+        default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction placed before the listing's text."}
+    )
+    attribute_prefix: str = field(
+        default="Attributes: ", metadata={"help": "Text placed before appended attribute text."}
+    )
     max_length: int = field(default=256, metadata={"help": "Truncate the text part to this many tokens."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 = no adapter (full fine-tuning, or frozen)."})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
@@ -43,17 +54,31 @@ class EncoderConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata={"help": "Language-model linear layers that get LoRA adapters."},
     )
-    freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen (no LoRA, no gradients)."})
-    crop_views: bool = field(default=False, metadata={
-        "help": "Show a listing with a `bbox` as its image(s) plus the crop to the box (MOON; afmrl.encoder.crops)."})
-    moe_experts: int = field(default=0, metadata={
-        "help": "Modality-aware experts on the embedding (MOON2.0, afmrl.encoder.moe); 0 = off."})
+    freeze_vision: bool = field(
+        default=True, metadata={"help": "Keep the vision tower frozen (no LoRA, no gradients)."}
+    )
+    crop_views: bool = field(
+        default=False,
+        metadata={
+            "help": "Show a listing with a `bbox` as its image(s) plus the crop to the box (MOON; afmrl.encoder.crops)."
+        },
+    )
+    moe_experts: int = field(
+        default=0, metadata={"help": "Modality-aware experts on the embedding (MOON2.0, afmrl.encoder.moe); 0 = off."}
+    )
     moe_hidden_size: int = field(default=0, metadata={"help": "Hidden size of each expert; 0 = the embedding size."})
-    moe_entropy_weight: float = field(default=0.01, metadata={
-        "help": "Weight of the routing entropy regulariser in the training loss (with moe_experts > 0)."})
-    backbone_signature: dict | None = field(default=None, metadata={
-        "help": "Family and shapes of the backbone the encoder was built over (filled in when it is built); loading "
-                "over a backbone with another signature is refused."})
+    moe_entropy_weight: float = field(
+        default=0.01,
+        metadata={"help": "Weight of the routing entropy regulariser in the training loss (with moe_experts > 0)."},
+    )
+    backbone_signature: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Family and shapes of the backbone the encoder was built over (filled in when it is built); "
+            "loading "
+            "over a backbone with another signature is refused."
+        },
+    )
     format: str = field(default=ENCODER_FORMAT, metadata={"help": "Marks the directory as a saved product encoder."})
 
     @property
@@ -68,7 +93,9 @@ class EncoderConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise EncoderLoadError(f"{ENCODER_CONFIG_NAME} has unknown field(s) {unknown}; was it written by a newer afmrl?")
+            raise EncoderLoadError(
+                f"{ENCODER_CONFIG_NAME} has unknown field(s) {unknown}; was it written by a newer afmrl?"
+            )
         return cls(**data)
 
 

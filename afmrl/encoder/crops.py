@@ -43,8 +43,10 @@ def catalog_views(ds, encoder=None) -> list:
     crop = uses_crops(encoder)
     images = list(ds["image"]) if "image" in ds.column_names else list(ds["images"])
     if crop and "bbox" not in ds.column_names:
-        logger.warning("the encoder was trained with product-region crops, but this catalog has no 'bbox' column: "
-                       "its listings are encoded without crops")
+        logger.warning(
+            "the encoder was trained with product-region crops, but this catalog has no 'bbox' column: "
+            "its listings are encoded without crops"
+        )
     if not crop or "bbox" not in ds.column_names:
         return images
     return [listing_views(im, box) for im, box in zip(images, ds["bbox"], strict=True)]

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-__all__ = ["CachedImageBatch", "ImageCache", "ListingImages", "images_of", "supports_vision_cache", "vision_model_inputs"]
+__all__ = [
+    "CachedImageBatch",
+    "ImageCache",
+    "ListingImages",
+    "images_of",
+    "supports_vision_cache",
+    "vision_model_inputs",
+]
 
 
 def images_of(image) -> list:
@@ -40,7 +47,9 @@ class ListingImages:
     """One cache key's image work: the processor's output for its image(s) and, optionally, the vision tower's."""
 
     grid: torch.Tensor | None = None  # (num_images, 3) ``image_grid_thw`` rows (CPU)
-    pixel_values: torch.Tensor | None = None  # the images' patches as the processor packs them; None once features exist
+    pixel_values: torch.Tensor | None = (
+        None  # the images' patches as the processor packs them; None once features exist
+    )
     features: tuple | None = None  # per image: the vision tower's merged output, (tokens, hidden)
     deepstack: tuple | None = None  # per image: one (tokens, hidden) tensor per deepstack layer (Qwen3-VL)
     output_class: type | None = None  # the class ``get_image_features`` returns (rebuilt for ``mm_encoder_outputs``)
@@ -112,8 +121,10 @@ class ImageCache:
         return key in self._entries
 
     def __repr__(self) -> str:
-        return (f"ImageCache(level={self.level!r}, entries={len(self)}/{self.max_entries}, hits={self.hits}, "
-                f"misses={self.misses})")
+        return (
+            f"ImageCache(level={self.level!r}, entries={len(self)}/{self.max_entries}, hits={self.hits}, "
+            f"misses={self.misses})"
+        )
 
     def clear(self) -> None:
         """Forget every entry and the encoder it served."""
@@ -130,11 +141,14 @@ class ImageCache:
             self._owner = weakref.ref(encoder)
             self.level = "vision" if self.vision_features and vision_ok else "processor"
         elif owner is not encoder:
-            raise ValueError("this ImageCache holds another encoder's image work: use one cache per encoder "
-                             "(or clear() it first)")
+            raise ValueError(
+                "this ImageCache holds another encoder's image work: use one cache per encoder (or clear() it first)"
+            )
         elif self.level == "vision" and not vision_ok:
-            raise ValueError("this ImageCache keeps vision-tower outputs, but the encoder's vision tower is no longer "
-                             "frozen: cached features may be stale (clear() the cache, or keep the vision tower frozen)")
+            raise ValueError(
+                "this ImageCache keeps vision-tower outputs, but the encoder's vision tower is no longer "
+                "frozen: cached features may be stale (clear() the cache, or keep the vision tower frozen)"
+            )
         return self.level
 
     def touch(self, keys) -> None:
@@ -157,8 +171,9 @@ class ImageCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def entries(self, images: Sequence, image_keys: Sequence[Hashable | None], processor,
-                image_kwargs: dict) -> list[ListingImages]:
+    def entries(
+        self, images: Sequence, image_keys: Sequence[Hashable | None], processor, image_kwargs: dict
+    ) -> list[ListingImages]:
         """One entry per row: the cached one for a known key (``images[i]`` is then not read), else a new one,
         filled by a single image-processor call for every image not seen before and kept under its key (a row
         whose key is None is processed for this batch only; a key repeated within the batch is processed once)."""
@@ -188,8 +203,9 @@ class ImageCache:
                 last = first + len(ims)
                 entry.grid = grid[first:last]
                 entry.pixel_values = torch.cat(patches[first:last])
-                entry.replacements = [processor.replace_image_token({"image_grid_thw": entry.grid}, image_idx=j)
-                                      for j in range(len(ims))]
+                entry.replacements = [
+                    processor.replace_image_token({"image_grid_thw": entry.grid}, image_idx=j) for j in range(len(ims))
+                ]
                 first = last
                 if key is not None:
                     self._put(key, entry)
@@ -228,8 +244,11 @@ def vision_model_inputs(backbone, batch: CachedImageBatch, device) -> dict:
     if missing:
         base = backbone.base_model
         with torch.no_grad():
-            out = base.get_image_features(torch.cat([e.pixel_values for e in missing]).to(device),
-                                          torch.cat([e.grid for e in missing]).to(device), return_dict=True)
+            out = base.get_image_features(
+                torch.cat([e.pixel_values for e in missing]).to(device),
+                torch.cat([e.grid for e in missing]).to(device),
+                return_dict=True,
+            )
         pooled = out.pooler_output
         deep = getattr(out, "deepstack_features", None)
         first = 0
@@ -245,7 +264,8 @@ def vision_model_inputs(backbone, batch: CachedImageBatch, device) -> dict:
     extra = {}
     if batch.listings[0].deepstack is not None:
         layers = len(batch.listings[0].deepstack[0])
-        extra["deepstack_features"] = [tuple(d[layer].to(device) for e in batch.listings for d in e.deepstack)
-                                       for layer in range(layers)]
+        extra["deepstack_features"] = [
+            tuple(d[layer].to(device) for e in batch.listings for d in e.deepstack) for layer in range(layers)
+        ]
     inputs["mm_encoder_outputs"] = {"image": batch.listings[0].output_class(pooler_output=features, **extra)}
     return inputs

@@ -57,15 +57,18 @@ class ListingInputs:
     def _chat(self, num_images: int, title, attributes) -> str:
         content = [{"type": "image"} for _ in range(num_images)]
         content.append({"type": "text", "text": self.text(title, attributes)})
-        chat = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=False)
+        chat = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=False
+        )
         return chat.rstrip()  # end on <|im_end|>: the embedding token then closes the whole listing
 
     def build(self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None = None):
         """Tokenise a batch. ``images[i]`` is a PIL image, a list of them, or None (text-only)."""
         if len(images) != len(titles) or (attributes is not None and len(attributes) != len(titles)):
-            raise ValueError(f"batch lengths differ: {len(images)} images, {len(titles)} titles, "
-                             f"{None if attributes is None else len(attributes)} attribute texts")
+            raise ValueError(
+                f"batch lengths differ: {len(images)} images, {len(titles)} titles, "
+                f"{None if attributes is None else len(attributes)} attribute texts"
+            )
         texts, flat_images = [], []
         for i, (image, title) in enumerate(zip(images, titles, strict=True)):
             listing_images = images_of(image)
@@ -76,8 +79,15 @@ class ListingInputs:
             batch["listing_modality"] = self._modality([bool(images_of(im)) for im in images], titles, attributes)
         return batch
 
-    def build_cached(self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None,
-                     image_keys: Sequence[Hashable | None], image_cache: ImageCache, level: str) -> CachedImageBatch:
+    def build_cached(
+        self,
+        images: Sequence,
+        titles: Sequence[str | None],
+        attributes: Sequence[str | None] | None,
+        image_keys: Sequence[Hashable | None],
+        image_cache: ImageCache,
+        level: str,
+    ) -> CachedImageBatch:
         """``build`` with each key's image processing done once and kept in ``image_cache`` (bound at ``level``).
 
         The text goes through the chat template, the processor's image-token expansion (from each
@@ -85,15 +95,21 @@ class ListingInputs:
         token ids equal ``build``'s."""
         n = len(titles)
         if len(images) != n or len(image_keys) != n or (attributes is not None and len(attributes) != n):
-            raise ValueError(f"batch lengths differ: {len(images)} images, {n} titles, {len(image_keys)} image keys, "
-                             f"{None if attributes is None else len(attributes)} attribute texts")
+            raise ValueError(
+                f"batch lengths differ: {len(images)} images, {n} titles, {len(image_keys)} image keys, "
+                f"{None if attributes is None else len(attributes)} attribute texts"
+            )
         text_kwargs, image_kwargs, return_mm = self._processor_call_kwargs()
         rows = image_cache.entries(images, image_keys, self.processor, image_kwargs)
-        texts = [self._chat(entry.num_images, titles[i], None if attributes is None else attributes[i])
-                 for i, entry in enumerate(rows)]
+        texts = [
+            self._chat(entry.num_images, titles[i], None if attributes is None else attributes[i])
+            for i, entry in enumerate(rows)
+        ]
         listings = [entry for entry in rows if entry.num_images]
         if listings:
-            texts, _ = self.processor.get_text_with_replacements(texts, [r for entry in listings for r in entry.replacements])
+            texts, _ = self.processor.get_text_with_replacements(
+                texts, [r for entry in listings for r in entry.replacements]
+            )
         # Padded lists, then one tensor per field: the values of the tokenizer's own "pt" conversion, faster.
         text_kwargs.pop("return_tensors", None)
         inputs = {k: torch.tensor(v) for k, v in self.processor.tokenizer(texts, **text_kwargs).items()}
@@ -115,7 +131,7 @@ class ListingInputs:
         n = batch["input_ids"].shape[0]
         plain = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
         if "pixel_values" not in batch:
-            return [{k: v[i:i + size] for k, v in plain.items()} for i in range(0, n, size)]
+            return [{k: v[i : i + size] for k, v in plain.items()} for i in range(0, n, size)]
         vision_start = self.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
         images_per_row = (batch["input_ids"] == vision_start).sum(dim=1)
         image_offsets = torch.cat([images_per_row.new_zeros(1), images_per_row.cumsum(0)])
@@ -126,7 +142,7 @@ class ListingInputs:
             j = min(i + size, n)
             chunk = {k: v[i:j] for k, v in plain.items()}
             first, last = image_offsets[i], image_offsets[j]
-            chunk["pixel_values"] = batch["pixel_values"][patch_offsets[first]:patch_offsets[last]]
+            chunk["pixel_values"] = batch["pixel_values"][patch_offsets[first] : patch_offsets[last]]
             chunk["image_grid_thw"] = batch["image_grid_thw"][first:last]
             chunks.append(chunk)
         return chunks
@@ -142,8 +158,9 @@ class ListingInputs:
         """(text kwargs, image kwargs, return mm_token_type_ids) as ``processor(..., padding=True,
         return_tensors="pt")`` (``build``) resolves them."""
         proc = self.processor
-        merged = proc._merge_kwargs(tokenizer_init_kwargs=getattr(proc.tokenizer, "init_kwargs", {}), padding=True,
-                                    return_tensors="pt")
+        merged = proc._merge_kwargs(
+            tokenizer_init_kwargs=getattr(proc.tokenizer, "init_kwargs", {}), padding=True, return_tensors="pt"
+        )
         text_kwargs = dict(merged["text_kwargs"])
         return_mm = text_kwargs.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids", False))
         text_kwargs.pop("return_text_replacement_offsets", None)

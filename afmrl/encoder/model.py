@@ -52,9 +52,20 @@ from afmrl.modeling import (
     read_backbone_signature,
 )
 
-__all__ = ["DEFAULT_INSTRUCTION", "ENCODER_CONFIG_NAME", "ENCODER_FORMAT", "MOE_FILE", "CachedImageBatch", "EncoderConfig",
-           "EncoderLoadError", "ImageCache", "ProductEncoder", "encode_catalog", "load_frozen_encoder",
-           "read_encoder_config"]
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "ENCODER_CONFIG_NAME",
+    "ENCODER_FORMAT",
+    "MOE_FILE",
+    "CachedImageBatch",
+    "EncoderConfig",
+    "EncoderLoadError",
+    "ImageCache",
+    "ProductEncoder",
+    "encode_catalog",
+    "load_frozen_encoder",
+    "read_encoder_config",
+]
 
 
 class ProductEncoder(torch.nn.Module):
@@ -78,9 +89,17 @@ class ProductEncoder(torch.nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_backbone(cls, config: EncoderConfig | str, *, dtype=None, load_in_4bit=False, trust_remote_code=False,
-                      adapter_dir: str | Path | None = None, trainable: bool = True,
-                      backbone_path: str | Path | None = None) -> ProductEncoder:
+    def from_backbone(
+        cls,
+        config: EncoderConfig | str,
+        *,
+        dtype=None,
+        load_in_4bit=False,
+        trust_remote_code=False,
+        adapter_dir: str | Path | None = None,
+        trainable: bool = True,
+        backbone_path: str | Path | None = None,
+    ) -> ProductEncoder:
         """A new encoder over ``config.backbone`` with a fresh LoRA adapter (or ``adapter_dir``'s).
 
         With ``config.lora_r == 0`` and ``trainable`` the language model's own weights train
@@ -90,8 +109,12 @@ class ProductEncoder(torch.nn.Module):
 
         if isinstance(config, str):
             config = EncoderConfig(backbone=config)
-        model, processor = load_mllm(config.backbone if backbone_path is None else backbone_path, dtype=dtype, load_in_4bit=load_in_4bit,
-                                     trust_remote_code=trust_remote_code)
+        model, processor = load_mllm(
+            config.backbone if backbone_path is None else backbone_path,
+            dtype=dtype,
+            load_in_4bit=load_in_4bit,
+            trust_remote_code=trust_remote_code,
+        )
         model.requires_grad_(False)
         if config.backbone_signature is None:
             config.backbone_signature = backbone_signature(model.config)
@@ -99,11 +122,18 @@ class ProductEncoder(torch.nn.Module):
             try:
                 model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
             except RuntimeError as err:  # e.g. "size mismatch for ...lora_A.weight": an adapter of another backbone
-                raise EncoderLoadError(f"the adapter in {str(adapter_dir)!r} does not fit backbone "
-                                       f"{config.backbone!r}: {str(err).splitlines()[0]}") from err
+                raise EncoderLoadError(
+                    f"the adapter in {str(adapter_dir)!r} does not fit backbone "
+                    f"{config.backbone!r}: {str(err).splitlines()[0]}"
+                ) from err
         elif config.lora_r > 0:
-            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                              target_modules=language_lora_targets(model, config.lora_target_modules), bias="none")
+            lora = LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=language_lora_targets(model, config.lora_target_modules),
+                bias="none",
+            )
             model = get_peft_model(model, lora)
         elif trainable:
             for name, param in model.named_parameters():
@@ -119,28 +149,40 @@ class ProductEncoder(torch.nn.Module):
         return encoder
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype=None, load_in_4bit=False, trust_remote_code=False,
-                        trainable: bool = False) -> ProductEncoder:
+    def from_pretrained(
+        cls, path: str | Path, *, dtype=None, load_in_4bit=False, trust_remote_code=False, trainable: bool = False
+    ) -> ProductEncoder:
         """Load an encoder saved by ``save_pretrained`` (frozen unless ``trainable``)."""
         path = Path(path)
         config = read_encoder_config(path)
         has_adapter = (path / "adapter_config.json").is_file()
         if config.lora_r > 0 and not has_adapter:
-            raise EncoderLoadError(f"{str(path)!r} declares a LoRA adapter (lora_r={config.lora_r}) but has no adapter_config.json")
+            raise EncoderLoadError(
+                f"{str(path)!r} declares a LoRA adapter (lora_r={config.lora_r}) but has no adapter_config.json"
+            )
         backbone_path = path if config.backbone == "." else None
         if backbone_path is not None and not (path / "config.json").is_file():
             raise EncoderLoadError(f"{str(path)!r} declares its own backbone (backbone '.') but has no config.json")
-        if config.backbone_signature is not None:  # before any weights load (encoders saved by earlier versions lack it)
+        if (
+            config.backbone_signature is not None
+        ):  # before any weights load (encoders saved by earlier versions lack it)
             found = read_backbone_signature(backbone_path or config.backbone, trust_remote_code=trust_remote_code)
             if found != config.backbone_signature:
                 differ = {k: (v, found.get(k)) for k, v in config.backbone_signature.items() if found.get(k) != v}
                 raise EncoderLoadError(
                     f"{str(path)!r} was built over another backbone than {config.backbone!r}: "
                     + ", ".join(f"{k} {saved!r} (saved) vs {now!r} (found)" for k, (saved, now) in differ.items())
-                    + f"; point 'backbone' in {ENCODER_CONFIG_NAME} at the model the encoder was trained over")
-        encoder = cls.from_backbone(config, dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
-                                    adapter_dir=path if has_adapter else None, trainable=trainable,
-                                    backbone_path=backbone_path)
+                    + f"; point 'backbone' in {ENCODER_CONFIG_NAME} at the model the encoder was trained over"
+                )
+        encoder = cls.from_backbone(
+            config,
+            dtype=dtype,
+            load_in_4bit=load_in_4bit,
+            trust_remote_code=trust_remote_code,
+            adapter_dir=path if has_adapter else None,
+            trainable=trainable,
+            backbone_path=backbone_path,
+        )
         if encoder.moe is not None:
             moe_file = path / MOE_FILE
             if not moe_file.is_file():
@@ -166,21 +208,25 @@ class ProductEncoder(torch.nn.Module):
         if self.moe is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.moe.state_dict().items()}, str(path / MOE_FILE))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in self.moe.state_dict().items()}, str(path / MOE_FILE)
+            )
         (path / ENCODER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------------ memory
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
-                                        offload: bool = False) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
         """Recompute the backbone's activations in backward (``--activation_checkpointing true``).
 
         The Trainer calls this on the model it trains, which is this wrapper, not a transformers
         model; the backbone does the work (and makes its input embeddings require grad, which
         reentrant checkpointing needs to reach LoRA adapters behind frozen embeddings).
         """
-        self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
-                                                      offload=offload)
+        self.backbone.activation_checkpointing_enable(
+            activation_checkpointing_kwargs, every_n_layers=every_n_layers, offload=offload
+        )
 
     @property
     def is_activation_checkpointing(self) -> bool:
@@ -203,7 +249,9 @@ class ProductEncoder(torch.nn.Module):
         """The text part of a listing: instruction, title, ``Attributes: ...``, cut to ``config.max_length`` tokens."""
         return self.inputs.text(title, attributes)
 
-    def build_inputs(self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None = None):
+    def build_inputs(
+        self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None = None
+    ):
         """Tokenise a batch. ``images[i]`` is a PIL image, a list of them, or None (text-only)."""
         return self.inputs.build(images, titles, attributes)
 
@@ -211,7 +259,8 @@ class ProductEncoder(torch.nn.Module):
         """Split ``build_inputs`` output into chunks of ``size`` listings (for GradCache)."""
         return self.inputs.split(batch, size)
 
-    # ------------------------------------------------------------------ inputs with reused image work (afmrl.encoder.image_cache)
+    # ------------------------------------------------------------------ inputs with reused image work
+    # (afmrl.encoder.image_cache)
 
     def new_image_cache(self, max_entries: int = 256, *, vision_features: bool = True) -> ImageCache:
         """An empty ``ImageCache`` for ``encode(..., image_keys=..., image_cache=...)`` (see its docstring)."""
@@ -222,8 +271,14 @@ class ProductEncoder(torch.nn.Module):
         vision tower is frozen (no parameter requires grad)."""
         return supports_vision_cache(self.backbone)
 
-    def build_inputs_cached(self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None,
-                            image_keys: Sequence[Hashable | None], image_cache: ImageCache) -> CachedImageBatch:
+    def build_inputs_cached(
+        self,
+        images: Sequence,
+        titles: Sequence[str | None],
+        attributes: Sequence[str | None] | None,
+        image_keys: Sequence[Hashable | None],
+        image_cache: ImageCache,
+    ) -> CachedImageBatch:
         """``build_inputs`` with each key's image processing done once and kept in ``image_cache``.
 
         ``image_keys[i]`` names row i's image(s) (None: not cached, processed for this batch only).
@@ -250,15 +305,26 @@ class ProductEncoder(torch.nn.Module):
         pooled = last_token_states(outputs.last_hidden_state, inputs["attention_mask"])
         if self.moe is not None:
             if modality is None:
-                raise ValueError("this encoder has modality experts: build its inputs with build_inputs or "
-                                 "build_inputs_cached, which add `listing_modality`")
+                raise ValueError(
+                    "this encoder has modality experts: build its inputs with build_inputs or "
+                    "build_inputs_cached, which add `listing_modality`"
+                )
             pooled, self.last_routing = self.moe(pooled, modality)
         return F.normalize(pooled, dim=-1)
 
     @torch.no_grad()
-    def encode(self, images: Sequence, titles: Sequence[str | None], attributes: Sequence[str | None] | None = None,
-               *, batch_size: int = 32, show_progress: bool | None = None, desc: str = "encoding",
-               image_keys: Sequence[Hashable | None] | None = None, image_cache: ImageCache | None = None) -> np.ndarray:
+    def encode(
+        self,
+        images: Sequence,
+        titles: Sequence[str | None],
+        attributes: Sequence[str | None] | None = None,
+        *,
+        batch_size: int = 32,
+        show_progress: bool | None = None,
+        desc: str = "encoding",
+        image_keys: Sequence[Hashable | None] | None = None,
+        image_cache: ImageCache | None = None,
+    ) -> np.ndarray:
         """Embed many listings in batches; returns float32 (N, dim), rows L2-normalised.
 
         With ``image_cache`` (``new_image_cache()``; frozen encoder only, see ``ImageCache``) and one
@@ -280,13 +346,18 @@ class ProductEncoder(torch.nn.Module):
         for start in bar:
             end = start + batch_size
             if image_cache is not None:
-                cached = self.build_inputs_cached(images[start:end], titles[start:end],
-                                                  None if attributes is None else attributes[start:end],
-                                                  image_keys[start:end], image_cache)
+                cached = self.build_inputs_cached(
+                    images[start:end],
+                    titles[start:end],
+                    None if attributes is None else attributes[start:end],
+                    image_keys[start:end],
+                    image_cache,
+                )
                 chunks.append(self(**self.cached_model_inputs(cached, device)).cpu())
                 continue
-            batch = self.build_inputs(images[start:end], titles[start:end],
-                                      None if attributes is None else attributes[start:end]).to(device)
+            batch = self.build_inputs(
+                images[start:end], titles[start:end], None if attributes is None else attributes[start:end]
+            ).to(device)
             chunks.append(self(**batch).cpu())
         self.train(was_training)
         if not chunks:

@@ -30,8 +30,9 @@ MODALITIES = ("text", "image", "image+text")
 
 def listing_modality(has_image, has_text) -> torch.Tensor:
     """Index into ``MODALITIES`` per listing (a listing with neither counts as text: the instruction)."""
-    return torch.tensor([2 if i and t else 1 if i else 0 for i, t in zip(has_image, has_text, strict=True)],
-                        dtype=torch.long)
+    return torch.tensor(
+        [2 if i and t else 1 if i else 0 for i, t in zip(has_image, has_text, strict=True)], dtype=torch.long
+    )
 
 
 def routing_entropy_loss(gates: torch.Tensor) -> torch.Tensor:
@@ -53,7 +54,8 @@ class ModalityMoE(torch.nn.Module):
         self.router = torch.nn.Linear(dim + len(MODALITIES), num_experts)
         self.experts = torch.nn.ModuleList(
             torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, dim))
-            for _ in range(num_experts))
+            for _ in range(num_experts)
+        )
         for expert in self.experts:  # start as the identity: the encoder's embedding unchanged
             torch.nn.init.zeros_(expert[-1].weight)
             torch.nn.init.zeros_(expert[-1].bias)

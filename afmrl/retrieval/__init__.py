@@ -15,18 +15,21 @@ Names are imported lazily.
 
 from afmrl._lazy import lazy_exports
 
-__getattr__, __all__ = lazy_exports(__name__, {
-    "VectorIndex": "afmrl.retrieval.index",
-    "resolve_index_type": "afmrl.retrieval.index",
-    "tune_search": "afmrl.retrieval.tuning",
-    "exact_top_k": "afmrl.retrieval.tuning",
-    "ProductGallery": "afmrl.retrieval.gallery",
-    "catalog_fingerprint": "afmrl.retrieval.fingerprints",
-    "encoder_fingerprints": "afmrl.retrieval.fingerprints",
-    "check_training_record": "afmrl.retrieval.fingerprints",
-    "write_training_record": "afmrl.retrieval.fingerprints",
-    "retrieval_metrics": "afmrl.retrieval.metrics",
-    "metrics_from_search": "afmrl.retrieval.metrics",
-    "evaluate_encoder": "afmrl.retrieval.evaluation",
-    "instance_retrieval": "afmrl.retrieval.evaluation",
-})
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "VectorIndex": "afmrl.retrieval.index",
+        "resolve_index_type": "afmrl.retrieval.index",
+        "tune_search": "afmrl.retrieval.tuning",
+        "exact_top_k": "afmrl.retrieval.tuning",
+        "ProductGallery": "afmrl.retrieval.gallery",
+        "catalog_fingerprint": "afmrl.retrieval.fingerprints",
+        "encoder_fingerprints": "afmrl.retrieval.fingerprints",
+        "check_training_record": "afmrl.retrieval.fingerprints",
+        "write_training_record": "afmrl.retrieval.fingerprints",
+        "retrieval_metrics": "afmrl.retrieval.metrics",
+        "metrics_from_search": "afmrl.retrieval.metrics",
+        "evaluate_encoder": "afmrl.retrieval.evaluation",
+        "instance_retrieval": "afmrl.retrieval.evaluation",
+    },
+)

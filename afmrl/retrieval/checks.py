@@ -36,8 +36,11 @@ def check_encoder(gallery, encoder, *, label: str | None = None) -> None:
     fingerprint is loaded to compute its ``"weights"`` one. Without any common kind the
     check cannot be made: a warning says so.
     """
-    where = label or (f"the encoder at {os.fspath(encoder)}" if isinstance(encoder, str | os.PathLike)
-                      else f"the given {type(encoder).__name__}")
+    where = label or (
+        f"the encoder at {os.fspath(encoder)}"
+        if isinstance(encoder, str | os.PathLike)
+        else f"the given {type(encoder).__name__}"
+    )
     dim = getattr(encoder, "embedding_dim", None)
     if dim is not None and int(dim) != gallery.dim:
         raise ValueError(
@@ -70,6 +73,7 @@ def check_encoder(gallery, encoder, *, label: str | None = None) -> None:
         stacklevel=2,
     )
 
+
 def check_catalog(gallery, catalog, *, split: str | Sequence[str] | None = None) -> None:
     """Raise ValueError when ``catalog`` (Dataset or path) is not the catalog the gallery was built from."""
     ds, source = load_catalog(catalog, split=split, verify_images=False), catalog_source(catalog)
@@ -88,12 +92,15 @@ def check_catalog(gallery, catalog, *, split: str | Sequence[str] | None = None)
         products = ds["product_id"]
         for i, (lid, pid) in enumerate(zip(ids, products, strict=True)):
             if lid != gallery.listing_ids[i] or pid != gallery.product_ids[i]:
-                detail = (f" (first difference at row {i}: listing {lid!r} / product {pid!r} there, "
-                          f"{gallery.listing_ids[i]!r} / {gallery.product_ids[i]!r} in the gallery)")
+                detail = (
+                    f" (first difference at row {i}: listing {lid!r} / product {pid!r} there, "
+                    f"{gallery.listing_ids[i]!r} / {gallery.product_ids[i]!r} in the gallery)"
+                )
                 break
         else:
             detail = " (same listing and product ids: a title or image differs)"
     raise ValueError(
-        f"catalog mismatch: the gallery was built from a catalog with fingerprint {_short(gallery.catalog_fingerprint)} "
+        "catalog mismatch: the gallery was built from a catalog with fingerprint "
+        f"{_short(gallery.catalog_fingerprint)} "
         f"but {where} has {_short(given)}{detail}; rebuild the gallery from this catalog"
     )

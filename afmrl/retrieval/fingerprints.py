@@ -112,7 +112,9 @@ def catalog_fingerprint(catalog) -> str:
     import datasets
 
     if not isinstance(catalog, datasets.Dataset):
-        raise TypeError(f"catalog_fingerprint needs a datasets.Dataset (from load_catalog), got {type(catalog).__name__}")
+        raise TypeError(
+            f"catalog_fingerprint needs a datasets.Dataset (from load_catalog), got {type(catalog).__name__}"
+        )
     table = catalog.with_format("arrow")
     image_col = "image" if "image" in catalog.column_names else "images" if "images" in catalog.column_names else None
     ids = table["listing_id"].to_pylist()
@@ -129,7 +131,9 @@ def catalog_fingerprint(catalog) -> str:
         return [value]
 
     paths = [p for v in images for p in parts(v) if isinstance(p, str)]
-    paths += [p.get("path") for v in images for p in parts(v) if isinstance(p, dict) and p.get("path") and not p.get("bytes")]
+    paths += [
+        p.get("path") for v in images for p in parts(v) if isinstance(p, dict) and p.get("path") and not p.get("bytes")
+    ]
     root = ""
     if paths:
         try:
@@ -146,7 +150,7 @@ def catalog_fingerprint(catalog) -> str:
             entry = entry.get("path")
         if isinstance(entry, str):
             if root and entry.startswith(prefix):
-                return entry[len(prefix):]
+                return entry[len(prefix) :]
             return os.path.relpath(entry, root) if root else entry
         return "" if entry is None else repr(entry)
 
@@ -176,7 +180,12 @@ def write_training_record(directory: str | Path, dataset, *, catalog: str, split
     run can tell whether it may reuse it (``check_training_record``)."""
     path = Path(directory) / TRAINING_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"catalog": str(catalog), "split": split, "rows": len(dataset), "fingerprint": catalog_fingerprint(dataset)}
+    record = {
+        "catalog": str(catalog),
+        "split": split,
+        "rows": len(dataset),
+        "fingerprint": catalog_fingerprint(dataset),
+    }
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -197,7 +206,9 @@ def check_training_record(directory: str | Path, catalog: str, *, flag: str) -> 
         current = None
     if current != record.get("fingerprint"):
         raise ValueError(
-            f"{flag} {str(directory)!r} exists and would be reused, but it was trained on split {record.get('split')!r} "
+            f"{flag} {str(directory)!r} exists and would be reused, but it was trained on split "
+            f"{record.get('split')!r} "
             f"of another catalog ({record.get('catalog')}, fingerprint {_short(record.get('fingerprint'))}; this "
-            f"run's {catalog}: {_short(current)}): choose another --output_dir, or delete it to train it again")
+            f"run's {catalog}: {_short(current)}): choose another --output_dir, or delete it to train it again"
+        )
     return True

@@ -132,8 +132,16 @@ class ProductGallery:
         ``target_recall`` of the exact top-``recall_k`` unless ``target_recall`` is None or the
         caller fixed ``nprobe`` (IVF) / ``ef_search`` (HNSW); ``tune_rows`` go to ``tune_search(rows=...)``.
         """
-        index = VectorIndex.build(embeddings, ids=None, index_type=index_type, exact_max_size=exact_max_size,
-                                  recall_k=recall_k, target_recall=target_recall, tune_rows=tune_rows, **index_options)
+        index = VectorIndex.build(
+            embeddings,
+            ids=None,
+            index_type=index_type,
+            exact_max_size=exact_max_size,
+            recall_k=recall_k,
+            target_recall=target_recall,
+            tune_rows=tune_rows,
+            **index_options,
+        )
         return cls(
             index,
             listing_ids,
@@ -175,8 +183,9 @@ class ProductGallery:
         attribute_texts = None
         if attribute_column is not None:
             if attribute_column not in ds.column_names:
-                raise ValueError(f"attribute_column {attribute_column!r} is not a column of the catalog "
-                                 f"(columns: {ds.column_names})")
+                raise ValueError(
+                    f"attribute_column {attribute_column!r} is not a column of the catalog (columns: {ds.column_names})"
+                )
             from afmrl.attributes import format_attributes
 
             attribute_texts = [format_attributes(a, key_order) or None for a in ds[attribute_column]]
@@ -259,14 +268,23 @@ class ProductGallery:
         """``VectorIndex.search``: (scores, rows), each (num_queries, k)."""
         return self.index.search(queries, k, exclude=exclude)
 
-    # ------------------------------------------------------------------ approximate search tuning (afmrl.retrieval.tuning)
-    def tune_search(self, k: int = 50, target_recall: float = 0.98, queries: np.ndarray | None = None,
-                    num_queries: int = 512, seed: int = 0, rows: Sequence[int] | None = None) -> dict:
+    # ------------------------------------------------------------------ approximate search tuning
+    # (afmrl.retrieval.tuning)
+    def tune_search(
+        self,
+        k: int = 50,
+        target_recall: float = 0.98,
+        queries: np.ndarray | None = None,
+        num_queries: int = 512,
+        seed: int = 0,
+        rows: Sequence[int] | None = None,
+    ) -> dict:
         """Set the smallest nprobe (IVF) / efSearch (HNSW) whose recall of the exact top-``k`` on leave-one-out
         gallery queries (or ``queries``; drawn from ``rows`` when given) reaches ``target_recall``; returns what it
         measured (also in ``index.params["tuning"]``). See ``afmrl.retrieval.tuning.tune_search``."""
-        return tune_search(self.index, k=k, target_recall=target_recall, queries=queries, num_queries=num_queries, seed=seed,
-                           rows=rows)
+        return tune_search(
+            self.index, k=k, target_recall=target_recall, queries=queries, num_queries=num_queries, seed=seed, rows=rows
+        )
 
     # ------------------------------------------------------------------ checks (afmrl.retrieval.checks)
     def check_encoder(self, encoder, *, label: str | None = None) -> None:
@@ -298,7 +316,9 @@ class ProductGallery:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, encoder=None, catalog=None, *, split: str | Sequence[str] | None = None) -> ProductGallery:
+    def load(
+        cls, directory: str | Path, encoder=None, catalog=None, *, split: str | Sequence[str] | None = None
+    ) -> ProductGallery:
         """Read a saved gallery; with ``encoder`` and/or ``catalog`` check that they are the ones it was built from.
 
         Raises FileNotFoundError for a missing directory/file and ValueError (naming what differs)
@@ -309,7 +329,8 @@ class ProductGallery:
         path = directory / GALLERY_FILE
         if not path.is_file():
             raise FileNotFoundError(
-                f"{str(directory)!r} is not a product gallery: {GALLERY_FILE} is missing (write one with ProductGallery.save)"
+                f"{str(directory)!r} is not a product gallery: {GALLERY_FILE} is missing (write one with "
+                "ProductGallery.save)"
             )
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("format") != GALLERY_FORMAT:
@@ -341,8 +362,14 @@ class ProductGallery:
         rerank = idx.rerank_vectors
         if isinstance(rerank, np.memmap) and rerank.filename:  # the file, not its contents
             rerank = ("mmap", str(rerank.filename))
-        state["_index_state"] = (faiss.serialize_index(idx.index), idx.index_type, idx.ids, idx.metadata, idx.params,
-                                 rerank)
+        state["_index_state"] = (
+            faiss.serialize_index(idx.index),
+            idx.index_type,
+            idx.ids,
+            idx.metadata,
+            idx.params,
+            rerank,
+        )
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -66,8 +66,9 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def resolve_index_type(n: int, dim: int, index_type: str = "auto", exact_max_size: int = 100_000,
-                       memory_budget: int | None = None) -> str:
+def resolve_index_type(
+    n: int, dim: int, index_type: str = "auto", exact_max_size: int = 100_000, memory_budget: int | None = None
+) -> str:
     """The index ``"auto"`` picks for ``n`` vectors of ``dim`` floats: flat up to ``exact_max_size``, IVF
     while the float32 vectors fit in ``memory_budget`` bytes (default: half the physical memory), IVF-PQ beyond."""
     if index_type not in INDEX_TYPES:
@@ -294,14 +295,13 @@ class VectorIndex:
             ex = np.asarray(exclude)
             if ex.shape != (nq,) or not (np.issubdtype(ex.dtype, np.integer) or nq == 0):
                 raise ValueError(
-                    f"exclude must be {nq} integer gallery rows (one per query, -1 for none), got shape {ex.shape} dtype {ex.dtype}"
+                    f"exclude must be {nq} integer gallery rows (one per query, -1 for none), got shape {ex.shape} "
+                    f"dtype {ex.dtype}"
                 )
             ex = ex.astype(np.int64)
             if ((ex < -1) | (ex >= self.size)).any():
                 bad = int(np.flatnonzero((ex < -1) | (ex >= self.size))[0])
-                raise ValueError(
-                    f"exclude[{bad}] = {int(ex[bad])} is not a gallery row (0..{self.size - 1}) or -1"
-                )
+                raise ValueError(f"exclude[{bad}] = {int(ex[bad])} is not a gallery row (0..{self.size - 1}) or -1")
             scores, indices = self._search(q, k + 1)
             hit = (indices == ex[:, None]) & (ex[:, None] >= 0)
             drop = np.where(hit.any(axis=1), hit.argmax(axis=1), k)  # the excluded row, else the extra one
@@ -357,7 +357,8 @@ class VectorIndex:
         missing = [name for name in (INDEX_FILE, META_FILE) if not (directory / name).is_file()]
         if missing:
             raise FileNotFoundError(
-                f"gallery index directory {str(directory)!r} lacks {' and '.join(missing)} (written by VectorIndex.save)"
+                f"gallery index directory {str(directory)!r} lacks {' and '.join(missing)} (written by "
+                "VectorIndex.save)"
             )
         info = json.loads((directory / META_FILE).read_text())
         index = faiss.read_index(str(directory / INDEX_FILE))
@@ -376,9 +377,15 @@ class VectorIndex:
         rerank = None
         if info["index_type"] == "ivfpq":
             if not (directory / VECTORS_FILE).is_file():
-                raise FileNotFoundError(f"the IVF-PQ index {str(directory)!r} lacks {VECTORS_FILE} (its vectors for re-ranking)")
+                raise FileNotFoundError(
+                    f"the IVF-PQ index {str(directory)!r} lacks {VECTORS_FILE} (its vectors for re-ranking)"
+                )
             rerank = np.load(directory / VECTORS_FILE, mmap_mode="r")
         return cls(
-            index, info["index_type"], ids=info.get("ids"), metadata=info.get("metadata"), params=params,
+            index,
+            info["index_type"],
+            ids=info.get("ids"),
+            metadata=info.get("metadata"),
+            params=params,
             rerank_vectors=rerank,
         )

@@ -33,8 +33,9 @@ def default_pq_m(dim: int) -> int:
     return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
 
 
-def build_ivfpq(x, *, nlist: int | None = None, nprobe: int | None = None, pq_m: int | None = None,
-                seed: int = 0) -> tuple[faiss.Index, dict]:
+def build_ivfpq(
+    x, *, nlist: int | None = None, nprobe: int | None = None, pq_m: int | None = None, seed: int = 0
+) -> tuple[faiss.Index, dict]:
     """An inner-product ``IndexIVFPQ`` over ``x`` ((n, dim), L2-normalised rows, may be a ``np.memmap``):
     trained on a seeded sample, filled ``ADD_CHUNK`` rows at a time, so no more than a chunk is ever
     converted to checked float32 (``afmrl.retrieval.vectors.checked_rows``)."""
@@ -57,12 +58,20 @@ def build_ivfpq(x, *, nlist: int | None = None, nprobe: int | None = None, pq_m:
     for start in range(0, n, ADD_CHUNK):
         index.add(checked_rows(x, start, min(start + ADD_CHUNK, n)))
     index.nprobe = min(nprobe or 1, nlist)
-    params = {"nlist": nlist, "nprobe": int(index.nprobe), "pq_m": pq_m, "nbits": nbits, "n_train": n_train,
-              "code_bytes": math.ceil(pq_m * nbits / 8)}
+    params = {
+        "nlist": nlist,
+        "nprobe": int(index.nprobe),
+        "pq_m": pq_m,
+        "nbits": nbits,
+        "n_train": n_train,
+        "code_bytes": math.ceil(pq_m * nbits / 8),
+    }
     return index, params
 
 
-def rerank_search(index: faiss.Index, vectors, queries: np.ndarray, k: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
+def rerank_search(
+    index: faiss.Index, vectors, queries: np.ndarray, k: int, factor: int
+) -> tuple[np.ndarray, np.ndarray]:
     """faiss-style ``(scores, rows)`` of the top ``k``: ``factor * k`` candidates from ``index``, re-scored
     exactly with ``vectors[row]`` (float, memory-mapped or not; only the candidates' rows are read).
     Missing results are row -1 with score -inf."""
@@ -71,7 +80,7 @@ def rerank_search(index: faiss.Index, vectors, queries: np.ndarray, k: int, fact
     found = np.full((nq, k), -1, dtype=np.int64)
     chunk = max(1, min(256, _RERANK_BUFFER // (k * factor * index.d)))
     for start in range(0, nq, chunk):
-        q = queries[start:start + chunk]
+        q = queries[start : start + chunk]
         _, cand = index.search(q, k * factor)
         unique = np.unique(cand[cand >= 0])  # sorted: a forward pass over the file
         block = np.asarray(vectors[unique], dtype=np.float32)
@@ -80,7 +89,8 @@ def rerank_search(index: faiss.Index, vectors, queries: np.ndarray, k: int, fact
         exact = np.where(cand >= 0, exact, -np.inf)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         width = order.shape[1]
-        scores[start:start + len(q), :width] = np.take_along_axis(exact, order, axis=1)
-        found[start:start + len(q), :width] = np.where(np.isfinite(scores[start:start + len(q), :width]),
-                                                        np.take_along_axis(cand, order, axis=1), -1)
+        scores[start : start + len(q), :width] = np.take_along_axis(exact, order, axis=1)
+        found[start : start + len(q), :width] = np.where(
+            np.isfinite(scores[start : start + len(q), :width]), np.take_along_axis(cand, order, axis=1), -1
+        )
     return scores, found

@@ -58,9 +58,7 @@ class _Ranked:
         a, t, p, above = self._group(np.full(len(self.rel), k - 1))
         j = k - a  # places of the straddling tie group inside the top k
         i = np.arange(k)[None, :]
-        ratio = np.where(i < j[:, None], (t - p)[:, None] - i, 1.0) / np.where(
-            i < j[:, None], t[:, None] - i, 1.0
-        )
+        ratio = np.where(i < j[:, None], (t - p)[:, None] - i, 1.0) / np.where(i < j[:, None], t[:, None] - i, 1.0)
         miss = np.prod(np.clip(ratio, 0.0, 1.0), axis=1)  # C(t-p, j) / C(t, j): no positive among j draws
         return np.where(above > 0, 1.0, 1.0 - miss)
 
@@ -111,9 +109,7 @@ def _first_positive(has: np.ndarray, a: np.ndarray, t: np.ndarray, p: np.ndarray
         width = int((t - p + 1).max())  # J takes values 1 .. t-p+1
         j = np.arange(1, width + 1)[None, :]
         # P(J=1) = p/t and P(J=j+1) / P(J=j) = (t-j-p+1) / (t-j)
-        step = np.clip(
-            (t[:, None] - j[:, :-1] - p[:, None] + 1) / np.maximum(t[:, None] - j[:, :-1], 1), 0.0, 1.0
-        )
+        step = np.clip((t[:, None] - j[:, :-1] - p[:, None] + 1) / np.maximum(t[:, None] - j[:, :-1], 1), 0.0, 1.0)
         prob = (p / t)[:, None] * np.cumprod(np.concatenate([np.ones((len(rows), 1)), step], axis=1), axis=1)
         rr[rows] = (prob / (a[:, None] + j)).sum(axis=1)
     return rank, rr
@@ -200,9 +196,7 @@ def _check_dense(scores, positives) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("the gallery is empty")
     nan = np.isnan(scores).any(axis=1)
     if nan.any():
-        raise ValueError(
-            f"scores has NaN in query row {int(np.flatnonzero(nan)[0])}; use -inf to exclude an item"
-        )
+        raise ValueError(f"scores has NaN in query row {int(np.flatnonzero(nan)[0])}; use -inf to exclude an item")
     return scores, positives & (scores > -np.inf)
 
 
@@ -355,9 +349,7 @@ def metrics_from_search(
     if ((indices < -1) | (indices >= n_gallery)).any():
         raise ValueError(f"indices must be gallery rows in 0..{n_gallery - 1} or -1 (padding)")
     if np.isnan(scores).any():
-        raise ValueError(
-            f"scores has NaN in query row {int(np.flatnonzero(np.isnan(scores).any(axis=1))[0])}"
-        )
+        raise ValueError(f"scores has NaN in query row {int(np.flatnonzero(np.isnan(scores).any(axis=1))[0])}")
     listed = indices >= 0
     rel = listed & (gallery_labels[np.where(listed, indices, 0)] == query_labels[:, None])
     n_pos = _label_counts(query_labels, gallery_labels)

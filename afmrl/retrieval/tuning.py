@@ -42,8 +42,8 @@ def tune_search(
     about another: ``benchmarks/reward_cost.py`` shows IVF tuned on uniform rows missing a
     quarter of the top-50 of queries from a small dense region). The sample's queries are gallery
     rows, a little easier than unseen ones, so it aims halfway between the target and 1. A flat index is exact:
-    nothing to tune. IVF-PQ also raises its re-ranking depth (from the one it was built with, doubling up to 128) when probing every
-    list is not enough; its exact top-k comes from its memory-mapped vectors, read in chunks.
+    nothing to tune. IVF-PQ also raises its re-ranking depth (from the one it was built with, doubling up to 128)
+    when probing every list is not enough; its exact top-k comes from its memory-mapped vectors, read in chunks.
     """
     kind = index.index_type
     if kind == "flat":
@@ -87,8 +87,15 @@ def tune_search(
         if recall >= goal:
             break
     del base
-    result = {"param": "ef_search" if kind == "hnsw" else "nprobe", "value": int(value), "recall": recall,
-              "goal": goal, "target_recall": target_recall, "k": k, "queries": len(q)}
+    result = {
+        "param": "ef_search" if kind == "hnsw" else "nprobe",
+        "value": int(value),
+        "recall": recall,
+        "goal": goal,
+        "target_recall": target_recall,
+        "k": k,
+        "queries": len(q),
+    }
     if kind == "ivfpq":
         result["rerank_factor"] = index.params["rerank_factor"]
     if recall < goal:
@@ -121,15 +128,16 @@ def faiss_flat(vectors: np.ndarray) -> faiss.Index:
     return index
 
 
-def exact_top_k(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None,
-                chunk: int = 262_144) -> np.ndarray:
+def exact_top_k(
+    queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None, chunk: int = 262_144
+) -> np.ndarray:
     """Rows of the exact top-``k`` of ``base`` (read ``chunk`` rows at a time, so it may be memory-mapped) by
     inner product for each query; ``exclude[i]`` is a row left out of query i's results (-1: none)."""
     nq, extra = len(queries), 0 if exclude is None else 1
     best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((nq, 0), dtype=np.int64)
     for start in range(0, len(base), chunk):
-        block = np.ascontiguousarray(base[start:start + chunk], dtype=np.float32)
+        block = np.ascontiguousarray(base[start : start + chunk], dtype=np.float32)
         s, i = faiss.knn(queries, block, min(k + extra, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
         best_s, best_i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i + start], axis=1)
         if exclude is not None:
@@ -142,9 +150,7 @@ def exact_top_k(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarr
 def _overlap(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each row of ``truth`` (exact top-k rows) present in ``found``."""
     found = np.sort(found, axis=1)
-    pos = np.clip(
-        np.stack([np.searchsorted(f, t) for f, t in zip(found, truth, strict=True)]), 0, found.shape[1] - 1
-    )
+    pos = np.clip(np.stack([np.searchsorted(f, t) for f, t in zip(found, truth, strict=True)]), 0, found.shape[1] - 1)
     hit = np.take_along_axis(found, pos, axis=1) == truth
     valid = truth >= 0
     return float((hit & valid).sum() / max(valid.sum(), 1))

@@ -61,8 +61,9 @@ def checked_rows(x, start: int, stop: int, rows: np.ndarray | None = None, norma
     norms = np.linalg.norm(chunk, axis=1)
     if normalize:
         if (norms == 0).any():
-            raise ValueError(f"embeddings row {int(offsets[np.flatnonzero(norms == 0)[0]])} is all zeros and "
-                             "cannot be normalised")
+            raise ValueError(
+                f"embeddings row {int(offsets[np.flatnonzero(norms == 0)[0]])} is all zeros and cannot be normalised"
+            )
         return np.ascontiguousarray(chunk / norms[:, None], dtype=np.float32)
     off = np.abs(norms - 1.0) > NORM_TOLERANCE
     if off.any():
@@ -80,6 +81,6 @@ def save_vectors(vectors: np.ndarray, path: Path) -> None:
         return
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=vectors.shape)
     for start in range(0, len(vectors), 65_536):
-        out[start:start + 65_536] = vectors[start:start + 65_536]
+        out[start : start + 65_536] = vectors[start : start + 65_536]
     out.flush()
     del out
