@@ -20,7 +20,9 @@ INTRA_PRODUCT_TEXTS = ("title", "attributes", "title+attributes")
 class AGCLConfig(TrainingArguments):
     """Training arguments of ``AGCLTrainer``: Trainer's plus the AGCL loss and data options."""
 
-    temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature τ (the paper: 0.02)."})
+    temperature: float = field(
+        default=0.02, metadata={"help": "InfoNCE temperature τ (VLM2Vec's 0.02; AFMRL does not report its τ)."}
+    )
     hard_negative_weighting: bool = field(
         default=True, metadata={"help": "Add λ·tanh(BM25) of the attribute texts to every logit (AGCL's weighting)."}
     )

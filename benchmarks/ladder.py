@@ -211,8 +211,9 @@ def schedule(tasks: list[Task], jobs: int, log_dir: Path, started: float, label:
 
 def evaluate_seed(work: Path, catalog: str) -> dict:
     """Every rung of one seed on the test split. ``instance`` is the deployment protocol (the generator under
-    test annotates every listing, queries and gallery alike); ``instance_query_only`` beside it annotates the
-    queries only (the reward's protocol, against an image + title gallery)."""
+    test annotates every listing, queries and gallery alike); ``instance_plain_gallery`` beside it annotates the
+    queries only, against the plain image + title gallery (not the demo's reward gallery, which the SFT policy
+    annotates)."""
     from afmrl.attributes import canonical_attributes
     from afmrl.catalog.load import load_catalog
     from afmrl.encoder.model import ProductEncoder
@@ -235,7 +236,7 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
         results[name] = evaluate_encoder(
             ProductEncoder.from_pretrained(work / slug(name)), test, tasks=TASKS, show_progress=False
         )
-        results[name]["instance_query_only"] = results[name]["instance"]  # no attributes: one protocol
+        results[name]["instance_plain_gallery"] = results[name]["instance"]  # no attributes: one protocol
     results["InfoNCE encoder"], results["+ AGCL"] = results["InfoNCE"], results["AGCL"]
     # Attributes change only the instance task: the AGCL encoder's other tasks are shared.
     agcl = ProductEncoder.from_pretrained(work / slug("AGCL"))
@@ -244,13 +245,13 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
         results[rung] = {
             **results["AGCL"],
             "instance": both_sides(agcl, attributes[key]),
-            "instance_query_only": query_only[key],
+            "instance_plain_gallery": query_only[key],
         }
     cit = ProductEncoder.from_pretrained(work / "cit" / "encoder")
     results["+ one CIT round"] = evaluate_encoder(
         cit, test, tasks=TASKS, show_progress=False, query_attributes=attributes["rar_attributes"]
     )
-    results["+ one CIT round"]["instance_query_only"] = results["+ one CIT round"]["instance"]
+    results["+ one CIT round"]["instance_plain_gallery"] = results["+ one CIT round"]["instance"]
     results["+ one CIT round"]["instance"] = both_sides(cit, attributes["rar_attributes"])
     (work / "ladder.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
@@ -313,15 +314,15 @@ def write_report(out: Path, per_seed: dict[int, dict], machine: str, seconds: fl
         "",
         "Instance retrieval under both protocols (R@1; Δ vs the previous rung, mean and min over seeds): "
         "*both sides* is the table above (every listing annotated by the generator under test, as deployed), "
-        "*query only* annotates the queries and leaves the gallery image + title.",
+        "*plain gallery* annotates the queries only and leaves the gallery image + title.",
         "",
-        "| rung | both sides R@1 | Δ | query only R@1 | Δ |",
+        "| rung | both sides R@1 | Δ | plain gallery R@1 | Δ |",
         "|---|---|---|---|---|",
     ]
     previous = {}
     for rung in RUNGS:
         cells = []
-        for task in ("instance", "instance_query_only"):
+        for task in ("instance", "instance_plain_gallery"):
             r1 = np.array([r[rung][task]["recall@1"] for r in runs]) * 100
             delta = (
                 ""

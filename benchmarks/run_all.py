@@ -165,7 +165,7 @@ def update_readme() -> bool:
         "",
         f"Instance retrieval on the embedded catalog's held-out products, mean ± std over "
         f"{len(runs)} seeds, every listing annotated by the generator of its rung as in deployment (`python -m "
-        "benchmarks.run_all`; the query-only protocol and the rest in "
+        "benchmarks.run_all`; the plain-gallery protocol and the rest in "
         "[docs/results/RESULTS.md](docs/results/RESULTS.md)):",
         "",
         "| rung | Recall@1 | Recall@5 | Recall@10 |",

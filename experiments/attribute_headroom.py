@@ -111,8 +111,8 @@ def main(argv=None):
     lines = [
         f"Encoder `{args.encoder}`, catalog `{args.catalog}` split `{args.split}` ({len(ds)} listings).",
         "",
-        "| attributes | both sides (deployment) R@1 | R@5 | query only, gallery image+title R@1 | R@5 | "
-        "query only, gallery + teacher attributes R@1 | R@5 |",
+        "| attributes | both sides (deployment) R@1 | R@5 | queries annotated, plain gallery R@1 | R@5 | "
+        "queries annotated, teacher gallery R@1 | R@5 |",
         "|---|---|---|---|---|---|---|",
     ]
     with torch.no_grad():

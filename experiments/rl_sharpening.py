@@ -74,7 +74,7 @@ def score_run(run: Path, encoder_dir: Path, catalog_dir: str, split: str, temper
         ProductEncoder.from_pretrained(encoder_dir),
         catalog,
         sources,
-        protocol="query_only",
+        protocol="query_side",
         gallery_attributes=gallery,
         show_progress=False,
     )

@@ -107,7 +107,7 @@ class RARScriptArguments:
             "help": "What the reward's gallery carries besides image + title, annotated once before RL: 'none', "
             "'policy' (the starting policy's greedy attributes, as a deployed catalog annotated by the generator; "
             "reward = the deployment protocol at step 0), 'reference' (the stored `attributes` column) or a "
-            "column name. The query-only evaluation uses the same gallery."
+            "column name. The reward-gallery evaluation (metrics.json's reward_gallery) uses the same gallery."
         },
     )
     gallery: str | None = field(

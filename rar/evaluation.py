@@ -8,14 +8,15 @@ protocols:
 - ``both_sides`` (deployment): the generator under test annotates every listing once, and queries
   and gallery alike are embedded with their own generated attributes. This is what a marketplace
   runs, so the demo reports it as its headline numbers.
-- ``query_only``: only the query carries generated attributes; the gallery is image + title (or the
-  catalog's stored attributes with ``--gallery_attributes``), encoded once for all sources -- the
-  reward's protocol.
+- ``query_side``: only the queries carry the source's attributes; the gallery is fixed for all sources and
+  encoded once. Two galleries go by their own names in the reports: the **reward gallery** (annotated once before
+  RL by the starting policy, or a stored column, with ``--gallery_attributes``: the reward's protocol, the demo's
+  ``metrics.json["reward_gallery"]``) and the **plain gallery** (image + title, no attributes: the ladder's
+  ``instance_plain_gallery``).
 
-With no attributes (or a generator whose every output is empty) the two protocols are the same
-computation and give the same numbers. The
-attributes come from ``rar.annotate`` (greedy), are parsed with the reward's
-tolerant parser and re-written canonically; a completion that does not parse adds nothing to its
+With no attributes (or a generator whose every output is empty) the protocols are the same
+computation and give the same numbers. The attributes come from ``rar.annotate`` (greedy), are parsed with the
+reward's tolerant parser and re-written canonically; a completion that does not parse adds nothing to its
 query (as in the reward, which scores it but has no text to append).
 
 ``write_report`` saves ``metrics.json`` ({"no_attributes": {"recall@1": ...}, "sft_attributes":
@@ -34,7 +35,7 @@ from afmrl.retrieval.evaluation import instance_retrieval
 __all__ = ["PROTOCOLS", "SOURCES", "evaluate_attribute_sources", "format_table", "reward_trend", "write_report"]
 
 SOURCES = ("no_attributes", "sft_attributes", "rar_attributes")
-PROTOCOLS = ("both_sides", "query_only")
+PROTOCOLS = ("both_sides", "query_side")
 REPORTED = ("recall@1", "recall@5", "recall@10", "mAP@10", "mrr")
 
 
@@ -43,18 +44,18 @@ def evaluate_attribute_sources(
     catalog,
     sources: Mapping[str, Sequence[str | None] | None],
     *,
-    protocol: str = "query_only",
+    protocol: str = "query_side",
     gallery_attributes: Sequence[str | None] | None = None,
     batch_size: int = 32,
     show_progress: bool | None = None,
 ) -> dict[str, dict]:
     """Instance retrieval on ``catalog`` for each source of attributes (None = no attributes).
 
-    ``protocol="query_only"``: the sources annotate the queries, and ``gallery_attributes`` (texts, or None for
-    image + title) the gallery, encoded once. ``"both_sides"``: each source annotates queries and gallery alike
-    (one gallery encoding per source); ``gallery_attributes`` must then be None."""
+    ``protocol="query_side"``: the sources annotate the queries, and ``gallery_attributes`` (the reward gallery's
+    texts, or None for the plain image + title gallery) the gallery, encoded once. ``"both_sides"``: each source
+    annotates queries and gallery alike (one gallery encoding per source); ``gallery_attributes`` must then be None."""
     options = {"batch_size": batch_size, "show_progress": show_progress}
-    if protocol == "query_only":
+    if protocol == "query_side":
         scores = instance_retrieval(encoder, catalog, sources, gallery_attributes=gallery_attributes, **options)
     elif protocol == "both_sides":
         if gallery_attributes is not None:

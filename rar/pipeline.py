@@ -10,7 +10,8 @@ paper assumes exists, and after RL it measures what RL changed. Each step runs o
    gallery splits once, greedy (``rar.annotate``), as a deployed catalog is annotated by its generator;
 3. ``policy_attributes`` and ``report_heldout`` (``--eval_split``): greedy attributes of the starting and the RL
    policy on held-out products, instance retrieval under the deployment protocol (every listing annotated by
-   the generator under test) and the reward's (query only), ``metrics.json`` and plots (``rar.evaluation``).
+   the generator under test) and the reward's (the queries annotated, the reward gallery), ``metrics.json`` and
+   plots (``rar.evaluation``).
 
     policy_path = train_missing_stages(script_args, training_args, model_args, catalog, recipes_dir)
     reward_catalog = annotate_reward_gallery(script_args, training_args, model_args, policy_path, catalog)
@@ -158,7 +159,7 @@ def report_heldout(script_args, training_args, evaluation, generated: dict, log_
         **{k: canonical_attributes(v, script_args.attribute_keys) for k, v in generated.items()},
     }
     # The deployment protocol (every listing annotated by the generator under test) is the headline; the
-    # reward's protocol (query only, against the --gallery_attributes gallery) sits beside it.
+    # reward's protocol (the queries annotated, against the reward gallery: --gallery_attributes) sits beside it.
     results = evaluate_attribute_sources(
         encoder, evaluation, sources, protocol="both_sides", batch_size=script_args.eval_batch_size
     )
@@ -167,11 +168,11 @@ def report_heldout(script_args, training_args, evaluation, generated: dict, log_
         if script_args.gallery_attributes == "policy"
         else attribute_texts(evaluation, script_args.gallery_attributes, script_args.attribute_keys)
     )
-    query_only = evaluate_attribute_sources(
+    reward_gallery = evaluate_attribute_sources(
         encoder,
         evaluation,
         sources,
-        protocol="query_only",
+        protocol="query_side",
         gallery_attributes=gallery_texts,
         batch_size=script_args.eval_batch_size,
     )
@@ -182,7 +183,7 @@ def report_heldout(script_args, training_args, evaluation, generated: dict, log_
         generated={"listing_id": evaluation["listing_id"], **generated},
         extra={
             "protocol": "both_sides",
-            "query_only": {k: query_only[k] for k in SOURCES},
+            "reward_gallery": {k: reward_gallery[k] for k in SOURCES},
             "elapsed_s": round(time.time() - started, 1),
             "eval_split": script_args.eval_split,
             "n_eval_listings": len(evaluation),
@@ -194,8 +195,8 @@ def report_heldout(script_args, training_args, evaluation, generated: dict, log_
         "listing annotated by the generator (deployment):"
     )
     print(format_table({k: results[k] for k in SOURCES}))
-    print(f"Query-only attributes, gallery {script_args.gallery_attributes!r} (the reward's protocol):")
-    print(format_table({k: query_only[k] for k in SOURCES}))
+    print(f"Queries annotated, reward gallery {script_args.gallery_attributes!r} (the reward's protocol):")
+    print(format_table({k: reward_gallery[k] for k in SOURCES}))
     print(f"wrote {', '.join(str(p) for p in paths.values())} ({time.time() - started:.0f} s in all)")
     logger.info("metrics: %s", json.dumps(results))
     return results

@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from afmrl.attributes import ParsedAttributes, normalize_key, parse_attributes
 
 __all__ = [
+    "INVALID_REWARD",
     "AttributeF1Reward",
     "AttributeFormatReward",
     "ConcisenessReward",
@@ -94,6 +95,21 @@ def _log(log_metric: Callable | None, name: str, values: Sequence[float]) -> Non
         log_metric(name, float(sum(values) / len(values)))
 
 
+INVALID_REWARD = -0.1  # the paper's eta: unparsable output sits below the [0, 1] of every readable line
+
+
+def _below_valid(reward: str, value: float) -> float:
+    """``invalid_reward`` checked to sit strictly below every valid score, 0 here: a readable line that scores 0 must
+    never rank below junk in a GRPO group."""
+    value = _check_number("invalid_reward", value)
+    if value >= 0:
+        raise ValueError(
+            f"{reward}: invalid_reward={value!r} would not sit below every valid reward (valid rewards reach 0): "
+            f"use a negative value, e.g. the default {INVALID_REWARD}"
+        )
+    return value
+
+
 def _check_number(name: str, value: float, low: float | None = None) -> float:
     try:
         number = float(value)
@@ -122,10 +138,9 @@ class AttributeFormatReward:
                     (0 when known_keys is None: every key is allowed)
         p_dup     = duplicate_penalty (0.5) * (#keys written more than once) / (#distinct keys)
 
-    Output with no readable pair at all (empty, None, prose, a JSON list) scores
-    ``invalid_reward`` (default 0.0; set it negative, e.g. -0.1, to rank unparsable output below
-    any readable line). So ``color: red; size: m`` -> 1.0, ``Color: Red; size: M`` -> 0.9,
-    ``color: red; color: blue`` -> 1 - 0.1 - 0.5 = 0.4.
+    Output with no readable pair at all (empty, None, prose, a JSON list) scores ``invalid_reward`` (default
+    -0.1, below every readable line: a value of 0 or more is refused). So ``color: red; size: m`` -> 1.0,
+    ``Color: Red; size: M`` -> 0.9, ``color: red; color: blue`` -> 1 - 0.1 - 0.5 = 0.4.
 
     Logs ``attribute_format/valid_fraction`` (share of completions with at least one pair) through
     TRL's ``log_metric`` when it is given.
@@ -140,7 +155,7 @@ class AttributeFormatReward:
         junk_penalty: float = 0.5,
         unknown_key_penalty: float = 0.5,
         duplicate_penalty: float = 0.5,
-        invalid_reward: float = 0.0,
+        invalid_reward: float = INVALID_REWARD,
     ):
         if isinstance(known_keys, str):
             raise TypeError("known_keys must be a collection of key names, not one string")
@@ -149,7 +164,7 @@ class AttributeFormatReward:
         self.junk_penalty = _check_number("junk_penalty", junk_penalty, 0.0)
         self.unknown_key_penalty = _check_number("unknown_key_penalty", unknown_key_penalty, 0.0)
         self.duplicate_penalty = _check_number("duplicate_penalty", duplicate_penalty, 0.0)
-        self.invalid_reward = _check_number("invalid_reward", invalid_reward)
+        self.invalid_reward = _below_valid(self.__name__, invalid_reward)
 
     def score(self, completion: object) -> float:
         """The reward of one completion (see the class docstring)."""
@@ -197,7 +212,7 @@ class ConcisenessReward:
     Lists of up to ``target_attributes`` pairs within ``char_budget`` characters score 1.0; fewer
     attributes are *not* rewarded further (informativeness is the retrieval reward's job).
     ``max_attributes`` (optional) is a hard cap: more than that many pairs scores 0.0. Output
-    with no readable pair scores ``invalid_reward`` (default 0.0, the bottom of the scale, so
+    with no readable pair scores ``invalid_reward`` (default -0.1, below the bottom of the scale, so
     emptiness never beats a long but valid list). ``length_weight=0`` or ``char_budget=None``
     turns the character term off; ``penalty_per_extra=0`` the count term.
 
@@ -217,7 +232,7 @@ class ConcisenessReward:
         penalty_per_extra: float = 0.1,
         length_weight: float = 0.5,
         char_budget: int | None = 120,
-        invalid_reward: float = 0.0,
+        invalid_reward: float = INVALID_REWARD,
     ):
         self.target_attributes = int(_check_number("target_attributes", target_attributes, 0.0))
         if max_attributes is not None:
@@ -232,7 +247,7 @@ class ConcisenessReward:
         if char_budget is not None:
             char_budget = int(_check_number("char_budget", char_budget, 1.0))
         self.char_budget = char_budget
-        self.invalid_reward = _check_number("invalid_reward", invalid_reward)
+        self.invalid_reward = _below_valid(self.__name__, invalid_reward)
 
     @staticmethod
     def _measure(completion: object) -> tuple[int, int]:
@@ -288,7 +303,7 @@ class AttributeF1Reward:
     whose reference lists non-discriminative keys). A row with no usable reference (None, empty,
     unreadable, or the column absent -- the last with one warning) gives None: "not applicable",
     left out of the mean.
-    Output with no readable pair against a real reference scores ``invalid_reward`` (default 0.0).
+    Output with no readable pair against a real reference scores ``invalid_reward`` (default -0.1, below any F1).
     Logs ``attribute_f1/precision`` and ``attribute_f1/recall`` (means over applicable rows).
     """
 
@@ -300,7 +315,7 @@ class AttributeF1Reward:
         self,
         reference_column: str = "attributes",
         ignore_keys: Collection[str] = (),
-        invalid_reward: float = 0.0,
+        invalid_reward: float = INVALID_REWARD,
         score: str = "f1",
     ):
         if score not in self.SCORES:
@@ -311,7 +326,7 @@ class AttributeF1Reward:
             raise TypeError("ignore_keys must be a collection of key names, not one string")
         self.reference_column = reference_column
         self.ignore_keys = tuple(dict.fromkeys(normalize_key(k) for k in ignore_keys))
-        self.invalid_reward = _check_number("invalid_reward", invalid_reward)
+        self.invalid_reward = _below_valid(self.__name__, invalid_reward)
         self.score = score
         self._warned = False
 

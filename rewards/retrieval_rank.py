@@ -7,9 +7,10 @@ gallery is ranked with the query's own listing excluded, and the listings with t
 ``product_id`` are the true identical products. The default reward is the improvement of the true
 product's reciprocal rank over the same query without attributes (``mode="rank_improvement"``);
 the paper's Recall@K (``"recall_at_k"``) and plain MRR (``"mrr"``) are the other modes. Unparsable
-output scores ``invalid_reward`` (-0.1, the paper's eta), never an exception; a query whose product
-has no other gallery listing scores None (not applicable). All queries of a call go through one
-encoder forward and one search, with the G completions' shared image encoded once.
+output scores ``invalid_reward`` below every valid reward of the mode (the paper's eta = -0.1 below the floor of
+its [0, 1] Recall@K; -1.1 in ``rank_improvement``, whose valid rewards reach down to -1), never an exception; a
+query whose product has no other gallery listing scores None (not applicable). All queries of a call go through
+one encoder forward and one search, with the G completions' shared image encoded once.
 
     reward = RetrievalRankReward(encoder="runs/agcl", gallery="runs/gallery", catalog="data/catalog")
     trainer = GRPOTrainer(..., reward_funcs=[reward])   # logs retrieval_rank/rank, recall@1, mrr, ...
@@ -40,6 +41,10 @@ from rewards.rank_lookup import RankLookup
 logger = logging.getLogger(__name__)
 
 MODES = ("rank_improvement", "recall_at_k", "mrr")
+# The lowest reward a valid (parsed, ranked) completion can get in each mode: 1/r_with - 1/r_without > -1, a Recall@K
+# or a reciprocal rank >= 0. Unparsable output scores below it (ETA below by default), never among valid lines.
+VALID_FLOOR = {"rank_improvement": -1.0, "recall_at_k": 0.0, "mrr": 0.0}
+ETA = 0.1  # the paper's eta: -0.1, that far below the floor of its [0, 1] reward
 RANK_TRANSFORMS = ("reciprocal", "log")
 REWARD_NAME = "retrieval_rank"
 
@@ -83,7 +88,9 @@ class RetrievalRankReward:
         k: K of recall_at_k and of the logged Recall@K.
         rank_transform: "reciprocal" or "log" (rank_improvement only).
         rank_depth: search depth for ranks; D = max(k, rank_depth), misses count as rank D + 1.
-        invalid_reward: reward of unparsable output.
+        invalid_reward: reward of unparsable output; default ``VALID_FLOOR[mode] - ETA`` (-1.1 in rank_improvement,
+            -0.1, the paper's eta, in recall_at_k and mrr). A value not below every valid reward of the mode is refused:
+            a valid line that lowers the rank must never score below junk.
         unscorable_reward: reward of a query whose product has no other gallery listing (None = N/A).
         split: rows of the catalog to use (one split name or several), also for a built gallery;
             ``gallery_options={"split": ...}`` indexes fewer of them (the prompts may lie outside it).
@@ -116,7 +123,7 @@ class RetrievalRankReward:
         k: int = 50,
         rank_transform: str = "reciprocal",
         rank_depth: int = 100,
-        invalid_reward: float = -0.1,
+        invalid_reward: float | None = None,
         unscorable_reward: float | None = None,
         split: str | Sequence[str] | None = None,
         known_keys: Sequence[str] | None = None,
@@ -138,8 +145,15 @@ class RetrievalRankReward:
         for label, value in (("k", k), ("rank_depth", rank_depth), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if invalid_reward is None:
+            invalid_reward = VALID_FLOOR.get(mode, 0.0) - ETA
         if not math.isfinite(invalid_reward):
             raise ValueError(f"invalid_reward must be finite, got {invalid_reward!r}")
+        if invalid_reward >= VALID_FLOOR[mode]:
+            raise ValueError(
+                f"invalid_reward={invalid_reward!r} would not sit below every valid {mode} reward (valid rewards "
+                f"reach down to {VALID_FLOOR[mode]}): use a value below it, e.g. the default {VALID_FLOOR[mode] - ETA}"
+            )
         if unscorable_reward is not None and not math.isfinite(unscorable_reward):
             raise ValueError(f"unscorable_reward must be finite or None, got {unscorable_reward!r}")
         if encoder is None:

@@ -60,9 +60,9 @@ def test_completion_text_shapes():
         ("color: red; size: m; color: blue", 1 - 0.1 - 0.25),  # 1 duplicated key of 2
         ("color: red; size: m; thanks!", 1 - 0.1 - 0.5 * 7 / 28),  # 7 junk chars of 28
         ("color: red; weight: 3kg", 1 - 0.1 * 0 - 0.5 * 1 / 2),  # 1 unknown key of 2 (canonical)
-        ("", 0.0),
-        ("I cannot tell from the picture.", 0.0),
-        ("Sure! Here are the attributes of the product in the image: color: red", 0.0),
+        ("", -0.1),  # no readable pair: invalid, below every readable line
+        ("I cannot tell from the picture.", -0.1),
+        ("Sure! Here are the attributes of the product in the image: color: red", -0.1),
     ],
 )
 def test_attribute_format_values(text, expected):
@@ -94,6 +94,22 @@ def test_attribute_format_rejects_bad_arguments():
         AttributeFormatReward(invalid_reward=float("nan"))
 
 
+@pytest.mark.parametrize("cls", [AttributeFormatReward, ConcisenessReward, AttributeF1Reward])
+def test_invalid_output_scores_below_every_valid_output(cls):
+    """Every readable line scores at least 0, so junk must score below 0: a value of 0 or more is refused."""
+    reward = cls()
+    worst_valid = {
+        AttributeFormatReward: "a: 1; a: 2; " + "!" * 300,  # duplicated key, mostly junk: clipped to 0
+        ConcisenessReward: "; ".join(f"k{i}: " + "v" * 30 for i in range(40)),  # far over both budgets, clipped to 0
+        AttributeF1Reward: "color: blue",  # no pair right: F1 0
+    }[cls]
+    kwargs = {"attributes": [{"color": "red"}] * 2} if cls is AttributeF1Reward else {}
+    valid, junk = reward(completions=[worst_valid, "no pair here"], **kwargs)
+    assert valid == 0.0 and junk == -0.1 < valid
+    with pytest.raises(ValueError, match="would not sit below every valid reward"):
+        cls(invalid_reward=0.0)
+
+
 # ---------------------------------------------------------------- conciseness
 
 
@@ -104,8 +120,8 @@ def test_attribute_format_rejects_bad_arguments():
         ("color: red; size: m; logo: star; pattern: solid", 1.0),  # exactly the target
         ("a: 1; b: 2; c: 3; d: 4; e: 5; f: 6", 1 - 2 * 0.1),  # 2 extra, 34 chars
         ("color: " + "x" * 173, 1 - 0.5 * (180 - 120) / 120),  # 1 pair, 180 chars
-        ("", 0.0),
-        ("no pairs at all", 0.0),
+        ("", -0.1),
+        ("no pairs at all", -0.1),
     ],
 )
 def test_conciseness_values(text, expected):
@@ -143,7 +159,7 @@ def test_attribute_f1_values():
         "Color: RED",  # p=1, r=1/3 -> 0.5
         "color: red; size: l; brand: acme; logo: star",  # 2 hits, p=2/4, r=2/3 -> 4/7
         "color: blue",  # no hit -> 0
-        "nothing parsable",  # invalid -> 0
+        "nothing parsable",  # invalid -> -0.1, below a wrong line
         "color: red",  # reference None -> not applicable
         "color: red",  # empty reference -> not applicable
         "color: red",  # reference as attribute text
@@ -151,7 +167,7 @@ def test_attribute_f1_values():
     references = [reference] * 5 + [None, {}, "color: red; size: m"]
     log = Recorder()
     out = reward(completions=[as_blocks(c) for c in completions], attributes=references, log_metric=log)
-    assert out[:5] == [pytest.approx(1.0), pytest.approx(0.5), pytest.approx(4 / 7), 0.0, 0.0]
+    assert out[:5] == [pytest.approx(1.0), pytest.approx(0.5), pytest.approx(4 / 7), 0.0, -0.1]
     assert out[5] is None and out[6] is None
     assert out[7] == pytest.approx(2 / 3)
     assert set(log.metrics) == {"attribute_f1/precision", "attribute_f1/recall"}

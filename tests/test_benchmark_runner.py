@@ -100,7 +100,7 @@ def test_ladder_report_without_the_stage1_ablation(ladder, tmp_path):
     def metrics(r1):
         return {
             "instance": {"recall@1": r1, "recall@5": 0.8, "recall@10": 0.9, "mAP@10": 0.4},
-            "instance_query_only": {"recall@1": r1 - 0.05},
+            "instance_plain_gallery": {"recall@1": r1 - 0.05},
             "coarse": {"mAP@1": 0.9},
             "image_to_text": {"recall@1": 0.1},
             "text_to_image": {"recall@1": 0.1},
@@ -121,7 +121,7 @@ def test_ladder_report_without_the_stage1_ablation(ladder, tmp_path):
     assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.0 |" in text and "| +1.0 (min +1.0) |" in text
     assert "| AGCL | 44.0 ± 1.0 | 80.0 ± 0.0 | 90.0 ± 0.0 | 40.0 ± 0.0 | +3.0 (min +3.0) |" in text
     assert "| + weighting |" not in text and (tmp_path / "ladder.png").is_file()
-    # The second protocol's table: both sides 41.0, query only 5 points lower, each with its own deltas.
+    # The second protocol's table: both sides 41.0, plain gallery 5 points lower, each with its own deltas.
     assert f"| {ladder.RUNGS[0]} | 41.0 ± 1.0 |  | 36.0 ± 1.0 |  |" in text
     assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.0 | +1.0 (min +1.0) | 37.0 ± 1.0 | +1.0 (min +1.0) |" in text
 

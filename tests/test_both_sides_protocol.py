@@ -20,9 +20,9 @@ def test_an_empty_generator_equals_the_no_attribute_protocol_exactly(encoder_and
     empty = canonical_attributes(["", "<|im_end|>", "no attributes here"] * (len(ds) // 3) + [""] * (len(ds) % 3))
     assert set(empty) == {None}
     both = evaluate_attribute_sources(encoder, ds, {"no_attributes": None, "empty": empty}, protocol="both_sides")
-    query_only = evaluate_attribute_sources(encoder, ds, {"no_attributes": None}, protocol="query_only")
+    query_side = evaluate_attribute_sources(encoder, ds, {"no_attributes": None}, protocol="query_side")
     assert {k: v for k, v in both["empty"].items() if k != "valid_fraction"} == both["no_attributes"]
-    assert both["no_attributes"] == query_only["no_attributes"]
+    assert both["no_attributes"] == query_side["no_attributes"]
     assert both["empty"]["valid_fraction"] == 0.0
 
 
@@ -41,8 +41,8 @@ def test_both_sides_equals_a_brute_force_ranking_of_annotated_listings(encoder_a
     assert result["n_queries"] == has_positive.sum()
     assert result["recall@1"] == pytest.approx(top1[has_positive].mean(), abs=1e-12)
 
-    query_only = evaluate_attribute_sources(encoder, ds, {"teacher": texts}, protocol="query_only")["teacher"]
-    assert query_only["mrr"] != result["mrr"]  # the gallery side differs, so the ranking does
+    query_side = evaluate_attribute_sources(encoder, ds, {"teacher": texts}, protocol="query_side")["teacher"]
+    assert query_side["mrr"] != result["mrr"]  # the gallery side differs, so the ranking does
 
 
 def test_both_sides_takes_no_separate_gallery_texts(encoder_and_split):

@@ -142,12 +142,12 @@ def test_lora_grpo_trains_adapters_only_and_reports(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["protocol"] == "both_sides"
     if metrics["gallery_attributes"] == "none":  # without text on either side the two protocols are one computation
-        assert metrics["query_only"]["no_attributes"] == metrics["no_attributes"]
+        assert metrics["reward_gallery"]["no_attributes"] == metrics["no_attributes"]
     else:  # the reward's gallery carries stored attributes, the deployment gallery none
-        assert metrics["query_only"]["no_attributes"] != metrics["no_attributes"]
+        assert metrics["reward_gallery"]["no_attributes"] != metrics["no_attributes"]
     for source in ("no_attributes", "sft_attributes", "rar_attributes"):
         assert set(metrics[source]) >= {"recall@1", "recall@5", "recall@10"}
-        assert set(metrics["query_only"][source]) >= {"recall@1", "recall@5", "recall@10"}
+        assert set(metrics["reward_gallery"][source]) >= {"recall@1", "recall@5", "recall@10"}
         assert all(0.0 <= metrics[source][k] <= 1.0 for k in ("recall@1", "recall@5", "recall@10"))
         assert metrics[source]["n_queries"] + metrics[source]["n_skipped"] == 24
     assert (out / "reward_curve.png").stat().st_size > 0 and (out / "recall.png").stat().st_size > 0
@@ -448,7 +448,7 @@ def test_annotated_gallery_protocol(recipe, small_catalog_dir, tiny_encoder_dir,
 def test_policy_annotated_gallery(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
     """--gallery_attributes policy: before RL the starting policy annotates the reward's gallery split once
     (greedy, written to gallery_attributes.jsonl) and the reward's gallery vectors carry those attributes;
-    the query-only evaluation's gallery carries the starting policy's attributes too."""
+    the reward-gallery evaluation's gallery carries the starting policy's attributes too."""
     from afmrl.attributes import parse_attributes
 
     out = tmp_path / "run"
@@ -475,7 +475,7 @@ def test_policy_annotated_gallery(recipe, small_catalog_dir, tiny_encoder_dir, w
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["gallery_attributes"] == "policy"
     # At step 0 the two protocols coincide for the starting policy: its attributes on queries and gallery.
-    assert metrics["query_only"]["sft_attributes"]["recall@1"] == metrics["sft_attributes"]["recall@1"]
+    assert metrics["reward_gallery"]["sft_attributes"]["recall@1"] == metrics["sft_attributes"]["recall@1"]
 
 
 def test_reward_gallery_of_several_splits(recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):

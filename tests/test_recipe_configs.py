@@ -85,3 +85,17 @@ def test_gallery_split_from_a_yaml_string_or_a_list():
     assert RARScriptArguments(gallery_split="val").gallery_splits == ["val"]  # `gallery_split: val` in a YAML
     assert RARScriptArguments(split="val", gallery_split=["train", "val", "train"]).gallery_splits == ["train", "val"]
     assert RARScriptArguments(split="val").gallery_splits == ["val"]
+
+
+@pytest.mark.parametrize("config", ["rar_qwen25vl_3b.yaml", "rar_qlora_7b.yaml"])
+def test_paper_scale_recipes_use_the_papers_reward_and_loss(config, load_recipe):
+    """The paper's RAR: GRPO as written (not TRL's default dapo) on Recall@50, junk at eta = -0.1 below its floor."""
+    import json
+
+    script_args, training_args, _ = parser_for(Path(f"recipes/configs/{config}"), load_recipe).parse_args_and_config(
+        ["--config", f"recipes/configs/{config}", *CPU]
+    )
+    assert training_args.loss_type == "grpo" and training_args.num_generations == 8
+    assert script_args.reward_funcs[0] == "retrieval_rank"
+    kwargs = json.loads(script_args.reward_kwargs)["retrieval_rank"]
+    assert kwargs["mode"] == "recall_at_k" and kwargs["k"] == 50 and "invalid_reward" not in kwargs  # default eta

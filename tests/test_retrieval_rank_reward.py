@@ -173,6 +173,33 @@ def test_modes_and_transforms_are_bounded_and_consistent():
     np.testing.assert_allclose(mrr, d.reciprocal_rank)
 
 
+MODES = (
+    {},
+    {"rank_transform": "log"},
+    {"mode": "recall_at_k", "k": 5},
+    {"mode": "recall_at_k", "k": 1},
+    {"mode": "mrr"},
+)
+
+
+@pytest.mark.parametrize("kwargs", MODES, ids=lambda k: "-".join(map(str, k.values())) or "rank_improvement")
+def test_invalid_output_scores_below_every_valid_output_in_every_mode(kwargs):
+    """The worst valid line (it pushes the true product from rank 1 to the bottom) still beats junk; the paper's
+    eta is -0.1 below the floor of its [0, 1] reward, and rank_improvement's floor is -1."""
+    catalog = _catalog(num_products=12, seed=3)
+    reward, encoder, _ = _reward(catalog, **kwargs)
+    ids = [lid for lid, pid in zip(catalog["listing_id"], catalog["product_id"], strict=True) if pid != "LONELY"]
+    lines = [f"color: c{i}; size: s{j}" for i in range(12) for j in range(4)]
+    d = reward.score([lid for lid in ids for _ in lines], lines * len(ids))
+    valid = np.asarray([r for r, ok in zip(d.rewards, d.scored, strict=True) if ok], dtype=float)
+    junk = reward.score(ids, ["no attributes here"] * len(ids)).rewards
+    assert len(valid) == len(ids) * len(lines) and len(set(junk)) == 1
+    floor = {"rank_improvement": -1.0, "recall_at_k": 0.0, "mrr": 0.0}[reward.mode]
+    assert junk[0] == pytest.approx(floor - 0.1) and junk[0] < valid.min() and valid.min() >= floor
+    with pytest.raises(ValueError, match=f"would not sit below every valid {reward.mode} reward"):
+        _reward(catalog, invalid_reward=floor, **kwargs)
+
+
 def test_unscorable_query_gives_none_and_invalid_output_still_penalised():
     reward, _, catalog = _reward()
     lonely = catalog["listing_id"][-1]
@@ -183,7 +210,7 @@ def test_unscorable_query_gives_none_and_invalid_output_still_penalised():
         listing_id=[lonely, lonely, "L000"],
         log_metric=lambda n, v: calls.append((n, v)),
     )
-    assert out[0] is None and out[1] == -0.1 and isinstance(out[2], float)
+    assert out[0] is None and out[1] == -1.1 and isinstance(out[2], float)
     assert dict(calls)["retrieval_rank/unscorable_rate"] == pytest.approx(2 / 3)
     assert reward.counters["unscorable"] == 2
     const, _, _ = _reward(unscorable_reward=0.0)
@@ -243,7 +270,7 @@ def test_garbage_never_raises_and_is_finite():
         "{}",
         ":" * 3000,
     ):
-        assert by_text[repr(bad)] == -0.1, bad
+        assert by_text[repr(bad)] == -1.1, bad
     # Defined scores for parsable oddities: duplicate keys keep the first, unknown keys are kept.
     assert reward.score([lid], ["color: red; color: blue"]).attributes == ["color: red"]
     assert reward.score([lid], ["wibble: wobble"]).valid.all()
@@ -257,7 +284,7 @@ def test_garbage_never_raises_and_is_finite():
             "; ".join(f"size{i}: x" for i in range(99)) + "; color: " + "y" * 100,
         ],
     )
-    assert d.rewards[0] == -0.1 and d.attributes[1] == "color: red"
+    assert d.rewards[0] == -1.1 and d.attributes[1] == "color: red"
     assert len(d.attributes[2]) <= 30
 
 
@@ -275,7 +302,7 @@ def test_non_finite_embeddings_and_empty_calls_stay_finite():
         completions=["color: poison", "color: red", "color: poison"],
         listing_id=["L000", "L000", "L001"],
     )
-    assert out[0] == out[2] == -0.1 and math.isfinite(out[1])
+    assert out[0] == out[2] == -1.1 and math.isfinite(out[1])
     assert reward.counters["encoder_failures"] == 2
     assert (
         reward(prompts=[], completions=[], listing_id=[], log_metric=lambda *a: None, log_extra=lambda *a: None) == []
@@ -422,7 +449,7 @@ def test_real_encoder_paths_load_lazily_and_pickle_light(tmp_path, tiny_model_di
     ids = ds["listing_id"][:4]
     comps = [[{"role": "assistant", "content": "color: red; size: m"}]] * 2 + ["nonsense", "brand: acme"]
     out = reward(prompts=[None] * 4, completions=comps, listing_id=ids)
-    assert out[2] == -0.1 and all(r is None or math.isfinite(r) for r in out)
+    assert out[2] == -1.1 and all(r is None or math.isfinite(r) for r in out)
     assert len(pickle.dumps(reward)) < 10_000  # loaded encoder and index are dropped again
     assert pickle.loads(blob)(prompts=[None] * 4, completions=comps, listing_id=ids) == out
 
@@ -451,13 +478,14 @@ def _shared_reward():
     st.sampled_from(["rank_improvement", "recall_at_k", "mrr"]),
 )
 def test_any_completion_gets_a_finite_number(completions, mode):
-    """Property: arbitrary strings (and message lists, None) always give one finite float each, in every mode."""
+    """Property: arbitrary strings (and message lists, None) always give one finite float each, in every mode: a valid
+    one in [-1, 1], junk -1.1 (below every valid reward of rank_improvement, whose default it keeps)."""
     reward, _, catalog = _shared_reward()
     reward.mode = mode
     lid = catalog["listing_id"][1]
     out = reward(prompts=[None] * len(completions), completions=completions, listing_id=[lid] * len(completions))
     assert len(out) == len(completions)
-    assert all(isinstance(r, float) and math.isfinite(r) and -1.0 <= r <= 1.0 for r in out)
+    assert all(isinstance(r, float) and math.isfinite(r) and (-1.0 <= r <= 1.0 or r == -1.1) for r in out)
 
 
 def test_prompts_outside_the_gallery_are_ranked_against_the_gallery_splits_only(caplog):
