@@ -17,13 +17,37 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["default_config_epilog", "fail", "given_flags", "parse_recipe_args", "with_default_config"]
+__all__ = [
+    "USER_ERRORS",
+    "default_config_epilog",
+    "fail",
+    "given_flags",
+    "parse_recipe_args",
+    "run_cli",
+    "with_default_config",
+]
+
+# What a user's input can raise before training starts (CatalogError and EncoderLoadError are ValueErrors):
+# each becomes one ``error:`` line and exit code 2, never a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
 def fail(err: BaseException | str):
     """End the run on a user error: one ``error:`` line on stderr, exit code 2."""
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_cli(arguments_class, main, argv: Sequence[str] | None = None):
+    """A recipe whose flags are one dataclass: parse ``argv`` (default ``sys.argv[1:]``) with transformers'
+    ``HfArgumentParser`` and return ``main(arguments)``; a user error is one ``error:`` line and exit code 2."""
+    from transformers import HfArgumentParser
+
+    try:
+        (arguments,) = HfArgumentParser(arguments_class).parse_args_into_dataclasses(args=argv)
+        return main(arguments)
+    except USER_ERRORS as err:
+        fail(err)
 
 
 def given_flags(argv: Sequence[str]) -> set[str]:

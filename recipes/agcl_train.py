@@ -19,10 +19,10 @@ from pathlib import Path
 from transformers import set_seed
 from trl import ModelConfig, TrlParser
 
-from afmrl.catalog.load import CatalogError, load_catalog, use_title_column
-from afmrl.cli import default_config_epilog, fail, parse_recipe_args, with_default_config
+from afmrl.catalog.load import load_catalog, use_title_column
+from afmrl.cli import USER_ERRORS, default_config_epilog, fail, parse_recipe_args, with_default_config
 from afmrl.embedded import resolve_catalog, resolve_model
-from afmrl.encoder.model import EncoderConfig, EncoderLoadError, ProductEncoder, read_encoder_config
+from afmrl.encoder.model import EncoderConfig, ProductEncoder, read_encoder_config
 from afmrl.retrieval.evaluation import evaluate_encoder, format_results
 from afmrl.retrieval.fingerprints import write_training_record
 from agcl.config import AGCLConfig, AGCLScriptArguments
@@ -31,7 +31,6 @@ from agcl.trainer import AGCLTrainer, check_attribute_options
 logger = logging.getLogger("agcl_train")
 
 
-USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "agcl_demo.yaml"
 
 

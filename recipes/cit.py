@@ -25,17 +25,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
 from afmrl.attributes import canonical_attributes
-from afmrl.catalog import CatalogError, group_by_product, load_catalog, write_catalog_dir
+from afmrl.catalog import group_by_product, load_catalog, write_catalog_dir
+from afmrl.cli import run_cli
 from afmrl.embedded import resolve_catalog
-from afmrl.encoder.model import EncoderLoadError, ProductEncoder, read_encoder_config
+from afmrl.encoder.model import ProductEncoder, read_encoder_config
 from rar.annotate import annotate, load_generator
 from rar.evaluation import evaluate_attribute_sources, format_table
 
 RECIPES = Path(__file__).resolve().parent
-USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
 @dataclass
@@ -154,9 +152,4 @@ def main(args: CITArguments) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        (arguments,) = HfArgumentParser(CITArguments).parse_args_into_dataclasses()
-        main(arguments)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(CITArguments, main)

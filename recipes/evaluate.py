@@ -14,12 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from afmrl.catalog.load import CatalogError, load_catalog
+from afmrl.catalog.load import load_catalog
+from afmrl.cli import USER_ERRORS
 from afmrl.embedded import resolve_catalog
-from afmrl.encoder.model import EncoderLoadError, ProductEncoder
+from afmrl.encoder.model import ProductEncoder
 from afmrl.retrieval.evaluation import TASKS, attribute_texts, evaluate_encoder, format_results
-
-USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
 def parse_args(argv=None):

@@ -23,26 +23,23 @@ existed is kept as ``<column>_previous``.
 import io
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 from PIL import Image
-from transformers import HfArgumentParser
 from trl import ModelConfig
 
 from afmrl.attributes import parse_attributes
-from afmrl.catalog.load import CatalogError, load_catalog
+from afmrl.catalog.load import load_catalog
 from afmrl.catalog.write import write_catalog_dir
+from afmrl.cli import run_cli
 from afmrl.embedded import resolve_catalog
-from afmrl.encoder.model import EncoderLoadError
 from afmrl.modeling import require_bitsandbytes
 from rar.annotate import annotate, load_generator, read_generation_log
 from rar.prompts import DEFAULT_PROMPT
 
-USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
 GENERATIONS = "generations.jsonl"
 
 
@@ -220,12 +217,7 @@ def main(args: ExtractArguments) -> dict:
 
 def cli(argv=None):
     """The command line: ``argv`` (default ``sys.argv[1:]``) parsed into ExtractArguments, then ``main``."""
-    try:
-        (arguments,) = HfArgumentParser(ExtractArguments).parse_args_into_dataclasses(args=argv)
-        return main(arguments)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return run_cli(ExtractArguments, main, argv)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,15 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import HfArgumentParser
 
-from afmrl.catalog.load import CatalogError, load_catalog
-from afmrl.cli import fail
+from afmrl.catalog.load import load_catalog
+from afmrl.cli import run_cli
 from afmrl.embedded import resolve_catalog
-from afmrl.encoder.model import EncoderLoadError, read_encoder_config
+from afmrl.encoder.model import read_encoder_config
 from deploy import ProductIndex, plot_precision_recall
 from deploy.product_index import check_listings
 from deploy.sharding import encode_shards, merge_shards, remove_shards
 from rar.prompts import PROMPT_FILE
-
-USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
 @dataclass
@@ -221,11 +218,7 @@ def calibrate(index: ProductIndex, labelled, args: IndexArguments, out: Path) ->
 
 
 def cli(argv=None):
-    try:
-        (arguments,) = HfArgumentParser(IndexArguments).parse_args_into_dataclasses(args=argv)
-        return main(arguments)
-    except USER_ERRORS as err:
-        fail(err)
+    return run_cli(IndexArguments, main, argv)
 
 
 if __name__ == "__main__":

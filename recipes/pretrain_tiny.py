@@ -30,8 +30,8 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from afmrl.catalog.load import CatalogError, load_catalog
-from afmrl.cli import fail, parse_recipe_args
+from afmrl.catalog.load import load_catalog
+from afmrl.cli import USER_ERRORS, fail, parse_recipe_args
 from afmrl.embedded.pretraining import (
     PERCEPTION_FORMATS,
     TASK_PROBABILITIES,
@@ -47,7 +47,6 @@ from afmrl.modeling import FAMILIES
 from rar.prompts import DEFAULT_PROMPT
 
 logger = logging.getLogger("pretrain_tiny")
-USER_ERRORS = (CatalogError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
 @dataclass

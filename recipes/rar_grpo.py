@@ -27,10 +27,10 @@ from accelerate import PartialState
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOTrainer, TrlParser
 
-from afmrl.catalog import CatalogError, load_catalog
-from afmrl.cli import default_config_epilog, fail, given_flags, parse_recipe_args, with_default_config
+from afmrl.catalog import load_catalog
+from afmrl.cli import USER_ERRORS, default_config_epilog, fail, given_flags, parse_recipe_args, with_default_config
 from afmrl.embedded import is_embedded_model, resolve_catalog
-from afmrl.encoder.config import EncoderLoadError, read_encoder_config
+from afmrl.encoder.config import read_encoder_config
 from afmrl.modeling import check_model_source, require_bitsandbytes
 from afmrl.retrieval.fingerprints import check_training_record
 from rar.config import RARScriptArguments, to_rloo_config
@@ -43,7 +43,6 @@ logger = logging.getLogger("rar_grpo")
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "rar_demo.yaml"
-USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
 def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):

@@ -19,15 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from transformers import HfArgumentParser
 
-from afmrl.catalog.load import CatalogError, load_catalog
-from afmrl.cli import fail
+from afmrl.catalog.load import load_catalog
+from afmrl.cli import run_cli
 from afmrl.embedded import resolve_catalog
-from afmrl.encoder.model import EncoderLoadError
 from deploy import ProductIndex
-
-USER_ERRORS = (CatalogError, EncoderLoadError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
 @dataclass
@@ -111,11 +107,7 @@ def main(args: SearchArguments) -> list[dict]:
 
 
 def cli(argv=None):
-    try:
-        (arguments,) = HfArgumentParser(SearchArguments).parse_args_into_dataclasses(args=argv)
-        return main(arguments)
-    except USER_ERRORS as err:
-        fail(err)
+    return run_cli(SearchArguments, main, argv)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from pathlib import Path
 from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from afmrl.catalog.load import CatalogError, load_catalog
-from afmrl.cli import default_config_epilog, fail, parse_recipe_args, with_default_config
+from afmrl.catalog.load import load_catalog
+from afmrl.cli import USER_ERRORS, default_config_epilog, fail, parse_recipe_args, with_default_config
 from afmrl.embedded import resolve_catalog, resolve_model
 from afmrl.modeling import language_lora_targets, load_mllm
 from afmrl.retrieval.fingerprints import write_training_record
@@ -37,7 +37,6 @@ from rar.prompts import DEFAULT_PROMPT, build_sft_dataset, save_prompt_settings
 
 logger = logging.getLogger("sft_attributes")
 
-USER_ERRORS = (CatalogError, ValueError, FileNotFoundError, NotADirectoryError)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft_demo.yaml"
 LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

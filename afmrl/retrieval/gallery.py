@@ -268,23 +268,10 @@ class ProductGallery:
         """``VectorIndex.search``: (scores, rows), each (num_queries, k)."""
         return self.index.search(queries, k, exclude=exclude)
 
-    # ------------------------------------------------------------------ approximate search tuning
-    # (afmrl.retrieval.tuning)
-    def tune_search(
-        self,
-        k: int = 50,
-        target_recall: float = 0.98,
-        queries: np.ndarray | None = None,
-        num_queries: int = 512,
-        seed: int = 0,
-        rows: Sequence[int] | None = None,
-    ) -> dict:
-        """Set the smallest nprobe (IVF) / efSearch (HNSW) whose recall of the exact top-``k`` on leave-one-out
-        gallery queries (or ``queries``; drawn from ``rows`` when given) reaches ``target_recall``; returns what it
-        measured (also in ``index.params["tuning"]``). See ``afmrl.retrieval.tuning.tune_search``."""
-        return tune_search(
-            self.index, k=k, target_recall=target_recall, queries=queries, num_queries=num_queries, seed=seed, rows=rows
-        )
+    def tune_search(self, k: int = 50, target_recall: float = 0.98, **options) -> dict:
+        """``afmrl.retrieval.tuning.tune_search`` on this gallery's index (the reward's top-50 at 0.98 by default):
+        the smallest nprobe / efSearch whose recall of the exact top-``k`` reaches ``target_recall``."""
+        return tune_search(self.index, k=k, target_recall=target_recall, **options)
 
     # ------------------------------------------------------------------ checks (afmrl.retrieval.checks)
     def check_encoder(self, encoder, *, label: str | None = None) -> None:
