@@ -101,7 +101,7 @@ def main(argv=None):
         cells = []
         for k in KS:
             vals = np.array([r[name][f"recall@{k}"] for r in per_seed])
-            cells.append(f"{100 * vals.mean():.1f} ± {100 * vals.std():.1f}")
+            cells.append(f"{100 * vals.mean():.1f} ± {100 * (vals.std(ddof=1) if len(vals) > 1 else 0):.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",

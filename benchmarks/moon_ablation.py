@@ -171,9 +171,8 @@ def main(argv=None):
     }
     for name in base_of:
         rows = [results[f"{s}/{name}"] for s in args.seeds]
-        cells = [
-            f"{100 * np.mean([r[k] for r in rows]):.1f} ± {100 * np.std([r[k] for r in rows]):.1f}" for k in METRICS
-        ]
+        sd = {k: np.std([r[k] for r in rows], ddof=1) if len(rows) > 1 else 0.0 for k in METRICS}  # sample sd
+        cells = [f"{100 * np.mean([r[k] for r in rows]):.1f} ± {100 * sd[k]:.1f}" for k in METRICS]
         delta = 100 * np.array(
             [results[f"{s}/{name}"]["recall@1"] - results[f"{s}/{base_of[name]}"]["recall@1"] for s in args.seeds]
         )

@@ -163,7 +163,7 @@ def update_readme() -> bool:
     block = [
         README_BEGIN,
         "",
-        f"Instance retrieval on the embedded catalog's held-out products, mean ± std over "
+        f"Instance retrieval on the embedded catalog's held-out products, mean ± sample sd (ddof=1) over "
         f"{len(runs)} seeds, every listing annotated by the generator of its rung as in deployment (`python -m "
         "benchmarks.run_all`; the plain-gallery protocol and the rest in "
         "[docs/results/RESULTS.md](docs/results/RESULTS.md)):",

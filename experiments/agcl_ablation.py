@@ -135,7 +135,7 @@ def main(argv=None):
         cells = []
         for key in ("recall@1", "recall@5", "recall@10", "mAP@10"):
             vals = 100 * np.array([r[key] for r in runs])
-            cells.append(f"{vals.mean():.1f} ± {vals.std():.1f}")
+            cells.append(f"{vals.mean():.1f} ± {vals.std(ddof=1) if len(vals) > 1 else 0:.1f}")
         delta = 100 * (np.array([r["recall@1"] for r in runs]) - base)
         ratio = np.median(step_times[name]) / base_time
         lines.append(

@@ -115,7 +115,7 @@ def main(argv=None):
         base, agcl = np.array(runs["InfoNCE"]), np.array(runs["AGCL"])
         delta = agcl - base
         lines.append(
-            f"| {name} | {base.mean():.1f} ± {base.std():.1f} | {agcl.mean():.1f} ± {agcl.std():.1f} | "
+            f"| {name} | {base.mean():.1f} ± {base.std(ddof=1):.1f} | {agcl.mean():.1f} ± {agcl.std(ddof=1):.1f} | "
             f"{delta.mean():+.1f} (min {delta.min():+.1f}) | {', '.join(f'{d:+.1f}' for d in delta)} |"
         )
         summary[name] = {"seeds": args.seeds, "infonce_recall@1": base.tolist(), "agcl_recall@1": agcl.tolist()}

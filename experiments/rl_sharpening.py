@@ -110,7 +110,7 @@ def write_report(path: Path, per_run: dict, args, seconds: float):
                 lines.append(f"| {run} | {split} | {decoding} | {cells} | {delta:+.3f} |")
     lines += ["", "Mean over runs (± std), RAR − SFT in MRR:", "", "| split | greedy | sampled |", "|---|---|---|"]
     for split in args.splits:
-        cells = [f"{np.mean(deltas[(split, d)]):+.3f} ± {np.std(deltas[(split, d)]):.3f}" for d in DECODINGS]
+        cells = [f"{np.mean(deltas[(split, d)]):+.3f} ± {np.std(deltas[(split, d)], ddof=1):.3f}" for d in DECODINGS]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -93,7 +93,7 @@ def test_results_page_and_readme_block_come_from_the_generated_pages(tmp_path, m
     assert run_all.update_readme()
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
-    assert f"| {ladder.RUNGS[0]} | 10.5 ± 0.5 | 50.0 ± 0.0 | 90.0 ± 0.0 |" in text
+    assert f"| {ladder.RUNGS[0]} | 10.5 ± 0.7 | 50.0 ± 0.0 | 90.0 ± 0.0 |" in text  # sample sd (ddof=1)
 
 
 def test_ladder_report_without_the_stage1_ablation(ladder, tmp_path):
@@ -118,12 +118,16 @@ def test_ladder_report_without_the_stage1_ablation(ladder, tmp_path):
     ladder.write_report(out, per_seed, "test box", 60.0, 2, " --stage1_ablation false")
     text = out.read_text()
     assert "--stage1_ablation false" in text and "were not run here" in text
-    assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.0 |" in text and "| +1.0 (min +1.0) |" in text
-    assert "| AGCL | 44.0 ± 1.0 | 80.0 ± 0.0 | 90.0 ± 0.0 | 40.0 ± 0.0 | +3.0 (min +3.0) |" in text
+    # seeds 0 and 1 give 41 and 43 on the second rung: sample sd (ddof=1) 1.4; every paired difference is +1
+    plus_one = "+1.0 ± 0.0 (95% CI +1.0 to +1.0, n = 2)"
+    assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.4 |" in text and f"| {plus_one} |" in text
+    assert (
+        "| AGCL | 44.0 ± 1.4 | 80.0 ± 0.0 | 90.0 ± 0.0 | 40.0 ± 0.0 | +3.0 ± 0.0 (95% CI +3.0 to +3.0, n = 2) |" in text
+    )
     assert "| + weighting |" not in text and (tmp_path / "ladder.png").is_file()
     # The second protocol's table: both sides 41.0, plain gallery 5 points lower, each with its own deltas.
-    assert f"| {ladder.RUNGS[0]} | 41.0 ± 1.0 |  | 36.0 ± 1.0 |  |" in text
-    assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.0 | +1.0 (min +1.0) | 37.0 ± 1.0 | +1.0 (min +1.0) |" in text
+    assert f"| {ladder.RUNGS[0]} | 41.0 ± 1.4 |  | 36.0 ± 1.4 |  |" in text
+    assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.4 | {plus_one} | 37.0 ± 1.4 | {plus_one} |" in text
 
 
 def test_attribute_headroom_counts_emitted_right_and_perceived_values_per_key():

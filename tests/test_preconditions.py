@@ -1,0 +1,156 @@
+"""The preconditions gates: each piece of arithmetic on a hand-made case whose answer is known, and the command on a
+catalog of another vocabulary and on one without true attributes."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from afmrl.catalog import load_catalog, write_catalog_dir
+from afmrl.preconditions import (
+    auc,
+    edit_line,
+    families,
+    key_accuracy,
+    minimal_detectable_effect,
+    restored_keys,
+    seeds_needed,
+    teacher_habits,
+    within_family_recall,
+)
+
+TRUTH = {
+    "A": {"color": "red", "logo": "star"},
+    "B": {"color": "blue", "logo": "star"},  # A's family-mate on color
+    "C": {"color": "red", "logo": "circle"},  # A's family-mate on logo
+    "D": {"color": "red", "logo": "star"},  # A under another product id: a duplicate SKU
+    "E": {"color": "green", "logo": "cross"},  # two keys away from everyone: no family
+}
+
+
+def test_families_come_from_the_true_attributes_alone():
+    fam = families(list(TRUTH), list(TRUTH.values()))
+    code = {p: i for i, p in enumerate(fam.products)}
+    assert fam.key_between(code["A"], code["B"]) == "color" and fam.key_between(code["A"], code["C"]) == "logo"
+    assert fam.key_between(code["A"], code["D"]) == "" and fam.key_between(code["D"], code["B"]) == "color"
+    assert fam.key_between(code["B"], code["C"]) is None and fam.mates[code["E"]] == {}
+
+
+def test_within_family_recall_and_its_chance_level():
+    # two listings each of A, B and C: A's listings see A (positive), B (color) and C (logo)
+    products = ["A", "A", "B", "B", "C", "C"]
+    fam = families(products, [TRUTH[p] for p in products])
+    scores = np.zeros((6, 6))
+    scores[0, 1], scores[0, 2], scores[0, 4] = 0.9, 0.5, 0.9  # query 0: beats its color mate, ties its logo mate
+    scores[1, 0], scores[1, 3], scores[1, 5] = 0.2, 0.8, 0.1  # query 1: loses to its color mate, beats the logo one
+    per_key = within_family_recall(scores, fam)
+    # color: queries 0, 1 (A vs B) and 2, 3 (B vs A; all scores 0: a 3-way tie, 1/3 each)
+    assert per_key["color"]["n"] == 4
+    assert per_key["color"]["recall@1"] == pytest.approx((1 + 0 + 1 / 3 + 1 / 3) / 4)
+    assert per_key["color"]["chance"] == pytest.approx(1 / 3)
+    # logo: query 0 ties its positive with one logo mate at 0.9 (1/2), query 1 wins, C's queries 4, 5 tie three ways
+    assert per_key["logo"]["recall@1"] == pytest.approx((1 / 2 + 1 + 1 / 3 + 1 / 3) / 4)
+
+
+def test_key_accuracy_counts_only_values_the_title_does_not_state():
+    truths = [{"color": "red", "logo": "star"}, {"color": "navy blue", "logo": "star"}, {"color": "red"}]
+    generated = [{"color": "red"}, {"color": "blue", "logo": "star"}, {"color": "RED "}]
+    titles = ["a red mug", "mug", "a mug"]  # the first states its colour: not counted
+    out = key_accuracy(truths, generated, titles, ["color", "logo"])
+    assert out["color"] == {"accuracy": 0.5, "n": 2}  # "navy blue" missed, "RED " right
+    assert out["logo"] == {"accuracy": 0.5, "n": 2}  # a left-out key counts as wrong
+
+
+def test_auc_counts_ties_as_half():
+    assert auc([3, 2], [1, 2]) == pytest.approx(3.5 / 4)
+    assert auc([1], [2]) == 0.0 and math.isnan(auc([], [1]))
+
+
+def test_teacher_habits_find_listing_keys_and_systematic_confusions_not_slips():
+    truth = [{"color": "blue"}] * 10 + [{"color": "red"}] * 10
+    teacher = [{"color": "navy", "shipping": "free"}] * 6 + [{"color": "blue"}] * 4  # navy for blue, 6 times
+    teacher += [{"color": "pink"}] + [{"color": "red"}] * 9  # one slip: not a habit
+    habits = teacher_habits(teacher, truth)
+    assert habits == {"listing_keys": ["shipping"], "confusions": {"color": {"navy": "blue"}}}
+    samples = [{"color": "navy", "logo": "star"}, {"logo": "star"}, {"logo": "circle", "size": "m"}]
+    assert restored_keys({"color": "navy"}, samples) == {"logo": "star"}  # named by 3 of 3; size by 1 of 3
+    edited = edit_line({"color": "navy", "shipping": "free"}, habits, {"logo": "star"})
+    assert edited == {"color": "blue", "logo": "star"}
+
+
+def test_power_matches_the_published_tables():
+    # G*Power, one-sample (paired) t-test, two-sided alpha 0.05, power 0.8: d = 1 -> 10, d = 0.5 -> 34
+    assert seeds_needed(sd=1.0, effect=1.0) == 10 and seeds_needed(sd=2.0, effect=1.0) == 34
+    mde = minimal_detectable_effect(sd=1.0, n=34)
+    assert 0.49 < mde <= 0.5 and seeds_needed(sd=1.0, effect=mde) == 34
+
+
+# ------------------------------------------------------------------ the command, end to end on tiny models
+
+RENAME = {"color": "farbe", "secondary_color": "zweitfarbe", "pattern": "muster", "logo": "zeichen", "size": "groesse",
+          "category": "art", "brand": "marke"}  # fmt: skip
+
+
+def _renamed(value):
+    return {RENAME.get(k, k): f"x-{v}" for k, v in value.items()} if isinstance(value, dict) else value
+
+
+@pytest.fixture(scope="module")
+def catalogs(small_catalog_dir, tmp_path_factory):
+    """The small catalog in another vocabulary (keys and values renamed), and a copy without true attributes."""
+    root = tmp_path_factory.mktemp("worlds")
+    ds = load_catalog(small_catalog_dir)
+    other = ds.remove_columns(["attributes", "true_attributes"])
+    write_catalog_dir(other, root / "other", extra_columns={
+        "attributes": [_renamed(a) for a in ds["attributes"]],
+        "true_attributes": [_renamed(a) for a in ds["true_attributes"]]})  # fmt: skip
+    write_catalog_dir(ds.remove_columns(["true_attributes"]), root / "untruthful")
+    return root
+
+
+def _run(load_recipe, tmp_path, catalog, encoder, generator, base, extra=()):
+    recipe = load_recipe("preconditions")
+    out = tmp_path / "out"
+    argv = ["--catalog", str(catalog), "--encoder", str(encoder), "--output_dir", str(out), "--samples", "2",
+            "--batch_size", "16", "--encoder_base", str(base), "--reward_kwargs", '{"mode": "rank_improvement"}',
+            *(["--generator", str(generator)] if generator else []), *extra]  # fmt: skip
+    record = recipe.cli(argv)
+    assert json.loads((out / "preconditions.json").read_text())["gates"] == json.loads(json.dumps(record["gates"]))
+    return record["gates"], (out / "preconditions.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_command_on_another_vocabulary_measures_every_gate(
+    load_recipe, catalogs, tiny_encoder_dir, warm_policy_dir, tiny_model_dir, tmp_path, one_thread
+):
+    gates, page = _run(load_recipe, tmp_path, catalogs / "other", tiny_encoder_dir, warm_policy_dir, tiny_model_dir)
+    assert all(g["status"] in ("pass", "fail") for name, g in gates.items()), gates
+    keys = {row[0].split("`")[1] for row in gates["G1"]["rows"]}
+    assert keys and keys <= set(RENAME.values())  # the varying keys of the renamed world
+    assert any("duplicate pairs" in row[0] for row in gates["G6"]["rows"])
+    assert "| **G7** power" in page and "skipped" not in page
+
+
+@pytest.mark.slow
+def test_the_command_without_true_attributes_says_what_it_skipped(
+    load_recipe, catalogs, tiny_encoder_dir, warm_policy_dir, tiny_model_dir, tmp_path, one_thread
+):
+    gates, page = _run(
+        load_recipe, tmp_path, catalogs / "untruthful", tiny_encoder_dir, warm_policy_dir, tiny_model_dir
+    )
+    for name in ("G1", "G2", "G4", "G5", "G6"):
+        assert gates[name]["status"] == "skipped" and "true_attributes" in gates[name]["note"]
+    assert [row[0] for row in gates["G3"]["rows"]] == ["R@1 sft − none"]  # what can be measured without them
+    assert gates["G7"]["rows"][0][0] == "test listings"
+    assert page.count("skipped:") == 5
+
+
+def test_bad_flags_are_one_error_line(load_recipe, small_catalog_dir, tiny_encoder_dir, capsys, tmp_path):
+    recipe = load_recipe("preconditions")
+    for extra, fragment in ((["--reward_kwargs", "{nope"], "--reward_kwargs"), (["--pilot", "nowhere.json"], "--pilot"),
+                            (["--eval_split", "nope"], "nope")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            recipe.cli(["--catalog", str(small_catalog_dir), "--encoder", str(tiny_encoder_dir), *extra])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith("error: ") and fragment in err, err
