@@ -308,22 +308,19 @@ def g4_g5(args, rl, generated: dict, edited_rl: list, r1: dict, habits: dict) ->
     g4 = gate([check("R@1 edited − SFT (both sides)", head, f"{r1['edited']:.1f} − {r1['sft']:.1f} = {head:+.1f}",
                      "G4_edited_minus_sft"),
                ["reward δ, edited − SFT (the reward's protocol)", f"{d:+.4f}", "> 0", d > 0]], edits)  # fmt: skip
-    ratio = (sigma / d) ** 2 if d > 0 else math.inf
-    drawn = args.rl_prompts or len(rl)
-    g5 = gate(
-        [
-            check(
-                "(σ/δ)², σ = a group's reward sd",
-                ratio,
-                f"({sigma:.4f} / {d:+.4f})² = {ratio:,.0f}",
-                "G5_sigma_over_delta_squared",
-                True,
-            ),
-            check("prompts the run draws ÷ (σ/δ)²", drawn / ratio, f"{drawn:,} ÷ {ratio:,.0f}", "G5_prompts_per_noise"),
-        ],
-        f"reward {json.dumps(args.reward)} over the {args.rl_split!r} split, gallery annotated by the SFT policy",
-    )
+    note = f"reward {json.dumps(args.reward)} over the {args.rl_split!r} split, gallery annotated by the SFT policy"
+    g5 = signal_gate(sigma, d, args.rl_prompts or len(rl), note)
     return g4, g5  # fmt: skip
+
+
+def signal_gate(sigma: float, delta: float, prompts: int, note: str = "") -> dict:
+    """G5: a group's reward spread ``sigma`` against the gain ``delta`` worth finding, and the prompts the run draws
+    against (sigma/delta)^2 (a delta <= 0 is never found)."""
+    ratio = (sigma / delta) ** 2 if delta > 0 else math.inf
+    return gate([check("(σ/δ)², σ = a group's reward sd", ratio, f"({sigma:.4f} / {delta:+.4f})² = {ratio:,.0f}",
+                       "G5_sigma_over_delta_squared", True),
+                 check("prompts the run draws ÷ (σ/δ)²", prompts / ratio, f"{prompts:,} ÷ {ratio:,.0f}",
+                       "G5_prompts_per_noise")], note)  # fmt: skip
 
 
 def g6_counts(train, fam, args, config: dict, base_vectors: np.ndarray | None) -> dict:

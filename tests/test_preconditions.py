@@ -154,3 +154,45 @@ def test_bad_flags_are_one_error_line(load_recipe, small_catalog_dir, tiny_encod
             recipe.cli(["--catalog", str(small_catalog_dir), "--encoder", str(tiny_encoder_dir), *extra])
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.startswith("error: ") and fragment in err, err
+
+
+# ------------------------------------------------------------------ the recipe's gates on hand-made figures
+
+
+def test_headroom_and_signal_gates_on_known_figures(load_recipe):
+    recipe = load_recipe("preconditions")
+    g3 = recipe.g3({"none": 40.0, "sft": 42.0, "true": 47.0})  # +7 / +2 / +5: every line met
+    assert g3["status"] == "pass" and [r[3] for r in g3["rows"]] == [True, True, True]
+    assert recipe.g3({"none": 40.0, "sft": 42.0, "true": 45.0})["status"] == "fail"  # true - SFT +3 < +4
+    # sigma 0.1, delta 0.025: (sigma/delta)^2 = 16, on the line; 800 prompts = 50 x 16, on the line too
+    assert recipe.signal_gate(0.1, 0.025, 800)["status"] == "pass"
+    assert (
+        recipe.signal_gate(0.1, 0.025, 799)["status"] == "fail"
+        and recipe.signal_gate(0.1, 0.02, 10**6)["status"] == "fail"
+    )
+    assert recipe.signal_gate(0.1, 0.0, 10**6)["rows"][0][1].endswith("= inf")  # no gain: never found
+
+
+def test_batch_material_on_a_hand_made_catalog(load_recipe):
+    """Four products in one batch: A, its colour mate B, its duplicate SKU D, and E two keys away. Per query: A meets
+    B (mate) and D (false negative); B meets A and D (both colour mates); D meets B and A; E meets nothing."""
+    from types import SimpleNamespace
+
+    import datasets
+    from conftest import image_files
+
+    truth = {"A": TRUTH["A"], "B": TRUTH["B"], "D": TRUTH["D"], "E": TRUTH["E"]}
+    teacher = {"A": {"color": "red"}, "B": {"color": "red"}, "D": {"color": "red"}, "E": {"color": "green"}}
+    products = [p for p in truth for _ in range(2)]
+    ds = datasets.Dataset.from_dict({"listing_id": [f"L{i}" for i in range(8)], "product_id": products,
+                                     "title": ["t"] * 8, "image": image_files(8),
+                                     "attributes": [teacher[p] for p in products],
+                                     "true_attributes": [truth[p] for p in products]})  # fmt: skip
+    recipe = load_recipe("preconditions")
+    fam = families(products, [truth[p] for p in products])
+    args = SimpleNamespace(teacher_column="attributes", epochs=2)
+    c = recipe.g6_counts(ds, fam, args, {"per_device_train_batch_size": 4, "seed": 0}, None)
+    assert c["queries"] == 8 and c["mates"] == pytest.approx(4 / 4) and c["false_negatives"] == pytest.approx(2 / 4)
+    # the teacher wrote B red (a slip): its signature equals A's and D's, so the filter also masks two mates per epoch
+    assert c["duplicates"] == 4 and c["recall"] == 1.0 and c["precision"] == pytest.approx(4 / 12)
+    assert math.isnan(c["cosine_auc"]) and recipe.g6(c)["status"] == "fail"
