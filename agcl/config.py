@@ -197,6 +197,13 @@ class AGCLScriptArguments:
             "afmrl.encoder.crops). Saved with the encoder, so evaluation and the RAR reward crop the same way."
         },
     )
+    image_max_side: int = field(
+        default=0,
+        metadata={
+            "help": "The encoder's view: every photo downscaled so that its longer side is at most this many pixels "
+            "(0: as given; e.g. 56 for 4 image tokens of a 112 px catalog). Saved with the encoder."
+        },
+    )
     moe_experts: int = field(
         default=0,
         metadata={

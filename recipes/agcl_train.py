@@ -96,6 +96,7 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
             lora_dropout=model_args.lora_dropout,
             freeze_vision=script_args.freeze_vision,
             crop_views=script_args.crop_views,
+            image_max_side=script_args.image_max_side,
             moe_experts=script_args.moe_experts,
             moe_entropy_weight=script_args.moe_entropy_weight,
             **({"lora_target_modules": model_args.lora_target_modules} if model_args.lora_target_modules else {}),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from datasets import concatenate_datasets
 from tqdm.auto import tqdm
 
 from afmrl.attributes import BM25Scorer, attribute_signature, canonical_attributes, format_attributes, parse_attributes
@@ -48,6 +49,8 @@ from afmrl.preconditions import (
     teacher_habits,
     within_family_recall,
 )
+from afmrl.retrieval import ProductGallery
+from afmrl.retrieval.metrics import metrics_from_search
 from afmrl.stats import summarize
 from agcl.data import GroupedBatchSampler, ProductPairDataset
 from rar.annotate import annotate, load_generator, sample_attributes
@@ -104,7 +107,16 @@ class PreconditionsArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per generated line."})
     reward_kwargs: str = field(
         default='{"mode": "recall_at_k", "k": 50}',
-        metadata={"help": "RetrievalRankReward arguments of the RL run, JSON (default: the paper's Recall@50)."},
+        metadata={
+            "help": 'RetrievalRankReward arguments of the RL run, JSON (default: the paper\'s Recall@50); "k": "auto" '
+            "fixes k by the fair test's rule before any RL run (the smallest k whose no-attribute Recall@k of the RL "
+            "prompts reaches --k_target)."
+        },
+    )
+    k_target: float = field(default=0.85, metadata={"help": 'The rule of "k": "auto" (the fair test: 0.85).'})
+    gallery_split: list[str] | None = field(
+        default=None,
+        metadata={"help": "The reward gallery's splits, annotated by the SFT policy (default: the RL split alone)."},
     )
     rl_prompts: int | None = field(
         default=None, metadata={"help": "Prompts the RL run will draw (default: the RL split's listings, once)."}
@@ -205,12 +217,13 @@ def r_at_1(metrics: dict) -> float:
     return 100 * metrics["recall@1"]
 
 
-def generate(args, evaluation, rl) -> dict:
-    """The generator's greedy lines and ``--samples`` sampled lines per listing, on the test and RL splits."""
+def generate(args, evaluation, rl, gallery_rows) -> dict:
+    """The generator's greedy lines and ``--samples`` sampled lines per listing on the test and RL splits, and its
+    greedy lines on the reward gallery's other listings."""
     template = prompt_of(args)
     model, processor = load_generator(args.generator, cache_dir=args.cache_dir)
     out = {}
-    for name, ds in (("eval", evaluation), ("rl", rl)):
+    for name, ds in (("eval", evaluation), ("rl", rl), ("gallery", gallery_rows)):
         texts = annotate(
             ds,
             (model, processor),
@@ -220,16 +233,18 @@ def generate(args, evaluation, rl) -> dict:
             batch_size=args.batch_size,
             show_progress=False,
         )
-        prompts = build_prompt_dataset(ds, prompt_template=template, attribute_keys=args.attribute_keys)
-        draws = sample_attributes(
-            model,
-            processor,
-            prompts,
-            draws=args.samples,
-            temperature=args.temperature,
-            batch_size=args.batch_size,
-            show_progress=False,
-        )
+        draws = []
+        if name != "gallery":
+            prompts = build_prompt_dataset(ds, prompt_template=template, attribute_keys=args.attribute_keys)
+            draws = sample_attributes(
+                model,
+                processor,
+                prompts,
+                draws=args.samples,
+                temperature=args.temperature,
+                batch_size=args.batch_size,
+                show_progress=False,
+            )
         out[name] = {
             "texts": texts,
             "lines": [parse_attributes(t).attributes for t in texts],
@@ -287,14 +302,50 @@ def rewards_of(reward, ids: list[str], lines: list[str]) -> np.ndarray:
     return np.asarray([np.nan if r is None else r for r in reward(completions=lines, listing_id=ids)], dtype=float)
 
 
-def g4_g5(args, rl, generated: dict, edited_rl: list, r1: dict, habits: dict) -> tuple[dict, dict]:
+def choose_k(encoder, queries, gallery, gallery_texts: list, target: float, batch_size: int) -> tuple[int, float]:
+    """The fair test's rule for the reward's k, fixed before RL: the smallest k whose Recall@k (the share of a query's
+    identical listings in its top k, the paper's reward) of the RL prompts without attributes, against the annotated
+    gallery, reaches ``target`` on average."""
+    depth = min(len(gallery) - 1, 1000)
+    vectors = encode_catalog(encoder, gallery, gallery_texts, batch_size=batch_size, show_progress=False)
+    index = ProductGallery.from_embeddings(vectors, gallery["listing_id"], gallery["product_id"], index_type="flat")
+    queries_vectors = encode_catalog(encoder, queries, batch_size=batch_size, show_progress=False)
+    own = index.rows_of(list(queries["listing_id"]))
+    scores, rows = index.search(queries_vectors, depth, exclude=own)
+    recall = metrics_from_search(
+        rows,
+        scores,
+        np.asarray(queries["product_id"]),
+        np.asarray(gallery["product_id"]),
+        ks=range(1, depth + 1),
+        map_k=None,
+        exclude=own,
+        skip_queries_without_positive=True,
+    )
+    k = next((k for k in range(1, depth + 1) if recall[f"recall_fraction@{k}"] >= target), depth)
+    return k, float(recall[f"recall_fraction@{k}"])  # fmt: skip
+
+
+def g4_g5(args, rl, gallery_rows, generated: dict, edited_rl: list, r1: dict, habits: dict) -> tuple[dict, dict]:
     """The edited lines against the SFT lines in the headline protocol (``r1``) and in the reward's, and the reward's
-    spread within a group of the generator's own samples."""
-    sft = generated["rl"]["lines"]
-    policy = dict(zip(rl["listing_id"], sft, strict=True))
-    lookup = rl.add_column(POLICY_COLUMN, [policy[lid] or None for lid in rl["listing_id"]])
-    reward = RetrievalRankReward(encoder=args.encoder, catalog=lookup,
-                                 gallery_options={"attribute_column": POLICY_COLUMN}, **args.reward)  # fmt: skip
+    spread within a group of the generator's own samples. The reward gallery (the RL split, or ``--gallery_split``)
+    carries the SFT policy's lines; its k is fixed by ``choose_k`` when asked for ("auto")."""
+    policy = dict(zip(rl["listing_id"], generated["rl"]["lines"], strict=True))
+    policy.update(zip(gallery_rows["listing_id"], generated["gallery"]["lines"], strict=True))
+    lookup = concatenate_datasets([rl, gallery_rows]) if len(gallery_rows) else rl
+    lookup = lookup.add_column(POLICY_COLUMN, [policy[lid] or None for lid in lookup["listing_id"]])
+    splits = list(dict.fromkeys(args.gallery_split or [args.rl_split]))
+    reward_kwargs, rule = dict(args.reward), ""
+    if reward_kwargs.get("k") == "auto":
+        gallery = lookup.filter(lambda s: s in splits, input_columns="split")
+        texts = [format_attributes(a) or None for a in gallery[POLICY_COLUMN]]
+        reward_kwargs["k"], reached = choose_k(
+            ProductEncoder.from_pretrained(args.encoder), rl, gallery, texts, args.k_target, args.batch_size
+        )
+        rule = f" (k by the rule: no-attribute Recall@{reward_kwargs['k']} = {reached:.2f} ≥ {args.k_target})"
+    options = {"attribute_column": POLICY_COLUMN, **({"split": splits} if splits != [args.rl_split] else {})}
+    reward = RetrievalRankReward(encoder=args.encoder, catalog=lookup, gallery_options=options, **reward_kwargs)
+    sft = generated["rl"]["lines"]  # fmt: skip
     ids = list(rl["listing_id"])
     base = rewards_of(reward, ids, [format_attributes(line) or "none" for line in sft])
     delta = rewards_of(reward, ids, [line or "none" for line in edited_rl]) - base
@@ -308,7 +359,8 @@ def g4_g5(args, rl, generated: dict, edited_rl: list, r1: dict, habits: dict) ->
     g4 = gate([check("R@1 edited − SFT (both sides)", head, f"{r1['edited']:.1f} − {r1['sft']:.1f} = {head:+.1f}",
                      "G4_edited_minus_sft"),
                ["reward δ, edited − SFT (the reward's protocol)", f"{d:+.4f}", "> 0", d > 0]], edits)  # fmt: skip
-    note = f"reward {json.dumps(args.reward)} over the {args.rl_split!r} split, gallery annotated by the SFT policy"
+    note = (f"reward {json.dumps(reward_kwargs)} on the {args.rl_split!r} prompts, gallery {' + '.join(splits)} "
+            f"annotated by the SFT policy{rule}")  # fmt: skip
     g5 = signal_gate(sigma, d, args.rl_prompts or len(rl), note)
     return g4, g5  # fmt: skip
 
@@ -458,7 +510,9 @@ def main(args: PreconditionsArguments) -> dict:
     if not args.generator:
         results.update({name: skipped("no --generator") for name in ("G2", "G3", "G4", "G5")})
     else:
-        generated = generate(args, evaluation, rl)
+        others = [name for name in dict.fromkeys(args.gallery_split or []) if name != args.rl_split]
+        gallery_rows = load_catalog(catalog, split=others, verify_images=False) if others else rl.select([])
+        generated = generate(args, evaluation, rl, gallery_rows)
         results["G2"] = g2(evaluation, truth_eval, generated["eval"]["lines"], fam, embedder) if has_truth else (
             skipped(no_truth))  # fmt: skip
         bar.update()
@@ -467,7 +521,7 @@ def main(args: PreconditionsArguments) -> dict:
             habits = teacher_habits(list(train[args.teacher_column]), truths(train, args.truth_column))
             edited = {name: [format_attributes(edit_line(line, habits, restored_keys(line, g["samples"][i])),
                                                args.attribute_keys) or None for i, line in enumerate(g["lines"])]
-                      for name, g in generated.items()}  # fmt: skip
+                      for name, g in generated.items() if name != "gallery"}  # fmt: skip
             sources.update(true=[format_attributes(t, args.attribute_keys) or None for t in truth_eval],
                            edited=edited["eval"])  # fmt: skip
         both = evaluate_attribute_sources(encoder, evaluation, sources, protocol="both_sides",
@@ -476,7 +530,7 @@ def main(args: PreconditionsArguments) -> dict:
         results["G3"] = g3(r1)
         bar.update()
         if has_truth:
-            results["G4"], results["G5"] = g4_g5(args, rl, generated, edited["rl"], r1, habits)
+            results["G4"], results["G5"] = g4_g5(args, rl, gallery_rows, generated, edited["rl"], r1, habits)
         else:
             results["G4"] = results["G5"] = skipped(no_truth)
     bar.update(2 if args.generator else 4)

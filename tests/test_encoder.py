@@ -154,3 +154,24 @@ def test_deepspeed_auto_bucket_sizes_fill_from_the_encoder(tiny_model_dir, tmp_p
             unset_hf_deepspeed_config()
     enc.save_pretrained(tmp_path / "enc")  # a property, not a saved field: the saved config stays loadable
     assert "hidden_size" not in json.loads((tmp_path / "enc" / "encoder_config.json").read_text())
+
+
+def test_image_max_side_gives_the_encoder_a_coarse_view(tiny_model_dir):
+    """image_max_side downscales every photo before the processor (fewer patches), saved with the encoder, and the
+    cached path (the reward's) sees the same coarse view."""
+    from PIL import Image
+
+    from afmrl.encoder.config import EncoderConfig
+    from afmrl.encoder.model import ProductEncoder
+
+    photo = Image.new("RGB", (112, 112), (200, 30, 35))
+    full = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0))
+    coarse = ProductEncoder.from_backbone(EncoderConfig(backbone=str(tiny_model_dir), lora_r=0, image_max_side=56))
+    grid_full = full.build_inputs([photo], ["a mug"])["image_grid_thw"].prod().item()
+    grid_coarse = coarse.build_inputs([photo], ["a mug"])["image_grid_thw"].prod().item()
+    assert grid_coarse * 4 == grid_full
+    small = photo.resize((56, 56), Image.Resampling.BICUBIC)
+    plain = full.build_inputs([small], ["a mug"])
+    assert torch.equal(coarse.build_inputs([photo], ["a mug"])["pixel_values"], plain["pixel_values"])
+    cached = coarse.build_inputs_cached([photo], ["a mug"], None, ["L1"], coarse.new_image_cache(4))
+    assert torch.equal(cached.inputs["image_grid_thw"], plain["image_grid_thw"])

@@ -212,3 +212,38 @@ def test_a_listing_teacher_knows_brand_and_size_only_from_the_title(tmp_path, ca
     assert kept > 50 and dropped > 50
     with pytest.raises(ValueError, match="teacher_sees"):
         SyntheticCatalogConfig(output_dir=str(tmp_path), teacher_sees="everything")
+
+
+def test_world_options_fine_details_varying_keys_and_larger_families(tmp_path, catalog):
+    """logo_scale and pattern_period redraw the pixels only; varying_keys and max_family_size shape the families."""
+    fine = make_synthetic_catalog(tmp_path / "fine", num_products=120, seed=3, logo_scale=0.08, pattern_period=0.1)
+    assert rows(fine) == rows(catalog)
+    assert tree_digest(fine)["images/L000000.png"] != tree_digest(catalog)["images/L000000.png"]
+    world = rows(make_synthetic_catalog(tmp_path / "w", num_products=120, seed=3, varying_keys=["color"],
+                                        min_family_size=6, max_family_size=8, duplicate_sku_fraction=0.2))  # fmt: skip
+    members = defaultdict(set)
+    for r in world:
+        members[r["family_id"]].add(json.dumps(r["true_attributes"], sort_keys=True))
+    sizes = [len(m) for m in members.values()]
+    assert max(sizes) > 4 and sum(s >= 6 for s in sizes) >= len(sizes) - 1  # the last family takes the remainder
+    for family in members.values():
+        truths = [json.loads(m) for m in family]
+        assert all({k for k in ATTRIBUTE_KEYS if len({t[k] for t in truths}) > 1} <= {"color"} for _ in truths)
+    products = {r["product_id"]: json.dumps(r["true_attributes"], sort_keys=True) for r in world}
+    duplicates = len(products) - len(set(products.values()))
+    assert 10 <= duplicates <= 20  # 20% of the train products re-listed under new ids
+
+
+def test_teacher_confusions_are_habits_that_sft_would_copy(tmp_path):
+    habit = {"teacher_confusions": "pattern:dotted>checked", "teacher_confusion_rate": 1.0}
+    clean = {"teacher_error_rate": 0.0, "teacher_omission_rate": 0.0}
+    data = rows(make_synthetic_catalog(tmp_path / "c", num_products=200, seed=1, **habit, **clean))
+    dotted = [r for r in data if r["true_attributes"]["pattern"] == "dotted"]
+    assert dotted and all(r["attributes"]["pattern"] == "checked" for r in dotted)
+    others = [r for r in data if r["true_attributes"]["pattern"] != "dotted"]
+    assert all(r["attributes"]["pattern"] == r["true_attributes"]["pattern"] for r in others)
+    for bad in ("pattern:dotted>plaid", "shade:red>blue", "pattern:dotted>dotted"):
+        with pytest.raises(ValueError, match="teacher_confusions"):
+            SyntheticCatalogConfig(output_dir=str(tmp_path), teacher_confusions=bad)
+    with pytest.raises(ValueError, match="max_family_size"):
+        SyntheticCatalogConfig(output_dir=str(tmp_path), varying_keys=["size"], max_family_size=5)  # 4 sizes

@@ -29,6 +29,45 @@ def is_embedded_model(name: str) -> bool:
     return name in TINY_MODELS or name in PRETRAINED_MODELS
 
 
+# Named worlds of the synthetic catalog (``embedded:NAME`` or ``embedded:NAME:SEED``): each sets the generator's
+# options to build a world with a given property, measured by recipes/preconditions.py before any method runs.
+WORLDS = {
+    # The paper's preconditions by construction (the fair test): families of 4-5 products that differ in one fine
+    # detail (a small logo, a fine texture) drawn at 112 px, where a 4-token embedder sees 56 px and a 16-token
+    # generator the whole photo; a teacher that reads one listing, writes listing-level keys on every line and
+    # confuses some values by habit (SFT copies habits, a retrieval reward can undo them); 20% duplicate SKUs;
+    # thousands of RL products stage 1 never sees (val), and more than 3,000 test listings. A first draft: the
+    # gates decide whether it holds the paper's conditions (docs/experiments/preconditions_paper.md).
+    "paper": {
+        "num_products": 4200,
+        "image_size": 112,
+        "varying_keys": ["pattern", "logo"],
+        "min_family_size": 4,
+        "max_family_size": 5,
+        "logo_scale": 0.06,
+        "pattern_period": 0.06,
+        "test_fraction": 0.25,
+        "val_fraction": 0.7,
+        "duplicate_sku_fraction": 0.2,
+        "teacher_sees": "listing",
+        "teacher_redundancy_rate": 1.0,
+        "teacher_confusions": "pattern:dotted>checked,pattern:zigzag>striped,logo:circle>none,logo:triangle>star",
+        "teacher_confusion_rate": 0.6,
+        "teacher_error_rate": 0.03,
+        "teacher_omission_rate": 0.05,
+    },
+    # The positive control PC2: the teacher is right but verbose (listing-level keys on every line, nothing else
+    # wrong), so the only headroom RL can reach is dropping those keys.
+    "verbose": {
+        "val_fraction": 0.3,
+        "teacher_sees": "listing",
+        "teacher_redundancy_rate": 1.0,
+        "teacher_error_rate": 0.0,
+        "teacher_omission_rate": 0.0,
+    },
+}
+
+
 def resolve_catalog(
     source: str,
     cache_dir: str | Path,
@@ -38,7 +77,19 @@ def resolve_catalog(
     image_size: int = 64,
     val_fraction: float = 0.0,
 ) -> str:
-    """``embedded`` → the synthetic catalog's directory (built if missing); anything else unchanged."""
+    """``embedded`` → the synthetic catalog's directory (built if missing); ``embedded:NAME`` or
+    ``embedded:NAME:SEED`` → the named world of ``WORLDS`` (seed 0 unless given: the catalog seed can move with a
+    run's seed); anything else unchanged."""
+    if source.startswith(EMBEDDED_CATALOG + ":"):
+        _, name, *rest = source.split(":")
+        if name not in WORLDS or len(rest) > 1 or (rest and not rest[0].isdigit()):
+            raise ValueError(f"unknown embedded world {source!r}: use embedded:NAME or embedded:NAME:SEED with NAME "
+                             f"one of {', '.join(WORLDS)}")  # fmt: skip
+        world_seed = int(rest[0]) if rest else 0
+        out = Path(cache_dir) / f"world-{name}-seed{world_seed}"
+        if not (out / "catalog.jsonl").is_file():
+            make_synthetic_catalog(out, seed=world_seed, **WORLDS[name])
+        return str(out)
     if source != EMBEDDED_CATALOG:
         return source
     name = f"catalog-{num_products}-seed{seed}"

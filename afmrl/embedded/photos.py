@@ -78,11 +78,11 @@ def _shape_mask(category: str, box: tuple[float, float, float, float], canvas: i
     return mask
 
 
-def _pattern_layer(pattern: str, color, box, canvas: int, base) -> Image.Image:
+def _pattern_layer(pattern: str, color, box, canvas: int, base, period: float = 0.2) -> Image.Image:
     layer = Image.new("RGB", (canvas, canvas), base)
     d = ImageDraw.Draw(layer)
     x0, y0, x1, y1 = box
-    step = max(4, int((x1 - x0) / 5))
+    step = max(4, int((x1 - x0) * period)) if period != 0.2 else max(4, int((x1 - x0) / 5))  # 0.2: the bytes of old
     if pattern == "striped":
         for y in range(int(y0), int(y1), step):
             d.rectangle([x0, y, x1, y + step // 2], fill=color)
@@ -123,8 +123,12 @@ def _draw_logo(d: ImageDraw.ImageDraw, logo: str, center, radius: float, color) 
         d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=color)
 
 
-def render_product_image(attrs: dict, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """Render one photo of a product from its true attributes, with per-photo variation."""
+def render_product_image(
+    attrs: dict, rng: np.random.Generator, size: int = 64, *, logo_scale: float = 0.13, pattern_period: float = 0.2
+) -> Image.Image:
+    """Render one photo of a product from its true attributes, with per-photo variation. ``logo_scale`` (the mark's
+    radius) and ``pattern_period`` (the texture's step) are fractions of the product's size: smaller values draw
+    details that a coarse view (few image tokens) blurs and a fine one resolves."""
     canvas = size * _SUPERSAMPLE
     tone = int(rng.integers(185, 246))
     tint = rng.integers(-12, 13, size=3)
@@ -137,7 +141,7 @@ def render_product_image(attrs: dict, rng: np.random.Generator, size: int = 64) 
 
     body = PALETTE[attrs["color"]]
     accent = PALETTE[attrs["secondary_color"]]
-    product = _pattern_layer(attrs["pattern"], accent, box, canvas, body)
+    product = _pattern_layer(attrs["pattern"], accent, box, canvas, body, pattern_period)
     mask = _shape_mask(attrs["category"], box, canvas)
     image = Image.new("RGB", (canvas, canvas), background)
     image.paste(product, (0, 0), mask)
@@ -152,7 +156,7 @@ def render_product_image(attrs: dict, rng: np.random.Generator, size: int = 64) 
         luminance = 0.3 * body[0] + 0.59 * body[1] + 0.11 * body[2]
         ink = (20, 20, 20) if luminance > 140 else (245, 245, 245)
         logo_center = (cx, cy + 0.12 * scale)
-        _draw_logo(draw, attrs["logo"], logo_center, 0.13 * scale, ink)
+        _draw_logo(draw, attrs["logo"], logo_center, logo_scale * scale, ink)
 
     image = image.resize((size, size), Image.Resampling.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32)

@@ -149,7 +149,19 @@ class SyntheticCatalogConfig:
     )
     max_listings: int = field(default=5, metadata={"help": "Most listings per product."})
     min_family_size: int = field(default=2, metadata={"help": "Fewest near-duplicate products per family."})
-    max_family_size: int = field(default=4, metadata={"help": "Most near-duplicate products per family."})
+    max_family_size: int = field(
+        default=4, metadata={"help": "Most near-duplicate products per family (at most the varying key's values)."}
+    )
+    varying_keys: list[str] = field(
+        default_factory=lambda: list(FAMILY_VARYING_KEYS),
+        metadata={"help": f"Keys a family may vary in, one per family (of {', '.join(FAMILY_VARYING_KEYS)})."},
+    )
+    logo_scale: float = field(
+        default=0.13, metadata={"help": "The logo mark's radius as a fraction of the product (smaller: finer)."}
+    )
+    pattern_period: float = field(
+        default=0.2, metadata={"help": "The texture's step as a fraction of the product (smaller: finer)."}
+    )
     test_fraction: float = field(default=0.3, metadata={"help": "Fraction of families put in the test split."})
     val_fraction: float = field(
         default=0.0,
@@ -192,6 +204,17 @@ class SyntheticCatalogConfig:
         default=0.3,
         metadata={"help": "Teacher adds each non-discriminative key (condition, shipping, style) with this rate."},
     )
+    teacher_confusions: str = field(
+        default="",
+        metadata={
+            "help": "Recurring confusions of the teacher, `key:true>written,...` (e.g. `pattern:dotted>checked`): it "
+            "writes the second value for the first with --teacher_confusion_rate, a habit SFT copies and a retrieval "
+            "reward can undo. Empty: none (the catalog byte-identical)."
+        },
+    )
+    teacher_confusion_rate: float = field(
+        default=0.0, metadata={"help": "How often the teacher makes each of its --teacher_confusions."}
+    )
     exclude_products_of_seeds: list[int] = field(
         default_factory=list,
         metadata={
@@ -211,7 +234,15 @@ class SyntheticCatalogConfig:
             "num_products": self.num_products >= 2,
             "image_size": self.image_size >= 16,
             "min_listings": 2 <= self.min_listings <= self.max_listings,
-            "min_family_size": 1 <= self.min_family_size <= self.max_family_size <= 4,
+            "min_family_size": 1 <= self.min_family_size <= self.max_family_size,
+            "max_family_size": all(
+                k in FAMILY_VARYING_KEYS and self.max_family_size <= len(ATTRIBUTE_VALUES[k]) for k in self.varying_keys
+            )
+            and bool(self.varying_keys),
+            "logo_scale": 0.0 < self.logo_scale <= 0.5,
+            "pattern_period": 0.0 < self.pattern_period <= 0.5,
+            "teacher_confusion_rate": 0.0 <= self.teacher_confusion_rate <= 1.0,
+            "teacher_confusions": _confusions_ok(self.teacher_confusions),
             "test_fraction": 0.0 <= self.test_fraction < 1.0,
             "val_fraction": 0.0 <= self.val_fraction < 1.0,
             "duplicate_sku_fraction": 0.0 <= self.duplicate_sku_fraction < 0.5,
@@ -226,10 +257,34 @@ class SyntheticCatalogConfig:
         if bad:
             raise ValueError(
                 f"invalid synthetic catalog argument(s) {bad}: need num_products >= 2, image_size >= 16, "
-                "2 <= min_listings <= max_listings, 1 <= min_family_size <= max_family_size <= 4, "
+                "2 <= min_listings <= max_listings, 1 <= min_family_size <= max_family_size <= the values of every "
+                f"varying key (varying_keys of {', '.join(FAMILY_VARYING_KEYS)}), logo_scale and pattern_period in "
+                "(0, 0.5], teacher_confusions as key:true>written with values of that key, "
                 "rates in [0, 1], teacher_sees listing or product, test_fraction and val_fraction in [0, 1), "
                 "duplicate_sku_fraction in [0, 0.5)"
             )
+
+
+def parse_confusions(text: str) -> dict[str, dict[str, str]]:
+    """`"pattern:dotted>checked,logo:circle>none"` -> {"pattern": {"dotted": "checked"}, "logo": {"circle": "none"}}"""
+    out: dict[str, dict[str, str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, pair = item.partition(":")
+        true, _, written = pair.partition(">")
+        out.setdefault(key.strip(), {})[true.strip()] = written.strip()
+    return out
+
+
+def _confusions_ok(text: str) -> bool:
+    try:
+        confusions = parse_confusions(text)
+    except ValueError:
+        return False
+    return all(
+        key in ATTRIBUTE_VALUES and all(a in ATTRIBUTE_VALUES[key] and b in ATTRIBUTE_VALUES[key] and a != b
+                                        for a, b in pairs.items())
+        for key, pairs in confusions.items()
+    )  # fmt: skip
 
 
 def vocabulary_corpus() -> list[str]:
@@ -263,7 +318,7 @@ def _sample_families(
         size = min(int(rng.integers(cfg.min_family_size, cfg.max_family_size + 1)), remaining)
         for _attempt in range(100):
             base = {key: _choice(rng, values) for key, values in ATTRIBUTE_VALUES.items()}
-            key = _choice(rng, FAMILY_VARYING_KEYS)
+            key = _choice(rng, cfg.varying_keys)
             pool = [v for v in ATTRIBUTE_VALUES[key]]
             picks = rng.permutation(len(pool))[:size]
             members = [{**base, key: pool[i]} for i in picks]
@@ -280,7 +335,7 @@ def _sample_families(
 def _teacher_attributes(
     cfg: SyntheticCatalogConfig, rng: np.random.Generator, true_attrs: dict, title_keys: set[str]
 ) -> dict:
-    out = {}
+    out, confusions = {}, parse_confusions(cfg.teacher_confusions)
     for key in ATTRIBUTE_KEYS:
         omit, wrong = rng.random(), rng.random()  # drawn in every mode: the other columns keep their bytes
         if omit < cfg.teacher_omission_rate:
@@ -289,6 +344,9 @@ def _teacher_attributes(
         if wrong < cfg.teacher_error_rate:
             others = [v for v in ATTRIBUTE_VALUES[key] if v != value]
             value = _choice(rng, others)
+        if cfg.teacher_confusion_rate > 0:  # a habit, not a slip: the same wrong value for the same true one
+            habit = rng.random() < cfg.teacher_confusion_rate
+            value = confusions.get(key, {}).get(true_attrs[key], value) if habit else value
         if cfg.teacher_sees == "listing" and key in INVISIBLE_KEYS and key not in title_keys:
             continue  # not in the photo, not in this title: a teacher reading the listing cannot know it
         out[key] = value
@@ -384,7 +442,9 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
             paths, boxes = [], []
             for v in range(cfg.images_per_listing):
                 rel = f"images/{listing_id}.png" if cfg.images_per_listing == 1 else f"images/{listing_id}_{v}.png"
-                image = render_product_image(attrs, rng, cfg.image_size)
+                image = render_product_image(
+                    attrs, rng, cfg.image_size, logo_scale=cfg.logo_scale, pattern_period=cfg.pattern_period
+                )
                 if clutter_rng is not None:
                     image, box = place_on_clutter(image, clutter_rng)
                     boxes.append(box)

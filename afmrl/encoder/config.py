@@ -63,6 +63,13 @@ class EncoderConfig:
             "help": "Show a listing with a `bbox` as its image(s) plus the crop to the box (MOON; afmrl.encoder.crops)."
         },
     )
+    image_max_side: int = field(
+        default=0,
+        metadata={
+            "help": "Downscale every photo so that its longer side is at most this many pixels before the processor "
+            "(0: as given): the encoder's view, e.g. 56 for 4 image tokens of a 112 px catalog."
+        },
+    )
     moe_experts: int = field(
         default=0, metadata={"help": "Modality-aware experts on the embedding (MOON2.0, afmrl.encoder.moe); 0 = off."}
     )

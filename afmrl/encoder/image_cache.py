@@ -38,8 +38,17 @@ def images_of(image) -> list:
     return [] if image is None else (list(image) if isinstance(image, list | tuple) else [image])
 
 
-def as_rgb(images: Sequence) -> list:
-    return [im.convert("RGB") if isinstance(im, Image.Image) else im for im in images]
+def as_rgb(images: Sequence, max_side: int = 0) -> list:
+    """The images in RGB; with ``max_side``, each larger one downscaled (aspect kept) so that its longer side is at
+    most that many pixels: the coarse view of an encoder with few image tokens."""
+    out = [im.convert("RGB") if isinstance(im, Image.Image) else im for im in images]
+    if max_side:
+        for i, im in enumerate(out):
+            if isinstance(im, Image.Image) and max(im.size) > max_side:
+                scale = max_side / max(im.size)
+                size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+                out[i] = im.resize(size, Image.Resampling.BICUBIC)
+    return out
 
 
 @dataclass(eq=False)
@@ -172,7 +181,7 @@ class ImageCache:
             self._entries.popitem(last=False)
 
     def entries(
-        self, images: Sequence, image_keys: Sequence[Hashable | None], processor, image_kwargs: dict
+        self, images: Sequence, image_keys: Sequence[Hashable | None], processor, image_kwargs: dict, max_side: int = 0
     ) -> list[ListingImages]:
         """One entry per row: the cached one for a known key (``images[i]`` is then not read), else a new one,
         filled by a single image-processor call for every image not seen before and kept under its key (a row
@@ -188,7 +197,7 @@ class ImageCache:
                 listing_images = images_of(image)
                 entry = ListingImages()
                 if listing_images:
-                    todo.append((key, entry, as_rgb(listing_images)))
+                    todo.append((key, entry, as_rgb(listing_images, max_side)))
                 elif key is not None:
                     self._put(key, entry)
             if key is not None:

@@ -31,6 +31,7 @@ class ListingInputs:
         self.processor = processor
         self.config = config
         self.with_modality = with_modality  # add `listing_modality` (the modality experts route on it)
+        self.max_side = getattr(config, "image_max_side", 0) or 0  # the encoder's view of a photo (0: as given)
 
     def text(self, title: str | None, attributes: str | None = None) -> str:
         """The listing's text part: instruction, title, attribute text, cut to ``config.max_length`` tokens."""
@@ -73,7 +74,7 @@ class ListingInputs:
         for i, (image, title) in enumerate(zip(images, titles, strict=True)):
             listing_images = images_of(image)
             texts.append(self._chat(len(listing_images), title, None if attributes is None else attributes[i]))
-            flat_images += as_rgb(listing_images)
+            flat_images += as_rgb(listing_images, self.max_side)
         batch = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
         if self.with_modality:
             batch["listing_modality"] = self._modality([bool(images_of(im)) for im in images], titles, attributes)
@@ -100,7 +101,7 @@ class ListingInputs:
                 f"{None if attributes is None else len(attributes)} attribute texts"
             )
         text_kwargs, image_kwargs, return_mm = self._processor_call_kwargs()
-        rows = image_cache.entries(images, image_keys, self.processor, image_kwargs)
+        rows = image_cache.entries(images, image_keys, self.processor, image_kwargs, self.max_side)
         texts = [
             self._chat(entry.num_images, titles[i], None if attributes is None else attributes[i])
             for i, entry in enumerate(rows)
