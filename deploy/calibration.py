@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["calibrate_threshold", "plot_precision_recall"]
+__all__ = ["calibrate_by_category", "calibrate_threshold", "plot_precision_recall", "threshold_of"]
+
+MIN_CATEGORY_POSITIVES = 50  # a category with fewer labelled same-product pairs falls back to the global threshold
 
 
 def calibrate_threshold(
@@ -62,6 +64,45 @@ def calibrate_threshold(
         "positives": total,
         "curve": {"score": sorted_scores.tolist(), "precision": precision.tolist(), "recall": recall.tolist()},
     }
+
+
+def calibrate_by_category(
+    answers: Sequence[Mapping],
+    product_of: Mapping[str, str],
+    positives: Sequence[int],
+    categories: Sequence[str | None],
+    *,
+    target_precision: float = 0.95,
+    min_positives: int = MIN_CATEGORY_POSITIVES,
+) -> dict:
+    """A threshold per query category (``categories[i]`` of ``answers[i]``) where that category has at least
+    ``min_positives`` labelled same-product pairs and some score reaches the target; every other category falls back
+    to the global threshold, and the result says which and why: ``{category: {"score", "precision", "recall",
+    "positives"} or {"fallback": reason}}``."""
+    out = {}
+    for category in sorted({c for c in categories if c is not None}):
+        rows = [i for i, c in enumerate(categories) if c == category]
+        count = int(sum(positives[i] for i in rows))
+        if count < min_positives:
+            out[category] = {"fallback": f"{count} labelled same-product pairs (fewer than {min_positives})"}
+            continue
+        cal = calibrate_threshold([answers[i] for i in rows], product_of, [positives[i] for i in rows],
+                                  target_precision=target_precision)  # fmt: skip
+        out[category] = (
+            {key: cal[key] for key in ("score", "precision", "recall", "positives")}
+            if cal["score"] is not None
+            else {"fallback": f"no score reaches precision {target_precision}"}
+        )
+    return out
+
+
+def threshold_of(threshold: Mapping | None, category: str | None = None) -> float | None:
+    """The "same product" score for a listing of ``category``: its category's own, else the global one (None when
+    the index was never calibrated or no score reached the target)."""
+    if not threshold:
+        return None
+    own = (threshold.get("per_category") or {}).get(category) or {}
+    return own["score"] if "score" in own else threshold.get("score")
 
 
 def plot_precision_recall(calibration: Mapping, path: str | Path) -> Path:

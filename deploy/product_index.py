@@ -28,12 +28,14 @@ from afmrl.catalog import load_catalog
 from afmrl.encoder.model import ProductEncoder, encode_catalog, load_frozen_encoder
 from afmrl.retrieval.fingerprints import catalog_fingerprint, encoder_fingerprints
 from afmrl.retrieval.gallery import ProductGallery
-from deploy.calibration import calibrate_threshold
+from deploy.calibration import calibrate_by_category, calibrate_threshold, threshold_of
+from deploy.matching import knn_graph, match_groups
 from rar.annotate import annotate
 
 __all__ = ["INDEX_FILE", "ProductIndex", "check_listings"]
 
 INDEX_FILE = "product_index.json"
+META_COLUMNS = ("category", "split")  # kept per indexed listing: per-category thresholds, matching one split
 ATTRIBUTES_FILE = "attributes.jsonl"
 
 
@@ -50,10 +52,14 @@ class ProductIndex:
     """``gallery`` (a ``ProductGallery`` of the annotated listings) + their ``attributes`` + how queries are
     annotated and embedded (``config``: encoder, generator, attribute column, generation prompt, threshold)."""
 
-    def __init__(self, gallery: ProductGallery, attributes: Sequence[str | None], config: dict):
+    def __init__(
+        self, gallery: ProductGallery, attributes: Sequence[str | None], config: dict, meta: dict | None = None
+    ):
         if len(attributes) != gallery.size:
             raise ValueError(f"{len(attributes)} attribute texts for {gallery.size} indexed listings")
         self.gallery, self.attributes, self.config = gallery, list(attributes), dict(config)
+        # per indexed listing: its category and split (None where the catalog had none)
+        self.meta = {key: list((meta or {}).get(key) or [None] * gallery.size) for key in META_COLUMNS}
         self._encoder = None
 
     # ------------------------------------------------------------------ build, save, load
@@ -139,14 +145,16 @@ class ProductIndex:
             catalog_fingerprint=catalog_fingerprint(listings),
             info={"catalog_source": self.config["catalog"], "catalog_split": self.config["split"]},
         )
-        return type(self)(gallery, attributes, self.config)
+        meta = {key: list(listings[key]) if key in listings.column_names else None for key in META_COLUMNS}
+        return type(self)(gallery, attributes, self.config, meta)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         self.gallery.save(directory)
         with (directory / ATTRIBUTES_FILE).open("w", encoding="utf-8") as f:
-            for lid, text in zip(self.gallery.listing_ids, self.attributes, strict=True):
-                f.write(json.dumps({"listing_id": lid, "attributes": text}, ensure_ascii=False) + "\n")
+            for i, (lid, text) in enumerate(zip(self.gallery.listing_ids, self.attributes, strict=True)):
+                row = {"listing_id": lid, "attributes": text, **{key: self.meta[key][i] for key in META_COLUMNS}}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         (directory / INDEX_FILE).write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
         return directory
 
@@ -165,7 +173,8 @@ class ProductIndex:
             raise ValueError(f"the product index {str(directory)!r} is empty")
         gallery.check_encoder(config["encoder"])  # retrained since the index was built -> ValueError (stale)
         rows = [json.loads(line) for line in (directory / ATTRIBUTES_FILE).read_text(encoding="utf-8").splitlines()]
-        return cls(gallery, [r["attributes"] for r in rows], config)
+        meta = {key: [r.get(key) for r in rows] for key in META_COLUMNS}
+        return cls(gallery, [r["attributes"] for r in rows], config, meta)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -229,6 +238,8 @@ class ProductIndex:
         attributes = self.annotate(listings, batch_size=batch_size, show_progress=show_progress)
         vectors = self.embed(listings, attributes, batch_size=batch_size, show_progress=show_progress)
         own = self.gallery.rows_of([str(x) for x in listings["listing_id"]])  # -1 where not indexed
+        category_of = dict(zip(map(str, listings["listing_id"]), listings["category"], strict=True)) if (
+            "category" in listings.column_names) else {}  # fmt: skip
         scores, rows = self.gallery.search(vectors, k, exclude=own)
         answers = []
         for lid, text, row_scores, row_ids in zip(listings["listing_id"], attributes, scores, rows, strict=True):
@@ -241,8 +252,9 @@ class ProductIndex:
                 for s, r in zip(row_scores, row_ids, strict=True)
                 if r >= 0
             ]
-            if same_product_only:
-                results = [r for r in results if r["score"] >= threshold["score"]]
+            if same_product_only:  # the query's category's own threshold where calibration gave one
+                limit = threshold_of(threshold, category_of.get(str(lid)))
+                results = [r for r in results if r["score"] >= limit]
             answers.append({"listing_id": str(lid), "attributes": text, "results": results})
         return answers
 
@@ -271,4 +283,41 @@ class ProductIndex:
             key: calibration[key] for key in ("score", "precision", "recall", "target_precision", "pairs", "positives")
         }
         self.config["threshold"]["k"] = k
+        if "category" in listings.column_names:
+            calibration["per_category"] = calibrate_by_category(answers, product_of, positives.tolist(),
+                                                                list(listings["category"]),
+                                                                target_precision=target_precision)  # fmt: skip
+            self.config["threshold"]["per_category"] = calibration["per_category"]
         return calibration
+
+    def match(
+        self, *, k: int = 10, guard: str = "mutual", split: str | None = None, threshold: float | None = None
+    ) -> dict:
+        """Groups of identical listings among the indexed ones (those of ``split`` when given): each listing's top-k
+        neighbours above the calibrated threshold (its category's own where calibration gave one; ``threshold``
+        overrides both), chained into connected components under ``guard`` (``deploy.matching``). Returns
+        ``{"listing_ids", "labels", "edges": (rows, cols, scores) kept, "thresholds"}`` with rows into
+        ``listing_ids``."""
+        if threshold is None and threshold_of(self.config.get("threshold")) is None:
+            raise ValueError("matching needs a calibrated threshold: run recipes/index_catalog.py with "
+                             "--calibration_split, or give --threshold")  # fmt: skip
+        keep = np.arange(self.gallery.size)
+        if split is not None:
+            keep = np.flatnonzero(np.asarray(self.meta["split"], dtype=object) == split)
+            if not len(keep):
+                raise ValueError(f"no indexed listing is in split {split!r}")
+        rows, cols, scores = knn_graph(self.gallery, k)
+        if split is not None:  # edges between listings of the split only
+            inside = np.zeros(self.gallery.size, dtype=bool)
+            inside[keep] = True
+            mask = inside[rows] & inside[cols]
+            position = np.full(self.gallery.size, -1)
+            position[keep] = np.arange(len(keep))
+            rows, cols, scores = position[rows[mask]], position[cols[mask]], scores[mask]
+        categories = [self.meta["category"][i] for i in keep]
+        limits = np.asarray([threshold if threshold is not None else threshold_of(self.config["threshold"], c)
+                             for c in categories], dtype=np.float64)  # fmt: skip
+        labels, kept = match_groups(rows, cols, scores, len(keep), thresholds=limits, guard=guard)
+        return {"listing_ids": [self.gallery.listing_ids[i] for i in keep], "labels": labels,
+                "product_ids": [self.gallery.product_ids[i] for i in keep], "thresholds": limits,
+                "edges": (rows[kept], cols[kept], scores[kept]), "all_edges": (rows, cols, scores)}  # fmt: skip
