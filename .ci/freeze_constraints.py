@@ -1,4 +1,4 @@
-"""Write constraints.txt: the exact installed version of every package that afmrl[dev,deepspeed,quantization]
+"""Write constraints.txt: the exact installed version of every package that afmrl[dev,deepspeed,quantization,milvus,app]
 pulls in (its dependency closure), i.e. the set the test suite passed with on this machine.
 
     python .ci/freeze_constraints.py          # after the suite passed; commit constraints.txt
@@ -11,7 +11,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = {"dev", "deepspeed", "quantization"}
+EXTRAS = {"dev", "deepspeed", "quantization", "milvus", "app"}
 
 
 def closure(name: str, extras: set[str], seen: dict[str, str]) -> None:

@@ -35,13 +35,14 @@ def knn_graph(gallery, k: int = 10, batch: int = 4096) -> tuple[np.ndarray, np.n
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     n = gallery.size
+    keys = np.asarray(getattr(gallery, "row_keys", np.arange(n)))  # a vector database's keys may have gaps
     out_rows, out_cols, out_scores = [], [], []
     for start in range(0, n, batch):
         rows = np.arange(start, min(start + batch, n))
-        scores, found = gallery.search(gallery.vectors(rows), min(k, max(n - 1, 1)), exclude=rows)
+        scores, found = gallery.search(gallery.vectors(keys[rows]), min(k, max(n - 1, 1)), exclude=keys[rows])
         keep = found >= 0
         out_rows.append(np.repeat(rows, found.shape[1])[keep.ravel()])
-        out_cols.append(found[keep])
+        out_cols.append(np.searchsorted(keys, found[keep]))  # keys -> positions
         out_scores.append(scores[keep])
     return np.concatenate(out_rows), np.concatenate(out_cols), np.concatenate(out_scores).astype(np.float32)
 

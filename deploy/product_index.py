@@ -26,15 +26,17 @@ import numpy as np
 from afmrl.attributes import canonical_attributes, format_attributes
 from afmrl.catalog import load_catalog
 from afmrl.encoder.model import ProductEncoder, encode_catalog, load_frozen_encoder
-from afmrl.retrieval.fingerprints import catalog_fingerprint, encoder_fingerprints
+from afmrl.retrieval.fingerprints import catalog_fingerprint, directory_fingerprint, encoder_fingerprints
 from afmrl.retrieval.gallery import ProductGallery
 from deploy.calibration import calibrate_by_category, calibrate_threshold, threshold_of
 from deploy.matching import knn_graph, match_groups
+from deploy.milvus_store import FIELDS, MilvusGallery
 from rar.annotate import annotate
 
 __all__ = ["INDEX_FILE", "ProductIndex", "check_listings"]
 
 INDEX_FILE = "product_index.json"
+GENERATOR_FILES = ("config.json", "adapter_config.json", "generation_config.json", "attribute_prompt.json")
 META_COLUMNS = ("category", "split")  # kept per indexed listing: per-category thresholds, matching one split
 ATTRIBUTES_FILE = "attributes.jsonl"
 
@@ -150,6 +152,10 @@ class ProductIndex:
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.config.get("backend", {}).get("kind") == "milvus":  # the vectors, ids and texts live in Milvus
+            (directory / INDEX_FILE).write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+            return directory
         self.gallery.save(directory)
         with (directory / ATTRIBUTES_FILE).open("w", encoding="utf-8") as f:
             for i, (lid, text) in enumerate(zip(self.gallery.listing_ids, self.attributes, strict=True)):
@@ -168,13 +174,98 @@ class ProductIndex:
                 "(build one with recipes/index_catalog.py)"
             )
         config = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
-        gallery = ProductGallery.load(directory)
+        backend = config.get("backend", {})
+        if backend.get("kind") == "milvus":
+            gallery = MilvusGallery.open(backend["uri"], backend["collection"])
+            columns = gallery._all()
+            rows = [{f: columns[f][i] for f in FIELDS} for i in range(len(columns["row"]))]
+        else:
+            gallery = ProductGallery.load(directory)
+            path = directory / ATTRIBUTES_FILE
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         if gallery.size == 0:
             raise ValueError(f"the product index {str(directory)!r} is empty")
         gallery.check_encoder(config["encoder"])  # retrained since the index was built -> ValueError (stale)
-        rows = [json.loads(line) for line in (directory / ATTRIBUTES_FILE).read_text(encoding="utf-8").splitlines()]
-        meta = {key: [r.get(key) for r in rows] for key in META_COLUMNS}
-        return cls(gallery, [r["attributes"] for r in rows], config, meta)
+        meta = {key: [r.get(key) or None for r in rows] for key in META_COLUMNS}
+        return cls(gallery, [r["attributes"] or None for r in rows], config, meta)
+
+    # ------------------------------------------------------------------ a vector database's index, updated in place
+    def stamps(self) -> dict[str, str]:
+        """Short fingerprints of the encoder and generator this index embeds and annotates with now."""
+        generator = self.config.get("generator")
+        if generator and Path(generator).is_dir():
+            made_by = directory_fingerprint(generator, GENERATOR_FILES)[:16]
+        else:  # a hub id, a stored attribute column, or nothing
+            made_by = str(generator or self.config.get("attribute_column") or "none")
+        return {"encoder_fp": encoder_fingerprints(self.config["encoder"])["files"][:16], "generator_fp": made_by}
+
+    def to_milvus(
+        self,
+        listings,
+        vectors: np.ndarray,
+        attributes: Sequence[str | None],
+        *,
+        uri: str,
+        collection: str = "catalog",
+        index_type: str = "FLAT",
+    ) -> ProductIndex:
+        """The index over ``vectors`` in a Milvus collection (``deploy.milvus_store``) instead of faiss."""
+        info = {"encoder_fingerprint": encoder_fingerprints(self.config["encoder"]),
+                "catalog_fingerprint": catalog_fingerprint(listings)}  # fmt: skip
+        gallery = MilvusGallery.create(uri, collection, int(vectors.shape[1]), index_type=index_type, info=info)
+        self.config["backend"] = {"kind": "milvus", "uri": uri, "collection": collection, "index_type": index_type}
+        self.gallery = gallery
+        self.add(listings, vectors=vectors, attributes=attributes)
+        return self
+
+    def _require_milvus(self, what: str) -> None:
+        if self.config.get("backend", {}).get("kind") != "milvus":
+            raise ValueError(f"{what} needs a vector database (index_catalog.py --backend milvus); the faiss index "
+                             "is rebuilt: run recipes/index_catalog.py again")  # fmt: skip
+
+    def add(
+        self,
+        listings,
+        *,
+        vectors: np.ndarray | None = None,
+        attributes: Sequence[str | None] | None = None,
+        batch_size: int = 32,
+    ) -> int:
+        """Annotate, embed and insert ``listings`` (a catalog Dataset) into a Milvus index, replacing listings with
+        the same ids: no rebuild. Returns how many were written."""
+        self._require_milvus("adding listings")
+        if attributes is None:
+            attributes = self.annotate(listings, batch_size=batch_size)
+        if vectors is None:
+            vectors = self.embed(listings, attributes, batch_size=batch_size)
+        stamps = self.stamps()
+        column = {key: list(listings[key]) if key in listings.column_names else [None] * len(listings)
+                  for key in META_COLUMNS}  # fmt: skip
+        ids, products = list(listings["listing_id"]), list(listings["product_id"])
+        rows = [{"listing_id": str(ids[i]), "product_id": str(products[i]), "vector": vectors[i],
+                 "attributes": attributes[i], **{key: column[key][i] for key in META_COLUMNS}, **stamps}
+                for i in range(len(ids))]  # fmt: skip
+        self.gallery.add(rows)
+        self._reload_meta()
+        return len(rows)
+
+    def delete(self, listing_ids: Sequence[str]) -> int:
+        """Remove listings from a Milvus index (absent ids are ignored); returns how many were there."""
+        self._require_milvus("deleting listings")
+        removed = self.gallery.delete(listing_ids)
+        self._reload_meta()
+        return removed
+
+    def stale(self) -> list[str]:
+        """The listings a changed encoder or generator made stale: embedded or annotated by other ones than now."""
+        self._require_milvus("finding stale listings")
+        stamps = self.stamps()
+        return self.gallery.stale(stamps["encoder_fp"], stamps["generator_fp"])
+
+    def _reload_meta(self) -> None:
+        everything = self.gallery._all()
+        self.attributes = [a or None for a in everything["attributes"]]
+        self.meta = {key: [v or None for v in everything[key]] for key in META_COLUMNS}
 
     # ------------------------------------------------------------------ queries
     @property
@@ -241,16 +332,15 @@ class ProductIndex:
         category_of = dict(zip(map(str, listings["listing_id"]), listings["category"], strict=True)) if (
             "category" in listings.column_names) else {}  # fmt: skip
         scores, rows = self.gallery.search(vectors, k, exclude=own)
+        found = self.gallery.describe(rows.ravel().tolist())  # the ids of the results only, from the store
+        ids = np.asarray(found["listing_id"], dtype=object).reshape(rows.shape)
+        products = np.asarray(found["product_id"], dtype=object).reshape(rows.shape)
         answers = []
-        for lid, text, row_scores, row_ids in zip(listings["listing_id"], attributes, scores, rows, strict=True):
+        for i, (lid, text) in enumerate(zip(listings["listing_id"], attributes, strict=True)):
             results = [
-                {
-                    "listing_id": self.gallery.listing_ids[r],
-                    "product_id": self.gallery.product_ids[r],
-                    "score": round(float(s), 6),
-                }
-                for s, r in zip(row_scores, row_ids, strict=True)
-                if r >= 0
+                {"listing_id": ids[i, j], "product_id": products[i, j], "score": round(float(scores[i, j]), 6)}
+                for j in range(rows.shape[1])
+                if rows[i, j] >= 0
             ]
             if same_product_only:  # the query's category's own threshold where calibration gave one
                 limit = threshold_of(threshold, category_of.get(str(lid)))
@@ -275,9 +365,7 @@ class ProductIndex:
             **dict(zip(self.gallery.listing_ids, self.gallery.product_ids, strict=True)),
             **dict(zip(query_ids, query_products, strict=True)),
         }
-        positives = self.gallery.positives_count(
-            self.gallery.codes_of(query_products), exclude_rows=self.gallery.rows_of(query_ids)
-        )
+        positives = self.gallery.positives_of(query_products, query_ids)
         calibration = calibrate_threshold(answers, product_of, positives.tolist(), target_precision=target_precision)
         self.config["threshold"] = {
             key: calibration[key] for key in ("score", "precision", "recall", "target_precision", "pairs", "positives")

@@ -32,6 +32,7 @@ from afmrl.cli import run_cli
 from afmrl.embedded import resolve_catalog
 from afmrl.encoder.model import read_encoder_config
 from deploy import ProductIndex, plot_precision_recall
+from deploy.milvus_store import INDEX_TYPES, connect
 from deploy.product_index import check_listings
 from deploy.sharding import encode_shards, merge_shards, remove_shards
 from rar.prompts import PROMPT_FILE
@@ -54,6 +55,19 @@ class IndexArguments:
         metadata={
             "help": "Without --generator: index the catalog's stored attributes of this column (e.g. attributes)."
         },
+    )
+    backend: str = field(
+        default="faiss",
+        metadata={
+            "help": "`faiss`: files in --output_dir; `milvus`: a Milvus collection at --uri (a local .db file runs "
+            "Milvus Lite in-process; a URL reaches a server), updatable in place.",
+            "choices": ["faiss", "milvus"],
+        },
+    )
+    uri: str | None = field(default=None, metadata={"help": "With --backend milvus: a .db file path or a server URL."})
+    collection: str = field(default="catalog", metadata={"help": "With --backend milvus: the collection's name."})
+    milvus_index: str = field(
+        default="FLAT", metadata={"help": "With --backend milvus: FLAT (exact), IVF_FLAT or HNSW (approximate)."}
     )
     split: str | None = field(default=None, metadata={"help": "Index only this split (default: every listing)."})
     prompt_template: str | None = field(
@@ -142,6 +156,13 @@ def main(args: IndexArguments) -> ProductIndex | None:
     if args.shard_size < 1:
         raise ValueError(f"--shard_size must be >= 1, got {args.shard_size}")
     read_encoder_config(args.encoder)  # not an AGCL encoder -> one clear line
+    if args.backend == "milvus":
+        if not args.uri:
+            raise ValueError("--backend milvus needs --uri (a .db file for Milvus Lite, or a server URL)")
+        if args.milvus_index not in INDEX_TYPES:
+            raise ValueError(f"--milvus_index must be one of {', '.join(INDEX_TYPES)}, got {args.milvus_index!r}")
+        if state.is_main_process and "://" in args.uri:  # a server that does not answer fails here, in seconds
+            connect(args.uri).close()
     with state.main_process_first():  # the embedded catalog is built once
         catalog = resolve_catalog(args.catalog, args.cache_dir, val_fraction=args.embedded_val_fraction)
     listings = load_catalog(catalog, split=args.split)
@@ -169,16 +190,14 @@ def main(args: IndexArguments) -> ProductIndex | None:
     if not state.is_main_process:
         return None
     vectors, attributes = merge_shards(listings, index, out, shard_size=args.shard_size)
-    budget = None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30)
-    index = index.from_vectors(
-        listings,
-        vectors,
-        attributes,
-        index_type=args.index_type,
-        target_recall=args.target_recall,
-        memory_budget=budget,
-    )
-    kind = index.gallery.index.index_type
+    if args.backend == "milvus":
+        index = index.to_milvus(listings, vectors, attributes, uri=args.uri, collection=args.collection,
+                                index_type=args.milvus_index)  # fmt: skip
+    else:
+        budget = None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30)
+        index = index.from_vectors(listings, vectors, attributes, index_type=args.index_type,
+                                   target_recall=args.target_recall, memory_budget=budget)  # fmt: skip
+    kind = index.gallery.index_type if args.backend == "milvus" else index.gallery.index.index_type
     print(
         f"[index_catalog] indexed {index.gallery.size} listings ({kind}, {state.num_processes} process"
         f"{'es' if state.num_processes > 1 else ''}) in {time.time() - started:.0f} s",

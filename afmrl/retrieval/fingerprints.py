@@ -38,10 +38,17 @@ def encoder_files_fingerprint(directory: str | Path) -> str:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"encoder directory {str(directory)!r} does not exist")
-    names = [n for n in _ENCODER_META_FILES if (directory / n).is_file()]
-    names += sorted(p.name for p in directory.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
-    if "encoder_config.json" not in names:
+    if not (directory / "encoder_config.json").is_file():
         raise ValueError(f"{str(directory)!r} has no encoder_config.json: it is not a saved ProductEncoder")
+    return directory_fingerprint(directory)
+
+
+def directory_fingerprint(directory: str | Path, meta_files: Sequence[str] = _ENCODER_META_FILES) -> str:
+    """sha256 over a saved model directory's ``meta_files`` and weight files (names and contents): an encoder's, or
+    a generator's (``deploy`` stamps each indexed listing with both, to find the ones a new model made stale)."""
+    directory = Path(directory)
+    names = [n for n in meta_files if (directory / n).is_file()]
+    names += sorted(p.name for p in directory.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
     h = hashlib.sha256()
     for name in names:
         h.update(f"\0{name}\0".encode())

@@ -260,6 +260,15 @@ class ProductGallery:
             counts = counts - ((ex >= 0) & (self.product_codes[np.maximum(ex, 0)] == codes))
         return counts
 
+    def describe(self, rows: Sequence[int], fields: Sequence[str] = ("listing_id", "product_id")) -> dict[str, list]:
+        """The listing and product ids of gallery ``rows`` (-1 gives None): what a search answers with."""
+        columns = {"listing_id": self.listing_ids, "product_id": self.product_ids}
+        return {name: [columns[name][r] if r >= 0 else None for r in rows] for name in fields}
+
+    def positives_of(self, product_ids: Sequence[str], listing_ids: Sequence[str]) -> np.ndarray:
+        """How many gallery listings share each product id, the listing itself (when indexed) not counted."""
+        return self.positives_count(self.codes_of(product_ids), exclude_rows=self.rows_of(listing_ids))
+
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
         """The stored embeddings of gallery ``rows`` (``VectorIndex.vectors``)."""
         return self.index.vectors(rows)
