@@ -348,6 +348,25 @@ class ProductIndex:
             answers.append({"listing_id": str(lid), "attributes": text, "results": results})
         return answers
 
+    def search_indexed(self, listing_ids: Sequence[str], k: int = 10) -> list[dict]:
+        """``search`` for listings already in the index, from their stored vectors and attributes (nothing is
+        annotated or embedded again): what a service asks when it wants the matches of a known listing."""
+        rows = self.gallery.rows_of([str(x) for x in listing_ids])
+        if (rows < 0).any():
+            missing = [str(x) for x, r in zip(listing_ids, rows, strict=True) if r < 0]
+            raise ValueError(f"listing {missing[0]!r} is not indexed ({len(missing)} of {len(rows)} are not)")
+        scores, found = self.gallery.search(self.gallery.vectors(rows), k, exclude=rows)
+        described = self.gallery.describe(found.ravel().tolist())
+        ids = np.asarray(described["listing_id"], dtype=object).reshape(found.shape)
+        products = np.asarray(described["product_id"], dtype=object).reshape(found.shape)
+        position = dict(zip(self.gallery.listing_ids, range(self.gallery.size), strict=True))
+        return [
+            {"listing_id": str(lid), "attributes": self.attributes[position[str(lid)]],
+             "results": [{"listing_id": ids[i, j], "product_id": products[i, j], "score": round(float(scores[i, j]), 6)}
+                         for j in range(found.shape[1]) if found[i, j] >= 0]}
+            for i, lid in enumerate(listing_ids)
+        ]  # fmt: skip
+
     def calibrate(
         self,
         listings,
