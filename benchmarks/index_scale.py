@@ -98,7 +98,8 @@ def run_case(data: Path, kind: str, per_product: int) -> dict:
     """One index type over the vectors in ``data`` (run in a fresh process: its memory is its own)."""
     import faiss
 
-    from afmrl.retrieval.gallery import ProductGallery, exact_top_k
+    from afmrl.retrieval.gallery import ProductGallery
+    from afmrl.retrieval.tuning import exact_top_k
 
     vectors = np.load(data / "vectors.npy", mmap_mode="r")
     queries = np.load(data / "queries.npy")

@@ -42,7 +42,8 @@ from afmrl.catalog.load import load_catalog
 from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
 from afmrl.embedded.tiny_models import tiny_mllm_path
 from afmrl.encoder.model import EncoderConfig, ProductEncoder
-from afmrl.retrieval.gallery import ProductGallery, _overlap, faiss_flat
+from afmrl.retrieval.gallery import ProductGallery
+from afmrl.retrieval.tuning import _overlap, faiss_flat
 from benchmarks._machine import describe_machine
 from rewards.retrieval_rank import RetrievalRankReward, completion_text
 

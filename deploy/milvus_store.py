@@ -103,8 +103,10 @@ class MilvusGallery:
     def add(self, rows: Sequence[dict], batch: int = 2048) -> list[int]:
         """Insert listings (dicts with ``listing_id``, ``product_id``, ``vector`` and optionally the other
         ``FIELDS``); a listing id already present is replaced. Returns their row keys."""
-        self.delete([r["listing_id"] for r in rows])
-        start = self._next_row()
+        fresh = self.size == 0
+        if not fresh:  # replace listings already there
+            self.delete([r["listing_id"] for r in rows])
+        start = 0 if fresh else self._next_row()
         entities = []
         for i, r in enumerate(rows):
             vector = np.asarray(r["vector"], dtype=np.float32)
@@ -134,7 +136,8 @@ class MilvusGallery:
     # ------------------------------------------------------------------ reads
     @property
     def size(self) -> int:
-        return int(self.client.get_collection_stats(self.collection)["row_count"])
+        found = self.client.query(self.collection, filter="", output_fields=["count(*)"])  # deletions counted
+        return int(found[0]["count(*)"])
 
     def __len__(self) -> int:
         return self.size

@@ -8,6 +8,7 @@ a function to stay lazy.
 
 import ast
 import importlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,25 @@ def test_every_public_name_resolves(package):
     module = importlib.import_module(package)
     for name in module.__all__:
         assert getattr(module, name) is not None, f"{package}.{name}"
+
+
+def project_imports(path: Path) -> list[tuple[int, str, str]]:
+    """(line, module, name) of every ``from <project module> import name`` in ``path``, lazy ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.split(".")[0] in {*PACKAGES, *SCRIPTS}:
+                found += [(node.lineno, node.module, alias.name) for alias in node.names if alias.name != "*"]
+    return found
+
+
+@pytest.mark.parametrize("folder", [*PACKAGES, *SCRIPTS, "tests"])
+def test_every_imported_name_exists(folder):
+    """A moved or renamed function breaks no script that imports it lazily (benchmarks and probes run rarely)."""
+    missing = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for line, module, name in project_imports(path):
+            target = importlib.import_module(module)
+            if not hasattr(target, name) and importlib.util.find_spec(f"{module}.{name}") is None:
+                missing.append(f"{path.relative_to(ROOT)}:{line} from {module} import {name}")
+    assert not missing, "\n".join(missing)
