@@ -29,6 +29,10 @@ import numpy as np
 from benchmarks.index_scale import PeakMemory, make_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
+MATCH_HEADER = (
+    "| listings | index | build s | graph s | groups s | peak GiB | edges | graph recall | threshold | groups | "
+    "pairwise F1 | B-cubed F1 | mean F1 |\n" + "|---" * 13 + "|"
+)
 
 
 def threshold_at_precision(scores, same, precision: float = 0.95) -> float:
@@ -92,9 +96,9 @@ def store_case(data: Path, backend: str, index_type: str, per_product: int, work
         from afmrl.retrieval.gallery import ProductGallery
 
         started = time.perf_counter()
-        store = ProductGallery.from_embeddings(vectors, [f"L{i}" for i in range(n)],
-                                               [f"P{i // per_product}" for i in range(n)],
-                                               index_type=index_type.lower(), recall_k=10, target_recall=0.98)  # fmt: skip
+        ids, products = [f"L{i}" for i in range(n)], [f"P{i // per_product}" for i in range(n)]
+        store = ProductGallery.from_embeddings(vectors, ids, products, index_type=index_type.lower(), recall_k=10,
+                                               target_recall=0.98)  # fmt: skip
         insert_s = time.perf_counter() - started
     else:
         from deploy.milvus_store import MilvusGallery
@@ -197,8 +201,8 @@ def main(argv=None):
         if r["case"] == "match"
     )
     store_rows = "\n".join(
-        f"| {r['backend']} | {r['index']} | {r['insert_s']:.1f} | {r['insert_per_s']:,.0f} | {r['queries_per_s']:,.0f} | "
-        f"{r['recall_at_10_of_exact']:.3f} |"
+        f"| {r['backend']} | {r['index']} | {r['insert_s']:.1f} | {r['insert_per_s']:,.0f} | "
+        f"{r['queries_per_s']:,.0f} | {r['recall_at_10_of_exact']:.3f} |"
         for r in results
         if r["case"] == "store"
     )
@@ -218,8 +222,7 @@ groups = threshold, mutual guard and scipy's connected components; peak = anonym
 above the process's start (the vectors and index excluded); graph recall = the graph's recall of the exact
 top-{args.k} on 1000 listings; threshold = lowest edge score with 95% same-product edges above it.
 
-| listings | index | build s | graph s | groups s | peak GiB | edges | graph recall | threshold | groups | pairwise F1 | B-cubed F1 | mean F1 |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+{MATCH_HEADER}
 {match_rows}
 
 ## Milvus Lite beside faiss ({args.store_size:,} vectors, {args.queries} queries in batches of 256, top 10)
