@@ -93,6 +93,7 @@ BENCHMARKS = {
 STANDALONE = {
     "index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
     "index_scale_clustered": ("Deployment index at 100k and 1M vectors, clustered data", "index_scale_clustered.md"),
+    "match_scale": ("Match groups at 100k and 1M; Milvus Lite beside faiss", "match_scale.md"),
     "real_size": ("Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes", "real_size.md"),
 }
 README_BEGIN, README_END = (
