@@ -133,3 +133,17 @@ def test_index_catalog_backend_flags_are_one_error_line(load_recipe, small_catal
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert info.value.code == 2 and len(errors) == 1 and fragment in errors[0], err
         assert time.time() - started < 60
+
+
+def test_index_catalog_writes_a_milvus_index_that_loads(load_recipe, small_catalog_dir, tiny_encoder_dir, tmp_path):
+    recipe = load_recipe("index_catalog")
+    out = tmp_path / "index"
+    recipe.cli(["--catalog", str(small_catalog_dir), "--split", "test", "--encoder", str(tiny_encoder_dir),
+                "--attribute_column", "attributes", "--output_dir", str(out), "--backend", "milvus", "--uri",
+                str(out / "milvus.db"), "--calibration_split", "test", "--target_precision", "0.3"])  # fmt: skip
+    index = ProductIndex.load(out)
+    test = load_catalog(small_catalog_dir, split="test")
+    assert index.config["backend"]["kind"] == "milvus" and sorted(index.gallery.listing_ids) == sorted(
+        test["listing_id"]
+    )
+    assert index.config["threshold"]["score"] is not None and len(index.search(test.select(range(2)), k=3)) == 2
