@@ -1,7 +1,11 @@
-"""Write constraints.txt: the exact installed version of every package that afmrl[dev,deepspeed,quantization,milvus,app]
+"""Write constraints.txt: the exact installed version of every package that
+afmrl[dev,deepspeed,quantization,milvus,app,st]
 pulls in (its dependency closure), i.e. the set the test suite passed with on this machine.
 
     python .ci/freeze_constraints.py          # after the suite passed; commit constraints.txt
+
+Freeze from an environment installed with the current constraints.txt: gradio (the app extra) needs pillow < 13,
+which pip alone does not keep when something else upgrades pillow.
 """
 
 import re
@@ -11,7 +15,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = {"dev", "deepspeed", "quantization", "milvus", "app"}
+EXTRAS = {"dev", "deepspeed", "quantization", "milvus", "app", "st"}
 
 
 def closure(name: str, extras: set[str], seen: dict[str, str]) -> None:

@@ -204,6 +204,13 @@ class AGCLScriptArguments:
             "(0: as given; e.g. 56 for 4 image tokens of a 112 px catalog). Saved with the encoder."
         },
     )
+    save_sentence_transformer: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write OUTPUT_DIR/sentence-transformer: the trained encoder as a plain sentence-transformers "
+            "model (SentenceTransformer(dir) loads it with no package code; afmrl.encoder.st_export)."
+        },
+    )
     moe_experts: int = field(
         default=0,
         metadata={

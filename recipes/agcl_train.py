@@ -22,7 +22,7 @@ from trl import ModelConfig, TrlParser
 from afmrl.catalog.load import load_catalog, use_title_column
 from afmrl.cli import USER_ERRORS, default_config_epilog, fail, parse_recipe_args, with_default_config
 from afmrl.embedded import resolve_catalog, resolve_model
-from afmrl.encoder.model import EncoderConfig, ProductEncoder, read_encoder_config
+from afmrl.encoder.model import EncoderConfig, ProductEncoder, load_frozen_encoder, read_encoder_config
 from afmrl.retrieval.evaluation import evaluate_encoder, format_results
 from afmrl.retrieval.fingerprints import write_training_record
 from agcl.config import AGCLConfig, AGCLScriptArguments
@@ -108,6 +108,10 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
             load_in_4bit=model_args.load_in_4bit,
             trust_remote_code=script_args.trust_remote_code,
         )
+    if script_args.save_sentence_transformer:  # refused before training, not after
+        from afmrl.encoder.st_export import check_exportable
+
+        check_exportable(encoder)
     trainer = AGCLTrainer(model=encoder, args=training_args, train_dataset=train)
     return trainer, encoder, test, (catalog, trained_on)
 
@@ -124,6 +128,10 @@ def main(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_args
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         write_training_record(training_args.output_dir, trained_on, catalog=catalog, split=script_args.train_split)
+        if script_args.save_sentence_transformer:
+            saved = load_frozen_encoder(training_args.output_dir, device="cpu")  # whole, also after ZeRO-3
+            path = saved.save_sentence_transformer(Path(training_args.output_dir) / "sentence-transformer")
+            logger.info("wrote %s (SentenceTransformer(%r) loads it)", path, str(path))
 
     # 4. Evaluate on the held-out split.
     if test is not None and trainer.is_world_process_zero():

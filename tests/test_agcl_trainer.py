@@ -121,6 +121,7 @@ def test_recipe_reports_user_errors_without_traceback(tmp_path, load_recipe, cap
     for argv, fragments in (
         (["--catalog", str(bad), "--output_dir", str(tmp_path / "o")], ("line 1", "'title'")),
         (["--false_negative_filter", "fuzzy"], ("fuzzy", "dynamic")),
+        (["--save_sentence_transformer", "true", "--moe_experts", "2"], ("moe_experts=2", "sentence-transformers")),
     ):
         with pytest.raises(SystemExit) as info:
             recipe.cli(["--config", "recipes/configs/agcl_demo.yaml", *argv])
@@ -163,10 +164,14 @@ def test_recipe_continues_training_from_a_saved_encoder(tiny_model_dir, small_ca
             "none",
             "--model_name_or_path",
             "ignored-because-init_encoder-is-set",
+            "--save_sentence_transformer",
+            "true",
         ]
     )
     trainer = agcl_train.main(*args)
     assert trainer.state.global_step == 2
+    exported = tmp_path / "continued" / "sentence-transformer"
+    assert (exported / "modules.json").is_file() and (exported / "model.safetensors").is_file()
     continued = ProductEncoder.from_pretrained(tmp_path / "continued")
     assert continued.config.lora_r == 4  # the saved encoder's settings, not the command line's model flags
     test = load_catalog(small_catalog_dir, split="test")

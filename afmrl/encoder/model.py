@@ -194,6 +194,13 @@ class ProductEncoder(torch.nn.Module):
             encoder.eval()
         return encoder
 
+    def save_sentence_transformer(self, path: str | Path) -> Path:
+        """Write this encoder as a plain sentence-transformers model (``afmrl.encoder.st_export``):
+        ``SentenceTransformer(path).encode(listing)`` equals ``self.encode`` with no package code."""
+        from afmrl.encoder.st_export import save_sentence_transformer
+
+        return save_sentence_transformer(self, path)
+
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``encoder_config.json`` and the LoRA adapter, or the whole backbone (safetensors)."""
         path = Path(path)
