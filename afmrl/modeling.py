@@ -7,6 +7,8 @@ Qwen2-VL-class model and its processor. This module is the one place that loads 
 - `load_processor(name_or_path)` returns a processor that has an image processor, also on
   machines without torchvision, where the stock Qwen processors cannot be built
   (see `TorchvisionFreeQwen2VLProcessor`).
+- `load_dual(name_or_path)` loads a CLIP or SigLIP dual encoder (image and text towers) and its processor;
+  `is_dual_backbone` tells the two kinds apart from the config alone (`DUAL_MODEL_TYPES`).
 - `language_lora_targets(model, names)` lists the language model's linears for LoRA (never the vision tower's),
   and `outside_zero3()` loads a frozen helper model whole in a DeepSpeed ZeRO-3 run.
 
@@ -40,6 +42,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from afmrl.hub import download_hint, hub_unreachable
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Dual encoders (an image tower and a text tower with get_image_features / get_text_features): afmrl.encoder.dual
+DUAL_MODEL_TYPES = ("clip", "siglip")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -305,6 +309,42 @@ def load_mllm(
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     if load_in_4bit:
         disable_bnb_cpu_inference_repack(model)
+    return model, processor
+
+
+def is_dual_backbone(name_or_path) -> bool:
+    """Whether ``name_or_path`` is a CLIP/SigLIP-style dual encoder (``DUAL_MODEL_TYPES``), from its config alone."""
+    return _model_type(name_or_path) in DUAL_MODEL_TYPES
+
+
+def load_dual(name_or_path, *, dtype=None, trust_remote_code: bool = False):
+    """Load a CLIP or SigLIP dual encoder (``AutoModel``) and its processor by hub id or local directory.
+
+    Refuses, naming what is missing, a checkpoint without one of its towers or a processor without an image
+    processor or tokenizer. Returns ``(model, processor)``; the model is in eval mode."""
+    from transformers import AutoConfig, AutoModel
+
+    _check_path(name_or_path, need_config=True)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if config.model_type not in DUAL_MODEL_TYPES:
+        raise ValueError(f"{name_or_path}: model_type {config.model_type!r} is not a dual encoder "
+                         f"({', '.join(DUAL_MODEL_TYPES)})")  # fmt: skip
+    for tower in ("text_config", "vision_config"):
+        if getattr(config, tower, None) is None:
+            raise ValueError(f"{name_or_path}: the dual encoder's config has no {tower} (both towers are needed)")
+    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    for part in ("image_processor", "tokenizer"):
+        if getattr(processor, part, None) is None:
+            raise ValueError(f"{name_or_path}: the processor has no {part} (a dual encoder reads photos and text)")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model, info = AutoModel.from_pretrained(
+        name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
+    )
+    missing = sorted({key.split(".")[0] for key in info.get("missing_keys", [])} & {"text_model", "vision_model"})
+    if missing:
+        raise ValueError(f"{name_or_path}: the checkpoint has no weights for its {' and '.join(missing)} "
+                         "(a dual encoder needs both towers)")  # fmt: skip
+    model.eval()
     return model, processor
 
 

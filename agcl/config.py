@@ -190,6 +190,13 @@ class AGCLScriptArguments:
         },
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
+    image_weight: float = field(
+        default=0.5,
+        metadata={
+            "help": "A CLIP/SigLIP backbone (a dual encoder, found from its config: afmrl.encoder.dual): the image "
+            "embedding's weight in a listing's fusion w·image + (1-w)·text."
+        },
+    )
     crop_views: bool = field(
         default=False,
         metadata={

@@ -212,10 +212,8 @@ class AGCLTrainer(Trainer):
             raise ValueError(f"{resume_from_checkpoint}: no model.safetensors for this fully fine-tuned encoder")
         # The backbone was saved with save_pretrained (checkpoint key names, tied weights once): read it
         # back the same way, on CPU, and copy every tensor strictly into the live model.
-        from transformers import AutoModelForImageTextToText
-
-        backbone = encoder.backbone
-        saved = AutoModelForImageTextToText.from_pretrained(resume_from_checkpoint, dtype=backbone.dtype)
+        backbone = encoder.backbone  # an image-text-to-text model, or a CLIP/SigLIP dual encoder: its own class
+        saved = type(backbone).from_pretrained(resume_from_checkpoint, dtype=backbone.dtype)
         backbone.load_state_dict(saved.state_dict(), strict=True)
 
     def _save(self, output_dir: str | None = None, state_dict=None):

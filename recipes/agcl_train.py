@@ -2,6 +2,7 @@
 
     python recipes/agcl_train.py                                   # the embedded demo (agcl_demo.yaml)
     python recipes/agcl_train.py --output_dir outputs/mine --num_train_epochs 2   # flags override the demo
+    python recipes/agcl_train.py --model_name_or_path openai/clip-vit-base-patch32   # a dual encoder (CLIP/SigLIP)
     python recipes/agcl_train.py --config recipes/configs/agcl_demo.yaml \
         --catalog data/my_catalog --output_dir outputs/my-encoder \
         --hard_negative_weighting false --false_negative_filter relative
@@ -95,6 +96,7 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             freeze_vision=script_args.freeze_vision,
+            image_weight=script_args.image_weight,
             crop_views=script_args.crop_views,
             image_max_side=script_args.image_max_side,
             moe_experts=script_args.moe_experts,

@@ -133,3 +133,35 @@ def test_what_st_cannot_reproduce_is_refused(tiny_model_dir, load_recipe, tmp_pa
     with pytest.raises(SystemExit) as info:
         load_recipe("export_sentence_transformer").cli(["--encoder", str(tmp_path), "--output_dir", str(tmp_path)])
     assert info.value.code == 2 and "encoder_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_dual_encoder_exports_as_sts_clip_style_model(family, small_catalog_dir, tmp_path):
+    """Photos and texts encode as the package's image-only and text-only vectors; ``fuse_listing`` of them is the
+    package's listing vector, and a catalog ranks the same top-10 both ways."""
+    from sentence_transformers import SentenceTransformer
+
+    from afmrl.embedded.tiny_models import tiny_dual_path
+    from afmrl.encoder.st_export import fuse_listing
+
+    torch.manual_seed(0)
+    backbone = tiny_dual_path(tmp_path / "models", family=family)
+    encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(backbone), lora_r=4), trainable=False)
+    with torch.no_grad():
+        for name, param in encoder.model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+    exported = SentenceTransformer(str(encoder.save_sentence_transformer(tmp_path / "st")), device="cpu")
+    test = load_catalog(small_catalog_dir, split="test")
+    images, titles = list(test["image"]), list(test["title"])
+    texts = [listing_text(encoder, t, "color: red" if i % 2 else None) for i, t in enumerate(titles)]
+    attributes = ["color: red" if i % 2 else None for i in range(len(titles))]
+    assert np.abs(exported.encode(texts, batch_size=5) - encoder.encode([None] * len(texts), texts)).max() <= 1e-5
+    photos = exported.encode(images, batch_size=5)
+    assert np.abs(photos - encoder.encode(images, [None] * len(images))).max() <= 1e-5
+    weight = encoder.config.image_weight
+    fused = np.stack([fuse_listing(photos[i : i + 1], t, weight) for i, t in enumerate(exported.encode(texts))])
+    package = encoder.encode(images, titles, attributes, batch_size=16)
+    assert np.abs(fused - package).max() <= 1e-5
+    top = [np.argsort(-(x @ x.T - 2 * np.eye(len(x))), axis=1, kind="stable")[:, :10] for x in (package, fused)]
+    assert (top[0] == top[1]).mean() > 0.99

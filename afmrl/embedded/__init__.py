@@ -1,10 +1,10 @@
 """The embedded default: names that resolve to the synthetic catalog and the tiny models.
 
 Recipes accept ``--catalog embedded`` and ``--model_name_or_path tiny-qwen2-vl`` (or
-``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``) so that every command runs on a machine without model or
-dataset downloads. The catalog and the random tiny models are built once, deterministically, under
-``cache_dir``. The pretrained tiny models (``PRETRAINED_MODELS``) ship inside the package, made by
-``recipes/pretrain_tiny.py`` (their model cards name the command); the demo starts from them. Any
+``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``; the dual encoders ``tiny-clip`` and ``tiny-siglip``) so that every
+command runs on a machine without model or dataset downloads. The catalog and the random tiny models are built
+once, deterministically, under ``cache_dir``. The pretrained tiny models (``PRETRAINED_MODELS``) ship inside the
+package, made by ``recipes/pretrain_tiny.py`` (their model cards name the command); the demo starts from them. Any
 other value is passed through unchanged (a path or a hub id).
 """
 
@@ -15,7 +15,13 @@ from pathlib import Path
 from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
 
 EMBEDDED_CATALOG = "embedded"
-TINY_MODELS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
+TINY_MODELS = {
+    "tiny-qwen2-vl": "qwen2_vl",
+    "tiny-qwen2.5-vl": "qwen2_5_vl",
+    "tiny-qwen3-vl": "qwen3_vl",
+    "tiny-clip": "clip",  # dual encoders (afmrl.encoder.dual)
+    "tiny-siglip": "siglip",
+}
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # name -> what it is; the weights live in PRETRAINED_DIR / name
 PRETRAINED_MODELS = {

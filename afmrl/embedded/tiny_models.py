@@ -1,4 +1,4 @@
-"""The tiny embedded default: random-init Qwen2-VL, Qwen2.5-VL or Qwen3-VL models built in code.
+"""The tiny embedded default: random-init Qwen2-VL, Qwen2.5-VL, Qwen3-VL, CLIP and SigLIP models built in code.
 
 Tests, the demo and the pretraining recipe need Qwen-VL models that exist without a download. This
 module builds them from a config of a few hundred thousand parameters (the real architecture, tiny
@@ -11,7 +11,9 @@ loads it with the very same ``afmrl.modeling.load_mllm`` it uses for real checkp
     model, processor = load_mllm(tiny_mllm_path("outputs/embedded/tiny-models", family="qwen2_5_vl"))
 
 Same arguments, same weights (``seed``). The shipped pretrained tiny models (docs/embedded.md) start
-from these architectures.
+from these architectures. ``build_tiny_dual`` makes the dual encoders (``tiny-clip``, ``tiny-siglip``: an image
+tower and a text tower, 64 px photos in 16 patches, the same tokenizer closing each text on ``<|im_end|>``) that
+``afmrl.encoder.dual`` trains like any CLIP or SigLIP checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForImageTextToText,
     GenerationConfig,
     PreTrainedTokenizerFast,
@@ -222,21 +225,93 @@ def build_tiny_mllm(
     return model, processor
 
 
+DUAL_FAMILIES = ("clip", "siglip")
+
+
+def build_tiny_dual(
+    family: str = "clip",
+    *,
+    corpus=None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int = 2048,
+    image_size: int = 64,
+    patch_size: int = 16,
+    max_text_tokens: int = 64,
+    seed: int = 0,
+):
+    """A random-init CLIP or SigLIP dual encoder and its processor; same arguments, same weights.
+
+    The text tower reads the tiny Qwen tokenizer's ids; each text ends on ``<|im_end|>`` (a post-processor adds
+    it), the token CLIP pools (its ``eos_token_id``); SigLIP pools the last position, as the real one does with
+    ``padding="max_length"``."""
+    from tokenizers import processors
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPProcessor,
+        SiglipConfig,
+        SiglipImageProcessorPil,
+        SiglipProcessor,
+    )
+
+    if family not in DUAL_FAMILIES:
+        raise ValueError(f"Unknown tiny dual-encoder family {family!r}; choose one of {DUAL_FAMILIES}")
+    if corpus is None:
+        from afmrl.embedded.synthetic_catalog import vocabulary_corpus
+
+        corpus = vocabulary_corpus()
+    tokenizer = train_tokenizer(corpus, vocab_size)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|im_end|>", special_tokens=[("<|im_end|>", end)]
+    )
+    tokenizer.padding_side = "right"
+    tokenizer.chat_template = None
+    tokenizer.model_max_length = max_text_tokens
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=max_text_tokens,
+                bos_token_id=end, eos_token_id=end, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size)  # fmt: skip
+    side = {"height": image_size, "width": image_size}
+    if family == "clip":
+        config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden_size)
+        image_processor = CLIPImageProcessorPil(size=side, crop_size=side)
+        processor_cls = CLIPProcessor
+    else:
+        config = SiglipConfig(text_config=text, vision_config=vision)
+        image_processor = SiglipImageProcessorPil(size=side)
+        processor_cls = SiglipProcessor
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config, dtype=torch.float32)
+    model.eval()
+    return model, processor_cls(image_processor=image_processor, tokenizer=tokenizer)
+
+
 _MARKER = "tiny_mllm_complete.json"
+
+
+def tiny_dual_path(cache_dir, family: str = "clip", **kwargs) -> Path:
+    """``tiny_mllm_path`` for ``build_tiny_dual``: built once into ``cache_dir/<family>-<hash of kwargs>``."""
+    return tiny_mllm_path(cache_dir, family, **kwargs)
 
 
 def tiny_mllm_path(cache_dir, family: str = "qwen2_vl", **kwargs) -> Path:
     """Build the tiny model once into `cache_dir/<family>-<hash of kwargs>`; return that directory.
 
-    `kwargs` go to `build_tiny_mllm`. The model is written to a private directory, completed with a
-    marker file and renamed into place, so concurrent processes (accelerate, xdist) never read a
-    half-written model; a directory without the marker is rebuilt. Load it with `load_mllm(path)`.
+    `kwargs` go to `build_tiny_mllm` (`build_tiny_dual` for a family of `DUAL_FAMILIES`). The model is
+    written to a private directory, completed with a marker file and renamed into place, so concurrent processes
+    (accelerate, xdist) never read a half-written model; a directory without the marker is rebuilt. Load it with
+    `load_mllm(path)` (`load_dual(path)` for a dual encoder).
     """
     key = json.dumps({"family": family, **kwargs}, sort_keys=True, default=str)
     path = Path(cache_dir) / f"{family}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / _MARKER).is_file():
         return path
-    model, processor = build_tiny_mllm(family, **kwargs)
+    build = build_tiny_dual if family in DUAL_FAMILIES else build_tiny_mllm
+    model, processor = build(family, **kwargs)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)  # safetensors

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_INSTRUCTION",
     "ENCODER_CONFIG_NAME",
     "ENCODER_FORMAT",
+    "ENCODER_TYPES",
     "MOE_FILE",
     "EncoderConfig",
     "EncoderLoadError",
@@ -28,6 +29,7 @@ __all__ = [
 ENCODER_CONFIG_NAME = "encoder_config.json"
 MOE_FILE = "moe.safetensors"
 ENCODER_FORMAT = "afmrl-product-encoder"
+ENCODER_TYPES = ("auto", "mllm", "dual")
 DEFAULT_INSTRUCTION = "Represent the given product for identical product retrieval."
 
 
@@ -40,6 +42,20 @@ class EncoderConfig:
     """How inputs are built and how the backbone is adapted. Saved as ``encoder_config.json``."""
 
     backbone: str = field(metadata={"help": "Backbone MLLM: hub name or local path (AutoModelForImageTextToText)."})
+    encoder_type: str = field(
+        default="auto",
+        metadata={
+            "help": "'mllm' (one multimodal LLM reads the whole listing), 'dual' (a CLIP/SigLIP image tower and text "
+            "tower, fused: afmrl.encoder.dual) or 'auto' (from the backbone's config; saved resolved)."
+        },
+    )
+    image_weight: float = field(
+        default=0.5,
+        metadata={
+            "help": "Dual encoders: the image embedding's weight in a listing's fusion, w·image + (1-w)·text "
+            "(each L2-normalised first)."
+        },
+    )
     instruction: str = field(
         default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction placed before the listing's text."}
     )

@@ -35,6 +35,7 @@ from afmrl.encoder.config import (
     DEFAULT_INSTRUCTION,
     ENCODER_CONFIG_NAME,
     ENCODER_FORMAT,
+    ENCODER_TYPES,
     MOE_FILE,
     EncoderConfig,
     EncoderLoadError,
@@ -46,6 +47,7 @@ from afmrl.encoder.inputs import ListingInputs
 from afmrl.encoder.pooling import last_token_states
 from afmrl.modeling import (
     backbone_signature,
+    is_dual_backbone,
     language_lora_targets,
     load_mllm,
     outside_zero3,
@@ -109,11 +111,17 @@ class ProductEncoder(torch.nn.Module):
 
         if isinstance(config, str):
             config = EncoderConfig(backbone=config)
-        model, processor = load_mllm(
-            config.backbone if backbone_path is None else backbone_path,
-            dtype=dtype,
-            load_in_4bit=load_in_4bit,
-            trust_remote_code=trust_remote_code,
+        source = config.backbone if backbone_path is None else backbone_path
+        if config.encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {config.encoder_type!r}")
+        if config.encoder_type == "auto":
+            config.encoder_type = "dual" if is_dual_backbone(source) else "mllm"
+        if config.encoder_type == "dual" and cls is ProductEncoder:  # CLIP/SigLIP: afmrl.encoder.dual
+            from afmrl.encoder.dual import DualEncoder
+
+            cls = DualEncoder
+        model, processor = cls.load_backbone(
+            source, dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code
         )
         model.requires_grad_(False)
         if config.backbone_signature is None:
@@ -131,22 +139,36 @@ class ProductEncoder(torch.nn.Module):
                 r=config.lora_r,
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
-                target_modules=language_lora_targets(model, config.lora_target_modules),
+                target_modules=cls.lora_targets(model, config.lora_target_modules),
                 bias="none",
             )
             model = get_peft_model(model, lora)
         elif trainable:
             for name, param in model.named_parameters():
-                if "visual" not in name:
+                if not cls.is_vision_parameter(name):
                     param.requires_grad_(True)
         if not config.freeze_vision and trainable:
             for name, param in model.named_parameters():
-                if "visual" in name:
+                if cls.is_vision_parameter(name):
                     param.requires_grad_(True)
         encoder = cls(model, processor, config)
         if encoder.moe is not None:
             encoder.moe.requires_grad_(trainable)
         return encoder
+
+    @staticmethod
+    def load_backbone(source, *, dtype=None, load_in_4bit=False, trust_remote_code=False):
+        """``(model, processor)`` of the backbone (``afmrl.modeling.load_mllm``)."""
+        return load_mllm(source, dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+
+    @staticmethod
+    def lora_targets(model, names) -> list[str]:
+        """The linears that get LoRA: the language model's (``afmrl.modeling.language_lora_targets``)."""
+        return language_lora_targets(model, names)
+
+    @staticmethod
+    def is_vision_parameter(name: str) -> bool:
+        return "visual" in name
 
     @classmethod
     def from_pretrained(
@@ -301,6 +323,11 @@ class ProductEncoder(torch.nn.Module):
         device = next(self.parameters()).device if device is None else device
         return vision_model_inputs(self.backbone, batch, device)
 
+    def encode_cached_batch(self, images, titles, attributes, image_keys, image_cache, device) -> torch.Tensor:
+        """One batch of ``encode(..., image_cache=...)``: its embeddings, with each key's image work reused."""
+        cached = self.build_inputs_cached(images, titles, attributes, image_keys, image_cache)
+        return self(**self.cached_model_inputs(cached, device))
+
     # ------------------------------------------------------------------ embedding
 
     def forward(self, **inputs) -> torch.Tensor:
@@ -353,14 +380,16 @@ class ProductEncoder(torch.nn.Module):
         for start in bar:
             end = start + batch_size
             if image_cache is not None:
-                cached = self.build_inputs_cached(
-                    images[start:end],
-                    titles[start:end],
-                    None if attributes is None else attributes[start:end],
-                    image_keys[start:end],
-                    image_cache,
+                chunks.append(
+                    self.encode_cached_batch(
+                        images[start:end],
+                        titles[start:end],
+                        None if attributes is None else attributes[start:end],
+                        image_keys[start:end],
+                        image_cache,
+                        device,
+                    ).cpu()
                 )
-                chunks.append(self(**self.cached_model_inputs(cached, device)).cpu())
                 continue
             batch = self.build_inputs(
                 images[start:end], titles[start:end], None if attributes is None else attributes[start:end]

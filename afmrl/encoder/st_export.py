@@ -18,6 +18,10 @@ are a list under ``"image"``. What ST cannot express is refused when exporting: 
 downscaling (``image_max_side``) and modality experts (``moe_experts``). Two differences remain and are documented
 in docs/stage1.md: the package truncates the text part to ``max_length`` tokens before templating (ST truncates
 whole sequences only; pass long titles shortened), and in bfloat16 the package pools in float32 (about 3e-4 apart).
+
+A dual encoder (CLIP, SigLIP; ``afmrl.encoder.dual``) exports as ST's CLIP-style model: ``encode(photo)`` and
+``encode(text)`` equal the package's image-only and text-only vectors, and a listing with both is
+``fuse_listing(encode(photos), encode(text), w)`` (ST encodes a photo or a text, never both as one input).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import copy
 import json
 from pathlib import Path
 
-__all__ = ["EMBEDDING_CHAT_TEMPLATE", "PROMPT_NAME", "save_sentence_transformer"]
+__all__ = ["EMBEDDING_CHAT_TEMPLATE", "PROMPT_NAME", "fuse_listing", "save_sentence_transformer"]
 
 PROMPT_NAME = "listing"
 
@@ -68,6 +72,11 @@ def _write_json(path: Path, data) -> None:
 def check_exportable(encoder) -> None:
     """Refuse, naming what is missing, an encoder that sentence-transformers could not reproduce."""
     config = encoder.config
+    if config.encoder_type == "dual":
+        if config.image_max_side:
+            raise ValueError(f"encoder {config.backbone!r}: image_max_side={config.image_max_side} downsizes photos "
+                             "before the processor, which sentence-transformers does not do")  # fmt: skip
+        return
     if config.moe_experts:
         raise ValueError(f"encoder {config.backbone!r}: modality experts (moe_experts={config.moe_experts}) have no "
                          "sentence-transformers module; export an encoder trained without them")  # fmt: skip
@@ -81,15 +90,71 @@ def check_exportable(encoder) -> None:
                          "template is for Qwen2-VL-style backbones (Qwen2-VL, Qwen2.5-VL)")  # fmt: skip
 
 
+def _save_backbone(encoder, out: Path) -> None:
+    model = encoder.model
+    if hasattr(model, "peft_config"):  # LoRA merged into a copy: the encoder itself keeps its adapter
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(str(out), safe_serialization=True)
+
+
+def _save_dual(encoder, out: Path) -> Path:
+    """A dual encoder as ST's CLIP-style model: texts through the text tower, photos through the image tower, each
+    normalised. The listing's fusion, ``normalize(w · normalize(mean of photos) + (1 − w) · text)``, is the one step
+    ST does not take (its CLIP models encode an image or a text, not both as one input): ``fuse_listing``'s three
+    lines, or the docs' snippet, do it."""
+    _save_backbone(encoder, out)
+    encoder.processor.save_pretrained(str(out))
+    modality = {
+        "text": {"method": "get_text_features", "method_output_name": "pooler_output"},
+        "image": {"method": "get_image_features", "method_output_name": "pooler_output"},
+    }
+    text_kwargs = {"truncation": True, "max_length": encoder.inputs.max_tokens}
+    if encoder.inputs.padding == "max_length":  # SigLIP: fixed-length texts, as trained (batch-independent)
+        text_kwargs["padding"] = "max_length"
+    _write_json(out / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Normalize",
+         "type": "sentence_transformers.base.modules.normalize.Normalize"},
+    ])  # fmt: skip
+    _write_json(out / "sentence_bert_config.json", {
+        "transformer_task": "feature-extraction",
+        "modality_config": modality,
+        "module_output_name": "sentence_embedding",
+        "processing_kwargs": {"text": text_kwargs},
+    })  # fmt: skip
+    _write_json(out / "1_Normalize" / "config.json",
+                {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})  # fmt: skip
+    _write_json(out / "config_sentence_transformers.json", {
+        "model_type": "SentenceTransformer",
+        "similarity_fn_name": "cosine",
+        "afmrl_listing_fusion": {"image_weight": encoder.config.image_weight,
+                                 "attribute_prefix": encoder.config.attribute_prefix},
+    })  # fmt: skip
+    return out
+
+
+def fuse_listing(image_vectors, text_vector, image_weight: float = 0.5):
+    """A dual encoder's listing vector from its exported model's outputs (numpy): ``image_vectors`` (n_photos, d;
+    may be empty) and ``text_vector`` (d,) or None, as ``ProductEncoder.encode`` fuses them."""
+    import numpy as np
+
+    def unit(x):
+        return x / max(float(np.linalg.norm(x)), 1e-12)
+
+    if len(image_vectors) == 0:
+        return unit(np.asarray(text_vector))
+    photos = unit(np.asarray(image_vectors).sum(axis=0))
+    return photos if text_vector is None else unit(image_weight * photos + (1 - image_weight) * np.asarray(text_vector))
+
+
 def save_sentence_transformer(encoder, directory: str | Path) -> Path:
     """Write ``encoder`` (a ``ProductEncoder``) to ``directory`` as a sentence-transformers model."""
     check_exportable(encoder)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    model = encoder.model
-    if hasattr(model, "peft_config"):  # LoRA merged into a copy: the encoder itself keeps its adapter
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(str(out), safe_serialization=True)
+    if encoder.config.encoder_type == "dual":
+        return _save_dual(encoder, out)
+    _save_backbone(encoder, out)
     processor = copy.deepcopy(encoder.processor)
     processor.chat_template = processor.tokenizer.chat_template = EMBEDDING_CHAT_TEMPLATE
     processor.tokenizer.padding_side = "right"
