@@ -186,7 +186,8 @@ class AGCLScriptArguments:
         metadata={
             "help": "Continue training a saved encoder directory (e.g. an InfoNCE warm start, or CIT's "
             "retraining); its backbone, LoRA, prompt, crop and expert settings are kept: the model flags are "
-            "ignored, and a --crop_views / --moe_experts that differs from the saved one is refused."
+            "ignored, and a --crop_views / --moe_experts / --guided_moe_layers that differs from the saved one is "
+            "refused."
         },
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
@@ -229,6 +230,13 @@ class AGCLScriptArguments:
         default=0.01,
         metadata={"help": "Weight of the routing entropy regulariser (afmrl.encoder.moe.routing_entropy_loss)."},
     )
+    guided_moe_layers: int = field(
+        default=0,
+        metadata={
+            "help": "MOON's guided experts in the last N language-model layers: image, category and attribute tokens "
+            "each get a dedicated feed-forward expert (afmrl.encoder.guided_moe); 0 = off. Saved with the encoder."
+        },
+    )
     title_column: str = field(
         default="title",
         metadata={
@@ -244,5 +252,7 @@ class AGCLScriptArguments:
     def __post_init__(self):
         if self.moe_experts < 0:
             raise ValueError(f"--moe_experts must be >= 0 (0 = off), got {self.moe_experts}")
+        if self.guided_moe_layers < 0:
+            raise ValueError(f"--guided_moe_layers must be >= 0 (0 = off), got {self.guided_moe_layers}")
         if self.moe_entropy_weight < 0:
             raise ValueError(f"--moe_entropy_weight must be >= 0, got {self.moe_entropy_weight}")

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from afmrl.attributes import BM25Scorer, format_attributes
-from afmrl.encoder.model import MOE_FILE, ProductEncoder
+from afmrl.encoder.model import ProductEncoder
 from afmrl.encoder.moe import routing_entropy_loss
 from agcl.config import AGCLConfig
 from agcl.data import AGCLCollator, GroupedBatchSampler, ProductPairDataset
@@ -186,13 +186,7 @@ class AGCLTrainer(Trainer):
         """
         encoder = model if model is not None else self.model
         self._load_backbone_from_checkpoint(encoder, resume_from_checkpoint)
-        if encoder.moe is not None:
-            from safetensors.torch import load_file
-
-            moe_file = os.path.join(resume_from_checkpoint, MOE_FILE)
-            if not os.path.isfile(moe_file):
-                raise ValueError(f"{resume_from_checkpoint}: no {MOE_FILE} for this encoder's modality experts")
-            encoder.moe.load_state_dict(load_file(moe_file), strict=True)
+        encoder.load_heads(resume_from_checkpoint, error=ValueError)
 
     @staticmethod
     def _load_backbone_from_checkpoint(encoder, resume_from_checkpoint):

@@ -3,6 +3,8 @@
     python -m benchmarks.moon_ablation                                  # seeds 0 1 2
     python -m benchmarks.moon_ablation --reuse outputs/run-all/ladder   # "off" = the ladder's AGCL encoders
     python -m benchmarks.moon_ablation --seeds 0 --quick                # smoke test, nothing written
+    python -m benchmarks.moon_ablation --only off "modality MoE (4 experts)" "guided MoE (1 layer)" \
+        --output docs/results/moon_guided_moe.md                        # some rows only
 
 Every run is ``recipes/agcl_train.py --config recipes/configs/agcl_demo.yaml`` on the catalog of
 ``rar_demo.yaml`` with ``--seed`` s; "off" is that run as it is (the ladder's AGCL rung, reused
@@ -16,6 +18,9 @@ when ``--reuse`` points at a finished ladder), "on" adds one option:
 * **product-region crops** (MOON): the catalog rebuilt with ``clutter`` (every photo shrunk onto a busy
   scene of coloured shapes, its box in ``bbox``; titles and attributes unchanged), trained and tested
   without crops ("off" for this pair) and with ``--crop_views`` (image + crop to the box).
+* **guided MoE** (MOON): ``--guided_moe_layers 1``, dedicated feed-forward experts for image, category and
+  attribute tokens in the decoder layer before the last (``afmrl.encoder.guided_moe``); with attribute lines on
+  half the queries and candidates (``agcl_demo.yaml``) the category and attribute experts see those tokens.
 * **modality MoE** (MOON2.0): ``--moe_experts 4``, residual experts on the embedding routed by content
   and modality composition (``afmrl.encoder.moe``). Every training and test input of this catalog
   is image + text, so here the router can only split by content; the image-only and text-only
@@ -42,7 +47,12 @@ from benchmarks.ladder import Task, schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 VISIBLE_KEYS = ("category", "color", "secondary_color", "pattern", "logo")
-OPTIONS = {"title enrichment": ["--title_column", "enriched_title"], "modality MoE (4 experts)": ["--moe_experts", "4"]}
+OPTIONS = {
+    "title enrichment": ["--title_column", "enriched_title"],
+    "modality MoE (4 experts)": ["--moe_experts", "4"],
+    # the demo backbone has 2 decoder layers: experts in the one before the last (afmrl.encoder.guided_moe)
+    "guided MoE (1 layer)": ["--guided_moe_layers", "1"],
+}
 # Crops need products on busy scenes: both of their rows train and test on the cluttered catalog.
 CLUTTER_OPTIONS = {
     "cluttered photos, no crops": [],
@@ -99,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--reuse", default=None, help="A finished ladder work dir: its seed<s>/agcl is the 'off' run.")
     parser.add_argument("--output", default=str(ROOT / "docs" / "results" / "moon_ablation.md"))
     parser.add_argument("--quick", action="store_true", help="One epoch per run; nothing written to docs/.")
+    parser.add_argument("--only", nargs="+", default=None, help="Run and report these rows only (with their base).")
     args = parser.parse_args(argv)
     from afmrl.embedded import resolve_catalog
 
@@ -106,17 +117,26 @@ def main(argv=None):
     machine = describe_machine()
     work = Path(tempfile.mkdtemp(prefix="moon-quick-")) if args.quick else Path(args.work_dir)
     catalog = str(resolve_catalog("embedded", "outputs/embedded", val_fraction=0.3))
+    rows = {"off": [], **OPTIONS, **CLUTTER_OPTIONS}
+    if args.only:
+        unknown = sorted(set(args.only) - set(rows))
+        if unknown:
+            parser.error(f"--only: unknown row(s) {unknown}; rows: {list(rows)}")
+        wanted = set(args.only) | {"off" for n in args.only if n in OPTIONS}
+        wanted |= {"cluttered photos, no crops" for n in args.only if n in CLUTTER_OPTIONS}
+        rows = {name: flags for name, flags in rows.items() if name in wanted}
     catalogs = {name: catalog for name in ("off", *OPTIONS)}
-    catalogs["title enrichment"] = str(enriched_catalog(catalog, work / "catalog-enriched-titles"))
+    if "title enrichment" in rows:
+        catalogs["title enrichment"] = str(enriched_catalog(catalog, work / "catalog-enriched-titles"))
     cluttered = work / "catalog-clutter"
-    if not (cluttered / "catalog.jsonl").is_file():
+    if set(CLUTTER_OPTIONS) & set(rows) and not (cluttered / "catalog.jsonl").is_file():
         from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
 
         make_synthetic_catalog(cluttered, num_products=600, seed=0, val_fraction=0.3, clutter=True)
     catalogs.update({name: str(cluttered) for name in CLUTTER_OPTIONS})
     runs, tasks = {}, []
     for seed in args.seeds:
-        for name, flags in {"off": [], **OPTIONS, **CLUTTER_OPTIONS}.items():
+        for name, flags in rows.items():
             out = work / f"seed{seed}" / slug(name)
             reused = Path(args.reuse) / f"seed{seed}" / "agcl" if args.reuse and name == "off" else None
             if reused is not None and (reused / "encoder_config.json").is_file():
@@ -157,6 +177,7 @@ def main(argv=None):
         "# MOON-family options of stage 1, on and off",
         "",
         f"Generated by `python -m benchmarks.moon_ablation --seeds {' '.join(map(str, args.seeds))}"
+        f"{' --only ' + ' '.join(repr(n) for n in args.only) if args.only else ''}"
         f"{' --reuse ' + os.path.relpath(Path(args.reuse).resolve(), ROOT) if args.reuse else ''}` in "
         f"{(time.time() - started) / 60:.1f} min on: {machine}.",
         "Protocol: the module docstring of `benchmarks/moon_ablation.py`. Instance retrieval on the test split, "
@@ -169,10 +190,10 @@ def main(argv=None):
     base_of = {name: "off" for name in ("off", *OPTIONS)} | {
         name: "cluttered photos, no crops" for name in CLUTTER_OPTIONS
     }
-    for name in base_of:
-        rows = [results[f"{s}/{name}"] for s in args.seeds]
-        sd = {k: np.std([r[k] for r in rows], ddof=1) if len(rows) > 1 else 0.0 for k in METRICS}  # sample sd
-        cells = [f"{100 * np.mean([r[k] for r in rows]):.1f} ± {100 * sd[k]:.1f}" for k in METRICS]
+    for name in [n for n in base_of if n in rows]:
+        per_seed = [results[f"{s}/{name}"] for s in args.seeds]
+        sd = {k: np.std([r[k] for r in per_seed], ddof=1) if len(per_seed) > 1 else 0.0 for k in METRICS}  # sample sd
+        cells = [f"{100 * np.mean([r[k] for r in per_seed]):.1f} ± {100 * sd[k]:.1f}" for k in METRICS]
         delta = 100 * np.array(
             [results[f"{s}/{name}"]["recall@1"] - results[f"{s}/{base_of[name]}"]["recall@1"] for s in args.seeds]
         )

@@ -60,6 +60,7 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
         for flag, given, kept in (
             ("crop_views", script_args.crop_views, saved.crop_views),
             ("moe_experts", script_args.moe_experts, saved.moe_experts),
+            ("guided_moe_layers", script_args.guided_moe_layers, saved.guided_moe_layers),
         ):
             if given and given != kept:
                 raise ValueError(
@@ -100,6 +101,7 @@ def setup(script_args: AGCLScriptArguments, training_args: AGCLConfig, model_arg
             crop_views=script_args.crop_views,
             image_max_side=script_args.image_max_side,
             moe_experts=script_args.moe_experts,
+            guided_moe_layers=script_args.guided_moe_layers,
             moe_entropy_weight=script_args.moe_entropy_weight,
             **({"lora_target_modules": model_args.lora_target_modules} if model_args.lora_target_modules else {}),
             **({"instruction": script_args.instruction} if script_args.instruction else {}),

@@ -90,6 +90,16 @@ class EncoderConfig:
         default=0, metadata={"help": "Modality-aware experts on the embedding (MOON2.0, afmrl.encoder.moe); 0 = off."}
     )
     moe_hidden_size: int = field(default=0, metadata={"help": "Hidden size of each expert; 0 = the embedding size."})
+    guided_moe_layers: int = field(
+        default=0,
+        metadata={
+            "help": "MOON's guided experts: in the last N language-model layers, image, category and attribute "
+            "tokens each get a dedicated feed-forward expert beside the layer's MLP (encoder.guided_moe); 0 = off."
+        },
+    )
+    guided_moe_hidden_size: int = field(
+        default=0, metadata={"help": "Hidden size of each guided expert; 0 = the language model's hidden size."}
+    )
     moe_entropy_weight: float = field(
         default=0.01,
         metadata={"help": "Weight of the routing entropy regulariser in the training loss (with moe_experts > 0)."},

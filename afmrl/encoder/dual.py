@@ -130,6 +130,9 @@ class DualEncoder(ProductEncoder):
         if config.moe_experts:
             raise ValueError(f"{config.backbone!r} is a dual encoder: modality experts (moe_experts) sit on an MLLM "
                              "encoder's pooled state and are not built for two towers; set moe_experts 0")  # fmt: skip
+        if config.guided_moe_layers:
+            raise ValueError(f"{config.backbone!r} is a dual encoder: guided experts (guided_moe_layers) sit in an "
+                             "MLLM's decoder layers; set guided_moe_layers 0")  # fmt: skip
         if not 0.0 < config.image_weight < 1.0:
             raise ValueError(f"image_weight must be between 0 and 1 (exclusive), got {config.image_weight}")
         self.model = model
@@ -138,6 +141,7 @@ class DualEncoder(ProductEncoder):
         self.processor.tokenizer.padding_side = "right"
         self.inputs = DualInputs(processor, config, self.backbone.config)
         self.moe = None
+        self.guided = None
         self.last_routing = None
 
     @staticmethod

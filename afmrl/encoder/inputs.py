@@ -15,6 +15,7 @@ the text is tokenised per call). ``split`` cuts a batch into chunks of listings 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -23,14 +24,17 @@ from afmrl.encoder.image_cache import CachedImageBatch, ImageCache, as_rgb, imag
 
 __all__ = ["ListingInputs"]
 
+IMAGE_PAD = "<|image_pad|>"
+
 
 class ListingInputs:
     """Builds the encoder's input batches from listings (``config``: an ``EncoderConfig``)."""
 
-    def __init__(self, processor, config, *, with_modality: bool = False):
+    def __init__(self, processor, config, *, with_modality: bool = False, with_kinds: bool = False):
         self.processor = processor
         self.config = config
         self.with_modality = with_modality  # add `listing_modality` (the modality experts route on it)
+        self.with_kinds = with_kinds  # add `guided_token_kinds` (MOON's guided experts route on it)
         self.max_side = getattr(config, "image_max_side", 0) or 0  # the encoder's view of a photo (0: as given)
 
     def text(self, title: str | None, attributes: str | None = None) -> str:
@@ -78,6 +82,12 @@ class ListingInputs:
         batch = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
         if self.with_modality:
             batch["listing_modality"] = self._modality([bool(images_of(im)) for im in images], titles, attributes)
+        if self.with_kinds:
+            if flat_images:  # the processor's image-token expansion, written out
+                merge = self.processor.image_processor.merge_size
+                counts = iter((batch["image_grid_thw"].prod(dim=-1) // merge**2).tolist())
+                texts = [re.sub(re.escape(IMAGE_PAD), lambda _: IMAGE_PAD * next(counts), t) for t in texts]
+            batch["guided_token_kinds"] = self._kinds(texts, batch["input_ids"])
         return batch
 
     def build_cached(
@@ -120,6 +130,8 @@ class ListingInputs:
             inputs["image_grid_thw"] = torch.cat([entry.grid for entry in listings])
         if self.with_modality:
             inputs["listing_modality"] = self._modality([entry.num_images > 0 for entry in rows], titles, attributes)
+        if self.with_kinds:
+            inputs["guided_token_kinds"] = self._kinds(texts, inputs["input_ids"])
         return CachedImageBatch(inputs=inputs, listings=listings, level=level)
 
     def split(self, batch, size: int) -> list[dict]:
@@ -147,6 +159,11 @@ class ListingInputs:
             chunk["image_grid_thw"] = batch["image_grid_thw"][first:last]
             chunks.append(chunk)
         return chunks
+
+    def _kinds(self, expanded_texts, input_ids) -> torch.Tensor:
+        from afmrl.encoder.guided_moe import token_kinds
+
+        return token_kinds(self.processor.tokenizer, expanded_texts, input_ids, self.config.attribute_prefix)
 
     @staticmethod
     def _modality(has_image: Sequence[bool], titles, attributes) -> torch.Tensor:

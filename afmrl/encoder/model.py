@@ -80,13 +80,22 @@ class ProductEncoder(torch.nn.Module):
         self.config = config
         # Right padding makes "last non-padding token" = attention_mask.sum() - 1 for every row (afmrl.encoder.pooling).
         self.processor.tokenizer.padding_side = "right"
-        self.inputs = ListingInputs(processor, config, with_modality=bool(config.moe_experts))
+        self.inputs = ListingInputs(
+            processor, config, with_modality=bool(config.moe_experts), with_kinds=bool(config.guided_moe_layers)
+        )
         self.moe = None
         self.last_routing = None  # the MoE gates of the latest forward (the trainer's entropy term reads them)
         if config.moe_experts:
             from afmrl.encoder.moe import ModalityMoE
 
             self.moe = ModalityMoE(self.embedding_dim, config.moe_experts, config.moe_hidden_size or None)
+        self.guided = None
+        if config.guided_moe_layers:
+            from afmrl.encoder.guided_moe import GuidedExperts
+
+            hidden = self.embedding_dim
+            self.guided = GuidedExperts(config.guided_moe_layers, hidden, config.guided_moe_hidden_size or hidden)
+            self.guided.attach(self.backbone)
 
     # ------------------------------------------------------------------ construction
 
@@ -152,8 +161,9 @@ class ProductEncoder(torch.nn.Module):
                 if cls.is_vision_parameter(name):
                     param.requires_grad_(True)
         encoder = cls(model, processor, config)
-        if encoder.moe is not None:
-            encoder.moe.requires_grad_(trainable)
+        for head in (encoder.moe, encoder.guided):
+            if head is not None:
+                head.requires_grad_(trainable)
         return encoder
 
     @staticmethod
@@ -205,16 +215,26 @@ class ProductEncoder(torch.nn.Module):
             trainable=trainable,
             backbone_path=backbone_path,
         )
-        if encoder.moe is not None:
-            moe_file = path / MOE_FILE
-            if not moe_file.is_file():
-                raise EncoderLoadError(f"{str(path)!r} declares {config.moe_experts} experts but has no {MOE_FILE}")
-            from safetensors.torch import load_file
-
-            encoder.moe.load_state_dict(load_file(str(moe_file)), strict=True)
+        encoder.load_heads(path, error=EncoderLoadError)
         if not trainable:
             encoder.eval()
         return encoder
+
+    def heads(self) -> dict:
+        """The trained parts beside the backbone, by the file each is saved in."""
+        from afmrl.encoder.guided_moe import GUIDED_MOE_FILE
+
+        return {name: head for name, head in ((MOE_FILE, self.moe), (GUIDED_MOE_FILE, self.guided)) if head is not None}
+
+    def load_heads(self, path: str | Path, error=EncoderLoadError) -> None:
+        """Load every head's saved weights from ``path`` (strictly); ``error`` names a missing file."""
+        from safetensors.torch import load_file
+
+        for name, head in self.heads().items():
+            file = Path(path) / name
+            if not file.is_file():
+                raise error(f"{str(path)!r}: this encoder's configuration has experts but the directory has no {name}")
+            head.load_state_dict(load_file(str(file)), strict=True)
 
     def save_sentence_transformer(self, path: str | Path) -> Path:
         """Write this encoder as a plain sentence-transformers model (``afmrl.encoder.st_export``):
@@ -234,12 +254,10 @@ class ProductEncoder(torch.nn.Module):
             self.backbone.save_pretrained(str(path), safe_serialization=True)
             self.processor.save_pretrained(str(path))
             config["backbone"] = "."
-        if self.moe is not None:
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in self.moe.state_dict().items()}, str(path / MOE_FILE)
-            )
+        for name, head in self.heads().items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(path / name))
         (path / ENCODER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------------ memory
@@ -333,6 +351,9 @@ class ProductEncoder(torch.nn.Module):
     def forward(self, **inputs) -> torch.Tensor:
         backbone = self.backbone
         modality = inputs.pop("listing_modality", None)
+        kinds = inputs.pop("guided_token_kinds", None)
+        if self.guided is not None:
+            self.guided.kinds = kinds  # read by the experts' hooks (None: they refuse the forward)
         # The base model (without the LM head) returns the last hidden states directly: no vocabulary
         # projection is computed for an embedding.
         outputs = backbone.base_model(**inputs, return_dict=True)

@@ -83,6 +83,9 @@ def check_exportable(encoder) -> None:
     if config.image_max_side:
         raise ValueError(f"encoder {config.backbone!r}: image_max_side={config.image_max_side} downsizes photos "
                          "before the processor, which sentence-transformers does not do")  # fmt: skip
+    if config.guided_moe_layers:
+        raise ValueError(f"encoder {config.backbone!r}: guided experts (guided_moe_layers="
+                         f"{config.guided_moe_layers}) have no sentence-transformers module")  # fmt: skip
     vocabulary = encoder.processor.tokenizer.get_vocab()
     missing = [m for m in _MARKERS if m not in vocabulary]
     if missing:
