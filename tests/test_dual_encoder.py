@@ -169,7 +169,8 @@ def test_the_reward_and_the_index_take_a_dual_encoder(clip_dir, small_catalog_di
     assert [len(a["results"]) for a in answers] == [3, 3, 3]
 
 
-def test_what_a_dual_encoder_cannot_be_is_refused_in_one_line(clip_dir, tmp_path):
+def test_what_a_dual_encoder_cannot_be_is_refused_in_one_line(clip_dir, small_catalog_dir, tmp_path, load_recipe,
+                                                               capsys):  # fmt: skip
     from safetensors.torch import load_file, save_file
 
     from afmrl.modeling import load_dual
@@ -194,3 +195,9 @@ def test_what_a_dual_encoder_cannot_be_is_refused_in_one_line(clip_dir, tmp_path
     )
     with pytest.raises(ValueError, match="vision_model"):
         load_dual(broken)
+    # through stage 1's recipe: one error line, exit 2, before any training
+    with pytest.raises(SystemExit) as info:
+        argv = ["--catalog", str(small_catalog_dir), "--model_name_or_path", str(broken), "--output_dir", str(tmp_path)]
+        load_recipe("agcl_train").cli(["--config", "recipes/configs/agcl_demo.yaml", *argv])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert info.value.code == 2 and len(errors) == 1 and "vision_model" in errors[0], errors
