@@ -3,6 +3,8 @@
 
     python -m benchmarks.ladder                    # seeds 0 1 2, two at a time; writes docs/results/ladder.md (+ .json)
     python -m benchmarks.ladder --seeds 0 --quick      # smoke test: a few steps per stage, nothing written
+    python -m benchmarks.ladder --world paper --seeds 0 1 2 3 4 --stage1_config recipes/configs/agcl_paper_world.yaml \
+        --rar_config RAR.yaml --work_dir outputs/ladder-paper --output docs/results/ladder_paper.md   # the fair test
 
 Per seed, every stage is one of the recipes, run as a child process exactly as a user runs it, with
 ``--seed`` set (so the seed moves stage 1's pair draws, the SFT shuffling, GRPO's sampling and CIT):
@@ -86,10 +88,20 @@ def quick_sft_config(work: Path) -> str:
     return str(path)
 
 
-def seed_tasks(seed: int, work: Path, catalog: str, quick: bool, stage1_ablation: bool = True) -> dict[str, list[Task]]:
+def seed_tasks(
+    seed: int,
+    work: Path,
+    catalog: str,
+    quick: bool,
+    stage1_ablation: bool = True,
+    stage1_config: str = "recipes/configs/agcl_demo.yaml",
+    rar_config: str = "recipes/configs/rar_demo.yaml",
+    rar_catalog: bool = False,
+) -> dict[str, list[Task]]:
     """The stages of one seed, as recipe commands: the critical chain (AGCL -> RAR -> CIT), the other
     stage-1 variants (InfoNCE; with ``stage1_ablation`` also weighting only and filtering only), and
-    the evaluation of every rung."""
+    the evaluation of every rung. ``rar_catalog``: hand ``catalog`` to RAR too (a world's catalog, whose seed moves
+    with the run's; the demo's RAR config names its own)."""
     work.mkdir(parents=True, exist_ok=True)
     py, recipes = sys.executable, ROOT / "recipes"
     stage1 = {}
@@ -103,7 +115,7 @@ def seed_tasks(seed: int, work: Path, catalog: str, quick: bool, stage1_ablation
                 py,
                 str(recipes / "agcl_train.py"),
                 "--config",
-                "recipes/configs/agcl_demo.yaml",
+                stage1_config,
                 "--catalog",
                 catalog,
                 "--output_dir",
@@ -126,7 +138,8 @@ def seed_tasks(seed: int, work: Path, catalog: str, quick: bool, stage1_ablation
             py,
             str(recipes / "rar_grpo.py"),
             "--config",
-            "recipes/configs/rar_demo.yaml",
+            rar_config,
+            *(["--catalog", catalog] if rar_catalog else []),
             "--encoder",
             str(agcl),
             "--output_dir",
@@ -378,6 +391,13 @@ def write_report(
     plot(out.with_name("ladder.png"), per_seed)
 
 
+def world_flags(args) -> str:
+    """The command-line flags that chose a world and its configs (empty for the demo's ladder)."""
+    flags = [("--world", args.world, None), ("--stage1_config", args.stage1_config, "recipes/configs/agcl_demo.yaml"),
+             ("--rar_config", args.rar_config, "recipes/configs/rar_demo.yaml")]  # fmt: skip
+    return "".join(f" {flag} {value}" for flag, value, default in flags if value != default)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -400,6 +420,14 @@ def main(argv=None):
         default=None,
         help="Rewrite the page from a ladder.json this script saved (no training): its runs, today's statistics.",
     )
+    parser.add_argument(
+        "--world",
+        default=None,
+        help="A named world of the embedded catalog (afmrl.embedded.WORLDS, e.g. paper): seed s runs on "
+        "embedded:WORLD:s, so the catalog seed moves with the run seed. Default: the demo's catalog for every seed.",
+    )
+    parser.add_argument("--stage1_config", default="recipes/configs/agcl_demo.yaml", help="Stage 1's YAML.")
+    parser.add_argument("--rar_config", default="recipes/configs/rar_demo.yaml", help="Stage 2's YAML.")
     parser.add_argument("--_evaluate", nargs=2, metavar=("SEED_DIR", "CATALOG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._evaluate:
@@ -428,10 +456,14 @@ def main(argv=None):
     started = time.time()
     machine = describe_machine()
     work = Path(tempfile.mkdtemp(prefix="ladder-quick-")) if args.quick else Path(args.work_dir)
-    catalog = str(resolve_catalog("embedded", "outputs/embedded", val_fraction=0.3))  # the catalog of rar_demo.yaml
+    demo = str(resolve_catalog("embedded", "outputs/embedded", val_fraction=0.3))  # the catalog of rar_demo.yaml
+    catalogs = {s: resolve_catalog(f"embedded:{args.world}:{s}", "outputs/embedded") if args.world else demo
+                for s in args.seeds}  # fmt: skip
     per_seed = {
-        s: seed_tasks(s, work / f"seed{s}", catalog, args.quick, args.stage1_ablation == "true") for s in args.seeds
-    }
+        s: seed_tasks(s, work / f"seed{s}", catalogs[s], args.quick, args.stage1_ablation == "true",
+                      args.stage1_config, args.rar_config, rar_catalog=bool(args.world))
+        for s in args.seeds
+    }  # fmt: skip
     # Longest chains first, then the independent stage-1 variants, then the evaluations.
     order = [t for i in range(3) for s in args.seeds for t in per_seed[s]["chain"][i : i + 1]]
     order += [t for s in args.seeds for t in per_seed[s]["others"]] + [
@@ -452,7 +484,7 @@ def main(argv=None):
         machine,
         time.time() - started,
         args.jobs,
-        "" if args.stage1_ablation == "true" else " --stage1_ablation false",
+        ("" if args.stage1_ablation == "true" else " --stage1_ablation false") + world_flags(args),
     )
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(out.read_text())

@@ -94,6 +94,8 @@ STANDALONE = {
     "index_scale": ("Deployment index at 100k and 1M vectors: flat, IVF, IVF-PQ", "index_scale.md"),
     "index_scale_clustered": ("Deployment index at 100k and 1M vectors, clustered data", "index_scale_clustered.md"),
     "match_scale": ("Match groups at 100k and 1M; Milvus Lite beside faiss", "match_scale.md"),
+    "dual_encoder": ("Stage 1 over a dual encoder (CLIP) beside the MLLM encoder (3 seeds)", "dual_encoder.md"),
+    "moon_guided_moe": ("MOON's guided experts beside the modality experts (3 seeds)", "moon_guided_moe.md"),
     "real_size": ("Real sizes: the published Qwen2-VL-2B / Qwen2.5-VL-3B / 7B shapes", "real_size.md"),
 }
 README_BEGIN, README_END = (

@@ -251,3 +251,31 @@ def test_encoder_attribute_use_reads_every_source_in_catalog_order_and_names_a_m
     with pytest.raises(SystemExit) as exit_info:
         use.main(["--catalog", "x", "--group", "AGCL", str(tmp_path)])  # not a saved encoder: named before loading
     assert exit_info.value.code == 2
+
+
+def test_a_world_ladder_moves_the_catalog_with_the_seed_and_resumes_a_killed_seed(ladder, tmp_path):
+    """``--world``: each seed's stages read that seed's catalog and the given configs; a seed killed after its RAR
+    stage reruns only what is left (each stage's done file is its output)."""
+    tasks = {s: ladder.seed_tasks(s, tmp_path / f"seed{s}", f"cat-{s}", False, False, "s1.yaml", "rar.yaml", True)
+             for s in (0, 1)}  # fmt: skip
+    for seed, groups in tasks.items():
+        flat = [t for group in groups.values() for t in group]
+        for t in flat:
+            if "agcl_train.py" in " ".join(t.cmd) or "rar_grpo.py" in " ".join(t.cmd):
+                assert t.cmd[t.cmd.index("--config") + 1] in ("s1.yaml", "rar.yaml")
+                assert f"cat-{seed}" in t.cmd and str(seed) == t.cmd[t.cmd.index("--seed") + 1]
+    killed = tasks[0]
+    for t in (*killed["chain"][:2], *killed["others"]):  # AGCL, RAR and InfoNCE had finished
+        t.done.parent.mkdir(parents=True, exist_ok=True)
+        t.done.write_text("done")
+
+    def finish(done):  # a stage that only leaves its done file
+        return [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(done)!r}); "
+                "p.parent.mkdir(parents=True, exist_ok=True); p.write_text('x')"]  # fmt: skip
+
+    fake = [ladder.Task(t.name, finish(t.done), t.done, t.deps) for group in killed.values() for t in group]
+    before = {t.name for t in fake if t.done.is_file()}
+    (tmp_path / "logs").mkdir()
+    ladder.schedule(fake, 2, tmp_path / "logs", time.time())
+    ran = sorted(p.name.removesuffix(".log") for p in (tmp_path / "logs").iterdir())
+    assert ran == ["seed0-cit", "seed0-evaluate"] and before == {"seed0/agcl", "seed0/rar", "seed0/infonce"}
