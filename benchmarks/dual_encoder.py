@@ -60,6 +60,7 @@ def speed(backbone: str, catalog: str, repeats: int = 5) -> dict:
     """Median seconds of one training step (64 listings with attributes, both sides) and vectors/s encoding."""
     import torch
 
+    from afmrl.attributes import format_attributes
     from afmrl.catalog.load import load_catalog
     from afmrl.embedded import resolve_model
     from afmrl.encoder.model import EncoderConfig, ProductEncoder
@@ -69,7 +70,8 @@ def speed(backbone: str, catalog: str, repeats: int = 5) -> dict:
     )
     optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-4)
     train = load_catalog(catalog, split="train").select(range(64))
-    images, titles, lines = list(train["image"]), list(train["title"]), list(train["attributes"])
+    images, titles = list(train["image"]), list(train["title"])
+    lines = [format_attributes(a) or None for a in train["attributes"]]
     steps = []
     for _ in range(repeats + 1):
         started = time.perf_counter()
