@@ -26,7 +26,8 @@ when ``--reuse`` points at a finished ladder), "on" adds one option:
   is image + text, so here the router can only split by content; the image-only and text-only
   inputs of ``--intra_product_weight`` are where modality routing matters.
 
-Instance retrieval on the test split, percent, mean ± std over seeds; Δ against "off" with the same seed.
+Instance retrieval on the test split, percent, mean ± sample sd over seeds; Δ against "off" with the same seed
+(mean, sd, 95% t-interval and n of the paired differences).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from afmrl.stats import format_summary, summarize
 from benchmarks._machine import describe_machine
 from benchmarks.ladder import Task, schedule
 
@@ -181,8 +183,8 @@ def main(argv=None):
         f"{' --reuse ' + os.path.relpath(Path(args.reuse).resolve(), ROOT) if args.reuse else ''}` in "
         f"{(time.time() - started) / 60:.1f} min on: {machine}.",
         "Protocol: the module docstring of `benchmarks/moon_ablation.py`. Instance retrieval on the test split, "
-        "percent, mean ± std over seeds; Δ R@1 against off with the same seed (for the crops: against the cluttered "
-        "catalog without crops).",
+        "percent, mean ± sample sd over seeds; Δ R@1 against off with the same seed (for the crops: against the "
+        "cluttered catalog without crops): mean ± sd, 95% t-interval and n of the paired differences.",
         "",
         "| option | R@1 | R@5 | R@10 | mAP@10 | Δ R@1 (pts) |",
         "|---|---|---|---|---|---|",
@@ -197,7 +199,8 @@ def main(argv=None):
         delta = 100 * np.array(
             [results[f"{s}/{name}"]["recall@1"] - results[f"{s}/{base_of[name]}"]["recall@1"] for s in args.seeds]
         )
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta.mean():+.1f} (min {delta.min():+.1f}) |")
+        paired = f"{format_summary(summarize(delta))} (min {delta.min():+.1f})" if name != base_of[name] else "the base"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.quick:
