@@ -19,6 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 
+def complete_json(path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def run_until_checkpoint(cmd, checkpoint, timeout=300):
     """Start ``cmd``, SIGKILL its whole process group as soon as ``checkpoint`` is complete."""
     proc = subprocess.Popen(
@@ -30,8 +38,9 @@ def run_until_checkpoint(cmd, checkpoint, timeout=300):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     deadline = time.monotonic() + timeout
-    # trainer_state.json is written last in a checkpoint: once it exists, the checkpoint is whole.
-    while not (checkpoint / "trainer_state.json").is_file():
+    # trainer_state.json is written last in a checkpoint: once it reads as whole JSON, the checkpoint is whole (it
+    # exists a moment before its text is written: a kill then would leave it empty).
+    while not complete_json(checkpoint / "trainer_state.json"):
         if proc.poll() is not None:
             pytest.fail(
                 f"the run ended (code {proc.returncode}) before {checkpoint.name}: {proc.stderr.read()[-3000:]}"
