@@ -247,3 +247,17 @@ def test_teacher_confusions_are_habits_that_sft_would_copy(tmp_path):
             SyntheticCatalogConfig(output_dir=str(tmp_path), teacher_confusions=bad)
     with pytest.raises(ValueError, match="max_family_size"):
         SyntheticCatalogConfig(output_dir=str(tmp_path), varying_keys=["size"], max_family_size=5)  # 4 sizes
+
+
+def test_a_named_world_is_cached_under_its_options_so_a_redrawn_world_is_rebuilt(tmp_path, monkeypatch):
+    import afmrl.embedded as embedded
+
+    monkeypatch.setitem(embedded.WORLDS, "small", {"num_products": 12, "val_fraction": 0.0})
+    first = embedded.resolve_catalog("embedded:small:3", tmp_path)
+    assert embedded.resolve_catalog("embedded:small:3", tmp_path) == first  # built once, then reused
+    monkeypatch.setitem(embedded.WORLDS, "small", {"num_products": 16, "val_fraction": 0.0})
+    second = embedded.resolve_catalog("embedded:small:3", tmp_path)
+    assert second != first
+    assert sum(1 for _ in open(f"{second}/catalog.jsonl")) > sum(1 for _ in open(f"{first}/catalog.jsonl"))
+    with pytest.raises(ValueError, match="unknown embedded world"):
+        embedded.resolve_catalog("embedded:nowhere", tmp_path)

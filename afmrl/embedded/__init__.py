@@ -10,6 +10,8 @@ other value is passed through unchanged (a path or a hub id).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from afmrl.embedded.synthetic_catalog import make_synthetic_catalog
@@ -92,7 +94,9 @@ def resolve_catalog(
             raise ValueError(f"unknown embedded world {source!r}: use embedded:NAME or embedded:NAME:SEED with NAME "
                              f"one of {', '.join(WORLDS)}")  # fmt: skip
         world_seed = int(rest[0]) if rest else 0
-        out = Path(cache_dir) / f"world-{name}-seed{world_seed}"
+        # The options are in the name: a world redrawn after a failed gate never reuses its earlier catalog.
+        options = hashlib.sha256(json.dumps(WORLDS[name], sort_keys=True).encode()).hexdigest()[:8]
+        out = Path(cache_dir) / f"world-{name}-seed{world_seed}-{options}"
         if not (out / "catalog.jsonl").is_file():
             make_synthetic_catalog(out, seed=world_seed, **WORLDS[name])
         return str(out)
