@@ -201,3 +201,25 @@ def test_what_a_dual_encoder_cannot_be_is_refused_in_one_line(clip_dir, small_ca
         load_recipe("agcl_train").cli(["--config", "recipes/configs/agcl_demo.yaml", *argv])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert info.value.code == 2 and len(errors) == 1 and "vision_model" in errors[0], errors
+
+
+@pytest.mark.parametrize("kind", ["mllm", "dual"])
+def test_lora_with_an_unfrozen_vision_tower_saves_the_trained_tower(kind, clip_dir, tiny_model_dir, tmp_path):
+    """LoRA plus ``freeze_vision: false`` trains the vision tower whole: the saved encoder must carry it (it used to
+    save the adapter alone, so a reloaded encoder silently lost the trained tower)."""
+    torch.manual_seed(0)
+    backbone = clip_dir if kind == "dual" else tiny_model_dir
+    encoder = ProductEncoder.from_backbone(EncoderConfig(backbone=str(backbone), lora_r=4, freeze_vision=False))
+    vision = [p for n, p in encoder.named_parameters() if p.requires_grad and encoder.is_vision_parameter(n)]
+    assert vision
+    with torch.no_grad():
+        for param in encoder.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)  # a trained adapter and tower
+    red, _, _ = _photos()
+    expected = encoder.encode([red], ["red shirt"])
+    encoder.save_pretrained(tmp_path / "enc")
+    np.testing.assert_allclose(ProductEncoder.from_pretrained(tmp_path / "enc").encode([red], ["red shirt"]), expected,
+                               atol=1e-6)  # fmt: skip
+    again = ProductEncoder.from_pretrained(tmp_path / "enc", trainable=True)  # continued training: the tower trains
+    assert any(p.requires_grad for n, p in again.named_parameters() if again.is_vision_parameter(n))

@@ -165,6 +165,8 @@ class DualEncoder(ProductEncoder):
             raise ValueError(f"{source}: 4-bit loading is for MLLM backbones; a dual encoder trains in full precision")
         return load_dual(source, dtype=dtype, trust_remote_code=trust_remote_code)
 
+    VISION_MODULES = ("vision_model", "visual_projection")
+
     @staticmethod
     def is_vision_parameter(name: str) -> bool:
         return "vision_model." in name or "visual_projection" in name

@@ -150,13 +150,16 @@ class ProductEncoder(torch.nn.Module):
                 lora_dropout=config.lora_dropout,
                 target_modules=cls.lora_targets(model, config.lora_target_modules),
                 bias="none",
+                # An unfrozen vision tower trains whole beside the adapter: peft keeps a trainable copy of it and saves
+                # it in the adapter file (without this the reloaded encoder silently lost the trained tower).
+                modules_to_save=None if config.freeze_vision else list(cls.VISION_MODULES),
             )
             model = get_peft_model(model, lora)
         elif trainable:
             for name, param in model.named_parameters():
                 if not cls.is_vision_parameter(name):
                     param.requires_grad_(True)
-        if not config.freeze_vision and trainable:
+        if not config.freeze_vision and trainable and not hasattr(model, "peft_config"):
             for name, param in model.named_parameters():
                 if cls.is_vision_parameter(name):
                     param.requires_grad_(True)
@@ -175,6 +178,8 @@ class ProductEncoder(torch.nn.Module):
     def lora_targets(model, names) -> list[str]:
         """The linears that get LoRA: the language model's (``afmrl.modeling.language_lora_targets``)."""
         return language_lora_targets(model, names)
+
+    VISION_MODULES = ("visual",)  # the vision tower's module name(s) in the backbone
 
     @staticmethod
     def is_vision_parameter(name: str) -> bool:
