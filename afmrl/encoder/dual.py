@@ -234,26 +234,32 @@ class DualEncoder(ProductEncoder):
 
     def _cached_image_vectors(self, images, keys, cache, level) -> list:
         """Per listing, the normalised mean of its photos' vectors (None: no photo), each key's computed once and
-        kept (level ``"vision"``); at level ``"processor"`` (a training image tower) only pixels are kept."""
+        kept (level ``"vision"``); at level ``"processor"`` (a training image tower) only pixels are kept. The image
+        tower runs once per call, on every photo that needs it."""
         device = next(self.parameters()).device
-        out, batch = [], {}
+        entries, batch = [], {}
         for image, key in zip(images, keys, strict=True):
             entry = batch.get(key) if key is not None else None
             if entry is None and key is not None:
                 entry = cache._get(key)
             if entry is None:
                 photos = as_rgb(images_of(image), self.max_side)
-                entry = ("none", None) if not photos else ("pixels", self.inputs.pixels(photos))
-                if level == "vision" and entry[0] == "pixels":
-                    entry = ("vector", F.normalize(self.image_vectors(entry[1].to(device)).sum(0), dim=-1))
+                entry = {"pixels": self.inputs.pixels(photos) if photos else None, "vector": None}
                 if key is not None:
                     cache._put(key, entry)
                     batch[key] = entry
-            kind, value = entry
-            if kind == "pixels":
-                value = F.normalize(self.image_vectors(value.to(device)).sum(0), dim=-1)
-            out.append(value)
-        return out
+            entries.append(entry)
+        todo = list({id(e): e for e in entries if e["vector"] is None and e["pixels"] is not None}.values())
+        fresh = {}  # at level "processor": this call's vectors only (the tower is training)
+        if todo:  # one image-tower pass for every photo of the call that has no kept vector
+            vectors = self.image_vectors(torch.cat([e["pixels"] for e in todo]).to(device))
+            for entry, part in zip(todo, vectors.split([len(e["pixels"]) for e in todo]), strict=True):
+                vector = F.normalize(part.sum(0), dim=-1)
+                if level == "vision":
+                    entry["vector"], entry["pixels"] = vector, None  # the vector replaces the pixels
+                else:
+                    fresh[id(entry)] = vector
+        return [e["vector"] if e["vector"] is not None else fresh.get(id(e)) for e in entries]
 
     @property
     def max_side(self) -> int:

@@ -72,17 +72,14 @@ def _write_json(path: Path, data) -> None:
 def check_exportable(encoder) -> None:
     """Refuse, naming what is missing, an encoder that sentence-transformers could not reproduce."""
     config = encoder.config
+    if config.image_max_side:
+        raise ValueError(f"encoder {config.backbone!r}: image_max_side={config.image_max_side} downsizes photos "
+                         "before the processor, which sentence-transformers does not do")  # fmt: skip
     if config.encoder_type == "dual":
-        if config.image_max_side:
-            raise ValueError(f"encoder {config.backbone!r}: image_max_side={config.image_max_side} downsizes photos "
-                             "before the processor, which sentence-transformers does not do")  # fmt: skip
         return
     if config.moe_experts:
         raise ValueError(f"encoder {config.backbone!r}: modality experts (moe_experts={config.moe_experts}) have no "
                          "sentence-transformers module; export an encoder trained without them")  # fmt: skip
-    if config.image_max_side:
-        raise ValueError(f"encoder {config.backbone!r}: image_max_side={config.image_max_side} downsizes photos "
-                         "before the processor, which sentence-transformers does not do")  # fmt: skip
     if config.guided_moe_layers:
         raise ValueError(f"encoder {config.backbone!r}: guided experts (guided_moe_layers="
                          f"{config.guided_moe_layers}) have no sentence-transformers module")  # fmt: skip
