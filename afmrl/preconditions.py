@@ -184,26 +184,37 @@ def teacher_habits(
     teacher: Sequence[Mapping | None], truths: Sequence[Mapping | None], min_count: int = 5, min_share: float = 0.5
 ) -> dict:
     """What a teacher does systematically, read off labelled rows: ``listing_keys`` (keys it writes that no true
-    attribute set has: listing-level words such as shipping or condition) and ``confusions`` ({key: {written:
-    meant}}: a value it writes for another true value in at least ``min_share`` of its uses of it, at least
-    ``min_count`` times). I.i.d. slips are neither."""
+    attribute set has: listing-level words such as shipping or condition), ``confusions`` ({key: {written: meant}}:
+    a value it writes for another true value, at least ``min_count`` times and in at least ``min_share`` of its uses
+    of the written value or of the lines whose truth is the meant one) and, of those, ``merges``: confusions INTO a
+    real value of the key (dotted written as checked), which a line alone cannot undo (a written ``checked`` is right
+    for checked products). I.i.d. slips are neither."""
     truth_keys = {k for t in truths for k in (t or {})}
     written = {k for t in teacher for k in (t or {})}
     pairs: dict[str, Counter] = defaultdict(Counter)
     uses: dict[str, Counter] = defaultdict(Counter)
+    meant_lines: dict[str, Counter] = defaultdict(Counter)
+    real: dict[str, set] = defaultdict(set)
     for line, truth in zip(teacher, truths, strict=True):
+        for key, value in (truth or {}).items():
+            real[key].add(str(value).lower())
         for key, value in (line or {}).items():
             if key in (truth or {}):
                 value, meant = str(value).lower(), str(truth[key]).lower()
                 uses[key][value] += 1
+                meant_lines[key][meant] += 1
                 if value != meant:
                     pairs[key][(value, meant)] += 1
     confusions: dict[str, dict[str, str]] = {}
+    merges: dict[str, dict[str, str]] = {}
     for key, counter in pairs.items():
         for (value, meant), count in counter.items():
-            if count >= min_count and count >= min_share * uses[key][value]:
+            share = max(count / uses[key][value], count / meant_lines[key][meant])
+            if count >= min_count and share >= min_share:
                 confusions.setdefault(key, {})[value] = meant
-    return {"listing_keys": sorted(written - truth_keys), "confusions": confusions}
+                if value in real[key]:
+                    merges.setdefault(key, {})[value] = meant
+    return {"listing_keys": sorted(written - truth_keys), "confusions": confusions, "merges": merges}
 
 
 def restored_keys(line: Mapping, samples: Sequence[Mapping], min_share: float = 0.5) -> dict[str, str]:
@@ -223,16 +234,36 @@ def restored_keys(line: Mapping, samples: Sequence[Mapping], min_share: float = 
     }
 
 
-def edit_line(line: Mapping, habits: Mapping, restore: Mapping | None = None) -> dict[str, str]:
-    """``line`` edited only with what the generator itself knows: the teacher's listing-level keys dropped, its
-    systematic confusions undone, and the ``restore``d keys added."""
-    confusions = habits.get("confusions", {})
-    out = {
-        key: confusions.get(key, {}).get(str(value).lower(), value)
-        for key, value in line.items()
-        if key not in set(habits.get("listing_keys", ()))
-    }
-    for key, value in (restore or {}).items():
+EDITS = ("drop", "undo", "restore")
+
+
+def edit_line(
+    line: Mapping,
+    habits: Mapping,
+    restore: Mapping | None = None,
+    samples: Sequence[Mapping] = (),
+    min_support: float = 0.25,
+    parts: Sequence[str] = EDITS,
+) -> dict[str, str]:
+    """``line`` edited only with what the generator itself knows: the teacher's listing-level keys dropped
+    (``drop``), its systematic confusions undone (``undo``: a written value no true line holds is mapped back; a
+    merge into a real value only where at least ``min_support`` of the generator's own ``samples`` name the meant
+    value, i.e. where it sees the difference), and the ``restore``d keys added (``restore``)."""
+    confusions = habits.get("confusions", {}) if "undo" in parts else {}
+    merges = habits.get("merges", {})
+    dropped = set(habits.get("listing_keys", ())) if "drop" in parts else set()
+
+    def undone(key: str, value: object) -> object:
+        meant = confusions.get(key, {}).get(str(value).lower())
+        if meant is None:
+            return value
+        if str(value).lower() not in merges.get(key, {}):
+            return meant
+        named = sum(str(s.get(key, "")).lower() == meant for s in samples)
+        return meant if samples and named >= min_support * len(samples) else value
+
+    out = {key: undone(key, value) for key, value in line.items() if key not in dropped}
+    for key, value in (restore or {}).items() if "restore" in parts else ():
         out.setdefault(key, value)
     return out
 

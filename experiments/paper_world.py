@@ -1,18 +1,18 @@
 """The pilot of the fair test: build the paper's world (``embedded:paper``), train what the gates need, run them.
 
-    python -m experiments.paper_world --seed 100 --work_dir outputs/paper-world     # about 1.5 h on 2 CPU cores
+    python -m experiments.paper_world --seed 100 --work_dir outputs/paper-world-v2     # about 2 h on 2 CPU cores
 
 Steps, each skipped when its output exists (a killed run resumes at the step it stopped):
 
-1. the world's catalog (``afmrl.embedded.WORLDS["paper"]``, seed ``--seed``: a pilot seed, never a confirmatory one);
+1. the world's catalog (``afmrl.embedded.WORLDS[--world]``, seed ``--seed``: a pilot seed, never a confirmatory one);
 2. a pretraining corpus drawn in the world's style (112 px photos, the same fine details, other products) and a
-   generator base pretrained on it (``recipes/pretrain_tiny.py`` with ``pretrain_tiny_generator.yaml``), since a base
-   pretrained on the default world's 64 px photos has never seen such details;
+   generator base pretrained on it (``recipes/pretrain_tiny.py`` with ``pretrain_tiny_generator.yaml``, ``--passes``
+   over the corpus), since a base pretrained on the default world's 64 px photos has never seen such details;
 3. the stage-1 encoder on the world's train split (``agcl_demo.yaml`` with a 56 px view: 4 image tokens, and batches
    grouped by category, where family-mates and duplicate SKUs meet);
 4. the SFT generator from the new base on the teacher's attributes of the train split;
-5. ``recipes/preconditions.py`` on all of it, the paper's reward with a train + RL gallery; its page is copied to
-   ``docs/experiments/preconditions_paper.md``.
+5. ``recipes/preconditions.py`` on all of it, the paper's reward with a train + RL gallery, the world's varying keys
+   as the fine keys G1 and G2 check; its page is copied to ``--doc``.
 """
 
 from __future__ import annotations
@@ -40,13 +40,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=100, help="The pilot world's seed (confirmatory seeds: 0-99).")
     parser.add_argument("--work_dir", default="outputs/paper-world")
+    parser.add_argument("--world", default="paper", choices=sorted(WORLDS), help="The world (afmrl.embedded.WORLDS).")
     parser.add_argument("--corpus_products", type=int, default=12000)
-    parser.add_argument("--doc", default=str(ROOT / "docs" / "experiments" / "preconditions_paper.md"))
+    parser.add_argument("--pretrain_passes", type=int, default=4, help="Passes over the corpus (the first draft: 2).")
+    parser.add_argument(
+        "--max_rl_listings", type=int, default=2000, help="The gates' budget: RL listings G4/G5 sample (all: 0)."
+    )
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "experiments" / "preconditions_paper_v2.md"))
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     py = sys.executable
-    world = WORLDS["paper"]
-    catalog = resolve_catalog(f"embedded:paper:{args.seed}", "outputs/embedded")
+    world = WORLDS[args.world]
+    catalog = resolve_catalog(f"embedded:{args.world}:{args.seed}", "outputs/embedded")
 
     corpus = work / "pretrain-corpus"
     run([py, "recipes/make_catalog.py", "--output_dir", str(corpus), "--seed", "2027", "--num_products",
@@ -55,7 +60,8 @@ def main(argv=None) -> None:
          str(world["pattern_period"])], corpus / "catalog.jsonl")  # fmt: skip
     base = work / "generator-base"
     run([py, "recipes/pretrain_tiny.py", "--config", "recipes/configs/pretrain_tiny_generator.yaml", "--catalog",
-         str(corpus), "--output_dir", str(base)], base / "perception.json")  # fmt: skip
+         str(corpus), "--output_dir", str(base), "--passes", str(args.pretrain_passes)],
+        base / "perception.json")  # fmt: skip
     encoder = work / "encoder"
     run([py, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_paper_world.yaml", "--catalog", catalog,
          "--output_dir", str(encoder),
@@ -68,7 +74,9 @@ def main(argv=None) -> None:
     run([py, "recipes/preconditions.py", "--catalog", catalog, "--encoder", str(encoder), "--generator", str(sft),
          "--prompt_template", "Title: {title}\nAttributes:", "--agcl_config", "recipes/configs/agcl_paper_world.yaml",
          "--gallery_split", "train", "val", "--reward_kwargs", '{"mode": "recall_at_k", "k": "auto"}', "--output_dir",
-         str(gates)], gates / "preconditions.md")  # fmt: skip
+         str(gates), "--fine_keys", *world["varying_keys"],
+         *(["--max_rl_listings", str(args.max_rl_listings)] if args.max_rl_listings else [])],
+        gates / "preconditions.md")  # fmt: skip
     shutil.copy(gates / "preconditions.md", args.doc)
     print(Path(args.doc).read_text(encoding="utf-8"))
 

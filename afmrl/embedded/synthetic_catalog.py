@@ -46,6 +46,7 @@ Columns written to ``catalog.jsonl``: listing_id, product_id, title, image (or `
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -209,11 +210,21 @@ class SyntheticCatalogConfig:
         metadata={
             "help": "Recurring confusions of the teacher, `key:true>written,...` (e.g. `pattern:dotted>checked`): it "
             "writes the second value for the first with --teacher_confusion_rate, a habit SFT copies and a retrieval "
-            "reward can undo. Empty: none (the catalog byte-identical)."
+            "reward can undo. The written value is another value of the key (a merge: only perception undoes it) or "
+            "a word the key otherwise never holds (`pattern:dotted>spotted`: a line alone shows it). Empty: none "
+            "(the catalog byte-identical)."
         },
     )
     teacher_confusion_rate: float = field(
         default=0.0, metadata={"help": "How often the teacher makes each of its --teacher_confusions."}
+    )
+    teacher_confusion_unit: str = field(
+        default="listing",
+        metadata={
+            "help": "What a confusion is drawn for: `listing` (afresh for every listing) or `product` (once per SKU: "
+            "a deterministic teacher confuses every photo of a given product alike, so listings of one SKU, "
+            "duplicates included, agree)."
+        },
     )
     exclude_products_of_seeds: list[int] = field(
         default_factory=list,
@@ -251,6 +262,7 @@ class SyntheticCatalogConfig:
             "teacher_error_rate": 0.0 <= self.teacher_error_rate <= 1.0,
             "teacher_redundancy_rate": 0.0 <= self.teacher_redundancy_rate <= 1.0,
             "teacher_sees": self.teacher_sees in ("listing", "product"),
+            "teacher_confusion_unit": self.teacher_confusion_unit in ("listing", "product"),
             "exclude_up_to": self.exclude_up_to >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -259,8 +271,9 @@ class SyntheticCatalogConfig:
                 f"invalid synthetic catalog argument(s) {bad}: need num_products >= 2, image_size >= 16, "
                 "2 <= min_listings <= max_listings, 1 <= min_family_size <= max_family_size <= the values of every "
                 f"varying key (varying_keys of {', '.join(FAMILY_VARYING_KEYS)}), logo_scale and pattern_period in "
-                "(0, 0.5], teacher_confusions as key:true>written with values of that key, "
-                "rates in [0, 1], teacher_sees listing or product, test_fraction and val_fraction in [0, 1), "
+                "(0, 0.5], teacher_confusions as key:true>written (true a value of that key, written another), "
+                "rates in [0, 1], teacher_sees and teacher_confusion_unit listing or product, "
+                "test_fraction and val_fraction in [0, 1), "
                 "duplicate_sku_fraction in [0, 0.5)"
             )
 
@@ -281,8 +294,7 @@ def _confusions_ok(text: str) -> bool:
     except ValueError:
         return False
     return all(
-        key in ATTRIBUTE_VALUES and all(a in ATTRIBUTE_VALUES[key] and b in ATTRIBUTE_VALUES[key] and a != b
-                                        for a, b in pairs.items())
+        key in ATTRIBUTE_VALUES and all(a in ATTRIBUTE_VALUES[key] and b and a != b for a, b in pairs.items())
         for key, pairs in confusions.items()
     )  # fmt: skip
 
@@ -345,7 +357,10 @@ def _teacher_attributes(
             others = [v for v in ATTRIBUTE_VALUES[key] if v != value]
             value = _choice(rng, others)
         if cfg.teacher_confusion_rate > 0:  # a habit, not a slip: the same wrong value for the same true one
-            habit = rng.random() < cfg.teacher_confusion_rate
+            draw = rng.random()  # drawn in either unit: the other columns keep their bytes
+            if cfg.teacher_confusion_unit == "product":
+                draw = _product_draw(cfg.seed, true_attrs, key)
+            habit = draw < cfg.teacher_confusion_rate
             value = confusions.get(key, {}).get(true_attrs[key], value) if habit else value
         if cfg.teacher_sees == "listing" and key in INVISIBLE_KEYS and key not in title_keys:
             continue  # not in the photo, not in this title: a teacher reading the listing cannot know it
@@ -355,6 +370,12 @@ def _teacher_attributes(
         if add < cfg.teacher_redundancy_rate:
             out[key] = pick
     return out
+
+
+def _product_draw(seed: int, true_attrs: dict, key: str) -> float:
+    """A uniform draw in [0, 1) fixed by the seed, the product's attribute vector and the key (not by the stream)."""
+    text = json.dumps([seed, [true_attrs[k] for k in ATTRIBUTE_KEYS], key])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
 
 
 def _title(rng: np.random.Generator, attrs: dict) -> tuple[str, set[str]]:
