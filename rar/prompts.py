@@ -55,7 +55,9 @@ DEFAULT_PROMPT = (
     "{keys}"
 )
 PLACEHOLDERS = ("title", "keys")
-DEFAULT_KEEP = ("listing_id", "product_id", "attributes", "category")
+# Columns a reward may read (TRL passes every dataset column to it): the ids the retrieval reward looks up, the
+# teacher's attributes, and a catalog's true attributes where it has them (the correctness control's reference).
+DEFAULT_KEEP = ("listing_id", "product_id", "attributes", "true_attributes", "category")
 IMAGE_COLUMNS = ("image", "images")
 
 

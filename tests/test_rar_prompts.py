@@ -39,7 +39,15 @@ def stored_paths(ds, column):
 
 def test_prompt_dataset_columns_text_and_lazy_images(catalog):
     ds = build_prompt_dataset(catalog, attribute_keys=ATTRIBUTE_KEYS)
-    assert ds.column_names == ["prompt", "image", "listing_id", "product_id", "attributes", "category"]
+    assert ds.column_names == [
+        "prompt",
+        "image",
+        "listing_id",
+        "product_id",
+        "attributes",
+        "true_attributes",
+        "category",
+    ]
     assert len(ds) == len(catalog)
     assert isinstance(ds.features["image"], datasets.Image)
     stored = stored_paths(ds, "image")
