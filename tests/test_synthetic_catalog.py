@@ -242,11 +242,37 @@ def test_teacher_confusions_are_habits_that_sft_would_copy(tmp_path):
     assert dotted and all(r["attributes"]["pattern"] == "checked" for r in dotted)
     others = [r for r in data if r["true_attributes"]["pattern"] != "dotted"]
     assert all(r["attributes"]["pattern"] == r["true_attributes"]["pattern"] for r in others)
-    for bad in ("pattern:dotted>plaid", "shade:red>blue", "pattern:dotted>dotted"):
+    for bad in ("pattern:plaid>dotted", "shade:red>blue", "pattern:dotted>dotted", "pattern:dotted>"):
         with pytest.raises(ValueError, match="teacher_confusions"):
             SyntheticCatalogConfig(output_dir=str(tmp_path), teacher_confusions=bad)
     with pytest.raises(ValueError, match="max_family_size"):
         SyntheticCatalogConfig(output_dir=str(tmp_path), varying_keys=["size"], max_family_size=5)  # 4 sizes
+
+
+def test_a_confusion_drawn_per_product_is_the_same_on_every_listing_of_a_sku(tmp_path):
+    """A deterministic teacher: a confusion into a word the key never otherwise holds, drawn once per product, so the
+    listings of one SKU (duplicate products included) agree; drawn per listing, they disagree. Nothing else moves."""
+    common = dict(num_products=300, seed=2, duplicate_sku_fraction=0.2, teacher_error_rate=0.0,
+                  teacher_omission_rate=0.0, teacher_confusions="pattern:dotted>spotted",
+                  teacher_confusion_rate=0.5)  # fmt: skip
+    per_product = rows(make_synthetic_catalog(tmp_path / "p", teacher_confusion_unit="product", **common))
+    per_listing = rows(make_synthetic_catalog(tmp_path / "l", **common))
+
+    def written(data) -> dict:
+        out: dict = {}
+        for r in data:
+            if r["true_attributes"]["pattern"] == "dotted":
+                sku = json.dumps(r["true_attributes"], sort_keys=True)
+                out.setdefault(sku, set()).add(r["attributes"]["pattern"])
+        return out
+
+    skus = written(per_product)
+    assert len(skus) > 10 and all(len(v) == 1 for v in skus.values())  # one word per SKU
+    assert {next(iter(v)) for v in skus.values()} == {"spotted", "dotted"}  # about half the products confused
+    assert any(len(v) == 2 for v in written(per_listing).values())
+    assert [r["title"] for r in per_product] == [r["title"] for r in per_listing]  # the stream is untouched
+    with pytest.raises(ValueError, match="teacher_confusion_unit"):
+        SyntheticCatalogConfig(output_dir=str(tmp_path), teacher_confusion_unit="sku")
 
 
 def test_a_named_world_is_cached_under_its_options_so_a_redrawn_world_is_rebuilt(tmp_path, monkeypatch):
