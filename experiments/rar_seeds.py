@@ -35,12 +35,14 @@ PAGE = ROOT / "docs" / "experiments" / "rar_seeds.md"
 SOURCES = ("no_attributes", "sft_attributes", "rar_attributes")
 
 
-def run_seed(seed: int, demo: Path, out: Path, extra: list[str] = ()) -> dict:
+def run_seed(
+    seed: int, demo: Path, out: Path, extra: list[str] = (), config: str = "recipes/configs/rar_demo.yaml"
+) -> dict:
     cmd = [
         sys.executable,
         str(ROOT / "recipes" / "rar_grpo.py"),
         "--config",
-        str(ROOT / "recipes/configs/rar_demo.yaml"),
+        str(ROOT / config),
         "--encoder",
         str(demo / "encoder"),
         "--encoder_recipe",
@@ -119,6 +121,7 @@ def main(argv=None):
     parser.add_argument("--title", default="the demo's settings", help="What this setting changes, for the table.")
     parser.add_argument("--demo_dir", default="outputs/rar-demo", help="Where the demo left encoder/ and sft/.")
     parser.add_argument("--output_dir", default="outputs/rar-seeds")
+    parser.add_argument("--config", default="recipes/configs/rar_demo.yaml", help="The GRPO recipe each seed runs.")
     parser.add_argument(
         "--jobs",
         type=int,
@@ -137,7 +140,10 @@ def main(argv=None):
         sys.exit(f"error: {demo} has no encoder/ or sft/: run `accelerate launch recipes/rar_grpo.py` first")
     start = time.time()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each seed is its own subprocess
-        futures = {s: pool.submit(run_seed, s, demo, Path(args.output_dir) / f"seed{s}", extra) for s in args.seeds}
+        futures = {
+            s: pool.submit(run_seed, s, demo, Path(args.output_dir) / f"seed{s}", extra, args.config)
+            for s in args.seeds
+        }
         runs = {str(s): f.result() for s, f in futures.items()}
     DATA.mkdir(parents=True, exist_ok=True)
     record = {

@@ -147,18 +147,21 @@ def main(argv=None):
     parser.add_argument("--catalog", default="outputs/embedded/catalog-600-seed0-val0.3", help="The demo's catalog.")
     parser.add_argument("--corpus", default="outputs/pretrain-corpus", help="Photos the linear probe is trained on.")
     parser.add_argument("--photos", type=int, default=200, help="Demo listings per split scored.")
+    parser.add_argument(
+        "--splits", nargs="+", default=["train", "test"], help="Splits the generators are scored on (val: RL prompts)."
+    )
     parser.add_argument("--probe_photos", type=int, default=4000, help="Corpus photos the linear probe fits.")
     parser.add_argument("--prompt_template", default="Title: {title}\nAttributes:", help="The demo's RL/SFT prompt.")
     parser.add_argument("--out", help="Also write the results here as JSON.")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    demo = {s: load_catalog(args.catalog, split=s) for s in ("train", "test")}
+    demo = {s: load_catalog(args.catalog, split=s) for s in dict.fromkeys([*args.splits, "test"])}
     head = {s: c.select(range(min(args.photos, len(c)))) for s, c in demo.items()}
     results = {"caption": {}, "generator": {}, "vision": {}}
     for name in args.caption:
         results["caption"][name] = caption_accuracy(name, head["test"][:])
     for name in args.generator:
-        results["generator"][name] = {s: generator_accuracy(name, head[s], args.prompt_template) for s in head}
+        results["generator"][name] = {s: generator_accuracy(name, head[s], args.prompt_template) for s in args.splits}
     if args.vision:
         corpus = load_catalog(args.corpus, split="train")
         corpus = corpus.select(range(min(args.probe_photos, len(corpus))))
