@@ -287,3 +287,29 @@ def test_a_named_world_is_cached_under_its_options_so_a_redrawn_world_is_rebuilt
     assert sum(1 for _ in open(f"{second}/catalog.jsonl")) > sum(1 for _ in open(f"{first}/catalog.jsonl"))
     with pytest.raises(ValueError, match="unknown embedded world"):
         embedded.resolve_catalog("embedded:nowhere", tmp_path)
+
+
+@pytest.mark.parametrize("world", ["paper", "paper-draft1", "verbose"])
+def test_every_named_world_is_valid_and_deterministic_at_a_small_size(tmp_path, world):
+    """The fair test's worlds (afmrl.embedded.WORLDS) at 40 products: their options pass the generator's checks, the
+    same seed gives the same bytes, and a paper world has what it promises (112 px photos, families that differ in
+    pattern or logo, a teacher with listing-level keys on every line)."""
+    from afmrl.embedded import WORLDS
+
+    options = {**WORLDS[world], "num_products": 40}
+    first = make_synthetic_catalog(tmp_path / "a", seed=7, **options)
+    assert tree_digest(make_synthetic_catalog(tmp_path / "b", seed=7, **options)) == tree_digest(first)
+    data = rows(first)
+    assert all({"condition", "shipping", "style"} <= set(r["attributes"]) for r in data)  # every line verbose
+    if world.startswith("paper"):
+        from PIL import Image
+
+        assert Image.open(first / data[0]["image"]).size == (112, 112)
+        by_family: dict = {}
+        for r in data:
+            by_family.setdefault(r["family_id"], set()).add(json.dumps(r["true_attributes"], sort_keys=True))
+        varying = set()
+        for members in by_family.values():
+            truths = [json.loads(m) for m in members]
+            varying |= {k for k in truths[0] if len({t[k] for t in truths}) > 1}
+        assert varying and varying <= {"pattern", "logo"}
