@@ -279,3 +279,18 @@ def test_a_world_ladder_moves_the_catalog_with_the_seed_and_resumes_a_killed_see
     ladder.schedule(fake, 2, tmp_path / "logs", time.time())
     ran = sorted(p.name.removesuffix(".log") for p in (tmp_path / "logs").iterdir())
     assert ran == ["seed0-cit", "seed0-evaluate"] and before == {"seed0/agcl", "seed0/rar", "seed0/infonce"}
+
+
+def test_encoder_line_form_reads_lines_canonically_drops_keys_and_names_a_missing_listing(tmp_path):
+    from experiments.encoder_line_form import sources_of
+
+    path = tmp_path / "attributes.jsonl"
+    rows = [{"listing_id": "a", "sft": "Color: Red; shipping: free;; ", "rar": "color: red"},
+            {"listing_id": "b", "sft": "nothing to read", "rar": "shipping: fast"}]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    out = sources_of(str(path), ["b", "a"], ["shipping"])
+    assert list(out) == ["sft", "sft − shipping", "rar", "rar − shipping"]
+    assert out["sft"] == [None, "color: red; shipping: free"] and out["sft − shipping"] == [None, "color: red"]
+    assert out["rar − shipping"] == [None, "color: red"]  # a line of dropped keys only is no line
+    with pytest.raises(SystemExit, match="listing 'c'"):
+        sources_of(str(path), ["a", "c"], [])
