@@ -313,3 +313,25 @@ def test_every_named_world_is_valid_and_deterministic_at_a_small_size(tmp_path, 
             truths = [json.loads(m) for m in members]
             varying |= {k for k in truths[0] if len({t[k] for t in truths}) > 1}
         assert varying and varying <= {"pattern", "logo"}
+
+
+def test_title_silent_keys_are_never_stated_and_leave_the_catalog_unchanged_when_empty(tmp_path):
+    """Near-duplicates that differ in what sellers do not write: no title states a silent key (so no embedder reads it
+    from the title), a listing's teacher still sees it in the photo; an empty list is byte for byte the default."""
+    silent = rows(
+        make_synthetic_catalog(tmp_path / "s", num_products=80, seed=4, title_silent_keys=["pattern", "logo"])
+    )
+    for r in silent:
+        truth = r["true_attributes"]
+        assert truth["pattern"] not in r["title"] and f"{truth['logo']} logo" not in r["title"]
+    written = sum("pattern" in r["attributes"] for r in silent) / len(silent)
+    assert written > 0.7  # the teacher still reads it off the photo (less its omissions)
+    assert not any(r["title"].split().count("plain") for r in silent if r["true_attributes"]["pattern"] == "solid")
+    plain = make_synthetic_catalog(tmp_path / "p", num_products=80, seed=4)
+    assert tree_digest(make_synthetic_catalog(tmp_path / "e", num_products=80, seed=4, title_silent_keys=[])) == (
+        tree_digest(plain)
+    )
+    said = rows(plain)
+    assert any(r["true_attributes"]["pattern"] in r["title"] for r in said)  # the default's titles do state it
+    with pytest.raises(ValueError, match="title_silent_keys"):
+        SyntheticCatalogConfig(output_dir=str(tmp_path), title_silent_keys=["material"])

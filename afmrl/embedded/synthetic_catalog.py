@@ -218,6 +218,14 @@ class SyntheticCatalogConfig:
     teacher_confusion_rate: float = field(
         default=0.0, metadata={"help": "How often the teacher makes each of its --teacher_confusions."}
     )
+    title_silent_keys: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Keys no title ever states (e.g. `pattern logo`): near-duplicates that differ in what sellers do "
+            "not write, so only the photo (or attributes) can tell them apart. Empty: titles as always (the catalog "
+            "byte-identical); otherwise another world (later random draws shift)."
+        },
+    )
     teacher_confusion_unit: str = field(
         default="listing",
         metadata={
@@ -263,6 +271,7 @@ class SyntheticCatalogConfig:
             "teacher_redundancy_rate": 0.0 <= self.teacher_redundancy_rate <= 1.0,
             "teacher_sees": self.teacher_sees in ("listing", "product"),
             "teacher_confusion_unit": self.teacher_confusion_unit in ("listing", "product"),
+            "title_silent_keys": set(self.title_silent_keys) <= set(TITLE_OMISSION),
             "exclude_up_to": self.exclude_up_to >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -273,7 +282,7 @@ class SyntheticCatalogConfig:
                 f"varying key (varying_keys of {', '.join(FAMILY_VARYING_KEYS)}), logo_scale and pattern_period in "
                 "(0, 0.5], teacher_confusions as key:true>written (true a value of that key, written another), "
                 "rates in [0, 1], teacher_sees and teacher_confusion_unit listing or product, "
-                "test_fraction and val_fraction in [0, 1), "
+                "title_silent_keys among the attribute keys, test_fraction and val_fraction in [0, 1), "
                 "duplicate_sku_fraction in [0, 0.5)"
             )
 
@@ -378,10 +387,11 @@ def _product_draw(seed: int, true_attrs: dict, key: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
 
 
-def _title(rng: np.random.Generator, attrs: dict) -> tuple[str, set[str]]:
-    """A seller's title and the keys it states."""
+def _title(rng: np.random.Generator, attrs: dict, silent=()) -> tuple[str, set[str]]:
+    """A seller's title and the keys it states (never a ``silent`` one)."""
     phrases = []
-    keep = {key: rng.random() >= p for key, p in TITLE_OMISSION.items()}
+    keep = {key: rng.random() >= p for key, p in TITLE_OMISSION.items()}  # drawn for every key: the stream is kept
+    keep = {key: kept and key not in silent for key, kept in keep.items()}
     if keep["brand"]:
         phrases.append(attrs["brand"].capitalize())
     if keep["color"]:
@@ -471,7 +481,7 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
                     boxes.append(box)
                 image.save(out / rel, format="PNG")
                 paths.append(rel)
-            title, title_keys = _title(rng, attrs)
+            title, title_keys = _title(rng, attrs, cfg.title_silent_keys)
             row = {"listing_id": listing_id, "product_id": product_id, "title": title}
             if cfg.images_per_listing == 1:
                 row["image"] = paths[0]
