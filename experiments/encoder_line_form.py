@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 from afmrl.attributes import format_attributes, parse_attributes
@@ -69,7 +71,10 @@ def main(argv=None) -> dict:
             print(f"| {path} | {name} | {m['recall@1']:.1f} | {m['recall@5']:.1f} | "
                   f"{m['recall@1'] - rows[first]['recall@1']:+.1f} |")  # fmt: skip
     if args.out:
-        record = {"command": "python -m experiments.encoder_line_form " + " ".join(argv or []), "results": results}
+        command = shlex.join(
+            ["python", "-m", "experiments.encoder_line_form", *(sys.argv[1:] if argv is None else argv)]
+        )
+        record = {"command": command, "results": results}
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return results
 

@@ -8,8 +8,8 @@ Steps, each skipped when its output exists (a killed run resumes at the step it 
 2. a pretraining corpus drawn in the world's style (112 px photos, the same fine details, other products) and a
    generator base pretrained on it (``recipes/pretrain_tiny.py`` with ``pretrain_tiny_generator.yaml``, ``--passes``
    over the corpus), since a base pretrained on the default world's 64 px photos has never seen such details;
-3. the stage-1 encoder on the world's train split (``agcl_demo.yaml`` with a 56 px view: 4 image tokens, and batches
-   grouped by category, where family-mates and duplicate SKUs meet);
+3. the stage-1 encoder on the world's train split (``agcl_paper_world.yaml``: a 56 px view, 4 image tokens, and
+   batches grouped by category and brand, where family-mates and duplicate SKUs meet);
 4. the SFT generator from the new base on the teacher's attributes of the train split;
 5. ``recipes/preconditions.py`` on all of it, the paper's reward with a train + RL gallery, the world's varying keys
    as the fine keys G1 and G2 check; its page is copied to ``--doc``.

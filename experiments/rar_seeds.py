@@ -135,6 +135,8 @@ def main(argv=None):
     if args.table_only:
         print(write_table())
         return
+    if not (ROOT / args.config).is_file():
+        sys.exit(f"error: --config {args.config} does not exist")
     demo = Path(args.demo_dir)
     if not (demo / "encoder" / "encoder_config.json").is_file() or not (demo / "sft" / "config.json").is_file():
         sys.exit(f"error: {demo} has no encoder/ or sft/: run `accelerate launch recipes/rar_grpo.py` first")

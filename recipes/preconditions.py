@@ -514,6 +514,12 @@ def main(args: PreconditionsArguments) -> dict:
             raise FileNotFoundError(f"--pilot {path!r} does not exist")
     has_truth = args.truth_column in evaluation.column_names
     no_truth = f"the catalog has no {args.truth_column!r} column"
+    if args.fine_keys and has_truth:  # before any model loads: a misspelt key would leave G1 and G2 unchecked
+        known = {str(k) for t in evaluation[args.truth_column] for k, v in (t or {}).items() if v is not None}
+        unknown = sorted(set(args.fine_keys) - known)
+        if unknown:
+            raise ValueError(f"--fine_keys {unknown}: not keys of the {args.truth_column!r} column (its keys: "
+                             f"{', '.join(sorted(known))})")  # fmt: skip
     encoder = ProductEncoder.from_pretrained(args.encoder)
     results: dict[str, dict] = {}
     bar = tqdm(total=len(GATES), desc="preconditions", unit="gate")

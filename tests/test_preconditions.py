@@ -173,7 +173,8 @@ def test_the_command_without_true_attributes_says_what_it_skipped(
 def test_bad_flags_are_one_error_line(load_recipe, small_catalog_dir, tiny_encoder_dir, capsys, tmp_path):
     recipe = load_recipe("preconditions")
     for extra, fragment in ((["--reward_kwargs", "{nope"], "--reward_kwargs"), (["--pilot", "nowhere.json"], "--pilot"),
-                            (["--eval_split", "nope"], "nope")):  # fmt: skip
+                            (["--eval_split", "nope"], "nope"),
+                            (["--fine_keys", "logo", "shade"], "shade")):  # fmt: skip
         with pytest.raises(SystemExit) as info:
             recipe.cli(["--catalog", str(small_catalog_dir), "--encoder", str(tiny_encoder_dir), *extra])
         err = capsys.readouterr().err
