@@ -136,10 +136,14 @@ def main(argv=None):
         print(write_table())
         return
     if not (ROOT / args.config).is_file():
-        sys.exit(f"error: --config {args.config} does not exist")
+        print(f"error: --config {args.config} does not exist", file=sys.stderr)
+        sys.exit(2)
     demo = Path(args.demo_dir)
     if not (demo / "encoder" / "encoder_config.json").is_file() or not (demo / "sft" / "config.json").is_file():
-        sys.exit(f"error: {demo} has no encoder/ or sft/: run `accelerate launch recipes/rar_grpo.py` first")
+        print(
+            f"error: {demo} has no encoder/ or sft/: run `accelerate launch recipes/rar_grpo.py` first", file=sys.stderr
+        )
+        sys.exit(2)
     start = time.time()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each seed is its own subprocess
         futures = {
