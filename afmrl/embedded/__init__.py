@@ -44,12 +44,33 @@ WORLDS = {
     # detail (a small logo, a fine texture) drawn at 112 px, where a 4-token embedder sees 56 px and a 16-token
     # generator the whole photo; a teacher that reads one listing, writes listing-level keys on every line and
     # confuses some values by habit (SFT copies habits, a retrieval reward can undo them); 20% duplicate SKUs;
-    # thousands of RL products stage 1 never sees (val), and more than 3,000 test listings. The second draft
-    # (docs/experiments/fair_test_plan.md, 2026-12-07): larger logos and a finer pattern (the first draft's pattern was
-    # resolved at 56 px, its logo not perceived), confusions into words the key otherwise never holds and drawn once
-    # per product (a deterministic teacher), a little less i.i.d. noise (the first draft's gave each listing of a SKU
-    # its own line, so the attribute filter found 1% of duplicates).
+    # thousands of RL products stage 1 never sees (val), and more than 3,000 test listings. The third draft
+    # (docs/experiments/fair_test_plan.md, 2026-12-07): no title states the pattern or the logo (the second draft's
+    # embedder read them from titles at any image size), and the teacher's habit is a merge drawn once per product
+    # (60% of dotted products written checked, of circle logos written none): a greedy copy then writes two
+    # family-mates alike, which only a generator that undoes the habit tells apart.
     "paper": {
+        "num_products": 4200,
+        "image_size": 112,
+        "varying_keys": ["pattern", "logo"],
+        "min_family_size": 4,
+        "max_family_size": 5,
+        "logo_scale": 0.10,
+        "pattern_period": 0.04,
+        "test_fraction": 0.25,
+        "val_fraction": 0.7,
+        "duplicate_sku_fraction": 0.2,
+        "title_silent_keys": ["pattern", "logo"],
+        "teacher_sees": "listing",
+        "teacher_redundancy_rate": 1.0,
+        "teacher_confusions": "pattern:dotted>checked,logo:circle>none",
+        "teacher_confusion_rate": 0.6,
+        "teacher_confusion_unit": "product",
+        "teacher_error_rate": 0.01,
+        "teacher_omission_rate": 0.01,
+    },
+    # The second draft, as its pilot ran (docs/experiments/preconditions_paper_v2.md): kept so that record reproduces.
+    "paper-draft2": {
         "num_products": 4200,
         "image_size": 112,
         "varying_keys": ["pattern", "logo"],
