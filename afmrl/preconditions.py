@@ -8,8 +8,9 @@ models; this module holds what it computes from those measurements, each piece s
 hand-made case, and the pass lines, fixed before any rebuilt world existed (the fair-test issue):
 
 - G1 the embedder blurs: within-family R@1 without attributes per varying key <= chance + 15 points;
-- G2 the generator perceives: greedy accuracy >= 80% per separating key where the title does not state it, and
-  that key alone separates a family >= the embedder's within-family R@1 + 20 points;
+- G2 the generator perceives: greedy accuracy >= 80% per separating key where the title does not state it (and the
+  true value is not one the teacher confuses by habit: a faithful copy of a habit is G4's headroom, not blindness),
+  and that key alone separates a family >= the embedder's within-family R@1 + 20 points;
 - G3 headroom (both sides): true - none >= +6, SFT - none >= +1.5, true - SFT >= +4 R@1 points;
 - G4 RL-reachable headroom: SFT lines edited only with what the generator knows >= +3 R@1 over SFT, and its
   reward delta > 0;
@@ -43,6 +44,7 @@ __all__ = [
     "auc",
     "edit_line",
     "families",
+    "habit_values",
     "key_accuracy",
     "minimal_detectable_effect",
     "restored_keys",
@@ -154,15 +156,22 @@ def states_value(title: str, value: object) -> bool:
 
 
 def key_accuracy(
-    truths: Sequence[Mapping | None], generated: Sequence[Mapping], titles: Sequence[str], keys: Sequence[str]
+    truths: Sequence[Mapping | None],
+    generated: Sequence[Mapping],
+    titles: Sequence[str],
+    keys: Sequence[str],
+    skip: Mapping[str, set] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per key: the share of listings whose generated value equals the true one, counted where the title does not
-    state the true value (a left-out key counts as wrong): what the generator perceives rather than reads."""
+    state the true value (a left-out key counts as wrong): what the generator perceives rather than reads. ``skip``
+    ({key: true values}) leaves those listings out: the meant values of a teacher's habits, which a faithful copy
+    writes as the teacher does (``habit_values``)."""
     right, total = Counter(), Counter()
+    skip = {key: {str(v).lower() for v in values} for key, values in (skip or {}).items()}
     for truth, line, title in zip(truths, generated, titles, strict=True):
         for key in keys:
             value = (truth or {}).get(key)
-            if value is None or states_value(title, value):
+            if value is None or states_value(title, value) or str(value).lower() in skip.get(key, ()):
                 continue
             total[key] += 1
             right[key] += str(line.get(key, "")).strip().lower() == str(value).strip().lower()
@@ -215,6 +224,11 @@ def teacher_habits(
                 if value in real[key]:
                     merges.setdefault(key, {})[value] = meant
     return {"listing_keys": sorted(written - truth_keys), "confusions": confusions, "merges": merges}
+
+
+def habit_values(habits: Mapping) -> dict[str, set]:
+    """{key: the true values a teacher's systematic confusions stand for} (``teacher_habits``' meant values)."""
+    return {key: set(written_to_meant.values()) for key, written_to_meant in habits.get("confusions", {}).items()}
 
 
 def restored_keys(line: Mapping, samples: Sequence[Mapping], min_share: float = 0.5) -> dict[str, str]:

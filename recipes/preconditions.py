@@ -43,6 +43,7 @@ from afmrl.preconditions import (
     auc,
     edit_line,
     families,
+    habit_values,
     key_accuracy,
     minimal_detectable_effect,
     restored_keys,
@@ -285,16 +286,22 @@ def g1(sims: np.ndarray, fam, fine_keys) -> tuple[dict, dict]:
     return gate(rows), per_key  # fmt: skip
 
 
-def g2(eval_ds, truth, sft, fam, embedder: dict, fine_keys=None) -> dict:
+def g2(eval_ds, truth, sft, fam, embedder: dict, fine_keys=None, habits: dict | None = None) -> dict:
     keys = sorted(embedder)
-    accuracy = key_accuracy(truth, sft, eval_ds["title"], keys)
+    skip = habit_values(habits or {})
+    accuracy = key_accuracy(truth, sft, eval_ds["title"], keys, skip=skip)
+    every = key_accuracy(truth, sft, eval_ds["title"], keys)
     rows = []
     for key in keys:
         first = len(rows)
         if key in accuracy:
             a = accuracy[key]
-            rows.append(check(f"greedy accuracy, `{key}`, title silent (n={a['n']})", a["accuracy"],
+            habit = f", not {'/'.join(sorted(skip[key]))} (the teacher's habit)" if skip.get(key) else ""
+            rows.append(check(f"greedy accuracy, `{key}`, title silent{habit} (n={a['n']})", a["accuracy"],
                               f"{a['accuracy']:.2f}", "G2_accuracy"))  # fmt: skip
+        if skip.get(key) and key in every:
+            rows.append([f"greedy accuracy, `{key}`, title silent, every value (reported; n={every[key]['n']})",
+                         f"{every[key]['accuracy']:.2f}", "", None])  # fmt: skip
         values = np.asarray([line.get(key) for line in sft], dtype=object)
         same = (values[:, None] == values[None, :]) & (values[:, None] != None)  # noqa: E711 (object array)
         alone = within_family_recall(same.astype(np.float32), fam).get(key)
@@ -343,10 +350,13 @@ def choose_k(encoder, queries, gallery, gallery_texts: list, target: float, batc
     return k, float(recall[f"recall_fraction@{k}"])  # fmt: skip
 
 
-def g4_g5(args, rl, gallery_rows, generated: dict, edited_rl: list, r1: dict, habits: dict) -> tuple[dict, dict]:
-    """The edited lines against the SFT lines in the headline protocol (``r1``) and in the reward's, and the reward's
-    spread within a group of the generator's own samples. The reward gallery (the RL split, or ``--gallery_split``)
-    carries the SFT policy's lines; its k is fixed by ``choose_k`` when asked for ("auto")."""
+def g4_g5(
+    args, rl, gallery_rows, generated: dict, edited_rl: list, r1: dict, habits: dict, parts_rl: dict | None = None
+) -> tuple[dict, dict]:
+    """The edited lines against the SFT lines in the headline protocol (``r1``) and in the reward's (each edit alone
+    too, ``parts_rl``: reported), and the reward's spread within a group of the generator's own samples. The reward
+    gallery (the RL split, or ``--gallery_split``) carries the SFT policy's lines; its k is fixed by ``choose_k`` when
+    asked for ("auto")."""
     policy = dict(zip(rl["listing_id"], generated["rl"]["lines"], strict=True))
     policy.update(zip(gallery_rows["listing_id"], generated["gallery"]["lines"], strict=True))
     lookup = concatenate_datasets([rl, gallery_rows]) if len(gallery_rows) else rl
@@ -366,6 +376,8 @@ def g4_g5(args, rl, gallery_rows, generated: dict, edited_rl: list, r1: dict, ha
     ids = list(rl["listing_id"])
     base = rewards_of(reward, ids, [format_attributes(line) or "none" for line in sft])
     delta = rewards_of(reward, ids, [line or "none" for line in edited_rl]) - base
+    part_delta = {part: float(np.nanmean(rewards_of(reward, ids, [line or "none" for line in lines]) - base))
+                  for part, lines in (parts_rl or {}).items()}  # fmt: skip
     group = np.stack([rewards_of(reward, ids, list(draw)) for draw in generated["rl"]["draws"]])  # [draw, listing]
     ok = ~np.isnan(delta) & ~np.isnan(group).any(axis=0)
     d, sigma = float(np.mean(delta[ok])), float(np.mean(group[:, ok].std(axis=0, ddof=1)))
@@ -379,7 +391,9 @@ def g4_g5(args, rl, gallery_rows, generated: dict, edited_rl: list, r1: dict, ha
                      "G4_edited_minus_sft"),
                ["reward δ, edited − SFT (the reward's protocol)", f"{d:+.4f}", "> 0", d > 0],
                *[[f"R@1 {name} − SFT (reported: which edit moves it)", f"{r1[name] - r1['sft']:+.1f}", "", None]
-                 for name in r1 if name.startswith("edited: ")]], edits)  # fmt: skip
+                 for name in r1 if name.startswith("edited: ")],
+               *[[f"reward δ, {part} only − SFT (reported)", f"{value:+.4f}", "", None]
+                 for part, value in part_delta.items()]], edits)  # fmt: skip
     measured = f"{len(rl):,} of the " if len(rl) < args.rl_prompts else "the "
     note = (f"reward {json.dumps(reward_kwargs)} on {measured}{args.rl_split!r} prompts, gallery {' + '.join(splits)} "
             f"annotated by the SFT policy{rule}")  # fmt: skip
@@ -547,12 +561,12 @@ def main(args: PreconditionsArguments) -> dict:
             gallery_rows = concatenate_datasets([gallery_rows, rest]) if len(gallery_rows) else rest
             rl = rl.select(sorted(order[: args.max_rl_listings].tolist()))
         generated = generate(args, evaluation, rl, gallery_rows)
-        results["G2"] = g2(evaluation, truth_eval, generated["eval"]["lines"], fam, embedder, args.fine_keys) if (
-            has_truth) else skipped(no_truth)  # fmt: skip
+        habits = teacher_habits(list(train[args.teacher_column]), truths(train, args.truth_column)) if has_truth else {}
+        results["G2"] = g2(evaluation, truth_eval, generated["eval"]["lines"], fam, embedder, args.fine_keys,
+                           habits) if has_truth else skipped(no_truth)  # fmt: skip
         bar.update()
         sources = {"none": None, "sft": canonical_attributes(generated["eval"]["texts"], args.attribute_keys)}
         if has_truth:  # what the generator knows, edited into its own lines (G4)
-            habits = teacher_habits(list(train[args.teacher_column]), truths(train, args.truth_column))
 
             def edit(g: dict, parts=EDITS) -> list:
                 return [format_attributes(edit_line(line, habits, restored_keys(line, g["samples"][i]),
@@ -569,7 +583,8 @@ def main(args: PreconditionsArguments) -> dict:
         results["G3"] = g3(r1)
         bar.update()
         if has_truth:
-            results["G4"], results["G5"] = g4_g5(args, rl, gallery_rows, generated, edited["rl"], r1, habits)
+            parts_rl = {part: edit(generated["rl"], (part,)) for part in EDITS}
+            results["G4"], results["G5"] = g4_g5(args, rl, gallery_rows, generated, edited["rl"], r1, habits, parts_rl)
         else:
             results["G4"] = results["G5"] = skipped(no_truth)
     bar.update(2 if args.generator else 4)

@@ -12,6 +12,7 @@ from afmrl.preconditions import (
     auc,
     edit_line,
     families,
+    habit_values,
     key_accuracy,
     minimal_detectable_effect,
     restored_keys,
@@ -60,6 +61,18 @@ def test_key_accuracy_counts_only_values_the_title_does_not_state():
     out = key_accuracy(truths, generated, titles, ["color", "logo"])
     assert out["color"] == {"accuracy": 0.5, "n": 2}  # "navy blue" missed, "RED " right
     assert out["logo"] == {"accuracy": 0.5, "n": 2}  # a left-out key counts as wrong
+
+
+def test_key_accuracy_leaves_out_the_values_a_teacher_confuses_by_habit():
+    """A faithful copy of a teacher that writes dotted as checked is not blind to dotted: G2 counts the other values
+    (its accuracy over every value is reported beside)."""
+    teacher = [{"pattern": "checked"}] * 6 + [{"pattern": "dotted"}] * 4 + [{"pattern": "striped"}] * 5
+    truth = [{"pattern": "dotted"}] * 10 + [{"pattern": "striped"}] * 5
+    skip = habit_values(teacher_habits(teacher, truth))
+    assert skip == {"pattern": {"dotted"}}
+    copy = [{"pattern": "checked"}] * 10 + [{"pattern": "striped"}] * 4 + [{"pattern": "solid"}]
+    assert key_accuracy(truth, copy, [""] * 15, ["pattern"], skip=skip)["pattern"] == {"accuracy": 0.8, "n": 5}
+    assert key_accuracy(truth, copy, [""] * 15, ["pattern"])["pattern"] == {"accuracy": 4 / 15, "n": 15}
 
 
 def test_auc_counts_ties_as_half():
@@ -147,7 +160,7 @@ def test_the_command_on_another_vocabulary_measures_every_gate(
     assert " on 6 of the " in gates["G5"]["note"]  # the budget: six RL listings measured, the rest in the gallery
     assert [row[0].split(" − ")[0] for row in gates["G4"]["rows"][2:]] == [
         f"R@1 edited: {part} only" for part in ("drop", "undo", "restore")
-    ]  # which edit moves R@1, reported beside the gate
+    ] + [f"reward δ, {part} only" for part in ("drop", "undo", "restore")]  # which edit moves R@1 and the reward
     for gate_name in ("G1", "G2"):  # only the world's fine keys are checked; the others are reported
         assert all(row[3] is None for row in gates[gate_name]["rows"] if "`zeichen`" not in row[0])
     keys = {row[0].split("`")[1] for row in gates["G1"]["rows"]}
