@@ -64,7 +64,8 @@ def run_seed(
         return json.loads((out / "metrics.json").read_text())  # this very run finished before
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(out / "train.log", "w") as log:  # the recipe's progress, to follow a long seed with tail -f
+        subprocess.run(cmd, check=True, stdout=log)
     stamp.write_text(json.dumps(cmd[1:]))  # last: the seed is complete
     return json.loads((out / "metrics.json").read_text())
 

@@ -294,3 +294,25 @@ def test_encoder_line_form_reads_lines_canonically_drops_keys_and_names_a_missin
     assert out["rar − shipping"] == [None, "color: red"]  # a line of dropped keys only is no line
     with pytest.raises(SystemExit, match="listing 'c'"):
         sources_of(str(path), ["a", "c"], [])
+
+
+def test_rar_seeds_logs_a_seed_and_reads_a_finished_one_back(monkeypatch, tmp_path):
+    """experiments.rar_seeds: a seed's recipe output goes to its train.log (a long seed can be followed), and a seed
+    whose directory holds the metrics of the same command is read back, not rerun (a killed run loses one seed)."""
+    from experiments import rar_seeds
+
+    calls = []
+
+    def fake_run(cmd, check, stdout):
+        calls.append(cmd)
+        stdout.write("step 1 of 1\n")
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        (out / "metrics.json").write_text(json.dumps({"rar_attributes": {"recall@1": 0.5}}))
+
+    monkeypatch.setattr(rar_seeds.subprocess, "run", fake_run)
+    first = rar_seeds.run_seed(3, tmp_path / "demo", tmp_path / "seed3")
+    assert first == {"rar_attributes": {"recall@1": 0.5}} and len(calls) == 1
+    assert (tmp_path / "seed3" / "train.log").read_text() == "step 1 of 1\n"
+    assert rar_seeds.run_seed(3, tmp_path / "demo", tmp_path / "seed3") == first and len(calls) == 1  # read back
+    rar_seeds.run_seed(3, tmp_path / "demo", tmp_path / "seed3", extra=["--max_steps", "2"])  # another command
+    assert len(calls) == 2
