@@ -12,9 +12,9 @@ embedder blurs near-duplicates, G2 the generator perceives what tells them apart
 can reach some of it with what the generator knows, G5 the reward's signal stands above a GRPO group's spread, G6
 stage 1's batches hold near-duplicates and false negatives and attribute BM25 finds them, G7 enough seeds and test
 listings to see the paper's effect. A catalog without true attributes (``--truth_column``) gets what can be measured
-without them; the table says which gates were skipped and why. Writes ``preconditions.json`` and
-``preconditions.md`` to ``--output_dir``. Minutes on the demo's catalog (the generator samples ``--samples`` lines
-per listing of the RL and test splits).
+without them; the table says which gates were skipped and why. Writes ``preconditions.json``, ``preconditions.md``
+and the generator's lines (``lines.jsonl``) to ``--output_dir``. Minutes on the demo's catalog (the generator samples
+``--samples`` lines per listing of the RL and test splits).
 """
 
 import json
@@ -267,6 +267,19 @@ def generate(args, evaluation, rl, gallery_rows) -> dict:
             "samples": [[parse_attributes(d[i]).attributes for d in draws] for i in range(len(ds))],
         }
     return out  # fmt: skip
+
+
+def save_lines(path: Path, datasets: dict, generated: dict) -> None:
+    """Every line the gates read (a row per listing: its role, greedy line and samples), for analyses after the
+    fact without generating again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for role, ds in datasets.items():
+            g = generated[role]
+            for i, lid in enumerate(ds["listing_id"]):
+                samples = [d[i] for d in g["draws"]]
+                f.write(json.dumps({"listing_id": lid, "role": role, "greedy": g["texts"][i], "samples": samples}))
+                f.write("\n")
 
 
 # ---------------------------------------------------------------------------------------------- the gates
@@ -561,6 +574,8 @@ def main(args: PreconditionsArguments) -> dict:
             gallery_rows = concatenate_datasets([gallery_rows, rest]) if len(gallery_rows) else rest
             rl = rl.select(sorted(order[: args.max_rl_listings].tolist()))
         generated = generate(args, evaluation, rl, gallery_rows)
+        save_lines(Path(args.output_dir) / "lines.jsonl", {"eval": evaluation, "rl": rl, "gallery": gallery_rows},
+                   generated)  # fmt: skip
         habits = teacher_habits(list(train[args.teacher_column]), truths(train, args.truth_column)) if has_truth else {}
         results["G2"] = g2(evaluation, truth_eval, generated["eval"]["lines"], fam, embedder, args.fine_keys,
                            habits) if has_truth else skipped(no_truth)  # fmt: skip

@@ -167,6 +167,9 @@ def test_the_command_on_another_vocabulary_measures_every_gate(
     assert keys and keys <= set(RENAME.values())  # the varying keys of the renamed world
     assert any("duplicate pairs" in row[0] for row in gates["G6"]["rows"])
     assert "| **G7** power" in page and "skipped" not in page
+    lines = [json.loads(line) for line in (tmp_path / "out" / "lines.jsonl").read_text().splitlines()]
+    assert {"eval", "rl", "gallery"} == {r["role"] for r in lines}  # every line the gates read, kept
+    assert all(len(r["samples"]) == (0 if r["role"] == "gallery" else 2) for r in lines)
 
 
 @pytest.mark.slow
