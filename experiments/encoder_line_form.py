@@ -8,7 +8,8 @@ some keys dropped.
 A policy that RL makes more correct can still lose retrieval if its lines leave the form the stage-1 encoder was
 trained on (the fair test's PC1 on the paper world: perception up, R@1 down). For every encoder this embeds the test
 split under each attribute source of ``--attributes`` (a run's ``attributes.jsonl``: listing_id plus one column per
-generator), and each source with the ``--drop`` keys removed, on both sides (every listing annotated by the same
+generator) and each catalog column of ``--columns`` (the teacher's ``attributes``, ``true_attributes``), and each
+source of ``--attributes`` with the ``--drop`` keys removed, on both sides (every listing annotated by the same
 source, as deployed), and reports instance R@1/5 and each source's difference to the first. Lines are read the way the
 reward and the evaluation read them (parsed, canonical). One run: a probe, not a result.
 """
@@ -50,13 +51,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--catalog", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--encoders", nargs="+", required=True)
-    parser.add_argument("--attributes", required=True, help="A run's attributes.jsonl (listing_id + a column each).")
+    parser.add_argument("--attributes", help="A run's attributes.jsonl (listing_id + a column each).")
+    parser.add_argument(
+        "--columns", nargs="*", default=[], help="Catalog columns read as sources too (attributes, true_attributes)."
+    )
     parser.add_argument("--drop", nargs="*", default=[], help="Keys removed in the extra '− keys' sources.")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--out", help="Also write the results here as JSON.")
     args = parser.parse_args(argv)
+    if not args.attributes and not args.columns:
+        parser.error("give --attributes, --columns or both")
     catalog = load_catalog(args.catalog, split=args.split)
-    sources = {"none": None, **sources_of(args.attributes, list(catalog["listing_id"]), args.drop)}
+    missing = [c for c in args.columns if c not in catalog.column_names]
+    if missing:
+        raise SystemExit(f"error: --columns {missing[0]!r}: the catalog has no such column")
+    sources = {"none": None, **{c: [format_attributes(a) or None for a in catalog[c]] for c in args.columns}}
+    if args.attributes:
+        sources.update(sources_of(args.attributes, list(catalog["listing_id"]), args.drop))
     results = {}
     for path in args.encoders:
         encoder = ProductEncoder.from_pretrained(path)

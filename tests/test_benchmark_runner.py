@@ -316,3 +316,14 @@ def test_rar_seeds_logs_a_seed_and_reads_a_finished_one_back(monkeypatch, tmp_pa
     assert rar_seeds.run_seed(3, tmp_path / "demo", tmp_path / "seed3") == first and len(calls) == 1  # read back
     rar_seeds.run_seed(3, tmp_path / "demo", tmp_path / "seed3", extra=["--max_steps", "2"])  # another command
     assert len(calls) == 2
+
+
+def test_encoder_line_form_names_a_missing_catalog_column(small_catalog_dir, capsys):
+    from experiments.encoder_line_form import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--catalog", str(small_catalog_dir), "--encoders", "unused", "--columns", "true_attributes", "shade"])
+    assert "error: --columns 'shade'" in str(info.value)
+    with pytest.raises(SystemExit) as info:
+        main(["--catalog", str(small_catalog_dir), "--encoders", "unused"])
+    assert info.value.code == 2 and "--columns" in capsys.readouterr().err
