@@ -22,7 +22,7 @@ import math
 import random
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -391,6 +391,12 @@ def g4_g5(
     delta = rewards_of(reward, ids, [line or "none" for line in edited_rl]) - base
     part_delta = {part: float(np.nanmean(rewards_of(reward, ids, [line or "none" for line in lines]) - base))
                   for part, lines in (parts_rl or {}).items()}  # fmt: skip
+    # The reward's own ceiling for a line: the words its gallery already holds for the query's product (the most
+    # common policy line among the product's other listings). No policy can know them; the reward counts nothing else.
+    twin = own_product_lines(lookup, ids)
+    own = [twin.get(i) or format_attributes(line) or "none" for i, line in zip(ids, sft, strict=True)]
+    ceiling = rewards_of(reward, ids, own)
+    part_delta["own product's gallery line (the reward's ceiling)"] = float(np.nanmean(ceiling - base))
     group = np.stack([rewards_of(reward, ids, list(draw)) for draw in generated["rl"]["draws"]])  # [draw, listing]
     ok = ~np.isnan(delta) & ~np.isnan(group).any(axis=0)
     d, sigma = float(np.mean(delta[ok])), float(np.mean(group[:, ok].std(axis=0, ddof=1)))
@@ -412,6 +418,22 @@ def g4_g5(
             f"annotated by the SFT policy{rule}")  # fmt: skip
     g5 = signal_gate(sigma, d, args.rl_prompts, note)
     return g4, g5  # fmt: skip
+
+
+def own_product_lines(lookup, ids: list[str]) -> dict[str, str]:
+    """For each listing of ``ids``: the most common non-empty policy line among its product's other listings in
+    ``lookup`` (absent where the product has none)."""
+    by_product: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for lid, pid, line in zip(lookup["listing_id"], lookup["product_id"], lookup[POLICY_COLUMN], strict=True):
+        if line:
+            by_product[pid].append((lid, format_attributes(line)))
+    product = dict(zip(lookup["listing_id"], lookup["product_id"], strict=True))
+    out = {}
+    for lid in ids:
+        others = Counter(text for other, text in by_product[product[lid]] if other != lid and text)
+        if others:
+            out[lid] = others.most_common(1)[0][0]
+    return out
 
 
 def signal_gate(sigma: float, delta: float, prompts: int, note: str = "") -> dict:

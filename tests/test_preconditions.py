@@ -160,7 +160,9 @@ def test_the_command_on_another_vocabulary_measures_every_gate(
     assert " on 6 of the " in gates["G5"]["note"]  # the budget: six RL listings measured, the rest in the gallery
     assert [row[0].split(" − ")[0] for row in gates["G4"]["rows"][2:]] == [
         f"R@1 edited: {part} only" for part in ("drop", "undo", "restore")
-    ] + [f"reward δ, {part} only" for part in ("drop", "undo", "restore")]  # which edit moves R@1 and the reward
+    ] + [f"reward δ, {part} only" for part in ("drop", "undo", "restore")] + [
+        "reward δ, own product's gallery line (the reward's ceiling) only"
+    ]  # which edit moves R@1 and the reward, and the most the reward can give a line
     for gate_name in ("G1", "G2"):  # only the world's fine keys are checked; the others are reported
         assert all(row[3] is None for row in gates[gate_name]["rows"] if "`zeichen`" not in row[0])
     keys = {row[0].split("`")[1] for row in gates["G1"]["rows"]}
@@ -198,6 +200,20 @@ def test_bad_flags_are_one_error_line(load_recipe, small_catalog_dir, tiny_encod
 
 
 # ------------------------------------------------------------------ the recipe's gates on hand-made figures
+
+
+def test_own_product_lines_are_the_commonest_line_of_the_other_listings(load_recipe):
+    from datasets import Dataset
+
+    recipe = load_recipe("preconditions")
+    lookup = Dataset.from_dict({"listing_id": ["a", "b", "c", "d", "e", "f"],
+                                "product_id": ["P", "P", "P", "P", "Q", "P"],
+                                recipe.POLICY_COLUMN: [{"logo": "star"}, {"logo": "none"}, {"logo": "none"}, None,
+                                                       {"logo": "cross"}, {"logo": "star"}]})  # fmt: skip
+    twin = recipe.own_product_lines(lookup, ["a", "b", "d", "e"])
+    # a's others: none, none, star; b's: star, none, star; d (no line itself): a tie, the first seen wins; e's
+    # product has no other listing
+    assert twin == {"a": "logo: none", "b": "logo: star", "d": "logo: star"}
 
 
 def test_headroom_and_signal_gates_on_known_figures(load_recipe):
