@@ -335,3 +335,33 @@ def test_title_silent_keys_are_never_stated_and_leave_the_catalog_unchanged_when
     assert any(r["true_attributes"]["pattern"] in r["title"] for r in said)  # the default's titles do state it
     with pytest.raises(ValueError, match="title_silent_keys"):
         SyntheticCatalogConfig(output_dir=str(tmp_path), title_silent_keys=["material"])
+
+
+def test_equal_ink_leaves_only_the_detail_to_tell_patterns_and_logo_shapes_apart():
+    """Without it each pattern and logo shape has its own mean colour, which any downsampling keeps (the fair test's
+    third pilot: a 56 px embedder told family-mates apart by it); with it the means agree and the photos still
+    differ in their detail."""
+    from PIL import Image
+
+    from afmrl.embedded.photos import render_product_image
+
+    def photo(equal_ink, **attrs):
+        attrs = {"category": "phone case", "color": "red", "secondary_color": "blue", "pattern": "solid",
+                 "logo": "none", **attrs}  # fmt: skip
+        return render_product_image(attrs, np.random.default_rng(0), 112, logo_scale=0.1, pattern_period=0.04,
+                                    equal_ink=equal_ink)  # fmt: skip
+
+    def mean(image):
+        return np.asarray(image.resize((1, 1), Image.Resampling.BOX), dtype=float).ravel()
+
+    for equal_ink, spread in ((False, 10.0), (True, 1.0)):
+        means = [mean(photo(equal_ink, pattern=p)) for p in ("solid", "striped", "dotted", "checked", "zigzag")]
+        worst = max(float(np.abs(a - b).max()) for a in means for b in means)
+        assert (worst > spread) if not equal_ink else (worst < spread), (equal_ink, worst)
+        shapes = [
+            mean(photo(equal_ink, logo=s, secondary_color="red")) for s in ("star", "circle", "triangle", "cross")
+        ]
+        worst = max(float(np.abs(a - b).max()) for a in shapes for b in shapes)
+        assert (worst > 0.5) if not equal_ink else (worst < 0.2), (equal_ink, worst)
+    striped, dotted = (np.asarray(photo(True, pattern=p), dtype=float) for p in ("striped", "dotted"))
+    assert np.abs(striped - dotted).mean() > 5  # the detail is still there for a view that resolves it

@@ -78,6 +78,23 @@ def _shape_mask(category: str, box: tuple[float, float, float, float], canvas: i
     return mask
 
 
+def _equal_ink_layer(pattern: str, color, box, canvas: int, base, period: float) -> Image.Image:
+    """The texture with the same mean colour for every pattern: half ``color``, half ``base`` over the product. Where a
+    pattern's marks cover c of the box, a pattern with c > 1/2 draws its marks in a blend (1/(2c) of ``color``), one
+    with c < 1/2 tints the gaps, and ``solid`` is the even blend: what sets patterns apart is their detail alone, so a
+    view too coarse to resolve it sees one colour."""
+    marks = _pattern_layer(pattern, (255, 255, 255), box, canvas, (0, 0, 0), period)
+    inside = np.asarray(marks, dtype=np.float32)[..., 0] > 127
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    region = inside[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)]
+    c = float(region.mean()) if region.size else 0.0
+    on, off = (0.5 / c, 0.0) if c >= 0.5 else (1.0, (0.5 - c) / (1.0 - c))
+    weight = np.where(inside, on, off)[..., None]
+    base_rgb, color_rgb = np.asarray(base, dtype=np.float32), np.asarray(color, dtype=np.float32)
+    pixels = base_rgb + weight * (color_rgb - base_rgb)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
 def _pattern_layer(pattern: str, color, box, canvas: int, base, period: float = 0.2) -> Image.Image:
     layer = Image.new("RGB", (canvas, canvas), base)
     d = ImageDraw.Draw(layer)
@@ -123,12 +140,27 @@ def _draw_logo(d: ImageDraw.ImageDraw, logo: str, center, radius: float, color) 
         d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=color)
 
 
+def _logo_mask(logo: str, center, radius: float, canvas: int) -> np.ndarray:
+    mask = Image.new("L", (canvas, canvas), 0)
+    _draw_logo(ImageDraw.Draw(mask), logo, center, radius, 255)
+    return np.asarray(mask, dtype=np.float32) / 255.0
+
+
 def render_product_image(
-    attrs: dict, rng: np.random.Generator, size: int = 64, *, logo_scale: float = 0.13, pattern_period: float = 0.2
+    attrs: dict,
+    rng: np.random.Generator,
+    size: int = 64,
+    *,
+    logo_scale: float = 0.13,
+    pattern_period: float = 0.2,
+    equal_ink: bool = False,
 ) -> Image.Image:
     """Render one photo of a product from its true attributes, with per-photo variation. ``logo_scale`` (the mark's
     radius) and ``pattern_period`` (the texture's step) are fractions of the product's size: smaller values draw
-    details that a coarse view (few image tokens) blurs and a fine one resolves."""
+    details that a coarse view (few image tokens) blurs and a fine one resolves. ``equal_ink`` gives every pattern
+    the same mean colour and every logo shape the same amount of ink (a larger shape drawn fainter), so that only
+    the detail tells values apart: otherwise each value has its own ink, which survives any downsampling (the fair
+    test's third pilot). Off leaves every photo byte-identical."""
     canvas = size * _SUPERSAMPLE
     tone = int(rng.integers(185, 246))
     tint = rng.integers(-12, 13, size=3)
@@ -141,7 +173,8 @@ def render_product_image(
 
     body = PALETTE[attrs["color"]]
     accent = PALETTE[attrs["secondary_color"]]
-    product = _pattern_layer(attrs["pattern"], accent, box, canvas, body, pattern_period)
+    layer = _equal_ink_layer if equal_ink else _pattern_layer
+    product = layer(attrs["pattern"], accent, box, canvas, body, pattern_period)
     mask = _shape_mask(attrs["category"], box, canvas)
     image = Image.new("RGB", (canvas, canvas), background)
     image.paste(product, (0, 0), mask)
@@ -156,7 +189,15 @@ def render_product_image(
         luminance = 0.3 * body[0] + 0.59 * body[1] + 0.11 * body[2]
         ink = (20, 20, 20) if luminance > 140 else (245, 245, 245)
         logo_center = (cx, cy + 0.12 * scale)
-        _draw_logo(draw, attrs["logo"], logo_center, logo_scale * scale, ink)
+        if equal_ink:  # every shape the star's ink: the faintest shape at full strength, larger ones fainter
+            mask = _logo_mask(attrs["logo"], logo_center, logo_scale * scale, canvas)
+            star = _logo_mask("star", logo_center, logo_scale * scale, canvas).sum()
+            alpha = mask * min(1.0, float(star) / max(float(mask.sum()), 1e-6))
+            pixels = np.asarray(image, dtype=np.float32)
+            pixels = pixels + alpha[..., None] * (np.asarray(ink, dtype=np.float32) - pixels)
+            image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+        else:
+            _draw_logo(draw, attrs["logo"], logo_center, logo_scale * scale, ink)
 
     image = image.resize((size, size), Image.Resampling.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32)

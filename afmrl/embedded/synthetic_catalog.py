@@ -163,6 +163,14 @@ class SyntheticCatalogConfig:
     pattern_period: float = field(
         default=0.2, metadata={"help": "The texture's step as a fraction of the product (smaller: finer)."}
     )
+    equal_ink: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw every pattern with the same mean colour and every logo shape with the same ink, so that only "
+            "their detail tells them apart (a view too coarse for the detail sees one colour; a logo's presence "
+            "still shows). Off leaves the catalog byte-identical."
+        },
+    )
     test_fraction: float = field(default=0.3, metadata={"help": "Fraction of families put in the test split."})
     val_fraction: float = field(
         default=0.0,
@@ -474,7 +482,12 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
             for v in range(cfg.images_per_listing):
                 rel = f"images/{listing_id}.png" if cfg.images_per_listing == 1 else f"images/{listing_id}_{v}.png"
                 image = render_product_image(
-                    attrs, rng, cfg.image_size, logo_scale=cfg.logo_scale, pattern_period=cfg.pattern_period
+                    attrs,
+                    rng,
+                    cfg.image_size,
+                    logo_scale=cfg.logo_scale,
+                    pattern_period=cfg.pattern_period,
+                    equal_ink=cfg.equal_ink,
                 )
                 if clutter_rng is not None:
                     image, box = place_on_clutter(image, clutter_rng)
