@@ -5,7 +5,7 @@
 Steps, each skipped when its output exists (a killed run resumes at the step it stopped):
 
 1. the world's catalog (``afmrl.embedded.WORLDS[--world]``, seed ``--seed``: a pilot seed, never a confirmatory one);
-2. a pretraining corpus drawn in the world's style (112 px photos, the same fine details, other products) and a
+2. a pretraining corpus drawn in the world's style (112 px photos, the same fine details and ink, other products) and a
    generator base pretrained on it (``recipes/pretrain_tiny.py`` with ``pretrain_tiny_generator.yaml``, ``--passes``
    over the corpus), since a base pretrained on the default world's 64 px photos has never seen such details;
 3. the stage-1 encoder on the world's train split (``agcl_paper_world.yaml``: a 56 px view, 4 image tokens, and
@@ -57,7 +57,8 @@ def main(argv=None) -> None:
     run([py, "recipes/make_catalog.py", "--output_dir", str(corpus), "--seed", "2027", "--num_products",
          str(args.corpus_products), "--test_fraction", "0.03", "--duplicate_sku_fraction", "0", "--image_size",
          str(world["image_size"]), "--logo_scale", str(world["logo_scale"]), "--pattern_period",
-         str(world["pattern_period"])], corpus / "catalog.jsonl")  # fmt: skip
+         str(world["pattern_period"]), *(["--equal_ink", "true"] if world.get("equal_ink") else [])],
+        corpus / "catalog.jsonl")  # fmt: skip
     base = work / "generator-base"
     run([py, "recipes/pretrain_tiny.py", "--config", "recipes/configs/pretrain_tiny_generator.yaml", "--catalog",
          str(corpus), "--output_dir", str(base), "--passes", str(args.pretrain_passes)],
