@@ -365,3 +365,23 @@ def test_equal_ink_leaves_only_the_detail_to_tell_patterns_and_logo_shapes_apart
         assert (worst > 0.5) if not equal_ink else (worst < 0.2), (equal_ink, worst)
     striped, dotted = (np.asarray(photo(True, pattern=p), dtype=float) for p in ("striped", "dotted"))
     assert np.abs(striped - dotted).mean() > 5  # the detail is still there for a view that resolves it
+
+
+def test_title_key_rates_set_how_often_a_title_states_a_key(tmp_path):
+    """A rate replaces the usual one for its key (the fair test's grounded but rare fine-key words); silent wins; a
+    bad rate is refused."""
+    rated = rows(make_synthetic_catalog(tmp_path / "r", num_products=300, seed=4, title_key_rates="pattern:0.1"))
+    usual = rows(make_synthetic_catalog(tmp_path / "u", num_products=300, seed=4))
+
+    def stated(data):
+        words = {"solid": "plain"}
+        return sum(words.get(r["true_attributes"]["pattern"], r["true_attributes"]["pattern"]) in r["title"].split()
+                   for r in data) / len(data)  # fmt: skip
+
+    assert 0.05 < stated(rated) < 0.15 and stated(usual) > 0.45
+    silent = rows(make_synthetic_catalog(tmp_path / "s", num_products=80, seed=4, title_key_rates="pattern:1.0",
+                                         title_silent_keys=["pattern"]))  # fmt: skip
+    assert stated(silent) == 0.0
+    for bad in ("pattern:1.5", "shade:0.1", "pattern:lots"):
+        with pytest.raises(ValueError, match="title_key_rates"):
+            make_synthetic_catalog(tmp_path / "x", num_products=10, title_key_rates=bad)

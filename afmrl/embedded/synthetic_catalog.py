@@ -234,6 +234,15 @@ class SyntheticCatalogConfig:
             "byte-identical); otherwise another world (later random draws shift)."
         },
     )
+    title_key_rates: str = field(
+        default="",
+        metadata={
+            "help": "How often a title states a key, `key:rate,...` (e.g. `pattern:0.1,logo:0.1`), in place of the "
+            "usual rate: a word the embedder must read in a line is learnt where a title says it beside the photo, "
+            "and a rare one leaks little. A --title_silent_keys key stays silent. Empty: the usual rates (the "
+            "catalog byte-identical)."
+        },
+    )
     teacher_confusion_unit: str = field(
         default="listing",
         metadata={
@@ -280,6 +289,7 @@ class SyntheticCatalogConfig:
             "teacher_sees": self.teacher_sees in ("listing", "product"),
             "teacher_confusion_unit": self.teacher_confusion_unit in ("listing", "product"),
             "title_silent_keys": set(self.title_silent_keys) <= set(TITLE_OMISSION),
+            "title_key_rates": _rates_ok(self.title_key_rates),
             "exclude_up_to": self.exclude_up_to >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -290,7 +300,8 @@ class SyntheticCatalogConfig:
                 f"varying key (varying_keys of {', '.join(FAMILY_VARYING_KEYS)}), logo_scale and pattern_period in "
                 "(0, 0.5], teacher_confusions as key:true>written (true a value of that key, written another), "
                 "rates in [0, 1], teacher_sees and teacher_confusion_unit listing or product, "
-                "title_silent_keys among the attribute keys, test_fraction and val_fraction in [0, 1), "
+                "title_silent_keys among the attribute keys, title_key_rates as key:rate with rates in [0, 1], "
+                "test_fraction and val_fraction in [0, 1), "
                 "duplicate_sku_fraction in [0, 0.5)"
             )
 
@@ -303,6 +314,23 @@ def parse_confusions(text: str) -> dict[str, dict[str, str]]:
         true, _, written = pair.partition(">")
         out.setdefault(key.strip(), {})[true.strip()] = written.strip()
     return out
+
+
+def parse_rates(text: str) -> dict[str, float]:
+    """`"pattern:0.1,logo:0.2"` -> {"pattern": 0.1, "logo": 0.2}"""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, rate = item.partition(":")
+        out[key.strip()] = float(rate)
+    return out
+
+
+def _rates_ok(text: str) -> bool:
+    try:
+        rates = parse_rates(text)
+    except ValueError:
+        return False
+    return all(key in TITLE_OMISSION and 0.0 <= rate <= 1.0 for key, rate in rates.items())
 
 
 def _confusions_ok(text: str) -> bool:
@@ -395,10 +423,14 @@ def _product_draw(seed: int, true_attrs: dict, key: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
 
 
-def _title(rng: np.random.Generator, attrs: dict, silent=()) -> tuple[str, set[str]]:
-    """A seller's title and the keys it states (never a ``silent`` one)."""
-    phrases = []
-    keep = {key: rng.random() >= p for key, p in TITLE_OMISSION.items()}  # drawn for every key: the stream is kept
+def _title(rng: np.random.Generator, attrs: dict, silent=(), rates=None) -> tuple[str, set[str]]:
+    """A seller's title and the keys it states (never a ``silent`` one; a key of ``rates`` with that probability)."""
+    phrases, rates = [], rates or {}
+    draws = {key: rng.random() for key in TITLE_OMISSION}  # drawn for every key: the stream is kept
+    keep = {
+        key: u < rates[key] if key in rates else u >= p
+        for (key, p), u in zip(TITLE_OMISSION.items(), draws.values(), strict=True)
+    }
     keep = {key: kept and key not in silent for key, kept in keep.items()}
     if keep["brand"]:
         phrases.append(attrs["brand"].capitalize())
@@ -494,7 +526,7 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
                     boxes.append(box)
                 image.save(out / rel, format="PNG")
                 paths.append(rel)
-            title, title_keys = _title(rng, attrs, cfg.title_silent_keys)
+            title, title_keys = _title(rng, attrs, cfg.title_silent_keys, parse_rates(cfg.title_key_rates))
             row = {"listing_id": listing_id, "product_id": product_id, "title": title}
             if cfg.images_per_listing == 1:
                 row["image"] = paths[0]
