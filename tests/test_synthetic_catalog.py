@@ -385,3 +385,24 @@ def test_title_key_rates_set_how_often_a_title_states_a_key(tmp_path):
     for bad in ("pattern:1.5", "shade:0.1", "pattern:lots"):
         with pytest.raises(ValueError, match="title_key_rates"):
             make_synthetic_catalog(tmp_path / "x", num_products=10, title_key_rates=bad)
+
+
+def test_families_can_vary_in_two_keys_at_once(tmp_path):
+    """family_key_count 2: a family holds products of many pattern x logo pairs (near-duplicates by the dozen), each
+    still differing from some family-mate in one key; bad counts are refused."""
+    data = rows(make_synthetic_catalog(tmp_path / "f", num_products=60, seed=3, varying_keys=["pattern", "logo"],
+                                       family_key_count=2, min_family_size=12, max_family_size=20,
+                                       duplicate_sku_fraction=0.0))  # fmt: skip
+    by_family: dict = {}
+    for r in data:
+        by_family.setdefault(r["family_id"], {})[r["product_id"]] = r["true_attributes"]
+    big = [members for members in by_family.values() if len(members) >= 12]
+    assert big
+    for members in big:
+        truths = list(members.values())
+        assert {k for k in truths[0] if len({t[k] for t in truths}) > 1} == {"pattern", "logo"}
+        assert len({(t["pattern"], t["logo"]) for t in truths}) == len(truths)  # distinct products
+    for bad in ({"family_key_count": 3}, {"family_key_count": 2, "varying_keys": ["logo"]},
+                {"family_key_count": 2, "varying_keys": ["pattern", "logo"], "max_family_size": 26}):  # fmt: skip
+        with pytest.raises(ValueError, match="family_key_count|max_family_size"):
+            make_synthetic_catalog(tmp_path / "x", num_products=10, **bad)

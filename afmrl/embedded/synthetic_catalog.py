@@ -157,6 +157,14 @@ class SyntheticCatalogConfig:
         default_factory=lambda: list(FAMILY_VARYING_KEYS),
         metadata={"help": f"Keys a family may vary in, one per family (of {', '.join(FAMILY_VARYING_KEYS)})."},
     )
+    family_key_count: int = field(
+        default=1,
+        metadata={
+            "help": "How many of --varying_keys one family varies at once: 1, or 2 for families of every pair of "
+            "values (pattern x logo: up to 25 near-duplicates, so separating them moves a query across the ranks a "
+            "Recall@k reward counts). 1 leaves the catalog byte-identical."
+        },
+    )
     logo_scale: float = field(
         default=0.13, metadata={"help": "The logo mark's radius as a fraction of the product (smaller: finer)."}
     )
@@ -271,10 +279,10 @@ class SyntheticCatalogConfig:
             "image_size": self.image_size >= 16,
             "min_listings": 2 <= self.min_listings <= self.max_listings,
             "min_family_size": 1 <= self.min_family_size <= self.max_family_size,
-            "max_family_size": all(
-                k in FAMILY_VARYING_KEYS and self.max_family_size <= len(ATTRIBUTE_VALUES[k]) for k in self.varying_keys
-            )
-            and bool(self.varying_keys),
+            "max_family_size": all(k in FAMILY_VARYING_KEYS for k in self.varying_keys)
+            and bool(self.varying_keys)
+            and self.max_family_size <= _smallest_family_space(self.varying_keys, self.family_key_count),
+            "family_key_count": self.family_key_count in (1, 2) and self.family_key_count <= len(self.varying_keys),
             "logo_scale": 0.0 < self.logo_scale <= 0.5,
             "pattern_period": 0.0 < self.pattern_period <= 0.5,
             "teacher_confusion_rate": 0.0 <= self.teacher_confusion_rate <= 1.0,
@@ -297,13 +305,22 @@ class SyntheticCatalogConfig:
             raise ValueError(
                 f"invalid synthetic catalog argument(s) {bad}: need num_products >= 2, image_size >= 16, "
                 "2 <= min_listings <= max_listings, 1 <= min_family_size <= max_family_size <= the values of every "
-                f"varying key (varying_keys of {', '.join(FAMILY_VARYING_KEYS)}), logo_scale and pattern_period in "
+                f"varying key (varying_keys of {', '.join(FAMILY_VARYING_KEYS)}; of every pair of them with "
+                "family_key_count 2, which is 1 or 2 and at most the varying keys), logo_scale and pattern_period in "
                 "(0, 0.5], teacher_confusions as key:true>written (true a value of that key, written another), "
                 "rates in [0, 1], teacher_sees and teacher_confusion_unit listing or product, "
                 "title_silent_keys among the attribute keys, title_key_rates as key:rate with rates in [0, 1], "
                 "test_fraction and val_fraction in [0, 1), "
                 "duplicate_sku_fraction in [0, 0.5)"
             )
+
+
+def _smallest_family_space(keys, count: int) -> int:
+    """The fewest distinct members a family can have: the smallest value count of one varying key, or of a pair."""
+    sizes = [len(ATTRIBUTE_VALUES.get(k, ())) for k in keys]
+    if count == 1 or len(sizes) < 2:
+        return min(sizes, default=0)
+    return min(a * b for i, a in enumerate(sizes) for b in sizes[i + 1 :])
 
 
 def parse_confusions(text: str) -> dict[str, dict[str, str]]:
@@ -375,10 +392,14 @@ def _sample_families(
         size = min(int(rng.integers(cfg.min_family_size, cfg.max_family_size + 1)), remaining)
         for _attempt in range(100):
             base = {key: _choice(rng, values) for key, values in ATTRIBUTE_VALUES.items()}
-            key = _choice(rng, cfg.varying_keys)
-            pool = [v for v in ATTRIBUTE_VALUES[key]]
+            if cfg.family_key_count == 1:
+                key = _choice(rng, cfg.varying_keys)
+                pool = [{key: v} for v in ATTRIBUTE_VALUES[key]]
+            else:  # every pair of values of two varying keys
+                first, second = (cfg.varying_keys[i] for i in rng.permutation(len(cfg.varying_keys))[:2])
+                pool = [{first: a, second: b} for a in ATTRIBUTE_VALUES[first] for b in ATTRIBUTE_VALUES[second]]
             picks = rng.permutation(len(pool))[:size]
-            members = [{**base, key: pool[i]} for i in picks]
+            members = [{**base, **pool[i]} for i in picks]
             signatures = [tuple(m[k] for k in ATTRIBUTE_KEYS) for m in members]
             if not any(s in seen for s in signatures):
                 break
