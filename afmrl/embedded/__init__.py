@@ -37,78 +37,57 @@ def is_embedded_model(name: str) -> bool:
     return name in TINY_MODELS or name in PRETRAINED_MODELS
 
 
+# The first draft of the fair test's world, as its pilot ran (docs/experiments/preconditions_paper.md, 2026-12-07):
+# families of 4-5 products that differ in one fine detail (a small logo, a fine texture) drawn at 112 px, where a
+# 4-token embedder sees 56 px and a 16-token generator the whole photo; a teacher that reads one listing, writes
+# listing-level keys on every line and confuses some values by habit; 20% duplicate SKUs; thousands of RL products
+# stage 1 never sees (val), and more than 3,000 test listings. Each later draft changes only what it names.
+_PAPER_DRAFT1 = {
+    "num_products": 4200,
+    "image_size": 112,
+    "varying_keys": ["pattern", "logo"],
+    "min_family_size": 4,
+    "max_family_size": 5,
+    "logo_scale": 0.06,
+    "pattern_period": 0.06,
+    "test_fraction": 0.25,
+    "val_fraction": 0.7,
+    "duplicate_sku_fraction": 0.2,
+    "teacher_sees": "listing",
+    "teacher_redundancy_rate": 1.0,
+    "teacher_confusions": "pattern:dotted>checked,pattern:zigzag>striped,logo:circle>none,logo:triangle>star",
+    "teacher_confusion_rate": 0.6,
+    "teacher_error_rate": 0.03,
+    "teacher_omission_rate": 0.05,
+}
+# The second draft (preconditions_paper_v2.md): larger logos and a finer pattern, confusions into words the key
+# otherwise never holds drawn once per product (a deterministic teacher), a little less i.i.d. noise.
+_PAPER_DRAFT2 = {
+    **_PAPER_DRAFT1,
+    "logo_scale": 0.10,
+    "pattern_period": 0.04,
+    "teacher_confusions": "pattern:dotted>spotted,pattern:zigzag>chevron,logo:circle>ring,logo:triangle>delta",
+    "teacher_confusion_unit": "product",
+    "teacher_error_rate": 0.01,
+    "teacher_omission_rate": 0.01,
+}
+
 # Named worlds of the synthetic catalog (``embedded:NAME`` or ``embedded:NAME:SEED``): each sets the generator's
 # options to build a world with a given property, measured by recipes/preconditions.py before any method runs.
 WORLDS = {
-    # The paper's preconditions by construction (the fair test): families of 4-5 products that differ in one fine
-    # detail (a small logo, a fine texture) drawn at 112 px, where a 4-token embedder sees 56 px and a 16-token
-    # generator the whole photo; a teacher that reads one listing, writes listing-level keys on every line and
-    # confuses some values by habit (SFT copies habits, a retrieval reward can undo them); 20% duplicate SKUs;
-    # thousands of RL products stage 1 never sees (val), and more than 3,000 test listings. The third draft
-    # (docs/experiments/fair_test_plan.md, 2026-12-07): no title states the pattern or the logo (the second draft's
-    # embedder read them from titles at any image size), and the teacher's habit is a merge drawn once per product
-    # (60% of dotted products written checked, of circle logos written none): a greedy copy then writes two
-    # family-mates alike, which only a generator that undoes the habit tells apart.
+    # The paper's preconditions by construction (the fair test), third draft (docs/experiments/fair_test_plan.md,
+    # 2026-12-07): no title states the pattern or the logo (the second draft's embedder read them from titles), and the
+    # teacher's habit is a merge drawn once per product (60% of dotted products written checked, of circle logos
+    # written none): a greedy copy then writes two family-mates alike, which only a generator that undoes the habit
+    # tells apart.
     "paper": {
-        "num_products": 4200,
-        "image_size": 112,
-        "varying_keys": ["pattern", "logo"],
-        "min_family_size": 4,
-        "max_family_size": 5,
-        "logo_scale": 0.10,
-        "pattern_period": 0.04,
-        "test_fraction": 0.25,
-        "val_fraction": 0.7,
-        "duplicate_sku_fraction": 0.2,
+        **_PAPER_DRAFT2,
         "title_silent_keys": ["pattern", "logo"],
-        "teacher_sees": "listing",
-        "teacher_redundancy_rate": 1.0,
         "teacher_confusions": "pattern:dotted>checked,logo:circle>none",
-        "teacher_confusion_rate": 0.6,
-        "teacher_confusion_unit": "product",
-        "teacher_error_rate": 0.01,
-        "teacher_omission_rate": 0.01,
     },
-    # The second draft, as its pilot ran (docs/experiments/preconditions_paper_v2.md): kept so that record reproduces.
-    "paper-draft2": {
-        "num_products": 4200,
-        "image_size": 112,
-        "varying_keys": ["pattern", "logo"],
-        "min_family_size": 4,
-        "max_family_size": 5,
-        "logo_scale": 0.10,
-        "pattern_period": 0.04,
-        "test_fraction": 0.25,
-        "val_fraction": 0.7,
-        "duplicate_sku_fraction": 0.2,
-        "teacher_sees": "listing",
-        "teacher_redundancy_rate": 1.0,
-        "teacher_confusions": "pattern:dotted>spotted,pattern:zigzag>chevron,logo:circle>ring,logo:triangle>delta",
-        "teacher_confusion_rate": 0.6,
-        "teacher_confusion_unit": "product",
-        "teacher_error_rate": 0.01,
-        "teacher_omission_rate": 0.01,
-    },
-    # The first draft, as its pilot ran (docs/experiments/preconditions_paper.md, 2026-12-07): kept so that record
-    # reproduces.
-    "paper-draft1": {
-        "num_products": 4200,
-        "image_size": 112,
-        "varying_keys": ["pattern", "logo"],
-        "min_family_size": 4,
-        "max_family_size": 5,
-        "logo_scale": 0.06,
-        "pattern_period": 0.06,
-        "test_fraction": 0.25,
-        "val_fraction": 0.7,
-        "duplicate_sku_fraction": 0.2,
-        "teacher_sees": "listing",
-        "teacher_redundancy_rate": 1.0,
-        "teacher_confusions": "pattern:dotted>checked,pattern:zigzag>striped,logo:circle>none,logo:triangle>star",
-        "teacher_confusion_rate": 0.6,
-        "teacher_error_rate": 0.03,
-        "teacher_omission_rate": 0.05,
-    },
+    # The earlier drafts, as their pilots ran: kept so that their records reproduce.
+    "paper-draft2": _PAPER_DRAFT2,
+    "paper-draft1": _PAPER_DRAFT1,
     # The positive control PC2: the teacher is right but verbose (listing-level keys on every line, nothing else
     # wrong), so the only headroom RL can reach is dropping those keys.
     "verbose": {
