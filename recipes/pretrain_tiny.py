@@ -42,6 +42,7 @@ from afmrl.embedded.pretraining import (
 )
 from afmrl.embedded.synthetic_catalog import vocabulary_corpus
 from afmrl.embedded.tiny_models import build_tiny_mllm
+from afmrl.embedded.vision_stage import readout_accuracy, train_vision_stage
 from afmrl.encoder.model import DEFAULT_INSTRUCTION
 from afmrl.modeling import FAMILIES
 from rar.prompts import DEFAULT_PROMPT
@@ -114,6 +115,14 @@ class PretrainScriptArguments:
     )
     max_image_tokens: int = field(default=16, metadata={"help": "Most LLM tokens per image."})
     vocab_size: int = field(default=2048, metadata={"help": "Tokenizer vocabulary size (trained on the corpus)."})
+    vision_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Batches of a vision stage before the conversations: the tower learns to read every visible key "
+            "of the corpus directly (afmrl.embedded.vision_stage; real MLLMs start from a pretrained tower). 0: none."
+        },
+    )
+    vision_learning_rate: float = field(default=1e-3, metadata={"help": "The vision stage's peak learning rate."})
 
 
 def tokenizer_corpus(catalog, keys, column: str, phrasing: str = "natural") -> list[str]:
@@ -201,6 +210,8 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
         if perception_format == "auto":
             weights = [*script_args.task_probabilities, 0.0]
             perception_format = "caption" if weights[3] > weights[1] else "ask"
+        if script_args.vision_steps < 0:
+            raise ValueError(f"--vision_steps must be >= 0, got {script_args.vision_steps}")
         if perception_format not in PERCEPTION_FORMATS:
             raise ValueError(f"--perception_format {perception_format!r}: choose auto, {', '.join(PERCEPTION_FORMATS)}")
         catalog = load_catalog(script_args.catalog, split=script_args.split)
@@ -236,12 +247,29 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
         fail(err)
     logger.info("pretraining on %d conversations about %d photos; visible keys %s", len(dataset), len(catalog), keys)
 
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=processor)
     resume = training_args.resume_from_checkpoint
     if resume is None and Path(training_args.output_dir).is_dir():
         resume = get_last_checkpoint(training_args.output_dir)  # open-r1's convention: pick up where it stopped
         if resume:
             logger.info("resuming from %s", resume)
+    vision = {}
+    if script_args.vision_steps and not resume:  # a checkpoint already holds the trained tower
+        readout = train_vision_stage(
+            model,
+            processor,
+            catalog,
+            keys,
+            script_args.vision_steps,
+            batch_size=training_args.per_device_train_batch_size,
+            learning_rate=script_args.vision_learning_rate,
+            seed=training_args.seed,
+            column=script_args.attribute_column,
+        )
+        if held_out is not None:
+            vision = readout_accuracy(readout, processor, held_out, column=script_args.attribute_column)
+            logger.info("vision stage readout on held-out photos: %s", vision)
+        model.train()
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=processor)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     processor.save_pretrained(training_args.output_dir)
@@ -284,6 +312,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
             {
                 "perception": perception,
                 "perception_format": perception_format,
+                "vision_stage_readout": vision,
                 "minutes": round(elapsed / 60, 1),
                 "script_args": asdict(script_args),
             },
