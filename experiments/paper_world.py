@@ -7,7 +7,8 @@ Steps, each skipped when its output exists (a killed run resumes at the step it 
 1. the world's catalog (``afmrl.embedded.WORLDS[--world]``, seed ``--seed``: a pilot seed, never a confirmatory one);
 2. a pretraining corpus drawn in the world's style (112 px photos, the same fine details and ink, other products) and a
    generator base pretrained on it (``recipes/pretrain_tiny.py`` with ``pretrain_tiny_generator.yaml``, ``--passes``
-   over the corpus), since a base pretrained on the default world's 64 px photos has never seen such details;
+   over the corpus, after ``--vision_steps`` of a vision stage), since a base pretrained on the default world's 64 px
+   photos has never seen such details;
 3. the stage-1 encoder on the world's train split (``agcl_paper_world.yaml``: a 56 px view, 4 image tokens, and
    batches grouped by category and brand, where family-mates and duplicate SKUs meet);
 4. the SFT generator from the new base on the teacher's attributes of the train split;
@@ -44,6 +45,14 @@ def main(argv=None) -> None:
     parser.add_argument("--corpus_products", type=int, default=12000)
     parser.add_argument("--pretrain_passes", type=int, default=4, help="Passes over the corpus (the first draft: 2).")
     parser.add_argument(
+        "--vision_steps", type=int, default=0, help="The base's vision stage (pretrain_tiny.py --vision_steps)."
+    )
+    parser.add_argument(
+        "--gallery_attributes",
+        default="policy",
+        help="What the gates' reward gallery carries (preconditions.py --gallery_attributes): policy or reference.",
+    )
+    parser.add_argument(
         "--max_rl_listings", type=int, default=2000, help="The gates' budget: RL listings G4/G5 sample (all: 0)."
     )
     parser.add_argument("--doc", default=str(ROOT / "docs" / "experiments" / "preconditions_paper_v2.md"))
@@ -61,7 +70,8 @@ def main(argv=None) -> None:
         corpus / "catalog.jsonl")  # fmt: skip
     base = work / "generator-base"
     run([py, "recipes/pretrain_tiny.py", "--config", "recipes/configs/pretrain_tiny_generator.yaml", "--catalog",
-         str(corpus), "--output_dir", str(base), "--passes", str(args.pretrain_passes)],
+         str(corpus), "--output_dir", str(base), "--passes", str(args.pretrain_passes),
+         *(["--vision_steps", str(args.vision_steps)] if args.vision_steps else [])],
         base / "perception.json")  # fmt: skip
     encoder = work / "encoder"
     run([py, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_paper_world.yaml", "--catalog", catalog,
@@ -75,7 +85,7 @@ def main(argv=None) -> None:
     run([py, "recipes/preconditions.py", "--catalog", catalog, "--encoder", str(encoder), "--generator", str(sft),
          "--prompt_template", "Title: {title}\nAttributes:", "--agcl_config", "recipes/configs/agcl_paper_world.yaml",
          "--gallery_split", "train", "val", "--reward_kwargs", '{"mode": "recall_at_k", "k": "auto"}', "--output_dir",
-         str(gates), "--fine_keys", *world["varying_keys"],
+         str(gates), "--fine_keys", *world["varying_keys"], "--gallery_attributes", args.gallery_attributes,
          *(["--max_rl_listings", str(args.max_rl_listings)] if args.max_rl_listings else [])],
         gates / "preconditions.md")  # fmt: skip
     shutil.copy(gates / "preconditions.md", args.doc)

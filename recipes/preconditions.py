@@ -118,7 +118,15 @@ class PreconditionsArguments:
     k_target: float = field(default=0.85, metadata={"help": 'The rule of "k": "auto" (the fair test: 0.85).'})
     gallery_split: list[str] | None = field(
         default=None,
-        metadata={"help": "The reward gallery's splits, annotated by the SFT policy (default: the RL split alone)."},
+        metadata={"help": "The reward gallery's splits (default: the RL split alone)."},
+    )
+    gallery_attributes: str = field(
+        default="policy",
+        metadata={
+            "help": "What the reward gallery's listings carry (rar_grpo.py's flag of the same name): 'policy' (the "
+            "SFT policy's greedy lines), 'reference' (the stored `attributes` column: the teacher's lines) or a "
+            "column name."
+        },
     )
     rl_prompts: int | None = field(
         default=None, metadata={"help": "Prompts the RL run will draw (default: the RL split's listings, once)."}
@@ -370,10 +378,15 @@ def g4_g5(
     too, ``parts_rl``: reported), and the reward's spread within a group of the generator's own samples. The reward
     gallery (the RL split, or ``--gallery_split``) carries the SFT policy's lines; its k is fixed by ``choose_k`` when
     asked for ("auto")."""
-    policy = dict(zip(rl["listing_id"], generated["rl"]["lines"], strict=True))
-    policy.update(zip(gallery_rows["listing_id"], generated["gallery"]["lines"], strict=True))
     lookup = concatenate_datasets([rl, gallery_rows]) if len(gallery_rows) else rl
-    lookup = lookup.add_column(POLICY_COLUMN, [policy[lid] or None for lid in lookup["listing_id"]])
+    if args.gallery_attributes == "policy":
+        policy = dict(zip(rl["listing_id"], generated["rl"]["lines"], strict=True))
+        policy.update(zip(gallery_rows["listing_id"], generated["gallery"]["lines"], strict=True))
+        lines, source = [policy[lid] or None for lid in lookup["listing_id"]], "the SFT policy"
+    else:
+        column = gallery_column(args)
+        lines, source = [a or None for a in lookup[column]], f"the catalog's {column!r} column"
+    lookup = lookup.add_column(POLICY_COLUMN, lines)
     splits = list(dict.fromkeys(args.gallery_split or [args.rl_split]))
     reward_kwargs, rule = dict(args.reward), ""
     if reward_kwargs.get("k") == "auto":
@@ -415,9 +428,14 @@ def g4_g5(
                  for part, value in part_delta.items()]], edits)  # fmt: skip
     measured = f"{len(rl):,} of the " if len(rl) < args.rl_prompts else "the "
     note = (f"reward {json.dumps(reward_kwargs)} on {measured}{args.rl_split!r} prompts, gallery {' + '.join(splits)} "
-            f"annotated by the SFT policy{rule}")  # fmt: skip
+            f"annotated by {source}{rule}")  # fmt: skip
     g5 = signal_gate(sigma, d, args.rl_prompts, note)
     return g4, g5  # fmt: skip
+
+
+def gallery_column(args) -> str:
+    """The catalog column ``--gallery_attributes`` names ('reference': the stored ``attributes``)."""
+    return "attributes" if args.gallery_attributes == "reference" else args.gallery_attributes
 
 
 def own_product_lines(lookup, ids: list[str]) -> dict[str, str]:
@@ -561,6 +579,9 @@ def main(args: PreconditionsArguments) -> dict:
     for path in args.pilot or []:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--pilot {path!r} does not exist")
+    if args.gallery_attributes != "policy" and gallery_column(args) not in rl.column_names:
+        raise ValueError(f"--gallery_attributes {args.gallery_attributes!r}: the catalog has no "
+                         f"{gallery_column(args)!r} column")  # fmt: skip
     has_truth = args.truth_column in evaluation.column_names
     no_truth = f"the catalog has no {args.truth_column!r} column"
     if args.fine_keys and has_truth:  # before any model loads: a misspelt key would leave G1 and G2 unchecked

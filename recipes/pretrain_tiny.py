@@ -123,6 +123,14 @@ class PretrainScriptArguments:
         },
     )
     vision_learning_rate: float = field(default=1e-3, metadata={"help": "The vision stage's peak learning rate."})
+    vision_keys: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The keys the vision stage reads (default: every visible key). On an equal-ink corpus a stage "
+            "on all five keys learnt the colours and left the pattern at chance; on pattern and logo alone it read "
+            "the pattern (docs/experiments/fair_test_plan.md)."
+        },
+    )
 
 
 def tokenizer_corpus(catalog, keys, column: str, phrasing: str = "natural") -> list[str]:
@@ -216,6 +224,10 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
             raise ValueError(f"--perception_format {perception_format!r}: choose auto, {', '.join(PERCEPTION_FORMATS)}")
         catalog = load_catalog(script_args.catalog, split=script_args.split)
         keys = visible_keys(catalog, script_args.hidden_keys, script_args.attribute_column)
+        vision_keys = script_args.vision_keys or keys
+        if set(vision_keys) - set(keys):
+            raise ValueError(f"--vision_keys {sorted(set(vision_keys) - set(keys))}: not visible keys of the corpus "
+                             f"(its visible keys: {', '.join(keys)})")  # fmt: skip
         held_out = None
         if script_args.eval_split not in (None, "", "none"):
             held_out = load_catalog(script_args.catalog, split=script_args.eval_split)
@@ -258,7 +270,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, command
             model,
             processor,
             catalog,
-            keys,
+            vision_keys,
             script_args.vision_steps,
             batch_size=training_args.per_device_train_batch_size,
             learning_rate=script_args.vision_learning_rate,

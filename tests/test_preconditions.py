@@ -151,13 +151,17 @@ def _run(load_recipe, tmp_path, catalog, encoder, generator, base, extra=()):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("gallery", ["policy", "reference"])
 def test_the_command_on_another_vocabulary_measures_every_gate(
-    load_recipe, catalogs, tiny_encoder_dir, warm_policy_dir, tiny_model_dir, tmp_path, one_thread
+    load_recipe, catalogs, tiny_encoder_dir, warm_policy_dir, tiny_model_dir, tmp_path, one_thread, gallery
 ):
+    extra = ["--max_rl_listings", "6", "--fine_keys", "zeichen", "--gallery_attributes", gallery]
     gates, page = _run(load_recipe, tmp_path, catalogs / "other", tiny_encoder_dir, warm_policy_dir, tiny_model_dir,
-                       ["--max_rl_listings", "6", "--fine_keys", "zeichen"])  # fmt: skip
+                       extra)  # fmt: skip
     assert all(g["status"] in ("pass", "fail") for name, g in gates.items()), gates
     assert " on 6 of the " in gates["G5"]["note"]  # the budget: six RL listings measured, the rest in the gallery
+    source = {"policy": "the SFT policy", "reference": "the catalog's 'attributes' column"}[gallery]
+    assert f"annotated by {source}" in gates["G5"]["note"]
     assert [row[0].split(" − ")[0] for row in gates["G4"]["rows"][2:]] == [
         f"R@1 edited: {part} only" for part in ("drop", "undo", "restore")
     ] + [f"reward δ, {part} only" for part in ("drop", "undo", "restore")] + [
@@ -192,7 +196,8 @@ def test_bad_flags_are_one_error_line(load_recipe, small_catalog_dir, tiny_encod
     recipe = load_recipe("preconditions")
     for extra, fragment in ((["--reward_kwargs", "{nope"], "--reward_kwargs"), (["--pilot", "nowhere.json"], "--pilot"),
                             (["--eval_split", "nope"], "nope"),
-                            (["--fine_keys", "logo", "shade"], "shade")):  # fmt: skip
+                            (["--fine_keys", "logo", "shade"], "shade"),
+                            (["--gallery_attributes", "teacher"], "--gallery_attributes")):  # fmt: skip
         with pytest.raises(SystemExit) as info:
             recipe.cli(["--catalog", str(small_catalog_dir), "--encoder", str(tiny_encoder_dir), *extra])
         err = capsys.readouterr().err

@@ -191,7 +191,9 @@ def test_visible_keys_refuse_a_catalog_without_them(tmp_path, corpus_dir):
 
 
 @pytest.mark.usefixtures("no_weights")
-@pytest.mark.parametrize("case", ["no column", "all hidden", "no catalog", "bad format", "negative vision steps"])
+@pytest.mark.parametrize(
+    "case", ["no column", "all hidden", "no catalog", "bad format", "negative vision steps", "hidden vision key"]
+)
 def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, corpus_dir, case, load_recipe, capsys):
     """In process: exit 2 and one `error:` line naming the column, before any model exists."""
     rows = _rows(corpus_dir)
@@ -208,6 +210,8 @@ def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, c
         args += ["--perception_format", "describe"]
     if case == "negative vision steps":
         args += ["--vision_steps", "-1"]
+    if case == "hidden vision key":
+        args += ["--vision_steps", "3", "--vision_keys", "pattern", "brand"]
     recipe = load_recipe("pretrain_tiny")
     recipe.build_tiny_mllm = lambda *a, **k: pytest.fail("a model was built before the inputs were checked")
     with pytest.raises(SystemExit) as info:
@@ -222,6 +226,7 @@ def test_bad_pretraining_catalog_fails_before_training_with_one_line(tmp_path, c
         "no catalog": "--catalog",
         "bad format": "--perception_format 'describe'",
         "negative vision steps": "--vision_steps",
+        "hidden vision key": "--vision_keys ['brand']",
     }[case] in error[0]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 

@@ -50,7 +50,7 @@ def test_pretraining_with_a_vision_stage_is_reproduced_and_reports_its_readout(
     tmp_path, catalog_dir, load_recipe, one_thread
 ):
     """``--vision_steps`` runs the stage before the conversations: same flags, same weights; the weights differ from
-    a run without it; perception.json holds the stage's held-out readout."""
+    a run without it; perception.json holds the stage's held-out readout, of the keys ``--vision_keys`` names."""
     common = [
         "--config",
         "recipes/configs/pretrain_tiny_encoder.yaml",
@@ -76,3 +76,7 @@ def test_pretraining_with_a_vision_stage_is_reproduced_and_reports_its_readout(
     readout = json.loads((tmp_path / "a" / "perception.json").read_text())["vision_stage_readout"]
     assert set(readout) == {"category", "color", "secondary_color", "pattern", "logo"}
     assert json.loads((tmp_path / "none" / "perception.json").read_text())["vision_stage_readout"] == {}
+    load_recipe("pretrain_tiny").cli(
+        [*common, "--output_dir", str(tmp_path / "keys"), "--vision_steps", "2", "--vision_keys", "color"]
+    )
+    assert set(json.loads((tmp_path / "keys" / "perception.json").read_text())["vision_stage_readout"]) == {"color"}
