@@ -63,10 +63,11 @@ def main(argv=None) -> None:
     catalog = resolve_catalog(f"embedded:{args.world}:{args.seed}", "outputs/embedded")
 
     corpus = work / "pretrain-corpus"
+    ink = ["--equal_ink", "true", "--equal_ink_keys", *world.get("equal_ink_keys", ["pattern", "logo"])]
     run([py, "recipes/make_catalog.py", "--output_dir", str(corpus), "--seed", "2027", "--num_products",
          str(args.corpus_products), "--test_fraction", "0.03", "--duplicate_sku_fraction", "0", "--image_size",
          str(world["image_size"]), "--logo_scale", str(world["logo_scale"]), "--pattern_period",
-         str(world["pattern_period"]), *(["--equal_ink", "true"] if world.get("equal_ink") else [])],
+         str(world["pattern_period"]), *(ink if world.get("equal_ink") else [])],
         corpus / "catalog.jsonl")  # fmt: skip
     base = work / "generator-base"
     run([py, "recipes/pretrain_tiny.py", "--config", "recipes/configs/pretrain_tiny_generator.yaml", "--catalog",

@@ -367,6 +367,29 @@ def test_equal_ink_leaves_only_the_detail_to_tell_patterns_and_logo_shapes_apart
     assert np.abs(striped - dotted).mean() > 5  # the detail is still there for a view that resolves it
 
 
+def test_equal_ink_keys_even_out_the_pattern_alone_and_keep_the_logos_ink(tmp_path):
+    """``equal_ink_keys ["pattern"]``: patterns share one mean colour, logo shapes keep their own ink (the fair test's
+    fourth draft: no view reads an equal-ink logo); a key outside pattern and logo is refused."""
+    from PIL import Image
+
+    from afmrl.embedded.photos import render_product_image
+
+    def mean(**attrs):
+        attrs = {"category": "phone case", "color": "red", "secondary_color": "blue", "pattern": "solid",
+                 "logo": "none", **attrs}  # fmt: skip
+        image = render_product_image(attrs, np.random.default_rng(0), 112, logo_scale=0.1, pattern_period=0.1,
+                                     equal_ink=True, equal_ink_keys=("pattern",))  # fmt: skip
+        return np.asarray(image.resize((1, 1), Image.Resampling.BOX), dtype=float).ravel()
+
+    def spread(means):
+        return max(float(np.abs(a - b).max()) for a in means for b in means)
+
+    assert spread([mean(pattern=p) for p in ("solid", "striped", "dotted", "checked", "zigzag")]) < 1.0
+    assert spread([mean(logo=s, secondary_color="red") for s in ("star", "circle", "triangle", "cross")]) > 0.5
+    with pytest.raises(ValueError, match="equal_ink_keys"):
+        SyntheticCatalogConfig(output_dir=str(tmp_path), equal_ink_keys=["color"])
+
+
 def test_title_key_rates_set_how_often_a_title_states_a_key(tmp_path):
     """A rate replaces the usual one for its key (the fair test's grounded but rare fine-key words); silent wins; a
     bad rate is refused."""

@@ -154,13 +154,15 @@ def render_product_image(
     logo_scale: float = 0.13,
     pattern_period: float = 0.2,
     equal_ink: bool = False,
+    equal_ink_keys: tuple[str, ...] = ("pattern", "logo"),
 ) -> Image.Image:
     """Render one photo of a product from its true attributes, with per-photo variation. ``logo_scale`` (the mark's
     radius) and ``pattern_period`` (the texture's step) are fractions of the product's size: smaller values draw
     details that a coarse view (few image tokens) blurs and a fine one resolves. ``equal_ink`` gives every pattern
     the same mean colour and every logo shape the same amount of ink (a larger shape drawn fainter), so that only
     the detail tells values apart: otherwise each value has its own ink, which survives any downsampling (the fair
-    test's third pilot). Off leaves every photo byte-identical."""
+    test's third pilot); ``equal_ink_keys`` names which of the two it evens out. Off leaves every photo
+    byte-identical."""
     canvas = size * _SUPERSAMPLE
     tone = int(rng.integers(185, 246))
     tint = rng.integers(-12, 13, size=3)
@@ -173,7 +175,7 @@ def render_product_image(
 
     body = PALETTE[attrs["color"]]
     accent = PALETTE[attrs["secondary_color"]]
-    layer = _equal_ink_layer if equal_ink else _pattern_layer
+    layer = _equal_ink_layer if equal_ink and "pattern" in equal_ink_keys else _pattern_layer
     product = layer(attrs["pattern"], accent, box, canvas, body, pattern_period)
     mask = _shape_mask(attrs["category"], box, canvas)
     image = Image.new("RGB", (canvas, canvas), background)
@@ -189,7 +191,9 @@ def render_product_image(
         luminance = 0.3 * body[0] + 0.59 * body[1] + 0.11 * body[2]
         ink = (20, 20, 20) if luminance > 140 else (245, 245, 245)
         logo_center = (cx, cy + 0.12 * scale)
-        if equal_ink:  # every shape the star's ink: the faintest shape at full strength, larger ones fainter
+        if (
+            equal_ink and "logo" in equal_ink_keys
+        ):  # every shape the star's ink: the faintest shape at full strength, larger ones fainter
             mask = _logo_mask(attrs["logo"], logo_center, logo_scale * scale, canvas)
             star = _logo_mask("star", logo_center, logo_scale * scale, canvas).sum()
             alpha = mask * min(1.0, float(star) / max(float(mask.sum()), 1e-6))

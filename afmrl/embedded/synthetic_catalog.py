@@ -179,6 +179,10 @@ class SyntheticCatalogConfig:
             "still shows). Off leaves the catalog byte-identical."
         },
     )
+    equal_ink_keys: list[str] = field(
+        default_factory=lambda: ["pattern", "logo"],
+        metadata={"help": "Which of pattern and logo --equal_ink evens out (the fair test's fourth draft: pattern)."},
+    )
     test_fraction: float = field(default=0.3, metadata={"help": "Fraction of families put in the test split."})
     val_fraction: float = field(
         default=0.0,
@@ -285,6 +289,7 @@ class SyntheticCatalogConfig:
             "family_key_count": self.family_key_count in (1, 2) and self.family_key_count <= len(self.varying_keys),
             "logo_scale": 0.0 < self.logo_scale <= 0.5,
             "pattern_period": 0.0 < self.pattern_period <= 0.5,
+            "equal_ink_keys": bool(self.equal_ink_keys) and set(self.equal_ink_keys) <= {"pattern", "logo"},
             "teacher_confusion_rate": 0.0 <= self.teacher_confusion_rate <= 1.0,
             "teacher_confusions": _confusions_ok(self.teacher_confusions),
             "test_fraction": 0.0 <= self.test_fraction < 1.0,
@@ -307,7 +312,8 @@ class SyntheticCatalogConfig:
                 "2 <= min_listings <= max_listings, 1 <= min_family_size <= max_family_size <= the values of every "
                 f"varying key (varying_keys of {', '.join(FAMILY_VARYING_KEYS)}; of every pair of them with "
                 "family_key_count 2, which is 1 or 2 and at most the varying keys), logo_scale and pattern_period in "
-                "(0, 0.5], teacher_confusions as key:true>written (true a value of that key, written another), "
+                "(0, 0.5], equal_ink_keys among pattern and logo, teacher_confusions as key:true>written (true a "
+                "value of that key, written another), "
                 "rates in [0, 1], teacher_sees and teacher_confusion_unit listing or product, "
                 "title_silent_keys among the attribute keys, title_key_rates as key:rate with rates in [0, 1], "
                 "test_fraction and val_fraction in [0, 1), "
@@ -541,6 +547,7 @@ def make_synthetic_catalog(output_dir: str | Path | None = None, **kwargs) -> Pa
                     logo_scale=cfg.logo_scale,
                     pattern_period=cfg.pattern_period,
                     equal_ink=cfg.equal_ink,
+                    equal_ink_keys=tuple(cfg.equal_ink_keys),
                 )
                 if clutter_rng is not None:
                     image, box = place_on_clutter(image, clutter_rng)
