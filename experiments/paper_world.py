@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--vision_steps", type=int, default=0, help="The base's vision stage (pretrain_tiny.py --vision_steps)."
     )
+    parser.add_argument("--vision_keys", nargs="+", default=None, help="The keys its vision stage reads.")
     parser.add_argument(
         "--gallery_attributes",
         default="policy",
@@ -63,7 +64,11 @@ def main(argv=None) -> None:
     catalog = resolve_catalog(f"embedded:{args.world}:{args.seed}", "outputs/embedded")
 
     corpus = work / "pretrain-corpus"
-    ink = ["--equal_ink", "true", "--equal_ink_keys", *world.get("equal_ink_keys", ["pattern", "logo"])]
+    evened = world.get("equal_ink_keys", ["pattern", "logo"]) if world.get("equal_ink") else []
+    ink = ["--equal_ink", "true", "--equal_ink_keys", *evened]
+    # The fine keys G1 and G2 check: the varying keys, less those that keep their ink where the world evens it out
+    # (the fourth draft's logo, which both models read by design).
+    fine = [k for k in world["varying_keys"] if not evened or k in evened]
     run([py, "recipes/make_catalog.py", "--output_dir", str(corpus), "--seed", "2027", "--num_products",
          str(args.corpus_products), "--test_fraction", "0.03", "--duplicate_sku_fraction", "0", "--image_size",
          str(world["image_size"]), "--logo_scale", str(world["logo_scale"]), "--pattern_period",
@@ -72,7 +77,8 @@ def main(argv=None) -> None:
     base = work / "generator-base"
     run([py, "recipes/pretrain_tiny.py", "--config", "recipes/configs/pretrain_tiny_generator.yaml", "--catalog",
          str(corpus), "--output_dir", str(base), "--passes", str(args.pretrain_passes),
-         *(["--vision_steps", str(args.vision_steps)] if args.vision_steps else [])],
+         *(["--vision_steps", str(args.vision_steps)] if args.vision_steps else []),
+         *(["--vision_keys", *args.vision_keys] if args.vision_keys else [])],
         base / "perception.json")  # fmt: skip
     encoder = work / "encoder"
     run([py, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_paper_world.yaml", "--catalog", catalog,
@@ -86,7 +92,7 @@ def main(argv=None) -> None:
     run([py, "recipes/preconditions.py", "--catalog", catalog, "--encoder", str(encoder), "--generator", str(sft),
          "--prompt_template", "Title: {title}\nAttributes:", "--agcl_config", "recipes/configs/agcl_paper_world.yaml",
          "--gallery_split", "train", "val", "--reward_kwargs", '{"mode": "recall_at_k", "k": "auto"}', "--output_dir",
-         str(gates), "--fine_keys", *world["varying_keys"], "--gallery_attributes", args.gallery_attributes,
+         str(gates), "--fine_keys", *fine, "--gallery_attributes", args.gallery_attributes,
          *(["--max_rl_listings", str(args.max_rl_listings)] if args.max_rl_listings else [])],
         gates / "preconditions.md")  # fmt: skip
     shutil.copy(gates / "preconditions.md", args.doc)

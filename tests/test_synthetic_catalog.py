@@ -289,7 +289,7 @@ def test_a_named_world_is_cached_under_its_options_so_a_redrawn_world_is_rebuilt
         embedded.resolve_catalog("embedded:nowhere", tmp_path)
 
 
-@pytest.mark.parametrize("world", ["paper", "paper-draft2", "paper-draft1", "verbose"])
+@pytest.mark.parametrize("world", ["paper", "paper-draft3", "paper-draft2", "paper-draft1", "verbose"])
 def test_every_named_world_is_valid_and_deterministic_at_a_small_size(tmp_path, world):
     """The fair test's worlds (afmrl.embedded.WORLDS) at 40 products: their options pass the generator's checks, the
     same seed gives the same bytes, and a paper world has what it promises (112 px photos, families that differ in

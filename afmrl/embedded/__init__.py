@@ -71,21 +71,34 @@ _PAPER_DRAFT2 = {
     "teacher_error_rate": 0.01,
     "teacher_omission_rate": 0.01,
 }
+# The third draft (preconditions_paper_v3.md): no title states the pattern or the logo (the second draft's embedder
+# read them from titles), and the teacher's habit is a merge drawn once per product (60% of dotted products written
+# checked, of circle logos written none).
+_PAPER_DRAFT3 = {
+    **_PAPER_DRAFT2,
+    "title_silent_keys": ["pattern", "logo"],
+    "teacher_confusions": "pattern:dotted>checked,logo:circle>none",
+}
 
 # Named worlds of the synthetic catalog (``embedded:NAME`` or ``embedded:NAME:SEED``): each sets the generator's
 # options to build a world with a given property, measured by recipes/preconditions.py before any method runs.
 WORLDS = {
-    # The paper's preconditions by construction (the fair test), third draft (docs/experiments/fair_test_plan.md,
-    # 2026-12-07): no title states the pattern or the logo (the second draft's embedder read them from titles), and the
-    # teacher's habit is a merge drawn once per product (60% of dotted products written checked, of circle logos
-    # written none): a greedy copy then writes two family-mates alike, which only a generator that undoes the habit
-    # tells apart.
+    # The paper's preconditions by construction (the fair test), fourth draft (docs/experiments/fair_test_plan.md,
+    # 2026-12-07): every pattern drawn with one mean colour at a period of 0.10, which the generator's view resolves
+    # and the embedder's 56 px view does not (a direct readout: 79% against 19%); the logo keeps its ink (no equal-ink
+    # logo scale gave the asymmetry), a key both models read; pattern and logo in 1 title of 10 (a line's words are
+    # grounded somewhere); the teacher's merges drawn per listing, so that a product's gallery listings disagree.
     "paper": {
-        **_PAPER_DRAFT2,
-        "title_silent_keys": ["pattern", "logo"],
-        "teacher_confusions": "pattern:dotted>checked,logo:circle>none",
+        **_PAPER_DRAFT3,
+        "pattern_period": 0.10,
+        "equal_ink": True,
+        "equal_ink_keys": ["pattern"],
+        "title_silent_keys": [],
+        "title_key_rates": "pattern:0.1,logo:0.1",
+        "teacher_confusion_unit": "listing",
     },
     # The earlier drafts, as their pilots ran: kept so that their records reproduce.
+    "paper-draft3": _PAPER_DRAFT3,
     "paper-draft2": _PAPER_DRAFT2,
     "paper-draft1": _PAPER_DRAFT1,
     # The positive control PC2: the teacher is right but verbose (listing-level keys on every line, nothing else
