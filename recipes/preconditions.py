@@ -242,11 +242,12 @@ def r_at_1(metrics: dict) -> float:
 
 def generate(args, evaluation, rl, gallery_rows) -> dict:
     """The generator's greedy lines and ``--samples`` sampled lines per listing on the test and RL splits, and its
-    greedy lines on the reward gallery's other listings."""
+    greedy lines on the reward gallery's other listings (only where the gallery carries the policy's lines)."""
     template = prompt_of(args)
     model, processor = load_generator(args.generator, cache_dir=args.cache_dir)
     out = {}
-    for name, ds in (("eval", evaluation), ("rl", rl), ("gallery", gallery_rows)):
+    roles = (("eval", evaluation), ("rl", rl), ("gallery", gallery_rows))
+    for name, ds in roles if args.gallery_attributes == "policy" else roles[:2]:
         texts = annotate(
             ds,
             (model, processor),
@@ -617,8 +618,8 @@ def main(args: PreconditionsArguments) -> dict:
             gallery_rows = concatenate_datasets([gallery_rows, rest]) if len(gallery_rows) else rest
             rl = rl.select(sorted(order[: args.max_rl_listings].tolist()))
         generated = generate(args, evaluation, rl, gallery_rows)
-        save_lines(Path(args.output_dir) / "lines.jsonl", {"eval": evaluation, "rl": rl, "gallery": gallery_rows},
-                   generated)  # fmt: skip
+        read = {"eval": evaluation, "rl": rl, **({"gallery": gallery_rows} if "gallery" in generated else {})}
+        save_lines(Path(args.output_dir) / "lines.jsonl", read, generated)
         habits = teacher_habits(list(train[args.teacher_column]), truths(train, args.truth_column)) if has_truth else {}
         results["G2"] = g2(evaluation, truth_eval, generated["eval"]["lines"], fam, embedder, args.fine_keys,
                            habits) if has_truth else skipped(no_truth)  # fmt: skip

@@ -45,6 +45,21 @@ def test_a_frozen_tower_trains_the_heads_only(catalog_dir, one_thread):
     assert any(p.abs().sum() > 0 for p in readout.queries.values())
 
 
+def test_rows_without_a_value_are_neither_trained_on_nor_counted(catalog_dir, one_thread):
+    """A photo whose key has no value (None in the column) is left out of that key's loss and accuracy, not read as a
+    value and not an error."""
+    train = load_catalog(catalog_dir, split="train")
+    train = train.map(lambda a, i: {"true_attributes": {**a, "pattern": None} if i % 2 else a},
+                      input_columns=["true_attributes"], with_indices=True)  # fmt: skip
+    model, processor = build_tiny_mllm(seed=0)
+    readout = train_vision_stage(model, processor, train, ["pattern"], steps=2, batch_size=1)  # one row has no value
+    assert all(np.isfinite(readout.losses))
+    assert "None" not in readout.values["pattern"]
+    first = readout_accuracy(readout, processor, train.select([0]))["pattern"]
+    assert first in (0.0, 1.0)  # the row with a value alone counts: 0 or 1 of 1
+    assert readout_accuracy(readout, processor, train.select([1]))["pattern"] == 0.0  # nothing to count
+
+
 @pytest.mark.slow
 def test_pretraining_with_a_vision_stage_is_reproduced_and_reports_its_readout(
     tmp_path, catalog_dir, load_recipe, one_thread

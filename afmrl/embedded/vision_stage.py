@@ -69,9 +69,13 @@ def _pixels(processor, images, max_side: int = 0):
 
 
 def _labels(attributes, values: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    return {
-        k: torch.tensor([v.index(str(a[k])) if str(a[k]) in v else -1 for a in attributes]) for k, v in values.items()
-    }
+    """Each key's class per row; -100 (ignored by the loss, not counted by the accuracy) where the row has no value
+    for the key or one the heads were not built with."""
+    out = {}
+    for key, known in values.items():
+        found = [(a or {}).get(key) for a in attributes]
+        out[key] = torch.tensor([known.index(str(v)) if v is not None and str(v) in known else -100 for v in found])
+    return out
 
 
 def train_vision_stage(
@@ -92,9 +96,9 @@ def train_vision_stage(
 ) -> KeyReadout:
     """Train ``model``'s vision tower (in place, unless ``train_tower`` is False) with a ``KeyReadout`` on
     ``catalog``'s photos and true ``keys`` for ``steps`` batches (AdamW, warmup and cosine decay, gradients clipped
-    at 1); photos are drawn in a permutation seeded by ``seed``. Returns the readout (its ``losses`` attribute holds
-    each step's loss). ``image_max_side`` scales photos down first (the embedder's view);
-    ``on_step(step, readout)`` runs after every step (an evaluation, say)."""
+    at 1); photos are drawn in a permutation seeded by ``seed``, and a batch without any value of ``keys`` is skipped.
+    Returns the readout (its ``losses`` attribute holds each trained step's loss). ``image_max_side`` scales photos
+    down first (the embedder's view); ``on_step(step, readout)`` runs after every step (an evaluation, say)."""
     torch.manual_seed(seed)
     readout = readout or KeyReadout(model.model.visual, key_values(catalog, keys, column))
     readout.visual.requires_grad_(train_tower)
@@ -108,13 +112,15 @@ def train_vision_stage(
         rows = catalog.select(order[(step * batch_size + np.arange(batch_size)) % len(order)])
         logits = readout(*_pixels(processor, rows["image"], image_max_side))
         targets = _labels(rows[column], readout.values)
-        loss = sum(torch.nn.functional.cross_entropy(logits[k], targets[k]) for k in readout.values)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        present = [k for k in readout.values if (targets[k] >= 0).any()]  # a key no row has a value for adds nothing
+        if present:
+            loss = sum(torch.nn.functional.cross_entropy(logits[k], targets[k]) for k in present)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            readout.losses.append(loss.item())
         schedule.step()
         optimizer.zero_grad()
-        readout.losses.append(loss.item())
         if on_step is not None:
             on_step(step + 1, readout)
     readout.visual.requires_grad_(True)
