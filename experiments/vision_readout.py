@@ -31,7 +31,7 @@ from transformers import AutoModelForImageTextToText
 
 from afmrl.catalog.load import load_catalog
 from afmrl.embedded.tiny_models import build_tiny_mllm
-from afmrl.embedded.vision_stage import readout_accuracy, train_vision_stage
+from afmrl.embedded.vision_stage import first_photo, readout_accuracy, train_vision_stage
 from afmrl.modeling import load_processor
 
 
@@ -105,7 +105,10 @@ def main(argv=None) -> dict:
         "accuracy": curve[-1]["accuracy"],
         "chance": chance,
         "image_tokens": int(
-            processor.image_processor(images=[test[0]["image"]], return_tensors="pt")["image_grid_thw"].prod() // 4
+            processor.image_processor(images=[first_photo(test[0]["image"], args.image_max_side)], return_tensors="pt")[
+                "image_grid_thw"
+            ].prod()
+            // 4
         ),
         "minutes": round((time.time() - start) / 60, 1),
         "curve": curve,
