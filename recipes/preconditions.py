@@ -396,7 +396,9 @@ def g4_g5(
         reward_kwargs["k"], reached = choose_k(
             ProductEncoder.from_pretrained(args.encoder), rl, gallery, texts, args.k_target, args.batch_size
         )
-        rule = f" (k by the rule: no-attribute Recall@{reward_kwargs['k']} = {reached:.2f} ≥ {args.k_target})"
+        k, relation = reward_kwargs["k"], "≥" if reached >= args.k_target else "<"
+        limit = "" if reached >= args.k_target else ", the rule's deepest k: it never reaches its target"
+        rule = f" (k by the rule: no-attribute Recall@{k} = {reached:.2f} {relation} {args.k_target}{limit})"
     options = {"attribute_column": POLICY_COLUMN, **({"split": splits} if splits != [args.rl_split] else {})}
     reward = RetrievalRankReward(encoder=args.encoder, catalog=lookup, gallery_options=options, **reward_kwargs)
     sft = generated["rl"]["lines"]  # fmt: skip
