@@ -413,6 +413,14 @@ def g4_g5(
     own = [twin.get(i) or format_attributes(line) or "none" for i, line in zip(ids, sft, strict=True)]
     ceiling = rewards_of(reward, ids, own)
     part_delta["own product's gallery line (the reward's ceiling)"] = float(np.nanmean(ceiling - base))
+    # What RL can win against a gallery the teacher wrote: the student's distance to its teacher (the query's own
+    # stored line), since a retrieval reward moves the policy toward the gallery's annotator, habits included.
+    if args.teacher_column in rl.column_names:
+        taught = [format_attributes(a) or format_attributes(line) or "none" for a, line in
+                  zip(rl[args.teacher_column], sft, strict=True)]  # fmt: skip
+        part_delta["the teacher's own line (the student's distance to it)"] = float(
+            np.nanmean(rewards_of(reward, ids, taught) - base)
+        )
     group = np.stack([rewards_of(reward, ids, list(draw)) for draw in generated["rl"]["draws"]])  # [draw, listing]
     ok = ~np.isnan(delta) & ~np.isnan(group).any(axis=0)
     d, sigma = float(np.mean(delta[ok])), float(np.mean(group[:, ok].std(axis=0, ddof=1)))

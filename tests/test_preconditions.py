@@ -165,8 +165,10 @@ def test_the_command_on_another_vocabulary_measures_every_gate(
     assert [row[0].split(" − ")[0] for row in gates["G4"]["rows"][2:]] == [
         f"R@1 edited: {part} only" for part in ("drop", "undo", "restore")
     ] + [f"reward δ, {part} only" for part in ("drop", "undo", "restore")] + [
-        "reward δ, own product's gallery line (the reward's ceiling) only"
-    ]  # which edit moves R@1 and the reward, and the most the reward can give a line
+        "reward δ, own product's gallery line (the reward's ceiling) only",
+        "reward δ, the teacher's own line (the student's distance to it) only",
+    ]  # which edit moves R@1 and the reward, the most the reward can give a line, and what imitating the teacher gives
+    assert np.isfinite(float(gates["G4"]["rows"][-1][1]))
     for gate_name in ("G1", "G2"):  # only the world's fine keys are checked; the others are reported
         assert all(row[3] is None for row in gates[gate_name]["rows"] if "`zeichen`" not in row[0])
     keys = {row[0].split("`")[1] for row in gates["G1"]["rows"]}
