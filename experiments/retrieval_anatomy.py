@@ -36,8 +36,8 @@ def anatomy(vectors: np.ndarray, product_ids, family_ids) -> dict[str, float]:
     top = order[:, 0]
     own = pid[top] == pid
     mate = (fam[top] == fam) & ~own
-    rank = np.array([int(np.flatnonzero(pid[o] == p)[0]) + 1 if (pid[o] == p).any() else len(pid) for o, p in
-                     zip(order[:, :-1], pid, strict=True)])  # fmt: skip
+    same = pid[order[:, :-1]] == pid[:, None]  # each query's ranking (itself, scored -inf, last and left out)
+    rank = np.where(same.any(axis=1), same.argmax(axis=1) + 1, len(pid))
     return {"R@1": float(own.mean()), "top1_family_mate": float(mate.mean()),
             "top1_other_family": float((~own & ~mate).mean()), "own_rank_median": float(np.median(rank)),
             "own_rank_p85": float(np.percentile(rank, 85))}  # fmt: skip
@@ -51,7 +51,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--out", default=None, help="Write the figures here as JSON.")
     args = parser.parse_args(argv)
-    ds = load_catalog(args.catalog).filter(lambda s: s == args.split, input_columns="split")
+    ds = load_catalog(args.catalog)
+    if "family_id" not in ds.column_names:
+        parser.error(f"--catalog {args.catalog}: no 'family_id' column (the anatomy needs near-duplicate families)")
+    ds = ds.filter(lambda s: s == args.split, input_columns="split")
+    if len(ds) < 2:
+        parser.error(f"--split {args.split!r}: {len(ds)} listings in {args.catalog} (at least 2 to query each other)")
     encoder = ProductEncoder.from_pretrained(args.encoder)
     result = {"catalog": args.catalog, "encoder": args.encoder, "split": args.split, "listings": len(ds)}
     for name, column in SOURCES.items():

@@ -24,3 +24,15 @@ def test_a_family_mate_above_the_own_product_counts_as_a_family_mate():
     assert out["R@1"] == 0.0 and out["top1_family_mate"] == 1.0
     # A1 and A2 find each other second; B has no other listing (rank = the gallery's size, 3)
     assert out["own_rank_median"] == 2 and out["own_rank_p85"] > 2
+
+
+def test_a_split_the_catalog_lacks_is_one_error_line(small_catalog_dir, tiny_encoder_dir, capsys):
+    import pytest
+
+    from experiments.retrieval_anatomy import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--catalog", str(small_catalog_dir), "--encoder", str(tiny_encoder_dir), "--split", "nope"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "error: --split 'nope': 0 listings" in errors[0]
