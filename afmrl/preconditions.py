@@ -282,6 +282,36 @@ def edit_line(
     return out
 
 
+def toward_teacher(
+    line: Mapping, teacher: Mapping | None, samples: Sequence[Mapping] = (), min_support: float = 0.25
+) -> dict[str, str]:
+    """``line`` moved toward the listing's ``teacher`` line, key by key, only where at least ``min_support`` of the
+    generator's own ``samples`` make the teacher's choice for that key (its value, or leaving the key out): the part
+    of the student's distance to its teacher that GRPO can reach by reinforcing samples it already draws. The
+    teacher's key order is kept (the encoder reads a line's layout), the line's own extra keys follow. A listing the
+    teacher left without a line gives no target: the line is returned as it is."""
+    if not teacher:
+        return dict(line)
+
+    def norm(value: object) -> str | None:
+        return None if value is None else str(value).lower()
+
+    def supported(key: str) -> bool:
+        want = norm(teacher.get(key))
+        return bool(samples) and sum(norm(s.get(key)) == want for s in samples) >= min_support * len(samples)
+
+    out: dict[str, str] = {}
+    for key, value in teacher.items():
+        if norm(line.get(key)) == norm(value) or supported(key):
+            out[key] = value
+        elif key in line:
+            out[key] = line[key]
+    for key, value in line.items():
+        if key not in teacher and not supported(key):
+            out[key] = value
+    return out
+
+
 def _power(effect: float, sd: float, n: int, alpha: float) -> float:
     """Power of a two-sided paired t-test of ``n`` differences with mean ``effect`` and sd ``sd``."""
     from scipy import stats

@@ -54,6 +54,13 @@ def main(argv=None) -> None:
         help="What the gates' reward gallery carries (preconditions.py --gallery_attributes): policy or reference.",
     )
     parser.add_argument(
+        "--headroom",
+        default="habits",
+        choices=["habits", "teacher"],
+        help="What G4-G5 gate on as RL's reachable headroom (preconditions.py --headroom): with a gallery the "
+        "teacher wrote, teacher.",
+    )
+    parser.add_argument(
         "--max_rl_listings", type=int, default=2000, help="The gates' budget: RL listings G4/G5 sample (all: 0)."
     )
     parser.add_argument("--doc", default=str(ROOT / "docs" / "experiments" / "preconditions_paper_v2.md"))
@@ -93,6 +100,7 @@ def main(argv=None) -> None:
          "--prompt_template", "Title: {title}\nAttributes:", "--agcl_config", "recipes/configs/agcl_paper_world.yaml",
          "--gallery_split", "train", "val", "--reward_kwargs", '{"mode": "recall_at_k", "k": "auto"}', "--output_dir",
          str(gates), "--fine_keys", *fine, "--gallery_attributes", args.gallery_attributes,
+         "--headroom", args.headroom,
          *(["--max_rl_listings", str(args.max_rl_listings)] if args.max_rl_listings else [])],
         gates / "preconditions.md")  # fmt: skip
     shutil.copy(gates / "preconditions.md", args.doc)

@@ -49,6 +49,7 @@ from afmrl.preconditions import (
     restored_keys,
     seeds_needed,
     teacher_habits,
+    toward_teacher,
     within_family_recall,
 )
 from afmrl.retrieval import ProductGallery
@@ -61,6 +62,8 @@ from rar.evaluation import evaluate_attribute_sources
 from rar.prompts import DEFAULT_PROMPT, PROMPT_FILE, build_prompt_dataset
 from rewards import RetrievalRankReward
 
+HABITS = "the habits (drop, undo, restore)"
+TOWARD = "toward the teacher (where its own samples reach)"
 GATES = ("G1", "G2", "G3", "G4", "G5", "G6", "G7")
 TITLES = {
     "G1": "the embedder blurs near-duplicates",
@@ -152,6 +155,17 @@ class PreconditionsArguments:
             "model_name_or_path, else the encoder's own backbone when it names one)."
         },
     )
+    headroom: str = field(
+        default="habits",
+        metadata={
+            "help": "What G4 and G5 gate on as RL's reachable headroom: 'habits' (the teacher's habits undone with "
+            "what the generator knows: right for a reward gallery that carries no habit) or 'teacher' (the SFT line "
+            "moved toward the listing's teacher line where >= 25% of its own samples make the teacher's choice: "
+            "right for a gallery the teacher wrote, since a retrieval reward moves the policy toward its gallery's "
+            "annotator). The other is reported.",
+            "choices": ["habits", "teacher"],
+        },
+    )
     epochs: int = field(default=3, metadata={"help": "Sampler epochs G6 averages over."})
     pilot: list[str] | None = field(
         default=None,
@@ -176,6 +190,8 @@ class PreconditionsArguments:
             raise ValueError("--samples must be at least 2 (a group's spread needs two lines)")
         if self.temperature <= 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("--temperature must be > 0, --epochs and --batch_size >= 1")
+        if self.headroom not in ("habits", "teacher"):
+            raise ValueError(f"--headroom {self.headroom!r} is not one of ['habits', 'teacher']")
         if self.max_rl_listings is not None and self.max_rl_listings < 2:
             raise ValueError("--max_rl_listings must be at least 2")
         try:
@@ -430,6 +446,10 @@ def g4_g5(
              f"{sum(map(len, habits['confusions'].values()))} systematic confusions ({merges} into a real value, "
              f"undone where ≥ 25% of the {args.samples} samples name the meant one), restore the keys at least half "
              "of the samples name")  # fmt: skip
+    if args.headroom == "teacher":
+        edits = (f"edited: the SFT line moved toward the listing's teacher line, key by key, where ≥ 25% of the "
+                 f"{args.samples} samples make the teacher's choice (a gallery the teacher wrote rewards its "
+                 f"annotator); reported, the habit {edits}")  # fmt: skip
     g4 = gate([check("R@1 edited − SFT (both sides)", head, f"{r1['edited']:.1f} − {r1['sft']:.1f} = {head:+.1f}",
                      "G4_edited_minus_sft"),
                ["reward δ, edited − SFT (the reward's protocol)", f"{d:+.4f}", "> 0", d > 0],
@@ -642,17 +662,28 @@ def main(args: PreconditionsArguments) -> dict:
                                                     g["samples"][i], parts=parts), args.attribute_keys) or None
                         for i, line in enumerate(g["lines"])]  # fmt: skip
 
-            edited = {name: edit(g) for name, g in generated.items() if name != "gallery"}
+            def teach(g: dict, ds) -> list:
+                return [
+                    format_attributes(toward_teacher(line, taught, g["samples"][i]), args.attribute_keys) or None
+                    for i, (line, taught) in enumerate(zip(g["lines"], ds[args.teacher_column], strict=True))
+                ]
+
+            read_as = {"eval": evaluation, "rl": rl}
+            habit_edits = {name: edit(generated[name]) for name in read_as}
+            teacher_edits = {name: teach(generated[name], ds) for name, ds in read_as.items()}
+            edited, other, other_name = ((teacher_edits, habit_edits, HABITS) if args.headroom == "teacher"
+                                         else (habit_edits, teacher_edits, TOWARD))  # fmt: skip
             sources.update(true=[format_attributes(t, args.attribute_keys) or None for t in truth_eval],
                            edited=edited["eval"])  # fmt: skip
             sources.update({f"edited: {part} only": edit(generated["eval"], (part,)) for part in EDITS})
+            sources[f"edited: {other_name}"] = other["eval"]
         both = evaluate_attribute_sources(encoder, evaluation, sources, protocol="both_sides",
                                           batch_size=args.batch_size, show_progress=False)  # fmt: skip
         r1 = {name: r_at_1(m) for name, m in both.items()}
         results["G3"] = g3(r1)
         bar.update()
         if has_truth:
-            parts_rl = {part: edit(generated["rl"], (part,)) for part in EDITS}
+            parts_rl = {**{part: edit(generated["rl"], (part,)) for part in EDITS}, other_name: other["rl"]}
             results["G4"], results["G5"] = g4_g5(args, rl, gallery_rows, generated, edited["rl"], r1, habits, parts_rl)
         else:
             results["G4"] = results["G5"] = skipped(no_truth)

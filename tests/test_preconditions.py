@@ -18,6 +18,7 @@ from afmrl.preconditions import (
     restored_keys,
     seeds_needed,
     teacher_habits,
+    toward_teacher,
     within_family_recall,
 )
 
@@ -109,6 +110,21 @@ def test_a_merge_into_a_real_value_is_found_and_undone_only_where_the_generator_
     assert edit_line(line, habits, samples=blind) == line and edit_line(line, habits) == line
 
 
+def test_a_line_moves_toward_its_teacher_only_where_the_generator_samples_the_teachers_choice():
+    teacher = {"pattern": "dotted", "color": "navy", "shipping": "free"}
+    line = {"color": "navy", "pattern": "checked", "size": "m"}  # a wrong pattern, no shipping key, an extra size
+    sees = [{"pattern": "dotted", "color": "navy"}, {"pattern": "dotted", "shipping": "free"}] + [line] * 6
+    # 2 of 8 samples name dotted (25%), 1 of 8 writes shipping (12.5%), 2 of 8 leave size out (25%)
+    assert toward_teacher(line, teacher, sees) == {"pattern": "dotted", "color": "navy"}  # the teacher's key order
+    assert list(toward_teacher(line, teacher, sees)) == ["pattern", "color"]
+    blind = [{"pattern": "dotted", "color": "navy", "size": "m"}] + [line] * 7  # 1 of 8 each: out of its reach
+    assert toward_teacher(line, teacher, blind) == {"color": "navy", "pattern": "checked", "size": "m"}
+    assert toward_teacher(line, teacher, []) == line  # no samples: nothing it is known to reach
+    assert toward_teacher(line, None, sees) == line  # a listing the teacher left without a line: no target
+    # a value equal but for its case is the teacher's already, whatever the samples say
+    assert toward_teacher({"color": "Navy"}, {"color": "navy"}, blind) == {"color": "navy"}
+
+
 def test_power_matches_the_published_tables():
     # G*Power, one-sample (paired) t-test, two-sided alpha 0.05, power 0.8: d = 1 -> 10, d = 0.5 -> 34
     assert seeds_needed(sd=1.0, effect=1.0) == 10 and seeds_needed(sd=2.0, effect=1.0) == 34
@@ -155,20 +171,38 @@ def _run(load_recipe, tmp_path, catalog, encoder, generator, base, extra=()):
 def test_the_command_on_another_vocabulary_measures_every_gate(
     load_recipe, catalogs, tiny_encoder_dir, warm_policy_dir, tiny_model_dir, tmp_path, one_thread, gallery
 ):
-    extra = ["--max_rl_listings", "6", "--fine_keys", "zeichen", "--gallery_attributes", gallery]
+    headroom = {"policy": "habits", "reference": "teacher"}[gallery]  # the reachable headroom of each gallery
+    extra = [
+        "--max_rl_listings",
+        "6",
+        "--fine_keys",
+        "zeichen",
+        "--gallery_attributes",
+        gallery,
+        "--headroom",
+        headroom,
+    ]
     gates, page = _run(load_recipe, tmp_path, catalogs / "other", tiny_encoder_dir, warm_policy_dir, tiny_model_dir,
                        extra)  # fmt: skip
     assert all(g["status"] in ("pass", "fail") for name, g in gates.items()), gates
     assert " on 6 of the " in gates["G5"]["note"]  # the budget: six RL listings measured, the rest in the gallery
     source = {"policy": "the SFT policy", "reference": "the catalog's 'attributes' column"}[gallery]
     assert f"annotated by {source}" in gates["G5"]["note"]
+    other = {
+        "habits": "toward the teacher (where its own samples reach)",
+        "teacher": "the habits (drop, undo, restore)",
+    }
     assert [row[0].split(" − ")[0] for row in gates["G4"]["rows"][2:]] == [
         f"R@1 edited: {part} only" for part in ("drop", "undo", "restore")
-    ] + [f"reward δ, {part} only" for part in ("drop", "undo", "restore")] + [
+    ] + [f"R@1 edited: {other[headroom]}"] + [f"reward δ, {part} only" for part in ("drop", "undo", "restore")] + [
+        f"reward δ, {other[headroom]} only",
         "reward δ, own product's gallery line (the reward's ceiling) only",
         "reward δ, the teacher's own line (the student's distance to it) only",
     ]  # which edit moves R@1 and the reward, the most the reward can give a line, and what imitating the teacher gives
     assert np.isfinite(float(gates["G4"]["rows"][-1][1]))
+    assert gates["G4"]["note"].startswith(
+        "edited: the SFT line moved toward" if headroom == "teacher" else "edits: drop"
+    )
     for gate_name in ("G1", "G2"):  # only the world's fine keys are checked; the others are reported
         assert all(row[3] is None for row in gates[gate_name]["rows"] if "`zeichen`" not in row[0])
     keys = {row[0].split("`")[1] for row in gates["G1"]["rows"]}
