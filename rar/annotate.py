@@ -75,6 +75,16 @@ def _row_images(row: dict) -> list:
 
 
 @torch.no_grad()
+def placeholder_token_ids(model) -> list[int]:
+    """The image and video placeholder tokens of a multimodal model's config: input slots the processor fills with
+    vision features, never a word of a line. TRL's GRPO suppresses the image one while it samples, so the policy is
+    never penalised for it and its probability can grow unseen (a GRPO run on the paper world ended with greedy lines
+    that stopped in a run of them); generation here suppresses both, in training and out."""
+    config = getattr(model, "config", None)
+    ids = (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+    return [int(i) for i in ids if i is not None]
+
+
 def generate_attributes(
     model,
     processor,
@@ -104,6 +114,9 @@ def generate_attributes(
     # synced_gpus=False: under a ZeRO-3 run transformers would otherwise make every generation step
     # wait for the other ranks, and evaluation generates in one process with a whole model.
     options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id, "synced_gpus": False}
+    placeholders = placeholder_token_ids(model)
+    if placeholders:  # as TRL's GRPO samples: a policy trained with them suppressed may rank them first unmasked
+        options["suppress_tokens"] = placeholders
     if do_sample:
         options["temperature"] = temperature
     outputs: list[str] = []

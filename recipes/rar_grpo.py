@@ -33,6 +33,7 @@ from afmrl.embedded import is_embedded_model, resolve_catalog
 from afmrl.encoder.config import read_encoder_config
 from afmrl.modeling import check_model_source, require_bitsandbytes
 from afmrl.retrieval.fingerprints import check_training_record
+from rar.annotate import placeholder_token_ids
 from rar.config import RARScriptArguments, to_rloo_config
 from rar.pipeline import annotate_reward_gallery, policy_attributes, report_heldout, train_missing_stages
 from rar.policy import check_policy_processor, load_policy
@@ -167,6 +168,13 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
         freeze_vision=script_args.freeze_vision,
         trust_remote_code=training_args.trust_remote_code,
     )
+    # Placeholder tokens are never sampled (TRL masks only the image one); the saved policy's generation config
+    # carries the same mask, so a user's plain model.generate decodes as the policy was trained.
+    placeholders = placeholder_token_ids(model)
+    kwargs = training_args.generation_kwargs
+    if placeholders and (kwargs is None or (isinstance(kwargs, dict) and "suppress_tokens" not in kwargs)):
+        training_args.generation_kwargs = {**(kwargs or {}), "suppress_tokens": placeholders}
+        model.generation_config.suppress_tokens = placeholders
     if script_args.rl_algorithm == "rloo":
         trainer = RLOOTrainer(
             model=model,

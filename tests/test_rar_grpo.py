@@ -175,6 +175,11 @@ def test_full_finetune_keeps_the_vision_tower_frozen(
     assert spy.trainable and not any(".visual." in f".{n}" for n in spy.trainable)
     _, frozen_moved = changed_and_frozen(spy, trainer.model)
     assert not frozen_moved
+    # neither placeholder is ever sampled, and the saved policy decodes under the same mask
+    placeholders = sorted([trainer.model.config.image_token_id, trainer.model.config.video_token_id])
+    assert sorted(trainer.generation_kwargs["suppress_tokens"]) == placeholders
+    saved = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert sorted(saved["suppress_tokens"]) == placeholders
 
 
 def test_qlora_4bit_grpo(recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
