@@ -228,7 +228,7 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
     test annotates every listing, queries and gallery alike); ``instance_plain_gallery`` beside it annotates the
     queries only, against the plain image + title gallery (not the demo's reward gallery, which the SFT policy
     annotates)."""
-    from afmrl.attributes import canonical_attributes
+    from afmrl.attributes import canonical_attributes, format_attributes
     from afmrl.catalog.load import load_catalog
     from afmrl.encoder.model import ProductEncoder
     from afmrl.retrieval.evaluation import evaluate_encoder, instance_retrieval
@@ -267,6 +267,24 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
     )
     results["+ one CIT round"]["instance_plain_gallery"] = results["+ one CIT round"]["instance"]
     results["+ one CIT round"]["instance"] = both_sides(cit, attributes["rar_attributes"])
+    if (
+        "attributes" in test.column_names
+    ):  # the reward's protocol: queries as the rung writes them, gallery the teacher's
+        teacher = [format_attributes(a) or None for a in test["attributes"]]
+
+        def teacher_gallery(encoder, sources: dict) -> dict:
+            return instance_retrieval(encoder, test, sources, gallery_attributes=teacher, show_progress=False)
+
+        for name in [n for n in STAGE1 if n in results]:
+            rung = {"InfoNCE": "InfoNCE encoder", "AGCL": "+ AGCL"}.get(name)
+            measured = teacher_gallery(ProductEncoder.from_pretrained(work / slug(name)), {"none": None})["none"]
+            for key in (name, rung) if rung else (name,):
+                results[key] = {**results[key], "instance_teacher_gallery": measured}
+        lined = teacher_gallery(agcl, {key: attributes[key] for key in ("sft_attributes", "rar_attributes")})
+        for rung, key in (("+ SFT (distilled) attributes", "sft_attributes"), ("+ RAR attributes", "rar_attributes")):
+            results[rung]["instance_teacher_gallery"] = lined[key]
+        cit_lined = teacher_gallery(cit, {"rar": attributes["rar_attributes"]})["rar"]
+        results["+ one CIT round"]["instance_teacher_gallery"] = cit_lined
     (work / "ladder.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
@@ -334,19 +352,29 @@ def write_report(
         paper = f"{PAPER_R1[rung]:.2f}" if rung in PAPER_R1 else "—"
         lines.append(f"| {rung} | " + " | ".join(cells) + f" | {paper} | {delta} |")
         previous = r1
+    protocols = ["instance", "instance_plain_gallery"]
+    teacher = all("instance_teacher_gallery" in r[rung] for r in runs for rung in RUNGS)
+    protocols += ["instance_teacher_gallery"] if teacher else []
     lines += [
         "",
-        "Instance retrieval under both protocols (R@1; Δ vs the previous rung, paired over seeds as above): "
+        "Instance retrieval under each protocol (R@1; Δ vs the previous rung, paired over seeds as above): "
         "*both sides* is the table above (every listing annotated by the generator under test, as deployed), "
-        "*plain gallery* annotates the queries only and leaves the gallery image + title.",
+        "*plain gallery* annotates the queries only and leaves the gallery image + title"
+        + (
+            "; *teacher gallery* annotates the queries as the rung does (none for the first two) against the "
+            "teacher's stored lines (the RL reward's protocol, and what a stage 1 trained with a line on every "
+            "candidate was trained for)."
+            if teacher
+            else "."
+        ),
         "",
-        "| rung | both sides R@1 | Δ | plain gallery R@1 | Δ |",
-        "|---|---|---|---|---|",
+        "| rung | both sides R@1 | Δ | plain gallery R@1 | Δ |" + (" teacher gallery R@1 | Δ |" if teacher else ""),
+        "|---|---|---|---|---|" + ("---|---|" if teacher else ""),
     ]
     previous = {}
     for rung in RUNGS:
         cells = []
-        for task in ("instance", "instance_plain_gallery"):
+        for task in protocols:
             r1 = np.array([r[rung][task]["recall@1"] for r in runs]) * 100
             delta = "" if task not in previous else paired(r1 - previous[task])
             cells += [f"{r1.mean():.1f} ± {r1.std(ddof=1) if len(r1) > 1 else 0:.1f}", delta]

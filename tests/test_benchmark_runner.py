@@ -128,6 +128,16 @@ def test_ladder_report_without_the_stage1_ablation(ladder, tmp_path):
     # The second protocol's table: both sides 41.0, plain gallery 5 points lower, each with its own deltas.
     assert f"| {ladder.RUNGS[0]} | 41.0 ± 1.4 |  | 36.0 ± 1.4 |  |" in text
     assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.4 | {plus_one} | 37.0 ± 1.4 | {plus_one} |" in text
+    assert "teacher gallery" not in text  # only where every rung of every seed was measured against it
+    for runs in per_seed.values():
+        for metrics_of in runs.values():
+            metrics_of["instance_teacher_gallery"] = {"recall@1": metrics_of["instance"]["recall@1"] - 0.10}
+    ladder.write_report(out, per_seed, "test box", 60.0, 2, " --stage1_ablation false")
+    text = out.read_text()
+    assert "| rung | both sides R@1 | Δ | plain gallery R@1 | Δ | teacher gallery R@1 | Δ |" in text
+    assert (
+        f"| {ladder.RUNGS[1]} | 42.0 ± 1.4 | {plus_one} | 37.0 ± 1.4 | {plus_one} | 32.0 ± 1.4 | {plus_one} |" in text
+    )
 
 
 def test_attribute_headroom_counts_emitted_right_and_perceived_values_per_key():
@@ -327,3 +337,26 @@ def test_encoder_line_form_names_a_missing_catalog_column(small_catalog_dir, cap
     with pytest.raises(SystemExit) as info:
         main(["--catalog", str(small_catalog_dir), "--encoders", "unused"])
     assert info.value.code == 2 and "--columns" in capsys.readouterr().err
+
+
+def test_a_seed_is_also_evaluated_against_the_teachers_gallery(ladder, tiny_encoder_dir, small_catalog_dir, tmp_path):
+    """The reward's protocol beside the two others: queries as each rung writes them, gallery the teacher's lines.
+    With SFT lines equal to the teacher's it is the both-sides figure; with no RAR line it is the AGCL rung's."""
+    import shutil
+
+    from afmrl.attributes import format_attributes
+    from afmrl.catalog import load_catalog
+
+    work = tmp_path / "seed0"
+    for folder in ("infonce", "agcl", "cit/encoder"):
+        shutil.copytree(tiny_encoder_dir, work / folder)
+    test = load_catalog(small_catalog_dir, split="test", verify_images=False)
+    rows = [{"listing_id": lid, "sft_attributes": format_attributes(a), "rar_attributes": ""}
+            for lid, a in zip(test["listing_id"], test["attributes"], strict=True)]  # fmt: skip
+    (work / "rar").mkdir()
+    (work / "rar" / "attributes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = ladder.evaluate_seed(work, str(small_catalog_dir))
+    assert all("instance_teacher_gallery" in results[rung] for rung in ladder.RUNGS)
+    sft, rar, agcl = (results[r]["instance_teacher_gallery"] for r in ladder.RUNGS[2:4] + ladder.RUNGS[1:2])
+    assert sft["recall@1"] == pytest.approx(results[ladder.RUNGS[2]]["instance"]["recall@1"])
+    assert rar["recall@1"] == pytest.approx(agcl["recall@1"]) and rar["mrr"] == pytest.approx(agcl["mrr"])
