@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from afmrl.modeling import outside_zero3
-from rar.policy import load_policy
+from rar.policy import load_policy, placeholder_token_ids
 from rar.prompts import DEFAULT_PROMPT, build_prompt_dataset
 
 __all__ = [
@@ -75,16 +75,6 @@ def _row_images(row: dict) -> list:
 
 
 @torch.no_grad()
-def placeholder_token_ids(model) -> list[int]:
-    """The image and video placeholder tokens of a multimodal model's config: input slots the processor fills with
-    vision features, never a word of a line. TRL's GRPO suppresses the image one while it samples, so the policy is
-    never penalised for it and its probability can grow unseen (a GRPO run on the paper world ended with greedy lines
-    that stopped in a run of them); generation here suppresses both, in training and out."""
-    config = getattr(model, "config", None)
-    ids = (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
-    return [int(i) for i in ids if i is not None]
-
-
 def generate_attributes(
     model,
     processor,

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from afmrl.embedded import resolve_model
 from afmrl.modeling import check_processor, language_lora_targets, load_mllm, load_processor
 
@@ -27,6 +29,32 @@ __all__ = ["LM_LORA_TARGETS", "check_policy_processor", "freeze_vision_tower", "
 
 LM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _VISION_PREFIXES = ("visual", "vision_tower", "vision_model")
+
+
+def placeholder_token_ids(model) -> list[int]:
+    """The image and video placeholder tokens of a multimodal model's config: input slots the processor fills with
+    vision features, never a word of a line."""
+    config = getattr(model, "config", None)
+    ids = (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+    return [int(i) for i in ids if i is not None]
+
+
+def mask_placeholder_logits(model, value: float = -1e4):
+    """Give the placeholder tokens a logit of ``value`` in every forward pass (a hook on the output layer; returns
+    its handle, or None for a model without placeholders). TRL's GRPO masks the image placeholder only while it
+    samples, then scores the sampled tokens under the unmasked distribution: RL never penalises the masked token,
+    mass drifts onto it, and the sampled tokens' log-probabilities (and the KL to the reference) run away. On the
+    paper world a full fine-tune's KL went from 0.01 to 10^10 in 1,000 steps and its reward fell. With the mask in
+    the forward pass, the loss sees the distribution that is sampled. Finite, not -inf: entropies stay finite."""
+    ids, head = placeholder_token_ids(model), model.get_output_embeddings()
+    if not ids or head is None:
+        return None
+    index = torch.tensor(ids)
+
+    def mask(module, inputs, logits):
+        return logits.index_fill(-1, index.to(logits.device), value)
+
+    return head.register_forward_hook(mask)
 
 
 def freeze_vision_tower(model) -> int:

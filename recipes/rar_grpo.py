@@ -33,10 +33,9 @@ from afmrl.embedded import is_embedded_model, resolve_catalog
 from afmrl.encoder.config import read_encoder_config
 from afmrl.modeling import check_model_source, require_bitsandbytes
 from afmrl.retrieval.fingerprints import check_training_record
-from rar.annotate import placeholder_token_ids
 from rar.config import RARScriptArguments, to_rloo_config
 from rar.pipeline import annotate_reward_gallery, policy_attributes, report_heldout, train_missing_stages
-from rar.policy import check_policy_processor, load_policy
+from rar.policy import check_policy_processor, load_policy, mask_placeholder_logits, placeholder_token_ids
 from rar.prompts import build_prompt_dataset, save_prompt_settings
 from rewards import get_reward_funcs, validate_reward_weights
 
@@ -168,8 +167,9 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
         freeze_vision=script_args.freeze_vision,
         trust_remote_code=training_args.trust_remote_code,
     )
-    # Placeholder tokens are never sampled (TRL masks only the image one); the saved policy's generation config
-    # carries the same mask, so a user's plain model.generate decodes as the policy was trained.
+    # Placeholder tokens are never sampled (TRL masks only the image one) nor scored (the loss sees the distribution
+    # that is sampled); the saved policy's generation config carries the mask for a user's plain model.generate.
+    mask_placeholder_logits(model)
     placeholders = placeholder_token_ids(model)
     kwargs = training_args.generation_kwargs
     if placeholders and (kwargs is None or (isinstance(kwargs, dict) and "suppress_tokens" not in kwargs)):

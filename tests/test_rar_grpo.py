@@ -180,6 +180,9 @@ def test_full_finetune_keeps_the_vision_tower_frozen(
     assert sorted(trainer.generation_kwargs["suppress_tokens"]) == placeholders
     saved = json.loads((tmp_path / "run" / "generation_config.json").read_text())
     assert sorted(saved["suppress_tokens"]) == placeholders
+    with torch.no_grad():  # and the loss scores the distribution that was sampled: no mass on them in a forward pass
+        logits = trainer.model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert (logits[..., placeholders] == -1e4).all()
 
 
 def test_qlora_4bit_grpo(recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path):
