@@ -274,6 +274,9 @@ def test_a_world_ladder_moves_the_catalog_with_the_seed_and_resumes_a_killed_see
             if "agcl_train.py" in " ".join(t.cmd) or "rar_grpo.py" in " ".join(t.cmd):
                 assert t.cmd[t.cmd.index("--config") + 1] in ("s1.yaml", "rar.yaml")
                 assert f"cat-{seed}" in t.cmd and str(seed) == t.cmd[t.cmd.index("--seed") + 1]
+            if "cit.py" in " ".join(t.cmd):  # the round re-annotates this seed's world and trains with its stage 1
+                assert t.cmd[t.cmd.index("--catalog") + 1] == f"cat-{seed}"
+                assert t.cmd[t.cmd.index("--agcl_config") + 1] == "s1.yaml"
     killed = tasks[0]
     for t in (*killed["chain"][:2], *killed["others"]):  # AGCL, RAR and InfoNCE had finished
         t.done.parent.mkdir(parents=True, exist_ok=True)

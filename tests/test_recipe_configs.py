@@ -103,15 +103,16 @@ def test_paper_scale_recipes_use_the_papers_reward_and_loss(config, load_recipe)
 
 def test_the_paper_world_recipe_is_the_plans_reward_with_k_from_the_pilots_rule(load_recipe):
     """The fair test's RAR: GRPO as written, G = 8, beta 0.04, Recall@k with k the recorded pilot's rule fixed, junk at
-    the default eta, a train + RL gallery annotated by the SFT policy, every RL prompt drawn once."""
+    the default eta, a train + RL gallery carrying the teacher's lines, 2,000 RL prompts each drawn once."""
     import json
 
     config = "recipes/configs/rar_paper_world.yaml"
     script_args, training_args, _ = parser_for(Path(config), load_recipe).parse_args_and_config(["--config", config])
     assert (training_args.loss_type, training_args.num_generations, training_args.beta) == ("grpo", 8, 0.04)
-    assert training_args.num_train_epochs == 1 and training_args.max_steps == -1
-    pilot = json.loads(Path("docs/experiments/preconditions/paper_v2.json").read_text())
+    assert training_args.num_train_epochs == 1 and training_args.max_steps == 1000
+    assert training_args.max_steps * training_args.per_device_train_batch_size // training_args.num_generations == 2000
+    pilot = json.loads(Path("docs/experiments/preconditions/paper_v6_teacher.json").read_text())
     k = int(pilot["gates"]["G5"]["note"].split('"k": ')[1].split("}")[0])
     kwargs = json.loads(script_args.reward_kwargs)["retrieval_rank"]
     assert kwargs == {"mode": "recall_at_k", "k": k} and script_args.reward_funcs == ["retrieval_rank"]
-    assert script_args.gallery_splits == ["train", "val"] and script_args.gallery_attributes == "policy"
+    assert script_args.gallery_splits == ["train", "val"] and script_args.gallery_attributes == "reference"
