@@ -179,7 +179,7 @@ def seed_tasks(
     others = [t for n, t in stage1.items() if n != "AGCL"]
     evaluate = Task(
         f"seed{seed}/evaluate",
-        [py, __file__, "--_evaluate", str(work), catalog],
+        [py, "-m", "benchmarks.ladder", "--_evaluate", str(work), catalog],
         work / "ladder.json",
         (cit_task.name, *(t.name for t in others)),
     )

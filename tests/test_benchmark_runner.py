@@ -3,6 +3,7 @@
 import importlib
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -277,6 +278,11 @@ def test_a_world_ladder_moves_the_catalog_with_the_seed_and_resumes_a_killed_see
             if "cit.py" in " ".join(t.cmd):  # the round re-annotates this seed's world and trains with its stage 1
                 assert t.cmd[t.cmd.index("--catalog") + 1] == f"cat-{seed}"
                 assert t.cmd[t.cmd.index("--agcl_config") + 1] == "s1.yaml"
+    evaluate = tasks[0]["evaluate"][0].cmd  # the evaluation child starts and imports (as a module, from the root)
+    started = subprocess.run(
+        [*evaluate[: evaluate.index("--_evaluate")], "--help"], cwd=ladder.ROOT, capture_output=True
+    )
+    assert started.returncode == 0, started.stderr.decode()[-500:]
     killed = tasks[0]
     for t in (*killed["chain"][:2], *killed["others"]):  # AGCL, RAR and InfoNCE had finished
         t.done.parent.mkdir(parents=True, exist_ok=True)
