@@ -110,6 +110,7 @@ def test_the_paper_world_recipe_is_the_plans_reward_with_k_from_the_pilots_rule(
     script_args, training_args, _ = parser_for(Path(config), load_recipe).parse_args_and_config(["--config", config])
     assert (training_args.loss_type, training_args.num_generations, training_args.beta) == ("grpo", 8, 0.04)
     assert training_args.num_train_epochs == 1 and training_args.max_steps == 1000
+    assert training_args.learning_rate == 2e-5  # fixed on PC1, the control, before any RAR seed
     assert training_args.max_steps * training_args.per_device_train_batch_size // training_args.num_generations == 2000
     pilot = json.loads(Path("docs/experiments/preconditions/paper_v6_teacher.json").read_text())
     k = int(pilot["gates"]["G5"]["note"].split('"k": ')[1].split("}")[0])
