@@ -42,10 +42,9 @@ def placeholder_token_ids(model) -> list[int]:
 def mask_placeholder_logits(model, value: float = -1e4):
     """Give the placeholder tokens a logit of ``value`` in every forward pass (a hook on the output layer; returns
     its handle, or None for a model without placeholders). TRL's GRPO masks the image placeholder only while it
-    samples, then scores the sampled tokens under the unmasked distribution: RL never penalises the masked token,
-    mass drifts onto it, and the sampled tokens' log-probabilities (and the KL to the reference) run away. On the
-    paper world a full fine-tune's KL went from 0.01 to 10^10 in 1,000 steps and its reward fell. With the mask in
-    the forward pass, the loss sees the distribution that is sampled. Finite, not -inf: entropies stay finite."""
+    samples, then scores the sampled tokens under the unmasked distribution: RL never penalises the masked token and
+    mass can drift onto it unseen (a paper-world policy's greedy lines ended in runs of it). With the mask in the
+    forward pass, the loss scores the distribution that is sampled. Finite, not -inf: entropies stay finite."""
     ids, head = placeholder_token_ids(model), model.get_output_embeddings()
     if not ids or head is None:
         return None

@@ -174,7 +174,8 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
     kwargs = training_args.generation_kwargs
     if placeholders and (kwargs is None or (isinstance(kwargs, dict) and "suppress_tokens" not in kwargs)):
         training_args.generation_kwargs = {**(kwargs or {}), "suppress_tokens": placeholders}
-        model.generation_config.suppress_tokens = placeholders
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.suppress_tokens = placeholders
     if script_args.rl_algorithm == "rloo":
         trainer = RLOOTrainer(
             model=model,
