@@ -270,9 +270,8 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
     )
     results["+ one CIT round"]["instance_plain_gallery"] = results["+ one CIT round"]["instance"]
     results["+ one CIT round"]["instance"] = both_sides(cit, attributes["rar_attributes"])
-    if (
-        "attributes" in test.column_names
-    ):  # the reward's protocol: queries as the rung writes them, gallery the teacher's
+    # The reward's protocol: queries as the rung writes them, against a gallery carrying the teacher's lines.
+    if "attributes" in test.column_names:
         teacher = [format_attributes(a) or None for a in test["attributes"]]
 
         def teacher_gallery(encoder, sources: dict) -> dict:
