@@ -384,7 +384,7 @@ def write_report(
         lines.append(f"| {rung} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "![ladder](ladder.png)",
+        f"![ladder]({out.with_suffix('.png').name})",
         "",
         "## Stage 1 alone: which part of AGCL helps",
         "",
@@ -418,7 +418,7 @@ def write_report(
             f"| {s} | " + " | ".join(f"{100 * per_seed[s][r]['instance']['recall@1']:.1f}" for r in RUNGS) + " |"
         )
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    plot(out.with_name("ladder.png"), per_seed)
+    plot(out.with_suffix(".png"), per_seed)  # beside its page: ladder.md -> ladder.png, ladder_paper.md -> ...
 
 
 def world_flags(args) -> str:
@@ -469,7 +469,7 @@ def main(argv=None):
             for metrics in rungs.values():
                 if "instance_query_only" in metrics:
                     metrics["instance_plain_gallery"] = metrics.pop("instance_query_only")
-        flags = "" if args.stage1_ablation == "true" else " --stage1_ablation false"
+        flags = ("" if args.stage1_ablation == "true" else " --stage1_ablation false") + world_flags(args)
         write_report(
             Path(args.output),
             saved["seeds"],

@@ -125,7 +125,10 @@ def test_ladder_report_without_the_stage1_ablation(ladder, tmp_path):
     assert (
         "| AGCL | 44.0 ± 1.4 | 80.0 ± 0.0 | 90.0 ± 0.0 | 40.0 ± 0.0 | +3.0 ± 0.0 (95% CI +3.0 to +3.0, n = 2) |" in text
     )
-    assert "| + weighting |" not in text and (tmp_path / "ladder.png").is_file()
+    assert "| + weighting |" not in text and (tmp_path / "ladder.png").is_file() and "![ladder](ladder.png)" in text
+    other = tmp_path / "ladder_paper.md"  # a second ladder's page keeps its own plot beside it
+    ladder.write_report(other, per_seed, "test box", 60.0, 2)
+    assert (tmp_path / "ladder_paper.png").is_file() and "![ladder](ladder_paper.png)" in other.read_text()
     # The second protocol's table: both sides 41.0, plain gallery 5 points lower, each with its own deltas.
     assert f"| {ladder.RUNGS[0]} | 41.0 ± 1.4 |  | 36.0 ± 1.4 |  |" in text
     assert f"| {ladder.RUNGS[1]} | 42.0 ± 1.4 | {plus_one} | 37.0 ± 1.4 | {plus_one} |" in text
