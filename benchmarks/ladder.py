@@ -277,12 +277,15 @@ def evaluate_seed(work: Path, catalog: str) -> dict:
         def teacher_gallery(encoder, sources: dict) -> dict:
             return instance_retrieval(encoder, test, sources, gallery_attributes=teacher, show_progress=False)
 
-        for name in [n for n in STAGE1 if n in results]:
+        lines = {key: attributes[key] for key in ("sft_attributes", "rar_attributes")}
+        for name in [n for n in STAGE1 if n in results]:  # one gallery encoding per encoder: AGCL's serves its lines
+            encoder = agcl if name == "AGCL" else ProductEncoder.from_pretrained(work / slug(name))
+            measured = teacher_gallery(encoder, {"none": None, **(lines if name == "AGCL" else {})})
             rung = {"InfoNCE": "InfoNCE encoder", "AGCL": "+ AGCL"}.get(name)
-            measured = teacher_gallery(ProductEncoder.from_pretrained(work / slug(name)), {"none": None})["none"]
             for key in (name, rung) if rung else (name,):
-                results[key] = {**results[key], "instance_teacher_gallery": measured}
-        lined = teacher_gallery(agcl, {key: attributes[key] for key in ("sft_attributes", "rar_attributes")})
+                results[key] = {**results[key], "instance_teacher_gallery": measured["none"]}
+            if name == "AGCL":
+                lined = measured
         for rung, key in (("+ SFT (distilled) attributes", "sft_attributes"), ("+ RAR attributes", "rar_attributes")):
             results[rung]["instance_teacher_gallery"] = lined[key]
         cit_lined = teacher_gallery(cit, {"rar": attributes["rar_attributes"]})["rar"]
