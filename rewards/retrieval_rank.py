@@ -10,7 +10,10 @@ the paper's Recall@K (``"recall_at_k"``) and plain MRR (``"mrr"``) are the other
 output scores ``invalid_reward`` below every valid reward of the mode (the paper's eta = -0.1 below the floor of
 its [0, 1] Recall@K; -1.1 in ``rank_improvement``, whose valid rewards reach down to -1), never an exception; a
 query whose product has no other gallery listing scores None (not applicable). All queries of a call go through
-one encoder forward and one search, with the G completions' shared image encoded once.
+one encoder forward and one search, with the G completions' shared image encoded once. ``margin_weight`` adds a dense
+similarity-margin term beside the rank term (after Embed-RL, arXiv 2602.13823, whose frozen embedder rewards its
+reasoner): the cosine of the query to its nearest true listing minus the cosine to its nearest other product, which
+moves with every line even where the rank does not.
 
     reward = RetrievalRankReward(encoder="runs/agcl", gallery="runs/gallery", catalog="data/catalog")
     trainer = GRPOTrainer(..., reward_funcs=[reward])   # logs retrieval_rank/rank, recall@1, mrr, ...
@@ -68,6 +71,7 @@ class RankDetails:
     recall_fraction: np.ndarray
     hit_at_1: np.ndarray
     hit_at_k: np.ndarray
+    margin: np.ndarray  # cosine to the nearest true listing minus cosine to the nearest other product
     timings: dict = field(default_factory=dict)
 
     @property
@@ -109,6 +113,9 @@ class RetrievalRankReward:
         encoder_kwargs: passed to ``ProductEncoder.from_pretrained`` (e.g. ``dtype``).
         gallery_options: passed to ``ProductGallery.build`` when the gallery is built here.
         name: the reward's ``__name__`` (the prefix of its logs); default "retrieval_rank".
+        margin_weight: w of the dense term ``w * (cos(q, nearest true listing) - cos(q, nearest other product))``
+            added to every valid reward (0 = the rank term alone, the paper's). The margin lies in [-2, 2], so the
+            default ``invalid_reward`` moves down by ``2 w`` and junk still scores below every valid line.
     """
 
     __name__ = REWARD_NAME  # instances carry it too (TRL reads reward_func.__name__)
@@ -137,6 +144,7 @@ class RetrievalRankReward:
         encoder_kwargs: dict | None = None,
         gallery_options: dict | None = None,
         name: str | None = None,
+        margin_weight: float = 0.0,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -145,14 +153,19 @@ class RetrievalRankReward:
         for label, value in (("k", k), ("rank_depth", rank_depth), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if isinstance(margin_weight, bool) or not isinstance(margin_weight, int | float):
+            raise ValueError(f"margin_weight must be a number >= 0, got {margin_weight!r}")
+        if not (math.isfinite(margin_weight) and margin_weight >= 0):
+            raise ValueError(f"margin_weight must be a finite number >= 0, got {margin_weight!r}")
+        floor = VALID_FLOOR[mode] - 2.0 * margin_weight  # the margin term reaches down to -2 w
         if invalid_reward is None:
-            invalid_reward = VALID_FLOOR.get(mode, 0.0) - ETA
+            invalid_reward = floor - ETA
         if not math.isfinite(invalid_reward):
             raise ValueError(f"invalid_reward must be finite, got {invalid_reward!r}")
-        if invalid_reward >= VALID_FLOOR[mode]:
+        if invalid_reward >= floor:
             raise ValueError(
                 f"invalid_reward={invalid_reward!r} would not sit below every valid {mode} reward (valid rewards "
-                f"reach down to {VALID_FLOOR[mode]}): use a value below it, e.g. the default {VALID_FLOOR[mode] - ETA}"
+                f"reach down to {floor}): use a value below it, e.g. the default {floor - ETA}"
             )
         if unscorable_reward is not None and not math.isfinite(unscorable_reward):
             raise ValueError(f"unscorable_reward must be finite or None, got {unscorable_reward!r}")
@@ -173,6 +186,7 @@ class RetrievalRankReward:
         self.catalog = os.fspath(catalog) if isinstance(catalog, os.PathLike) else catalog
         self.gallery = os.fspath(gallery) if isinstance(gallery, os.PathLike) else gallery
         self.mode = mode
+        self.margin_weight = float(margin_weight)
         self.k = int(k)
         self.rank_transform = rank_transform
         self.rank_depth = int(rank_depth)
@@ -216,7 +230,7 @@ class RetrievalRankReward:
         return (
             f"RetrievalRankReward(encoder={show(self.encoder)}, catalog={show(self.catalog)}, "
             f"gallery={show(self.gallery)}, mode={self.mode!r}, k={self.k}, rank_transform={self.rank_transform!r}, "
-            f"rank_depth={self.rank_depth}, invalid_reward={self.invalid_reward})"
+            f"rank_depth={self.rank_depth}, invalid_reward={self.invalid_reward}, margin_weight={self.margin_weight})"
         )
 
     # ------------------------------------------------------------------ pickling
@@ -268,7 +282,8 @@ class RetrievalRankReward:
     def _rank_stats(
         self, gallery: ProductGallery, queries: np.ndarray, exclude: np.ndarray, codes: np.ndarray
     ) -> np.ndarray:
-        """(Q, 5) rows of (rank, reciprocal rank, recall_fraction@k, hit@1, hit@k), via afmrl.retrieval.metrics."""
+        """(Q, 6) rows of (rank, reciprocal rank, recall_fraction@k, hit@1, hit@k, margin), via
+        afmrl.retrieval.metrics; the margin from the same search (``_margins``)."""
         d = self.depth
         search_depth = min(d + 1, gallery.size)
         scores, rows = gallery.search(queries, search_depth, exclude=exclude)
@@ -287,13 +302,41 @@ class RetrievalRankReward:
         rank = m["rank"]
         found = np.isfinite(rank)
         floor = 1.0 / (d + 1)
-        out = np.empty((len(queries), 5))
+        out = np.empty((len(queries), 6))
         out[:, 0] = np.where(found, np.minimum(rank, d + 1), d + 1)
         out[:, 1] = np.where(found, np.maximum(m["mrr"], floor), floor)
         out[:, 2] = m[f"recall_fraction@{kk}"]
         out[:, 3] = m["recall@1"]
         out[:, 4] = m[f"recall@{kk}"]
+        out[:, 5] = self._margins(gallery, queries, scores, rows, exclude, codes)
         return np.nan_to_num(out, nan=0.0, posinf=d + 1, neginf=0.0)
+
+    @staticmethod
+    def _margins(
+        gallery: ProductGallery,
+        queries: np.ndarray,
+        scores: np.ndarray,
+        rows: np.ndarray,
+        exclude: np.ndarray,
+        codes: np.ndarray,
+    ) -> np.ndarray:
+        """cos(q, nearest true listing) - cos(q, nearest listing of another product), the query's own listing
+        excluded. Both come from the search's sorted scores; a true listing deeper than the search is scored
+        exactly from the stored vectors; when the search holds no other product (a product with more listings than
+        the depth), its last score stands in for the nearest other one (an upper bound, so a lower margin)."""
+        hit = rows >= 0
+        row_codes = np.where(hit, gallery.product_codes[np.maximum(rows, 0)], -1)
+        same = hit & (row_codes == codes[:, None])
+        other = hit & ~same
+        last = np.where(hit.any(axis=1), scores[np.arange(len(rows)), np.maximum(hit.sum(axis=1) - 1, 0)], 0.0)
+        s_other = np.where(other.any(axis=1), scores[np.arange(len(rows)), other.argmax(axis=1)], last)
+        s_true = np.where(same.any(axis=1), scores[np.arange(len(rows)), same.argmax(axis=1)], np.nan)
+        for i in np.flatnonzero(~same.any(axis=1)):
+            members = np.flatnonzero(gallery.product_codes == codes[i])
+            members = members[members != exclude[i]]
+            if len(members):
+                s_true[i] = float((gallery.vectors(members) @ queries[i]).max())
+        return s_true - s_other
 
     def score(self, listing_ids: Sequence, completions: Sequence) -> RankDetails:
         """Rank every completion's query; returns per-completion details and the rewards.
@@ -317,7 +360,7 @@ class RetrievalRankReward:
         queries, query_rows = self._embed_queries(st, plan)
         t_encode = time.perf_counter()
         ok = np.isfinite(queries).all(axis=1)
-        stats = np.zeros((len(queries), 5))
+        stats = np.zeros((len(queries), 6))
         if ok.any():
             stats[ok] = self._rank_stats(
                 st.gallery, queries[ok], st.gallery_row[query_rows[ok]], st.code[query_rows[ok]]
@@ -353,6 +396,7 @@ class RetrievalRankReward:
             recall_fraction=np.where(scored, with_attr[:, 2], np.nan),
             hit_at_1=np.where(scored, with_attr[:, 3], np.nan),
             hit_at_k=np.where(scored, with_attr[:, 4], np.nan),
+            margin=np.where(scored, with_attr[:, 5], np.nan),
             timings=timings,
         )
 
@@ -435,13 +479,14 @@ class RetrievalRankReward:
                 base_stats[r] = self._baselines[r] = stats[n_q + j]
         while len(self._baselines) > self.baseline_cache_size:
             self._baselines.popitem(last=False)
-        with_attr = np.full((len(cat_rows), 5), np.nan)
-        without = np.full((len(cat_rows), 5), np.nan)
+        width = stats.shape[1]
+        with_attr = np.full((len(cat_rows), width), np.nan)
+        without = np.full((len(cat_rows), width), np.nan)
         idx = np.flatnonzero(need)
         if len(idx):
             u = plan.uid[idx]
             with_attr[idx] = np.where(ok[:n_q][u][:, None], stats[:n_q][u], np.nan)
-            without[idx] = np.stack([base_stats.get(int(r), np.full(5, np.nan)) for r in cat_rows[idx]])
+            without[idx] = np.stack([base_stats.get(int(r), np.full(width, np.nan)) for r in cat_rows[idx]])
         return with_attr, without
 
     def _rewards(
@@ -462,6 +507,8 @@ class RetrievalRankReward:
             value = with_attr[:, 2]
         else:
             value = with_attr[:, 1]
+        if self.margin_weight:
+            value = value + self.margin_weight * with_attr[:, 5]
         rewards: list = []
         for i in range(len(value)):
             if scored[i] and math.isfinite(value[i]):
@@ -519,6 +566,7 @@ class RetrievalRankReward:
                         "recall@1": float(d.hit_at_1[s].mean()),
                         f"recall@{self.k}": float(d.hit_at_k[s].mean()),
                         "mrr": float(d.reciprocal_rank[s].mean()),
+                        "margin": float(d.margin[s].mean()),
                     }
                 )
             for key, value in metrics.items():

@@ -200,6 +200,45 @@ def test_invalid_output_scores_below_every_valid_output_in_every_mode(kwargs):
         _reward(catalog, invalid_reward=floor, **kwargs)
 
 
+def _expected_margin(encoder, catalog, listing_id, attrs) -> float:
+    """cos to the nearest true listing minus cos to the nearest other product, by brute force."""
+    ids, products, titles = catalog["listing_id"], np.array(catalog["product_id"]), catalog["title"]
+    own = ids.index(listing_id)
+    scores = np.stack([encoder.vector(t) for t in titles]).astype(np.float64) @ encoder.vector(titles[own], attrs)
+    true = products == products[own]
+    true[own] = False
+    other = products != products[own]
+    return float(scores[true].max() - scores[other].max())
+
+
+@pytest.mark.parametrize("rank_depth,k", [(100, 5), (2, 1)])  # depth 2: many true listings lie beyond the search
+def test_margin_term_matches_brute_force_and_adds_to_every_mode(rank_depth, k):
+    """The Embed-RL-style dense term: its margin equals brute force, also where the nearest true listing is deeper
+    than the search; it adds w * margin to the rank term, and junk still scores below every valid line."""
+    catalog = _catalog(num_products=12, seed=4)
+    ids = [lid for lid, pid in zip(catalog["listing_id"], catalog["product_id"], strict=True) if pid != "LONELY"]
+    lines = ["color: red", "size: m; brand: b", "pattern: dots"]
+    listing_ids, completions = [lid for lid in ids for _ in lines], lines * len(ids)
+    for mode in ("rank_improvement", "recall_at_k"):
+        plain, encoder, _ = _reward(catalog, StubEncoder(continuous=True), mode=mode, k=k, rank_depth=rank_depth)
+        dense, _, _ = _reward(
+            catalog, StubEncoder(continuous=True), mode=mode, k=k, rank_depth=rank_depth, margin_weight=0.5
+        )
+        a, b = plain.score(listing_ids, completions), dense.score(listing_ids, completions)
+        expected = [_expected_margin(encoder, catalog, lid, b.attributes[i]) for i, lid in enumerate(listing_ids)]
+        np.testing.assert_allclose(b.margin, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.margin, b.margin)
+        assert np.ptp(b.margin) > 0.1 and (b.margin < 0).any() and (b.margin > 0).any()  # a real spread
+        np.testing.assert_allclose(np.subtract(b.rewards, a.rewards), 0.5 * b.margin, rtol=1e-9, atol=1e-12)
+        floor = {"rank_improvement": -1.0, "recall_at_k": 0.0}[mode] - 2 * 0.5
+        assert dense.invalid_reward == pytest.approx(floor - 0.1) and min(b.rewards) > dense.invalid_reward
+    with pytest.raises(ValueError, match="would not sit below every valid recall_at_k reward"):
+        _reward(catalog, mode="recall_at_k", margin_weight=1.0, invalid_reward=-0.1)  # the paper's eta, now too high
+    for bad in (-0.5, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="margin_weight"):
+            _reward(catalog, margin_weight=bad)
+
+
 def test_unscorable_query_gives_none_and_invalid_output_still_penalised():
     reward, _, catalog = _reward()
     lonely = catalog["listing_id"][-1]
@@ -400,6 +439,7 @@ def test_logs_documented_names():
             "recall@1",
             "recall@7",
             "mrr",
+            "margin",
             "invalid_rate",
             "unscorable_rate",
             "num_attributes",
