@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from rar.prompts import DEFAULT_PROMPT
 
+ADVANTAGE_GATES = ("none", "sft_likelihood")  # rar.advantage_gate (kept here too: the config loads no torch)
+
 __all__ = ["POLICY_COLUMN", "RL_ALGORITHMS", "RARScriptArguments", "to_rloo_config"]
 
 RL_ALGORITHMS = ("grpo", "rloo")
@@ -164,6 +166,14 @@ class RARScriptArguments:
             "RLOOTrainer)."
         },
     )
+    advantage_gate: str = field(
+        default="none",
+        metadata={
+            "help": "none (GRPO as the paper) or sft_likelihood: damp each positive advantage by how much less likely "
+            "the SFT reference finds the sample than its group's average (rar.advantage_gate; a variant for noisy "
+            "rewards, after AdaGRPO). Needs --beta > 0 and --rl_algorithm grpo."
+        },
+    )
     # ---------------------------------------------------------------- evaluation
     eval_batch_size: int = field(default=32, metadata={"help": "Prompts per batch when generating for the evaluation."})
     eval_max_new_tokens: int | None = field(
@@ -176,6 +186,10 @@ class RARScriptArguments:
                 f"--rl_algorithm must be one of {RL_ALGORITHMS}, got {self.rl_algorithm!r} "
                 "(TRL 1.16 has no PPO trainer)"
             )
+        if self.advantage_gate not in ADVANTAGE_GATES:
+            raise ValueError(f"--advantage_gate must be one of {ADVANTAGE_GATES}, got {self.advantage_gate!r}")
+        if self.advantage_gate != "none" and self.rl_algorithm != "grpo":
+            raise ValueError(f"--advantage_gate {self.advantage_gate} gates GRPO's advantages: use --rl_algorithm grpo")
         if isinstance(self.gallery_split, str):  # `gallery_split: val` in a YAML
             self.gallery_split = [self.gallery_split]
         if isinstance(self.eval_split, str) and self.eval_split.lower() == "none":

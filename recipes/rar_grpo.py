@@ -33,6 +33,7 @@ from afmrl.embedded import is_embedded_model, resolve_catalog
 from afmrl.encoder.config import read_encoder_config
 from afmrl.modeling import check_model_source, require_bitsandbytes
 from afmrl.retrieval.fingerprints import check_training_record
+from rar.advantage_gate import SFTGatedGRPOTrainer
 from rar.config import RARScriptArguments, to_rloo_config
 from rar.pipeline import annotate_reward_gallery, policy_attributes, report_heldout, train_missing_stages
 from rar.policy import check_policy_processor, load_policy, mask_placeholder_logits, placeholder_token_ids
@@ -85,6 +86,11 @@ def check_inputs(script_args: RARScriptArguments, training_args: GRPOConfig, mod
         check_model_source(backbone)  # the encoder this run will train: its base must be loadable
     if script_args.sft_recipe and not Path(script_args.sft_recipe).is_file():
         raise FileNotFoundError(f"--sft_recipe {script_args.sft_recipe!r} does not exist")
+    if script_args.advantage_gate != "none" and training_args.beta == 0.0:
+        raise ValueError(
+            f"--advantage_gate {script_args.advantage_gate} reads the SFT reference's log-likelihoods, which GRPO "
+            "computes only for its KL term: set --beta > 0"
+        )
     if script_args.gallery and not Path(script_args.gallery).is_dir():
         raise FileNotFoundError(f"--gallery {script_args.gallery!r} is not a directory")
     prompts = build_prompt_dataset(
@@ -186,7 +192,8 @@ def main(script_args: RARScriptArguments, training_args: GRPOConfig, model_args:
             peft_config=peft_config,
         )
     else:
-        trainer = GRPOTrainer(
+        trainer_class = SFTGatedGRPOTrainer if script_args.advantage_gate == "sft_likelihood" else GRPOTrainer
+        trainer = trainer_class(
             model=model,
             reward_funcs=reward_funcs,
             args=training_args,

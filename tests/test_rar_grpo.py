@@ -233,6 +233,55 @@ def test_rloo_is_the_alternative_trainer(recipe, small_catalog_dir, tiny_encoder
     assert trainer.args.num_generations == 4 and trainer.args.max_completion_length == 24
 
 
+def test_sft_likelihood_gate_damps_positive_advantages_in_a_run(
+    recipe, monkeypatch, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path
+):
+    from rar.advantage_gate import SFTGatedGRPOTrainer, sft_likelihood_gate
+
+    batches = []
+
+    class Spy(SFTGatedGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            before = torch.tensor(list(self._logs["advantages"])[-len(out["advantages"]) :])
+            batches.append((before, out["advantages"].detach().clone(), out["ref_per_token_logps"], out))
+            return out
+
+    monkeypatch.setattr(recipe, "SFTGatedGRPOTrainer", Spy)
+    argv = ["--advantage_gate", "sft_likelihood", "--beta", "0.04", "--eval_split", "none", "--max_steps", "2"]
+    trainer = recipe.cli(base_args(small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path / "run", *argv))
+    assert isinstance(trainer, SFTGatedGRPOTrainer) and trainer.state.global_step == 2 and batches
+    for before, after, ref, out in batches:
+        weights = sft_likelihood_gate(before, ref, out["completion_mask"], 4)
+        torch.testing.assert_close(after, before * weights)
+        assert torch.equal(after[before <= 0], before[before <= 0])
+    logged = [h["gate/weight_positive"] for h in trainer.state.log_history if "gate/weight_positive" in h]
+    assert logged and all(0 < w <= 1 for w in logged)
+    assert any((b[1] != b[0]).any() for b in batches)  # the tiny policy's samples differ enough to be gated
+
+
+@pytest.mark.usefixtures("no_models")
+def test_advantage_gate_needs_grpo_with_a_reference(
+    recipe, capsys, small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path
+):
+    gate = ["--advantage_gate", "sft_likelihood"]
+    expect_exit(
+        recipe, capsys, base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, *gate), "--beta"
+    )
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, *gate, "--rl_algorithm", "rloo"),
+        "--advantage_gate",
+    )
+    expect_exit(
+        recipe,
+        capsys,
+        base_args(small_catalog_dir, tiny_encoder_dir, tiny_model_dir, tmp_path, "--advantage_gate", "ada"),
+        "--advantage_gate",
+    )
+
+
 def test_resume_continues_at_the_step_it_stopped(
     recipe, small_catalog_dir, tiny_encoder_dir, warm_policy_dir, tmp_path
 ):
