@@ -5,10 +5,15 @@
     python -m experiments.rar_seeds --setting reference --title "a teacher-annotated reward gallery" \
         --output_dir outputs/rar-seeds-reference -- --gallery_attributes reference   # flags after -- go to rar_grpo
     python -m experiments.rar_seeds --table_only        # rewrite docs/experiments/rar_seeds.md from the JSON files
+    python -m experiments.rar_seeds --ladder_dir outputs/ladder-paper --world paper --seeds 0 1 2 3 4 \
+        --config recipes/configs/rar_paper_world.yaml --setting gate_paper -- --advantage_gate sft_likelihood
 
 Each seed reruns only the GRPO stage of recipes/configs/rar_demo.yaml (``--seed``; the sampled completions and the
 prompt order change) from the demo's stage-1 encoder and SFT generator, and evaluates on the held-out products. The
 SFT attributes are greedy, so they are the same for every seed; the spread of RAR - SFT is the RL stage's own noise.
+With ``--ladder_dir`` a seed instead starts from that ladder seed's own stages (``seedS/agcl`` and ``seedS/rar/sft``,
+on ``--catalog embedded:WORLD:S``), and its faithful RAR rung (``seedS/rar/metrics.json``) is kept beside it: a
+variant of the RL stage is then paired with the rung it varies, seed by seed (the table's "− RAR" column).
 A seed whose run directory already holds the metrics of the same command is read, not rerun: a killed experiment
 loses one seed at most. Every setting is one JSON file (its metrics per seed, the command, the commit and the
 machine); the page ``docs/experiments/rar_seeds.md`` is one table with a row per setting, rebuilt from all of them:
@@ -36,21 +41,30 @@ SOURCES = ("no_attributes", "sft_attributes", "rar_attributes")
 
 
 def run_seed(
-    seed: int, demo: Path, out: Path, extra: list[str] = (), config: str = "recipes/configs/rar_demo.yaml"
+    seed: int,
+    demo: Path,
+    out: Path,
+    extra: list[str] = (),
+    config: str = "recipes/configs/rar_demo.yaml",
+    encoder: Path | None = None,
+    sft: Path | None = None,
 ) -> dict:
+    """One GRPO run from ``encoder`` and the ``sft`` policy (default: ``demo``/encoder and ``demo``/sft)."""
+    encoder = demo / "encoder" if encoder is None else encoder
+    sft = demo / "sft" if sft is None else sft
     cmd = [
         sys.executable,
         str(ROOT / "recipes" / "rar_grpo.py"),
         "--config",
         str(ROOT / config),
         "--encoder",
-        str(demo / "encoder"),
+        str(encoder),
         "--encoder_recipe",
         "",
         "--sft_recipe",
         "",
         "--model_name_or_path",
-        str(demo / "sft"),
+        str(sft),
         "--output_dir",
         str(out),
         "--seed",
@@ -68,6 +82,26 @@ def run_seed(
         subprocess.run(cmd, check=True, stdout=log)
     stamp.write_text(json.dumps(cmd[1:]))  # last: the seed is complete
     return json.loads((out / "metrics.json").read_text())
+
+
+def seed_sources(args, seed: int, demo: Path, extra: list[str]) -> tuple[Path, Path, list[str], Path | None]:
+    """(encoder, SFT policy, recipe flags, the faithful RAR rung's metrics or None) of one seed."""
+    if args.ladder_dir is None:
+        encoder, sft, flags, faithful = demo / "encoder", demo / "sft", list(extra), None
+        hint = "run `accelerate launch recipes/rar_grpo.py` first"
+    else:
+        stages = Path(args.ladder_dir) / f"seed{seed}"
+        encoder, sft, faithful = stages / "agcl", stages / "rar" / "sft", stages / "rar" / "metrics.json"
+        flags = (["--catalog", f"embedded:{args.world}:{seed}"] if args.world else []) + list(extra)
+        hint = "run the ladder's seed first (python -m benchmarks.ladder ...)"
+        if not faithful.is_file():
+            print(f"error: --ladder_dir: {faithful} does not exist: {hint}", file=sys.stderr)
+            sys.exit(2)
+    for path, marker in ((encoder, "encoder_config.json"), (sft, "config.json")):
+        if not (path / marker).is_file():
+            print(f"error: {path} has no {marker}: {hint}", file=sys.stderr)
+            sys.exit(2)
+    return encoder, sft, flags, faithful
 
 
 def commit() -> str:
@@ -89,20 +123,27 @@ def table(records: list[dict]) -> str:
         "Each setting reruns only the GRPO stage of the demo from the same encoder and SFT generator over GRPO seeds "
         "(`--seed`), and evaluates on the held-out products with every listing annotated by the generator under test "
         "(the deployment protocol). **RAR − SFT** is R@1 in points: the mean of the per-seed differences, sample sd "
-        "(ddof=1), 95% t-interval, n seeds. SFT is greedy, so it is the same at every seed of a setting. What these "
+        "(ddof=1), 95% t-interval, n seeds. SFT is greedy, so it is the same at every seed of a setting (a setting on "
+        "a ladder's seeds starts each seed from that seed's own encoder, SFT policy and catalog; **− RAR** pairs it "
+        "with the ladder's faithful RAR rung, seed by seed, the same summary). What these "
         "settings asked and what they show: [README.md](README.md).",
         "",
-        "| setting | what changes | SFT R@1 | RAR − SFT (R@1, pts) | per seed | test listings | made | command |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | what changes | SFT R@1 | RAR − SFT (R@1, pts) | per seed | − RAR (the ladder's rung) "
+        "| test listings | made | command |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for record in sorted(records, key=lambda r: (r.get("date", ""), r["setting"])):
         seeds = record["seeds"]
         deltas = [r_at_1(m, "rar_attributes") - r_at_1(m, "sft_attributes") for m in seeds.values()]
+        faithful = record.get("faithful_rar") or {}
+        versus = [r_at_1(seeds[s], "rar_attributes") - r_at_1(faithful[s], "rar_attributes") for s in faithful]
+        versus_cell = format_summary(summarize(versus)) if versus else "–"
         sft = sorted({round(r_at_1(m, "sft_attributes"), 1) for m in seeds.values()})
         n_listings = next(iter(seeds.values()))["no_attributes"]["n_queries"]
         lines.append(
             f"| {record['setting']} | {record.get('title', '')} | {' / '.join(f'{v:.1f}' for v in sft)} | "
-            f"{format_summary(summarize(deltas))} | {' / '.join(f'{d:+.1f}' for d in deltas)} | {n_listings} | "
+            f"{format_summary(summarize(deltas))} | {' / '.join(f'{d:+.1f}' for d in deltas)} | {versus_cell} | "
+            f"{n_listings} | "
             f"{record.get('date', '?')}, {record.get('commit', '?')} | `{record.get('command', '?')}` |"
         )
     return "\n".join(lines) + "\n"
@@ -130,6 +171,13 @@ def main(argv=None):
         help="Seeds run at once (one process each; with 2 or more, set OMP_NUM_THREADS=1 on 2 cores).",
     )
     parser.add_argument("--table_only", action="store_true", help="Only rewrite the page from the JSON files.")
+    parser.add_argument(
+        "--ladder_dir",
+        default=None,
+        help="Start seed S from a ladder's own stages (DIR/seedS/agcl, DIR/seedS/rar/sft) instead of --demo_dir, and "
+        "pair it with that seed's RAR rung (DIR/seedS/rar/metrics.json).",
+    )
+    parser.add_argument("--world", default=None, help="With --ladder_dir: seed S runs on --catalog embedded:WORLD:S.")
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -140,18 +188,17 @@ def main(argv=None):
         print(f"error: --config {args.config} does not exist", file=sys.stderr)
         sys.exit(2)
     demo = Path(args.demo_dir)
-    if not (demo / "encoder" / "encoder_config.json").is_file() or not (demo / "sft" / "config.json").is_file():
-        print(
-            f"error: {demo} has no encoder/ or sft/: run `accelerate launch recipes/rar_grpo.py` first", file=sys.stderr
-        )
-        sys.exit(2)
+    sources = {s: seed_sources(args, s, demo, extra) for s in args.seeds}  # exits with an error: line when missing
     start = time.time()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each seed is its own subprocess
         futures = {
-            s: pool.submit(run_seed, s, demo, Path(args.output_dir) / f"seed{s}", extra, args.config)
-            for s in args.seeds
+            s: pool.submit(
+                run_seed, s, demo, Path(args.output_dir) / f"seed{s}", flags, args.config, encoder=enc, sft=sft
+            )
+            for s, (enc, sft, flags, _) in sources.items()
         }
         runs = {str(s): f.result() for s, f in futures.items()}
+    faithful = {str(s): json.loads(src[3].read_text()) for s, src in sources.items() if src[3] is not None}
     DATA.mkdir(parents=True, exist_ok=True)
     record = {
         "setting": args.setting,
@@ -159,10 +206,11 @@ def main(argv=None):
         "command": shlex.join(["python", "-m", "experiments.rar_seeds", *argv]),
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "demo_dir": str(demo),
+        "demo_dir": str(args.ladder_dir or demo),
         "seconds": round(time.time() - start),
         "machine": f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
         "seeds": runs,
+        **({"faithful_rar": faithful} if faithful else {}),
     }
     (DATA / f"{args.setting}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(write_table())

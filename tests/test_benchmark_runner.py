@@ -340,6 +340,52 @@ def test_rar_seeds_logs_a_seed_and_reads_a_finished_one_back(monkeypatch, tmp_pa
     assert len(calls) == 2
 
 
+def test_rar_seeds_on_a_ladder_starts_each_seed_from_its_own_stages_and_pairs_the_rung(monkeypatch, tmp_path, capsys):
+    """--ladder_dir: seed S runs from DIR/seedS/agcl and DIR/seedS/rar/sft on embedded:WORLD:S; the page pairs each
+    seed with the ladder's faithful RAR rung; a seed the ladder has not finished is an error: line, exit 2."""
+    from experiments import rar_seeds
+
+    ladder = tmp_path / "ladder"
+    for seed, faithful in ((0, 0.40), (1, 0.44)):
+        (ladder / f"seed{seed}" / "agcl").mkdir(parents=True)
+        (ladder / f"seed{seed}" / "agcl" / "encoder_config.json").write_text("{}")
+        (ladder / f"seed{seed}" / "rar" / "sft").mkdir(parents=True)
+        (ladder / f"seed{seed}" / "rar" / "sft" / "config.json").write_text("{}")
+        metrics = {"rar_attributes": {"recall@1": faithful}, "sft_attributes": {"recall@1": 0.4}}
+        (ladder / f"seed{seed}" / "rar" / "metrics.json").write_text(json.dumps(metrics))
+    calls = []
+
+    def fake_run(cmd, check, stdout):
+        calls.append(cmd)
+        seed = int(cmd[cmd.index("--seed") + 1])
+        metrics = {
+            "no_attributes": {"recall@1": 0.2, "n_queries": 3000},
+            "sft_attributes": {"recall@1": 0.4},
+            "rar_attributes": {"recall@1": 0.43 + 0.02 * seed},
+        }
+        (Path(cmd[cmd.index("--output_dir") + 1]) / "metrics.json").write_text(json.dumps(metrics))
+
+    monkeypatch.setattr(rar_seeds.subprocess, "run", fake_run)
+    monkeypatch.setattr(rar_seeds, "commit", lambda: "abc1234")
+    monkeypatch.setattr(rar_seeds, "DATA", tmp_path / "data")
+    monkeypatch.setattr(rar_seeds, "PAGE", tmp_path / "page.md")
+    argv = ["--ladder_dir", str(ladder), "--world", "paper", "--seeds", "0", "1", "--setting", "variant"]
+    rar_seeds.main([*argv, "--output_dir", str(tmp_path / "runs"), "--", "--advantage_gate", "sft_likelihood"])
+    for seed, cmd in zip((0, 1), sorted(calls, key=lambda c: c[c.index("--seed") + 1]), strict=True):
+        assert cmd[cmd.index("--encoder") + 1] == str(ladder / f"seed{seed}" / "agcl")
+        assert cmd[cmd.index("--model_name_or_path") + 1] == str(ladder / f"seed{seed}" / "rar" / "sft")
+        assert cmd[cmd.index("--catalog") + 1] == f"embedded:paper:{seed}"
+        assert cmd[-2:] == ["--advantage_gate", "sft_likelihood"]
+    record = json.loads((tmp_path / "data" / "variant.json").read_text())
+    assert set(record["faithful_rar"]) == {"0", "1"}
+    row = next(line for line in (tmp_path / "page.md").read_text().splitlines() if line.startswith("| variant"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[4].startswith("+4.0") and cells[6].startswith("+2.0")  # RAR − SFT: 3 and 5; − RAR: 3 and 1
+    with pytest.raises(SystemExit) as info:
+        rar_seeds.main(["--ladder_dir", str(ladder), "--seeds", "2"])
+    assert info.value.code == 2 and "seed2" in capsys.readouterr().err
+
+
 def test_encoder_line_form_names_a_missing_catalog_column(small_catalog_dir, capsys):
     from experiments.encoder_line_form import main
 
