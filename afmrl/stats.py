@@ -6,6 +6,7 @@ mean of the per-seed differences with its t-interval, never one seed and never n
 
     summary = summarize([+4.8, +5.4, +2.9])     # {"mean": 4.37, "sd": 1.31, "ci95": (1.12, 7.61), "n": 3}
     print(format_summary(summary))              # "+4.4 ± 1.3 (95% CI +1.1 to +7.6, n = 3)"
+    verdict(summary, paper_delta=1.9)           # "reproduced": the interval lies above 0
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["format_summary", "summarize"]
+__all__ = ["format_summary", "summarize", "verdict"]
 
 
 def summarize(values: Sequence[float], confidence: float = 0.95) -> dict:
@@ -44,3 +45,18 @@ def format_summary(summary: dict, digits: int = 1, signed: bool = True) -> str:
         f"{mean} ± {summary['sd']:.{digits}f} (95% CI {low:{sign}.{digits}f} to {high:{sign}.{digits}f}, "
         f"n = {summary['n']})"
     )
+
+
+def verdict(summary: dict, paper_delta: float | None = None) -> str:
+    """The README's rule for a paired gain, fixed before the fair test ran (docs/experiments/fair_test_plan.md):
+    **reproduced** when the 95% interval lies above 0; **contradicted** when it lies below the paper's gain with a
+    mean <= 0; **inconclusive** otherwise. Without a paper figure a gain can only be reproduced or inconclusive; one
+    seed decides nothing ("n = 1")."""
+    if summary["n"] < 2:
+        return "n = 1"
+    low, high = summary["ci95"]
+    if low > 0:
+        return "reproduced"
+    if paper_delta is not None and high < paper_delta and summary["mean"] <= 0:
+        return "contradicted"
+    return "inconclusive"

@@ -4,7 +4,8 @@
 ``policy`` (loading the policy: LoRA, 4-bit, adapters), ``annotate`` (the one resumable loop in which a generator
 annotates listings), ``evaluation`` (held-out retrieval with generated attributes, both protocols, the report) and
 ``pipeline`` (what the demo runs around GRPO: the earlier stages, the reward gallery's annotation, the held-out
-report), and ``advantage_gate`` (an optional gate on GRPO's advantages, anchored to the SFT policy). The rewards are in ``rewards``; the recipe is ``recipes/rar_grpo.py``::
+report), and ``advantage_gate`` (an optional gate on GRPO's advantages, anchored to the SFT policy). The rewards
+are in ``rewards``; the recipe is ``recipes/rar_grpo.py``::
 
     accelerate launch --config_file deepspeed_configs/cpu.yaml recipes/rar_grpo.py
 """

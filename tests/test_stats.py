@@ -22,3 +22,14 @@ def test_one_value_has_no_spread_and_none_is_an_error():
     assert s["mean"] == 2.0 and math.isnan(s["sd"]) and format_summary(s) == "+2.0 (n = 1)"
     with pytest.raises(ValueError, match="at least one"):
         summarize([])
+
+
+def test_verdict_follows_the_rule_fixed_before_the_fair_test():
+    from afmrl.stats import verdict
+
+    assert verdict(summarize([4.8, 5.4, 2.9]), paper_delta=1.4) == "reproduced"  # the interval +1.1 to +7.6
+    assert verdict(summarize([-0.5, 0.1, -0.4, 0.0, -0.3]), paper_delta=1.9) == "contradicted"  # below +1.9, mean < 0
+    assert verdict(summarize([-0.5, 0.1, -0.4, 0.0, 0.9]), paper_delta=1.9) == "inconclusive"  # mean > 0
+    assert verdict(summarize([-3.0, 4.0, -1.0]), paper_delta=1.9) == "inconclusive"  # the interval reaches past +1.9
+    assert verdict(summarize([-0.5, 0.1, -0.4, 0.0, -0.3])) == "inconclusive"  # no paper figure: never contradicted
+    assert verdict(summarize([2.0])) == "n = 1"
