@@ -693,3 +693,20 @@ def test_full_finetune_from_a_lora_adapter_trains_the_merged_weights(tiny_model_
     assert frozen and all(".visual." in f".{n}" for n in frozen)
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, base_weights[n])]
     assert moved and all(any(t in n for t in LM_LORA_TARGETS) for n in moved)  # the adapter was merged in
+
+
+def test_the_demo_cites_the_fair_tests_confirmatory_figure(recipe, tmp_path):
+    def seed(sft, rar):
+        return {
+            "+ SFT (distilled) attributes": {"instance": {"recall@1": sft, "n_queries": 3100}},
+            "+ RAR attributes": {"instance": {"recall@1": rar, "n_queries": 3100}},
+        }
+
+    path = tmp_path / "ladder_paper.json"
+    path.write_text(json.dumps({"seeds": {"0": seed(0.50, 0.51), "1": seed(0.48, 0.50)}}))
+    line = recipe.fair_test_line(path)
+    assert "+1.5 ± 0.7 (95% CI -4.9 to +7.9, n = 2) R@1, inconclusive" in line and ">= 3100" in line
+    assert recipe.fair_test_line(tmp_path / "missing.json") is None
+    path.write_text("{}")
+    assert recipe.fair_test_line(path) is None
+    assert recipe.fair_test_line() is not None  # the repository's own ladder is readable
