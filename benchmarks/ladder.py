@@ -339,7 +339,7 @@ def plot(path: Path, per_seed: dict[int, dict]):
 def reproduction_status(runs: list[dict]) -> list[str]:
     """The page's first table: each rung's paired R@1 gain over the rung below (both sides, the headline protocol)
     beside the paper's, and ``afmrl.stats.verdict``."""
-    sizes = sorted({r["InfoNCE encoder"]["instance"].get("n_queries", "?") for r in runs}, key=str)
+    sizes = sorted({r["InfoNCE encoder"]["instance"].get("n_queries", 0) for r in runs})
     listings = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
     lines = [
         f"**Reproduction status** (instance R@1, both sides; {len(runs)} seed(s), {listings} test listings per seed; "

@@ -97,6 +97,16 @@ def seed_sources(args, seed: int, demo: Path, extra: list[str]) -> tuple[Path, P
         if not faithful.is_file():
             print(f"error: --ladder_dir: {faithful} does not exist: {hint}", file=sys.stderr)
             sys.exit(2)
+        from afmrl.retrieval.fingerprints import TRAINING_RECORD, check_training_record
+
+        if args.world and (encoder / TRAINING_RECORD).is_file():  # the encoder's record names the world it saw
+            from afmrl.embedded import resolve_catalog
+
+            try:
+                check_training_record(encoder, str(resolve_catalog(flags[1], args.cache_dir)), flag="--ladder_dir")
+            except ValueError as err:
+                print(f"error: --world {args.world}: {err}", file=sys.stderr)
+                sys.exit(2)
     for path, marker in ((encoder, "encoder_config.json"), (sft, "config.json")):
         if not (path / marker).is_file():
             print(f"error: {path} has no {marker}: {hint}", file=sys.stderr)
@@ -178,6 +188,7 @@ def main(argv=None):
         "pair it with that seed's RAR rung (DIR/seedS/rar/metrics.json).",
     )
     parser.add_argument("--world", default=None, help="With --ladder_dir: seed S runs on --catalog embedded:WORLD:S.")
+    parser.add_argument("--cache_dir", default="outputs/embedded", help="Where the embedded worlds are built.")
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -199,6 +210,15 @@ def main(argv=None):
         }
         runs = {str(s): f.result() for s, f in futures.items()}
     faithful = {str(s): json.loads(src[3].read_text()) for s, src in sources.items() if src[3] is not None}
+    for s, rung in faithful.items():  # the same greedy SFT policy on the same test split and encoder: equal R@1
+        here, there = r_at_1(runs[s], "sft_attributes"), r_at_1(rung, "sft_attributes")
+        if abs(here - there) > 1e-6:
+            print(
+                f"error: seed {s} is not paired with its ladder rung: SFT R@1 {here:.2f} here, {there:.2f} in "
+                f"{args.ladder_dir} (another catalog, encoder or evaluation: check --world and --config)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
     DATA.mkdir(parents=True, exist_ok=True)
     record = {
         "setting": args.setting,

@@ -470,7 +470,7 @@ class RetrievalRankReward:
         cat_rows: np.ndarray,
         need: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(n, 5) rank statistics of each completion's query with its attributes and without (NaN where none);
+        """(n, 6) rank statistics of each completion's query with its attributes and without (NaN where none);
         newly ranked baselines enter the LRU cache."""
         n_q = len(plan.q_rows)
         base_stats = dict(plan.cached)

@@ -385,6 +385,13 @@ def test_rar_seeds_on_a_ladder_starts_each_seed_from_its_own_stages_and_pairs_th
     with pytest.raises(SystemExit) as info:
         rar_seeds.main(["--ladder_dir", str(ladder), "--seeds", "2"])
     assert info.value.code == 2 and "seed2" in capsys.readouterr().err
+    # a run whose SFT row differs from its rung's was not paired with it (another catalog or encoder): no record
+    metrics = {"rar_attributes": {"recall@1": 0.40}, "sft_attributes": {"recall@1": 0.41}}
+    (ladder / "seed0" / "rar" / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit) as info:
+        rar_seeds.main([*argv[:4], "--seeds", "0", "--setting", "unpaired", "--output_dir", str(tmp_path / "runs")])
+    assert info.value.code == 2 and "not paired" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "unpaired.json").exists()
 
 
 def test_encoder_line_form_names_a_missing_catalog_column(small_catalog_dir, capsys):
