@@ -61,6 +61,7 @@ METRICS = [
     ("image_to_text", "recall@1", "image→text R@1"),
     ("text_to_image", "recall@1", "text→image R@1"),
 ]
+CONFIRMATORY_SEEDS = 5  # the fewest seeds a verdict of the fair test rests on (docs/experiments/fair_test_plan.md)
 GAIN_LABELS = {  # each rung's gain over the one below, as the README's status table names it
     "+ AGCL": "AGCL − InfoNCE",
     "+ SFT (distilled) attributes": "SFT attributes − none",
@@ -348,13 +349,15 @@ def reproduction_status(runs: list[dict]) -> list[str]:
         "| rung | paper Δ | ours: mean ± sd (95% CI, n) | verdict |",
         "|---|---|---|---|",
     ]
+    # the confirmatory ladder's seeds are at least five (the fair test's plan): fewer give an interim reading
+    interim = f" (interim: n = {len(runs)} < {CONFIRMATORY_SEEDS})" if 1 < len(runs) < CONFIRMATORY_SEEDS else ""
     for below, rung in zip(RUNGS, RUNGS[1:], strict=False):
         gains = [100 * (r[rung]["instance"]["recall@1"] - r[below]["instance"]["recall@1"]) for r in runs]
         paper = PAPER_R1[rung] - PAPER_R1[below] if rung in PAPER_R1 and below in PAPER_R1 else None
         summary = summarize(gains)
         lines.append(
             f"| {GAIN_LABELS[rung]} | {'—' if paper is None else f'{paper:+.1f}'} | "
-            f"{format_summary(summary)} | {verdict(summary, paper)} |"
+            f"{format_summary(summary)} | {verdict(summary, paper)}{interim} |"
         )
     return lines
 
