@@ -245,6 +245,7 @@ def fair_test_line(path: Path = FAIR_TEST) -> str | None:
         "one seed so far: an example, no verdict"
         if summary["n"] < 2
         else f"{verdict(summary, paper_delta=PAPER_RAR_GAIN)} against the paper's +{PAPER_RAR_GAIN:.2f}"
+        + (" (interim: the verdict rests on 5 seeds)" if summary["n"] < 5 else "")
     )
     return (
         f"The fair test's RAR − SFT (docs/results/ladder_paper.md; the paper's preconditions built in, >= {listings} "
