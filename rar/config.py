@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from rar.prompts import DEFAULT_PROMPT
 
-ADVANTAGE_GATES = ("none", "sft_likelihood")  # rar.advantage_gate (kept here too: the config loads no torch)
+ADVANTAGE_GATES = ("none", "sft_likelihood")  # --advantage_gate: rar.advantage_gate.SFTGatedGRPOTrainer
 
 __all__ = ["POLICY_COLUMN", "RL_ALGORITHMS", "RARScriptArguments", "to_rloo_config"]
 

@@ -332,7 +332,7 @@ class RetrievalRankReward:
         s_other = np.where(other.any(axis=1), scores[np.arange(len(rows)), other.argmax(axis=1)], last)
         s_true = np.where(same.any(axis=1), scores[np.arange(len(rows)), same.argmax(axis=1)], np.nan)
         for i in np.flatnonzero(~same.any(axis=1)):
-            members = np.flatnonzero(gallery.product_codes == codes[i])
+            members = gallery.product_rows(int(codes[i]))
             members = members[members != exclude[i]]
             if len(members):
                 s_true[i] = float((gallery.vectors(members) @ queries[i]).max())

@@ -202,3 +202,15 @@ def test_a_recall_below_the_goal_is_warned_at_the_callers_line(monkeypatch):
     with pytest.warns(UserWarning, match="below the goal") as record:
         gallery.tune_search(k=5)
     assert record[0].filename == __file__
+
+
+def test_product_rows_equal_a_scan_and_survive_pickling():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    products = [f"P{int(x)}" for x in rng.integers(0, 9, size=40)]
+    gallery = ProductGallery.from_embeddings(vectors, [f"L{i}" for i in range(40)], products)
+    for copy in (gallery, pickle.loads(pickle.dumps(gallery))):
+        for code in range(int(copy.product_codes.max()) + 1):
+            np.testing.assert_array_equal(copy.product_rows(code), np.flatnonzero(copy.product_codes == code))
+        assert len(copy.product_rows(-1)) == 0 and len(copy.product_rows(10_000)) == 0

@@ -107,6 +107,8 @@ class ProductGallery:
         self.product_codes = codes.astype(np.int64)
         self._code_of = {name: i for i, name in enumerate(names.tolist())}
         self._product_sizes = np.bincount(self.product_codes, minlength=len(names)).astype(np.int64)
+        self._rows_by_code = np.argsort(self.product_codes, kind="stable")  # a product's rows, contiguous
+        self._code_starts = np.concatenate([[0], np.cumsum(self._product_sizes)])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -259,6 +261,12 @@ class ProductGallery:
             ex = np.asarray(exclude_rows, dtype=np.int64)
             counts = counts - ((ex >= 0) & (self.product_codes[np.maximum(ex, 0)] == codes))
         return counts
+
+    def product_rows(self, code: int) -> np.ndarray:
+        """The gallery rows of product ``code`` (ascending; empty for -1 or an unknown code), without a scan."""
+        if not 0 <= code < len(self._product_sizes):
+            return np.zeros(0, dtype=np.int64)
+        return self._rows_by_code[self._code_starts[code] : self._code_starts[code + 1]]
 
     def describe(self, rows: Sequence[int], fields: Sequence[str] = ("listing_id", "product_id")) -> dict[str, list]:
         """The listing and product ids of gallery ``rows`` (-1 gives None): what a search answers with."""
