@@ -365,7 +365,7 @@ def reproduction_status(runs: list[dict]) -> list[str]:
 def write_report(
     out: Path, per_seed: dict[int, dict], machine: str, seconds: float, jobs: int, extra_flags: str = "", note: str = ""
 ):
-    seeds = sorted(per_seed)
+    seeds = sorted(per_seed, key=int)
     runs = [per_seed[s] for s in seeds]
     lines = [
         "# The ablation ladder on the embedded catalog",
@@ -465,6 +465,28 @@ def world_flags(args) -> str:
     return "".join(f" {flag} {value}" for flag, value, default in flags if value != default)
 
 
+def merge_saved(paths: list[str]) -> dict:
+    """One summary from the ladder.json files of several invocations: their seeds side by side (a seed in two files
+    is an error line and exit 2), their seconds summed, their machines named once each."""
+    merged = {"seeds": {}, "machine": [], "seconds": 0.0}
+    for path in paths:
+        if not Path(path).is_file():
+            print(f"error: --report_from {path} does not exist", file=sys.stderr)
+            sys.exit(2)
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        for seed, rungs in saved["seeds"].items():
+            if str(seed) in merged["seeds"]:
+                print(f"error: --report_from: seed {seed} is in two files (the second is {path})", file=sys.stderr)
+                sys.exit(2)
+            merged["seeds"][str(seed)] = rungs
+        merged["seconds"] += saved["seconds"]
+        if saved["machine"] not in merged["machine"]:
+            merged["machine"].append(saved["machine"])
+    merged["seeds"] = dict(sorted(merged["seeds"].items(), key=lambda item: int(item[0])))
+    merged["machine"] = "; ".join(merged["machine"])
+    return merged
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -484,8 +506,12 @@ def main(argv=None):
     )
     parser.add_argument(
         "--report_from",
+        nargs="+",
         default=None,
-        help="Rewrite the page from a ladder.json this script saved (no training): its runs, today's statistics.",
+        metavar="LADDER_JSON",
+        help="Rewrite the page from ladder.json files this script saved (no training): their runs, today's "
+        "statistics. Several files (say seeds 0-2 from one session, 3-4 from the next) are merged, a seed in two "
+        "of them is an error, and the merged JSON is written beside --output.",
     )
     parser.add_argument(
         "--world",
@@ -501,7 +527,7 @@ def main(argv=None):
         evaluate_seed(Path(args._evaluate[0]), args._evaluate[1])
         return None
     if args.report_from:
-        saved = json.loads(Path(args.report_from).read_text(encoding="utf-8"))
+        saved = merge_saved(args.report_from)
         for rungs in saved["seeds"].values():  # before 2026-12-06 the plain-gallery protocol was "instance_query_only"
             for metrics in rungs.values():
                 if "instance_query_only" in metrics:
@@ -514,8 +540,10 @@ def main(argv=None):
             saved["seconds"],
             args.jobs,
             flags,
-            f" (page rewritten from `{args.report_from}` by `python -m benchmarks.ladder --report_from`)",
+            f" (page rewritten from `{' '.join(args.report_from)}` by `python -m benchmarks.ladder --report_from`)",
         )
+        if len(args.report_from) > 1:
+            Path(args.output).with_suffix(".json").write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
         return saved  # fmt: skip
 
     from afmrl.embedded import resolve_catalog

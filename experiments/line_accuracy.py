@@ -107,6 +107,12 @@ def main(argv=None):
     )
     parser.add_argument("--split", default="test")
     parser.add_argument("--output", default=None, help="Write the page here (and its JSON beside it).")
+    parser.add_argument(
+        "--add_seeds",
+        action="store_true",
+        help="Keep the seeds the JSON beside --output holds (an earlier session's, whose lines may be gone) and add "
+        "these: the runs must be the same, and a seed recorded there is an error.",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if (args.world is None) == (args.catalog is None):
@@ -117,6 +123,19 @@ def main(argv=None):
         if not sep or not name or name in ("SFT", "RAR"):
             parser.error(f"--variant {spec!r}: expected NAME=DIR with a NAME other than SFT and RAR")
         variants[name] = Path(directory)
+    kept = {}
+    if args.add_seeds:
+        saved = Path(args.output or "").with_suffix(".json")
+        if not args.output or not saved.is_file():
+            parser.error(f"--add_seeds: no earlier JSON ({saved}) beside --output to add to")
+        kept = {int(s): runs for s, runs in json.loads(saved.read_text(encoding="utf-8")).items()}
+        clash = sorted(set(kept) & set(args.seeds))
+        if clash:
+            parser.error(f"--add_seeds: seed(s) {' '.join(map(str, clash))} of --seeds are in {saved} already")
+        names = ["SFT", "RAR", *variants]
+        for seed, runs in kept.items():
+            if list(runs) != names:
+                parser.error(f"--add_seeds: {saved} seed {seed} has the runs {list(runs)}, not {names}")
     from afmrl.embedded import resolve_catalog
 
     per_seed = {}
@@ -132,7 +151,11 @@ def main(argv=None):
             if column not in catalog.column_names:
                 parser.error(f"--catalog: the {args.split!r} rows have no column {column!r}")
         per_seed[seed] = seed_table(catalog, runs)
-    page = report(per_seed, "python -m experiments.line_accuracy " + " ".join(argv))
+    command = "python -m experiments.line_accuracy " + " ".join(argv)
+    if kept:
+        command += f"` (seeds {', '.join(map(str, sorted(kept)))} kept from the JSON a run before it wrote`"
+    per_seed = dict(sorted({**kept, **per_seed}.items()))
+    page = report(per_seed, command)
     if args.output:
         out = Path(args.output)
         out.write_text(page + "\n", encoding="utf-8")

@@ -14,10 +14,12 @@ SFT attributes are greedy, so they are the same for every seed; the spread of RA
 With ``--ladder_dir`` a seed instead starts from that ladder seed's own stages (``seedS/agcl`` and ``seedS/rar/sft``,
 on ``--catalog embedded:WORLD:S``), and its faithful RAR rung (``seedS/rar/metrics.json``) is kept beside it: a
 variant of the RL stage is then paired with the rung it varies, seed by seed (the table's "− RAR" column).
-A seed whose run directory already holds the metrics of the same command is read, not rerun: a killed experiment
-loses one seed at most. Every setting is one JSON file (its metrics per seed, the command, the commit and the
-machine); the page ``docs/experiments/rar_seeds.md`` is one table with a row per setting, rebuilt from all of them:
-RAR - SFT as the mean of the per-seed differences, sample sd (ddof=1), 95% t-interval and n (``afmrl.stats``).
+A seed whose run directory already holds the metrics of the same command is read, not rerun, and each seed is
+recorded as it finishes: a killed experiment loses one seed at most. ``--add_seeds`` adds seeds to a setting's
+record from an earlier session whose run directories are gone (the same command, other seeds). Every setting is one
+JSON file (its metrics per seed, the command, the commit and the machine); the page
+``docs/experiments/rar_seeds.md`` is one table with a row per setting, rebuilt from all of them: RAR - SFT as the
+mean of the per-seed differences, sample sd (ddof=1), 95% t-interval and n (``afmrl.stats``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from afmrl.stats import format_summary, summarize
@@ -189,6 +191,12 @@ def main(argv=None):
     )
     parser.add_argument("--world", default=None, help="With --ladder_dir: seed S runs on --catalog embedded:WORLD:S.")
     parser.add_argument("--cache_dir", default="outputs/embedded", help="Where the embedded worlds are built.")
+    parser.add_argument(
+        "--add_seeds",
+        action="store_true",
+        help="Add these seeds to the setting's record, keeping the seeds it holds (an earlier session's, whose run "
+        "directories may be gone): the rest of the command must be the record's, and a recorded seed is an error.",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -198,42 +206,113 @@ def main(argv=None):
     if not (ROOT / args.config).is_file():
         print(f"error: --config {args.config} does not exist", file=sys.stderr)
         sys.exit(2)
+    previous = recorded_before(args, argv) if args.add_seeds else None  # checked before any training
     demo = Path(args.demo_dir)
     sources = {s: seed_sources(args, s, demo, extra) for s in args.seeds}  # exits with an error: line when missing
     start = time.time()
+    runs, faithful = {}, {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each seed is its own subprocess
         futures = {
-            s: pool.submit(
+            pool.submit(
                 run_seed, s, demo, Path(args.output_dir) / f"seed{s}", flags, args.config, encoder=enc, sft=sft
-            )
+            ): s
             for s, (enc, sft, flags, _) in sources.items()
         }
-        runs = {str(s): f.result() for s, f in futures.items()}
-    faithful = {str(s): json.loads(src[3].read_text()) for s, src in sources.items() if src[3] is not None}
-    for s, rung in faithful.items():  # the same greedy SFT policy on the same test split and encoder: equal R@1
-        here, there = r_at_1(runs[s], "sft_attributes"), r_at_1(rung, "sft_attributes")
-        if abs(here - there) > 1e-6:
-            print(
-                f"error: seed {s} is not paired with its ladder rung: SFT R@1 {here:.2f} here, {there:.2f} in "
-                f"{args.ladder_dir} (another catalog, encoder or evaluation: check --world and --config)",
-                file=sys.stderr,
-            )
-            sys.exit(2)
-    DATA.mkdir(parents=True, exist_ok=True)
+        for future in as_completed(futures):  # each seed is recorded as it finishes: a killed run keeps the rest
+            seed = futures[future]
+            runs[str(seed)] = future.result()
+            if sources[seed][3] is not None:
+                faithful[str(seed)] = paired_rung(args, seed, runs[str(seed)], sources[seed][3])
+            write_record(args, argv, demo, runs, faithful, previous, time.time() - start)
+    print(write_table())
+
+
+def settings_of(argv: list[str]) -> list[str]:
+    """A command's flags without the ones that may differ between its parts (--seeds, --jobs, --add_seeds)."""
+    kept, skip = [], False
+    for arg in argv:
+        if arg in ("--seeds", "--jobs"):
+            skip = True
+            continue
+        if skip and arg.isdigit():
+            continue
+        skip = False
+        if arg != "--add_seeds":
+            kept.append(arg)
+    return kept
+
+
+def recorded_before(args, argv: list[str]) -> dict:
+    """The setting's record, for --add_seeds: its command must be this one's but for the seeds, none of whose seeds
+    may be one of these."""
+    path = DATA / f"{args.setting}.json"
+    if not path.is_file():
+        print(f"error: --add_seeds: the setting {args.setting} has no record ({path}) to add to", file=sys.stderr)
+        sys.exit(2)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    before = shlex.split(record["command"])[3:]
+    if settings_of(before) != settings_of(argv):
+        print(
+            f"error: --add_seeds: the setting {args.setting} was recorded by another command (`{record['command']}`); "
+            "only --seeds and --jobs may differ",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    clash = sorted(set(map(str, args.seeds)) & set(record["seeds"]), key=int)
+    if clash:
+        print(f"error: --add_seeds: seed(s) {' '.join(clash)} of --seeds are recorded already", file=sys.stderr)
+        sys.exit(2)
+    return record
+
+
+def paired_rung(args, seed: int, run: dict, rung_path: Path) -> dict:
+    """The ladder's faithful RAR rung of ``seed``, after checking the run is paired with it: the same greedy SFT policy
+    on the same test split and encoder gives the same SFT R@1 (else an error line, exit 2, and no record of it)."""
+    rung = json.loads(rung_path.read_text())
+    here, there = r_at_1(run, "sft_attributes"), r_at_1(rung, "sft_attributes")
+    if abs(here - there) > 1e-6:
+        print(
+            f"error: seed {seed} is not paired with its ladder rung: SFT R@1 {here:.2f} here, {there:.2f} in "
+            f"{args.ladder_dir} (another catalog, encoder or evaluation: check --world and --config)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return rung
+
+
+def write_record(args, argv, demo, runs: dict, faithful: dict, previous: dict | None, seconds: float):
+    """docs/experiments/rar_seeds/SETTING.json from the seeds finished so far (and, with --add_seeds, the record's)."""
+    part = {
+        "seeds": sorted(map(int, runs)),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": round(seconds),
+        "machine": f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
+    }
+    parts = [part]
+    if previous is not None:
+        parts = previous.get("parts") or [
+            {"seeds": sorted(map(int, previous["seeds"]))} | {k: previous.get(k) for k in part if k != "seeds"}
+        ]
+        parts = [*parts, part]
+        runs = {**previous["seeds"], **runs}
+        faithful = {**previous.get("faithful_rar", {}), **faithful}
+    ordered = sorted(runs, key=int)
+    command = ["--seeds", *ordered, *settings_of(argv)] if previous is not None else argv
     record = {
         "setting": args.setting,
         "title": args.title,
-        "command": shlex.join(["python", "-m", "experiments.rar_seeds", *argv]),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
+        "command": shlex.join(["python", "-m", "experiments.rar_seeds", *command]),
+        **{k: part[k] for k in ("commit", "date")},
         "demo_dir": str(args.ladder_dir or demo),
-        "seconds": round(time.time() - start),
-        "machine": f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
-        "seeds": runs,
-        **({"faithful_rar": faithful} if faithful else {}),
+        "seconds": sum(p["seconds"] or 0 for p in parts),
+        "machine": part["machine"],
+        "seeds": {s: runs[s] for s in ordered},
+        **({"faithful_rar": {s: faithful[s] for s in sorted(faithful, key=int)}} if faithful else {}),
+        **({"parts": parts} if len(parts) > 1 else {}),
     }
+    DATA.mkdir(parents=True, exist_ok=True)
     (DATA / f"{args.setting}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(write_table())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import importlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -395,6 +396,85 @@ def test_rar_seeds_on_a_ladder_starts_each_seed_from_its_own_stages_and_pairs_th
         rar_seeds.main([*argv[:4], "--seeds", "0", "--setting", "unpaired", "--output_dir", str(tmp_path / "runs")])
     assert info.value.code == 2 and "not paired" in capsys.readouterr().err
     assert not (tmp_path / "data" / "unpaired.json").exists()
+
+
+def test_rar_seeds_adds_seeds_to_an_earlier_sessions_record(monkeypatch, tmp_path, capsys):
+    """--add_seeds keeps the seeds a setting's record holds (their run directories gone) and adds these; another
+    command, or a seed recorded already, is an error line before anything runs."""
+    from experiments import rar_seeds
+
+    ladder = tmp_path / "ladder"
+    for seed in (0, 1, 2):
+        (ladder / f"seed{seed}" / "agcl").mkdir(parents=True)
+        (ladder / f"seed{seed}" / "agcl" / "encoder_config.json").write_text("{}")
+        (ladder / f"seed{seed}" / "rar" / "sft").mkdir(parents=True)
+        (ladder / f"seed{seed}" / "rar" / "sft" / "config.json").write_text("{}")
+        metrics = {"rar_attributes": {"recall@1": 0.41}, "sft_attributes": {"recall@1": 0.4}}
+        (ladder / f"seed{seed}" / "rar" / "metrics.json").write_text(json.dumps(metrics))
+    calls = []
+
+    def fake_run(cmd, check, stdout):
+        seed = int(cmd[cmd.index("--seed") + 1])
+        calls.append(seed)
+        metrics = {
+            "no_attributes": {"recall@1": 0.2, "n_queries": 3000},
+            "sft_attributes": {"recall@1": 0.4},
+            "rar_attributes": {"recall@1": 0.42 + 0.01 * seed},
+        }
+        (Path(cmd[cmd.index("--output_dir") + 1]) / "metrics.json").write_text(json.dumps(metrics))
+
+    monkeypatch.setattr(rar_seeds.subprocess, "run", fake_run)
+    monkeypatch.setattr(rar_seeds, "commit", lambda: "abc1234")
+    monkeypatch.setattr(rar_seeds, "DATA", tmp_path / "data")
+    monkeypatch.setattr(rar_seeds, "PAGE", tmp_path / "page.md")
+    head = ["--ladder_dir", str(ladder), "--world", "paper", "--setting", "v", "--output_dir", str(tmp_path / "runs")]
+    rar_seeds.main(["--seeds", "0", "1", *head, "--", "--beta", "0.04"])
+    first = json.loads((tmp_path / "data" / "v.json").read_text())
+    shutil.rmtree(tmp_path / "runs")  # the next session's checkout has no run directories
+    for argv, why in (
+        (["--seeds", "2", *head, "--add_seeds", "--", "--beta", "0.1"], "another command"),
+        (["--seeds", "1", "2", *head, "--add_seeds", "--", "--beta", "0.04"], "recorded already"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            rar_seeds.main(argv)
+        assert info.value.code == 2 and why in capsys.readouterr().err
+    assert sorted(calls) == [0, 1]  # nothing ran for the refused commands
+    rar_seeds.main(["--seeds", "2", "--jobs", "1", *head, "--add_seeds", "--", "--beta", "0.04"])
+    record = json.loads((tmp_path / "data" / "v.json").read_text())
+    assert sorted(calls) == [0, 1, 2] and list(record["seeds"]) == ["0", "1", "2"]
+    assert record["seeds"]["0"] == first["seeds"]["0"] and list(record["faithful_rar"]) == ["0", "1", "2"]
+    assert [part["seeds"] for part in record["parts"]] == [[0, 1], [2]]
+    assert record["command"].startswith("python -m experiments.rar_seeds --seeds 0 1 2 --ladder_dir")
+    assert "--add_seeds" not in record["command"] and record["command"].endswith("-- --beta 0.04")
+    row = next(line for line in (tmp_path / "page.md").read_text().splitlines() if line.startswith("| v "))
+    assert "+2.0 / +3.0 / +4.0" in row  # RAR − SFT per seed, in seed order
+
+
+def test_ladder_report_merges_the_json_of_several_sessions(ladder, tmp_path, capsys):
+    """--report_from A B: the seeds of both files on one page and in one JSON beside it; a seed in both is an error."""
+
+    def rungs(r1):
+        metrics = {
+            "instance": {"recall@1": r1, "recall@5": 0.8, "recall@10": 0.9, "mAP@10": 0.4, "n_queries": 3000},
+            "instance_plain_gallery": {"recall@1": r1},
+            "coarse": {"mAP@1": 0.9},
+            "image_to_text": {"recall@1": 0.1},
+            "text_to_image": {"recall@1": 0.1},
+        }
+        return {rung: json.loads(json.dumps(metrics)) for rung in [*ladder.RUNGS, "InfoNCE", "AGCL"]}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"seeds": {"0": rungs(0.4), "1": rungs(0.5)}, "machine": "box", "seconds": 60}))
+    second.write_text(json.dumps({"seeds": {"2": rungs(0.6)}, "machine": "other box", "seconds": 30}))
+    out = tmp_path / "ladder_paper.md"
+    flags = ["--stage1_ablation", "false", "--output", str(out)]
+    ladder.main(["--report_from", str(first), str(second), *flags])
+    merged = json.loads(out.with_suffix(".json").read_text())
+    assert list(merged["seeds"]) == ["0", "1", "2"] and merged["seconds"] == 90
+    assert merged["machine"] == "box; other box" and "--seeds 0 1 2" in out.read_text()
+    with pytest.raises(SystemExit) as info:
+        ladder.main(["--report_from", str(first), str(out.with_suffix(".json")), *flags])
+    assert info.value.code == 2 and "seed 0 is in two files" in capsys.readouterr().err
 
 
 def test_encoder_line_form_names_a_missing_catalog_column(small_catalog_dir, capsys):

@@ -2,6 +2,7 @@
 own line 100% against the teacher, and the paired change against SFT is their difference."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,16 @@ def test_truth_and_teacher_lines_score_as_they_should(small_catalog_dir, tmp_pat
     assert json.loads(out.with_suffix(".json").read_text())["0"]["RAR"]["truth"]["pattern"] == 1.0
     with pytest.raises(SystemExit):
         line_accuracy.main([*argv, "--seeds", "1"])  # that seed has no lines
+    # --add_seeds: seed 0 from the JSON beside --output (its lines gone), seed 1 computed now
+    for directory in (ladder / "seed0" / "rar", variant / "seed0"):
+        target = Path(str(directory).replace("seed0", "seed1"))
+        target.mkdir(parents=True)
+        (target / "attributes.jsonl").write_bytes((directory / "attributes.jsonl").read_bytes())
+        (directory / "attributes.jsonl").unlink()
+    both = line_accuracy.main([*argv, "--seeds", "1", "--output", str(out), "--add_seeds"])
+    assert sorted(both) == [0, 1] and both[1] == json.loads(json.dumps(seed)) and both[0] == both[1]
+    assert list(json.loads(out.with_suffix(".json").read_text())) == ["0", "1"] and "seeds 0 kept" in out.read_text()
+    for wrong in (["--seeds", "1"], ["--seeds", "2"]):  # seed 1 is recorded already; seed 2 ran with no variant V2
+        with pytest.raises(SystemExit) as info:
+            line_accuracy.main([*argv, *wrong, "--output", str(out), "--add_seeds", "--variant", f"V2={variant}"])
+        assert info.value.code == 2
