@@ -5,6 +5,8 @@
     python -m benchmarks.ladder --seeds 0 --quick      # smoke test: a few steps per stage, nothing written
     python -m benchmarks.ladder --world paper --seeds 0 1 2 3 4 --stage1_config recipes/configs/agcl_paper_world.yaml \
         --rar_config RAR.yaml --work_dir outputs/ladder-paper --output docs/results/ladder_paper.md   # the fair test
+    python -m benchmarks.ladder --report_from docs/results/ladder_paper.json outputs/s34.json --world paper \
+        --stage1_ablation false --output docs/results/ladder_paper.md   # merge sessions' seeds (no training)
 
 Per seed, every stage is one of the recipes, run as a child process exactly as a user runs it, with
 ``--seed`` set (so the seed moves stage 1's pair draws, the SFT shuffling, GRPO's sampling and CIT):
