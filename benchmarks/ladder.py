@@ -467,6 +467,28 @@ def world_flags(args) -> str:
     return "".join(f" {flag} {value}" for flag, value, default in flags if value != default)
 
 
+def check_local_models(config: str) -> None:
+    """Exit with an error line (code 2) when ``config`` is missing or names a model under a local path that does
+    not exist (a world's generator base is built by a command of its own, named in the config's comment), before
+    any stage runs. Hub ids and the shipped tiny models' names are left to the recipes."""
+    import yaml
+
+    path = Path(config) if Path(config).is_file() else ROOT / config
+    if not path.is_file():
+        print(f"error: {config} does not exist", file=sys.stderr)
+        sys.exit(2)
+    for key, value in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).items():
+        if not key.endswith("model_name_or_path") or not isinstance(value, str) or not value:
+            continue
+        local = value.startswith((".", "/", "~", "outputs/")) or value.count("/") > 1
+        if local and not (Path(value).expanduser().exists() or (ROOT / value).exists()):
+            print(
+                f"error: {config}: {key} {value} does not exist; build it first (the config's header says how)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 def merge_saved(paths: list[str]) -> dict:
     """One summary from the ladder.json files of several invocations: their seeds side by side (a seed in two files
     is an error line and exit 2), their seconds summed, their machines named once each."""
@@ -550,6 +572,8 @@ def main(argv=None):
 
     from afmrl.embedded import resolve_catalog
 
+    for config in (args.stage1_config, args.rar_config):
+        check_local_models(config)  # in seconds, not after stage 1's half hour
     started = time.time()
     machine = describe_machine()
     work = Path(tempfile.mkdtemp(prefix="ladder-quick-")) if args.quick else Path(args.work_dir)

@@ -1,6 +1,8 @@
 """The pilot of the fair test: build the paper's world (``embedded:paper``), train what the gates need, run them.
 
     python -m experiments.paper_world --seed 100 --work_dir outputs/paper-world-v2     # about 2 h on 2 CPU cores
+    python -m experiments.paper_world --base_only --work_dir outputs/paper-world-v4 --vision_steps 2400 \
+        --vision_keys pattern logo          # only the generator base the fair test starts from (about 32 min)
 
 Steps, each skipped when its output exists (a killed run resumes at the step it stopped):
 
@@ -63,12 +65,16 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--max_rl_listings", type=int, default=2000, help="The gates' budget: RL listings G4/G5 sample (all: 0)."
     )
+    parser.add_argument(
+        "--base_only",
+        action="store_true",
+        help="Stop after step 2: the corpus and the generator base (what rar_paper_world.yaml starts from).",
+    )
     parser.add_argument("--doc", default=str(ROOT / "docs" / "experiments" / "preconditions_paper_v2.md"))
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     py = sys.executable
     world = WORLDS[args.world]
-    catalog = resolve_catalog(f"embedded:{args.world}:{args.seed}", "outputs/embedded")
 
     corpus = work / "pretrain-corpus"
     evened = world.get("equal_ink_keys", ["pattern", "logo"]) if world.get("equal_ink") else []
@@ -87,6 +93,9 @@ def main(argv=None) -> None:
          *(["--vision_steps", str(args.vision_steps)] if args.vision_steps else []),
          *(["--vision_keys", *args.vision_keys] if args.vision_keys else [])],
         base / "perception.json")  # fmt: skip
+    if args.base_only:
+        return
+    catalog = resolve_catalog(f"embedded:{args.world}:{args.seed}", "outputs/embedded")
     encoder = work / "encoder"
     run([py, "recipes/agcl_train.py", "--config", "recipes/configs/agcl_paper_world.yaml", "--catalog", catalog,
          "--output_dir", str(encoder),

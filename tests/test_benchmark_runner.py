@@ -509,3 +509,19 @@ def test_a_seed_is_also_evaluated_against_the_teachers_gallery(ladder, tiny_enco
     sft, rar, agcl = (results[r]["instance_teacher_gallery"] for r in ladder.RUNGS[2:4] + ladder.RUNGS[1:2])
     assert sft["recall@1"] == pytest.approx(results[ladder.RUNGS[2]]["instance"]["recall@1"])
     assert rar["recall@1"] == pytest.approx(agcl["recall@1"]) and rar["mrr"] == pytest.approx(agcl["mrr"])
+
+
+def test_ladder_refuses_a_config_whose_local_base_model_is_missing(ladder, tmp_path, capsys):
+    """A world's generator base is built by its own command: a missing one is an error line before stage 1 runs,
+    not a failure of the RAR stage half an hour later. Hub ids and the shipped tiny names pass."""
+    config = tmp_path / "rar.yaml"
+    config.write_text(f"model_name_or_path: {tmp_path}/no/base\nencoder_model_name_or_path: pretrained-tiny-qwen2-vl\n")
+    with pytest.raises(SystemExit) as info:
+        ladder.main(["--seeds", "0", "--rar_config", str(config), "--work_dir", str(tmp_path / "work")])
+    assert info.value.code == 2 and f"model_name_or_path {tmp_path}/no/base does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+    config.write_text("model_name_or_path: Qwen/Qwen2-VL-2B-Instruct\n")
+    ladder.check_local_models(str(config))
+    (tmp_path / "no" / "base").mkdir(parents=True)
+    config.write_text(f"model_name_or_path: {tmp_path}/no/base\n")
+    ladder.check_local_models(str(config))
