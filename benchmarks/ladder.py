@@ -197,12 +197,16 @@ def seed_tasks(
 
 def schedule(tasks: list[Task], jobs: int, log_dir: Path, started: float, label: str = "ladder"):
     """Run ``tasks`` as child processes, ``jobs`` at a time, each once its dependencies are done; the first
-    ready task in list order starts first. Finished tasks (their ``done`` file exists) are skipped."""
+    ready task in list order starts first. Finished tasks (their ``done`` file exists, at the start or by the time
+    they would start) are skipped."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two single-threaded processes beat one two-threaded on 2 cores
     done = {t.name for t in tasks if t.done.is_file()}
     pending = [t for t in tasks if t.name not in done]
     running: dict[str, tuple[Task, subprocess.Popen, float]] = {}
     while pending or running:
+        for task in [t for t in pending if t.done.is_file()]:  # finished meanwhile by a run of its own
+            pending.remove(task)
+            done.add(task.name)
         for task in [t for t in pending if all(d in done for d in t.deps)][: jobs - len(running)]:
             pending.remove(task)
             log = log_dir / f"{task.name.replace('/', '-')}.log"
@@ -214,6 +218,8 @@ def schedule(tasks: list[Task], jobs: int, log_dir: Path, started: float, label:
                     subprocess.Popen(task.cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
                     time.time(),
                 )
+        if not running and not pending:
+            break
         if not running:
             raise RuntimeError(f"tasks whose dependencies can never finish: {[t.name for t in pending]}")
         time.sleep(0.5)

@@ -67,6 +67,11 @@ def test_scheduler_skips_finished_tasks_and_stops_on_a_failure(ladder, tmp_path)
     with pytest.raises(RuntimeError, match=r"bad failed \(exit 3\).*bad\.log"):
         ladder.schedule([finished, bad, after], jobs=2, log_dir=logs, started=time.time())
     assert finished.done.read_text() == "0 0" and not after.done.exists()
+    # a task finished by a run of its own while it waited for a slot is skipped too
+    other = task(ladder, tmp_path, "other", code="raise SystemExit('must not run: finished meanwhile')")
+    first = task(ladder, tmp_path, "first", code=f"pathlib.Path({str(other.done)!r}).write_text('1 1')")
+    ladder.schedule([first, other], jobs=1, log_dir=logs, started=time.time())
+    assert other.done.read_text() == "1 1" and first.done.is_file()
 
 
 def test_results_page_and_readme_block_come_from_the_generated_pages(tmp_path, monkeypatch, ladder):
