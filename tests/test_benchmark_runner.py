@@ -350,18 +350,16 @@ def test_rar_seeds_logs_a_seed_and_reads_a_finished_one_back(monkeypatch, tmp_pa
     assert len(calls) == 2
 
 
-def test_rar_seeds_on_a_ladder_starts_each_seed_from_its_own_stages_and_pairs_the_rung(monkeypatch, tmp_path, capsys):
-    """--ladder_dir: seed S runs from DIR/seedS/agcl and DIR/seedS/rar/sft on embedded:WORLD:S; the page pairs each
-    seed with the ladder's faithful RAR rung; a seed the ladder has not finished is an error: line, exit 2."""
-    from experiments import rar_seeds
-
+def stub_ladder_and_runner(rar_seeds, monkeypatch, tmp_path, faithful: dict, rar_r1):
+    """A ladder dir whose seeds have their stages and a faithful RAR rung (R@1 ``faithful[seed]``), and a runner
+    whose GRPO runs only write metrics (RAR R@1 ``rar_r1(seed)``, SFT 0.4); returns the dir and the commands run."""
     ladder = tmp_path / "ladder"
-    for seed, faithful in ((0, 0.40), (1, 0.44)):
+    for seed, r1 in faithful.items():
         (ladder / f"seed{seed}" / "agcl").mkdir(parents=True)
         (ladder / f"seed{seed}" / "agcl" / "encoder_config.json").write_text("{}")
         (ladder / f"seed{seed}" / "rar" / "sft").mkdir(parents=True)
         (ladder / f"seed{seed}" / "rar" / "sft" / "config.json").write_text("{}")
-        metrics = {"rar_attributes": {"recall@1": faithful}, "sft_attributes": {"recall@1": 0.4}}
+        metrics = {"rar_attributes": {"recall@1": r1}, "sft_attributes": {"recall@1": 0.4}}
         (ladder / f"seed{seed}" / "rar" / "metrics.json").write_text(json.dumps(metrics))
     calls = []
 
@@ -371,7 +369,7 @@ def test_rar_seeds_on_a_ladder_starts_each_seed_from_its_own_stages_and_pairs_th
         metrics = {
             "no_attributes": {"recall@1": 0.2, "n_queries": 3000},
             "sft_attributes": {"recall@1": 0.4},
-            "rar_attributes": {"recall@1": 0.43 + 0.02 * seed},
+            "rar_attributes": {"recall@1": rar_r1(seed)},
         }
         (Path(cmd[cmd.index("--output_dir") + 1]) / "metrics.json").write_text(json.dumps(metrics))
 
@@ -379,6 +377,17 @@ def test_rar_seeds_on_a_ladder_starts_each_seed_from_its_own_stages_and_pairs_th
     monkeypatch.setattr(rar_seeds, "commit", lambda: "abc1234")
     monkeypatch.setattr(rar_seeds, "DATA", tmp_path / "data")
     monkeypatch.setattr(rar_seeds, "PAGE", tmp_path / "page.md")
+    return ladder, calls
+
+
+def test_rar_seeds_on_a_ladder_starts_each_seed_from_its_own_stages_and_pairs_the_rung(monkeypatch, tmp_path, capsys):
+    """--ladder_dir: seed S runs from DIR/seedS/agcl and DIR/seedS/rar/sft on embedded:WORLD:S; the page pairs each
+    seed with the ladder's faithful RAR rung; a seed the ladder has not finished is an error: line, exit 2."""
+    from experiments import rar_seeds
+
+    ladder, calls = stub_ladder_and_runner(
+        rar_seeds, monkeypatch, tmp_path, {0: 0.40, 1: 0.44}, lambda s: 0.43 + 0.02 * s
+    )
     argv = ["--ladder_dir", str(ladder), "--world", "paper", "--seeds", "0", "1", "--setting", "variant"]
     rar_seeds.main([*argv, "--output_dir", str(tmp_path / "runs"), "--", "--advantage_gate", "sft_likelihood"])
     for seed, cmd in zip((0, 1), sorted(calls, key=lambda c: c[c.index("--seed") + 1]), strict=True):
@@ -408,30 +417,13 @@ def test_rar_seeds_adds_seeds_to_an_earlier_sessions_record(monkeypatch, tmp_pat
     command, or a seed recorded already, is an error line before anything runs."""
     from experiments import rar_seeds
 
-    ladder = tmp_path / "ladder"
-    for seed in (0, 1, 2):
-        (ladder / f"seed{seed}" / "agcl").mkdir(parents=True)
-        (ladder / f"seed{seed}" / "agcl" / "encoder_config.json").write_text("{}")
-        (ladder / f"seed{seed}" / "rar" / "sft").mkdir(parents=True)
-        (ladder / f"seed{seed}" / "rar" / "sft" / "config.json").write_text("{}")
-        metrics = {"rar_attributes": {"recall@1": 0.41}, "sft_attributes": {"recall@1": 0.4}}
-        (ladder / f"seed{seed}" / "rar" / "metrics.json").write_text(json.dumps(metrics))
-    calls = []
+    ladder, commands = stub_ladder_and_runner(
+        rar_seeds, monkeypatch, tmp_path, dict.fromkeys((0, 1, 2), 0.41), lambda s: 0.42 + 0.01 * s
+    )
 
-    def fake_run(cmd, check, stdout):
-        seed = int(cmd[cmd.index("--seed") + 1])
-        calls.append(seed)
-        metrics = {
-            "no_attributes": {"recall@1": 0.2, "n_queries": 3000},
-            "sft_attributes": {"recall@1": 0.4},
-            "rar_attributes": {"recall@1": 0.42 + 0.01 * seed},
-        }
-        (Path(cmd[cmd.index("--output_dir") + 1]) / "metrics.json").write_text(json.dumps(metrics))
+    def ran():  # the seeds GRPO ran for, in order
+        return sorted(int(c[c.index("--seed") + 1]) for c in commands)
 
-    monkeypatch.setattr(rar_seeds.subprocess, "run", fake_run)
-    monkeypatch.setattr(rar_seeds, "commit", lambda: "abc1234")
-    monkeypatch.setattr(rar_seeds, "DATA", tmp_path / "data")
-    monkeypatch.setattr(rar_seeds, "PAGE", tmp_path / "page.md")
     head = ["--ladder_dir", str(ladder), "--world", "paper", "--setting", "v", "--output_dir", str(tmp_path / "runs")]
     rar_seeds.main(["--seeds", "0", "1", *head, "--", "--beta", "0.04"])
     first = json.loads((tmp_path / "data" / "v.json").read_text())
@@ -443,10 +435,10 @@ def test_rar_seeds_adds_seeds_to_an_earlier_sessions_record(monkeypatch, tmp_pat
         with pytest.raises(SystemExit) as info:
             rar_seeds.main(argv)
         assert info.value.code == 2 and why in capsys.readouterr().err
-    assert sorted(calls) == [0, 1]  # nothing ran for the refused commands
+    assert ran() == [0, 1]  # nothing ran for the refused commands
     rar_seeds.main(["--seeds", "2", "--jobs", "1", *head, "--add_seeds", "--", "--beta", "0.04"])
     record = json.loads((tmp_path / "data" / "v.json").read_text())
-    assert sorted(calls) == [0, 1, 2] and list(record["seeds"]) == ["0", "1", "2"]
+    assert ran() == [0, 1, 2] and list(record["seeds"]) == ["0", "1", "2"]
     assert record["seeds"]["0"] == first["seeds"]["0"] and list(record["faithful_rar"]) == ["0", "1", "2"]
     assert [part["seeds"] for part in record["parts"]] == [[0, 1], [2]]
     assert record["command"].startswith("python -m experiments.rar_seeds --seeds 0 1 2 --ladder_dir")
