@@ -160,9 +160,9 @@ class PreconditionsArguments:
         metadata={
             "help": "What G4 and G5 gate on as RL's reachable headroom: 'habits' (the teacher's habits undone with "
             "what the generator knows: right for a reward gallery that carries no habit) or 'teacher' (the SFT line "
-            "moved toward the listing's teacher line where >= 25% of its own samples make the teacher's choice: "
-            "right for a gallery the teacher wrote, since a retrieval reward moves the policy toward its gallery's "
-            "annotator). The other is reported.",
+            "moved toward the listing's teacher line where at least a quarter of its own samples make the "
+            "teacher's choice: right for a gallery the teacher wrote, since a retrieval reward moves the policy "
+            "toward its gallery's annotator). The other is reported.",
             "choices": ["habits", "teacher"],
         },
     )

@@ -117,3 +117,46 @@ def test_the_paper_world_recipe_is_the_plans_reward_with_k_from_the_pilots_rule(
     kwargs = json.loads(script_args.reward_kwargs)["retrieval_rank"]
     assert kwargs == {"mode": "recall_at_k", "k": k} and script_args.reward_funcs == ["retrieval_rank"]
     assert script_args.gallery_splits == ["train", "val"] and script_args.gallery_attributes == "reference"
+
+
+def _argument_classes():
+    """Every argument dataclass the package's command lines parse (recipes, experiments, benchmarks)."""
+    import dataclasses
+    import importlib
+
+    modules = [_load_module(path) for path in sorted(Path("recipes").glob("*.py"))]
+    for folder in ("experiments", "benchmarks"):
+        modules += [importlib.import_module(f"{folder}.{p.stem}") for p in sorted(Path(folder).glob("[!_]*.py"))]
+    seen = {}
+    for module in modules:
+        for value in vars(module).values():
+            ours = getattr(value, "__module__", "").split(".")[0] in {"afmrl", "agcl", "rar", "rewards", "deploy"}
+            if (
+                dataclasses.is_dataclass(value)
+                and isinstance(value, type)
+                and (ours or value.__module__ == module.__name__)
+            ):
+                seen[f"{value.__module__}.{value.__qualname__}"] = value
+    return seen
+
+
+def _load_module(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_command_line_prints_its_help():
+    """argparse %-formats each help text: a bare '%' in one field's help broke `--help` of the whole command."""
+    from transformers import HfArgumentParser
+
+    classes = _argument_classes()
+    assert len(classes) > 10  # the scan found the command lines
+    for name, cls in classes.items():
+        try:
+            HfArgumentParser(cls).format_help()
+        except Exception as error:  # noqa: BLE001 - name the class whose help breaks
+            raise AssertionError(f"{name}: --help fails: {error!r}") from error
