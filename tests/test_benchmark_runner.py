@@ -522,3 +522,34 @@ def test_ladder_refuses_a_config_whose_local_base_model_is_missing(ladder, tmp_p
     (tmp_path / "no" / "base").mkdir(parents=True)
     config.write_text(f"model_name_or_path: {tmp_path}/no/base\n")
     ladder.check_local_models(str(config))
+
+
+def test_agcl_ablation_resumes_each_variant_and_pairs_seeds_with_intervals(tmp_path, monkeypatch):
+    """A finished variant is reused (seeds run in separate processes, one last command writes the page); the halves
+    train first; each variant's delta to InfoNCE is paired per seed with its interval."""
+    ablation = load("agcl_ablation")
+    calls = []
+    recall = {"InfoNCE": 0.20, "+ weighting": 0.22, "+ filtering": 0.17, "AGCL (both)": 0.19}
+
+    def fake_run(flags, seed, extra, output_dir, config):
+        name = next(n for n, f in ablation.VARIANTS.items() if f == flags)
+        calls.append((seed, name, extra))
+        Path(output_dir).mkdir(parents=True)
+        metrics = {"recall@1": recall[name] + seed / 100, "recall@5": 0.5, "recall@10": 0.6, "mAP@10": 0.3}
+        return {"instance": metrics, "instance_teacher_gallery": {"recall@1": recall[name] / 2}}, [1.0, 0.1, 0.1]
+
+    monkeypatch.setattr(ablation, "run", fake_run)
+    common = ["--world", "paper", "--work_dir", str(tmp_path / "w")]
+    for seed in ("3", "4"):
+        ablation.main(["--seeds", seed, *common, "--output", str(tmp_path / f"s{seed}.md")])
+    assert [name for _, name, _ in calls[:4]] == ablation.RUN_ORDER  # the two halves first
+    assert calls[0][2] == ["--catalog", "embedded:paper:3"] and calls[4][2] == ["--catalog", "embedded:paper:4"]
+    ablation.main(["--seeds", "3", "4", *common, "--output", str(tmp_path / "page.md")])
+    assert len(calls) == 8  # the page came from the saved figures: nothing retrained
+    page = (tmp_path / "page.md").read_text()
+    assert "| + filtering |" in page and "-3.0 / -3.0 | -3.0 ± 0.0 (95% CI -3.0 to -3.0, n = 2)" in page
+    assert "teacher's lines" in page and "| + weighting | 11.0 ± 0.0 | +1.0 / +1.0 |" in page
+    summary = json.loads((tmp_path / "page.json").read_text())
+    assert summary["+ weighting"]["delta_recall@1"] == pytest.approx([2.0, 2.0])
+    with pytest.raises(SystemExit):  # the world names every seed's catalog
+        ablation.main(["--seeds", "3", *common, "--catalog", "x"])
