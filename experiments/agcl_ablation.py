@@ -128,13 +128,21 @@ def teacher_gallery_results(encoder_dir: str, catalog: str) -> dict | None:
 def run_or_reuse(
     variant_flags: list[str], seed: int, extra: list[str], output_dir: str, config: str
 ) -> tuple[dict, list[float]]:
-    """``run``, or the figures a finished run of the same variant left in ``output_dir``."""
+    """``run``, or the figures a finished run of the same variant (same flags, seed and recipe) left in
+    ``output_dir``; another command's figures there are an error, never reused."""
     done = Path(output_dir) / "ablation_result.json"
+    command = {"flags": variant_flags, "seed": seed, "extra": extra, "config": config}
     if done.is_file():
         saved = json.loads(done.read_text())
+        if saved.get("command", command) != command:
+            raise SystemExit(
+                f"error: {done} was written by another command ({saved['command']}, not {command}): "
+                "use another --work_dir"
+            )
         return saved["results"], saved["step_times"]
     results, times = run(variant_flags, seed, extra, output_dir, config)
-    done.write_text(json.dumps({"results": results, "step_times": times}, indent=2) + "\n", encoding="utf-8")
+    saved = {"command": command, "results": results, "step_times": times}
+    done.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
     return results, times
 
 

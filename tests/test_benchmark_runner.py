@@ -553,3 +553,6 @@ def test_agcl_ablation_resumes_each_variant_and_pairs_seeds_with_intervals(tmp_p
     assert summary["+ weighting"]["delta_recall@1"] == pytest.approx([2.0, 2.0])
     with pytest.raises(SystemExit):  # the world names every seed's catalog
         ablation.main(["--seeds", "3", *common, "--catalog", "x"])
+    with pytest.raises(SystemExit, match="another command"):  # other flags never reuse these figures
+        ablation.main(["--seeds", "3", *common, "--num_train_epochs", "1", "--output", str(tmp_path / "x.md")])
+    assert len(calls) == 8
