@@ -31,7 +31,8 @@ import numpy as np
 from transformers import TrainerCallback
 from trl import ModelConfig, TrlParser
 
-from afmrl.embedded import WORLDS, resolve_catalog
+from afmrl.embedded import WORLDS
+from afmrl.retrieval.fingerprints import TRAINING_RECORD
 from afmrl.stats import format_summary, summarize
 from agcl.config import AGCLConfig, AGCLScriptArguments
 from recipes import agcl_train
@@ -95,14 +96,7 @@ def run(
     finally:
         agcl_train.AGCLTrainer.__init__ = original
     results = json.loads((Path(output_dir) / "eval_results.json").read_text())
-    script_args = args[0]
-    catalog = resolve_catalog(  # as agcl_train resolved it
-        script_args.catalog,
-        script_args.cache_dir,
-        num_products=script_args.embedded_num_products,
-        seed=script_args.embedded_seed,
-        image_size=script_args.embedded_image_size,
-    )
+    catalog = json.loads((Path(output_dir) / TRAINING_RECORD).read_text())["catalog"]  # as agcl_train resolved it
     teacher = teacher_gallery_results(output_dir, catalog)
     if teacher is not None:
         results["instance_teacher_gallery"] = teacher

@@ -119,12 +119,12 @@ def test_the_paper_world_recipe_is_the_plans_reward_with_k_from_the_pilots_rule(
     assert script_args.gallery_splits == ["train", "val"] and script_args.gallery_attributes == "reference"
 
 
-def _argument_classes():
+def _argument_classes(load_recipe):
     """Every argument dataclass the package's command lines parse (recipes, experiments, benchmarks)."""
     import dataclasses
     import importlib
 
-    modules = [_load_module(path) for path in sorted(Path("recipes").glob("*.py"))]
+    modules = [load_recipe(path.stem) for path in sorted(Path("recipes").glob("*.py"))]
     for folder in ("experiments", "benchmarks"):
         modules += [importlib.import_module(f"{folder}.{p.stem}") for p in sorted(Path(folder).glob("[!_]*.py"))]
     seen = {}
@@ -140,20 +140,11 @@ def _argument_classes():
     return seen
 
 
-def _load_module(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_command_line_prints_its_help():
+def test_every_command_line_prints_its_help(load_recipe):
     """argparse %-formats each help text: a bare '%' in one field's help broke `--help` of the whole command."""
     from transformers import HfArgumentParser
 
-    classes = _argument_classes()
+    classes = _argument_classes(load_recipe)
     assert len(classes) > 10  # the scan found the command lines
     for name, cls in classes.items():
         try:
