@@ -9,17 +9,23 @@ defaults, such as bf16 on a CPU-only machine)::
     script_args, training_args, model_args = parser.parse_args_and_config(with_default_config(argv, DEMO))
 
 A user error (bad flag, bad catalog row, missing path) ends with ``error: ...`` on stderr and exit code 2.
+A recipe that a launcher may start (``accelerate launch``, ``torchrun``, ``deepspeed``) ends its ``__main__`` with
+``end_launched_process()``, so that a finished rank exits 0 instead of aborting in the interpreter's teardown.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
     "USER_ERRORS",
     "default_config_epilog",
+    "end_launched_process",
     "fail",
     "given_flags",
     "parse_recipe_args",
@@ -48,6 +54,36 @@ def run_cli(arguments_class, main, argv: Sequence[str] | None = None):
         return main(arguments)
     except USER_ERRORS as err:
         fail(err)
+
+
+def end_launched_process() -> None:
+    """End a rank that a launcher started, after its recipe returned: shut torch.distributed down, then leave the way
+    Python would (non-daemon threads joined, ``atexit`` handlers run, so trackers such as wandb finish; stdout and
+    stderr flushed) but skip the interpreter's teardown, with exit code 0. Outside a launched rank (no ``WORLD_SIZE``
+    in the environment, no process group) it returns and Python exits as usual.
+
+    Why: CPython (3.11 here) kills a thread that takes the GIL while the interpreter tears down, and when that thread
+    is in C++ code the whole process aborts (SIGABRT, "terminate called without an active exception"). A launched rank
+    has such threads at exit: gloo's (``pt_gloo_runloop``, ``gloo_tcp_loop``) outlive ``destroy_process_group``, and a
+    work item they drop last may hold a Python tensor. CI saw finished ranks abort this way, failing runs whose outputs
+    were complete; tests/test_cli_exit.py reproduces the abort with a torch thread and shows this call avoids it.
+    """
+    dist = sys.modules.get("torch.distributed")  # never import torch just to learn that it was not used
+    initialized = dist is not None and dist.is_available() and dist.is_initialized()
+    if not initialized and "WORLD_SIZE" not in os.environ:
+        return
+    if initialized:  # a local call, no barrier: other ranks may still be evaluating
+        dist.destroy_process_group()
+    # Py_FinalizeEx's steps before the teardown, in its order, through the calls it makes: threading._shutdown
+    # (threading's exit hooks, which stop idle executor workers, then joins non-daemon threads), atexit, stdio.
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream has nothing left to write
+            pass
+    os._exit(0)
 
 
 def given_flags(argv: Sequence[str]) -> set[str]:

@@ -21,7 +21,14 @@ from transformers import set_seed
 from trl import ModelConfig, TrlParser
 
 from afmrl.catalog.load import load_catalog, use_title_column
-from afmrl.cli import USER_ERRORS, default_config_epilog, fail, parse_recipe_args, with_default_config
+from afmrl.cli import (
+    USER_ERRORS,
+    default_config_epilog,
+    end_launched_process,
+    fail,
+    parse_recipe_args,
+    with_default_config,
+)
 from afmrl.embedded import resolve_catalog, resolve_model
 from afmrl.encoder.model import EncoderConfig, ProductEncoder, load_frozen_encoder, read_encoder_config
 from afmrl.retrieval.evaluation import evaluate_encoder, format_results
@@ -164,3 +171,4 @@ def cli(argv=None):
 
 if __name__ == "__main__":
     cli()
+    end_launched_process()

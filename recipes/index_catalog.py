@@ -28,7 +28,7 @@ import torch
 from accelerate import PartialState
 
 from afmrl.catalog.load import load_catalog
-from afmrl.cli import run_cli
+from afmrl.cli import end_launched_process, run_cli
 from afmrl.embedded import resolve_catalog
 from afmrl.encoder.model import read_encoder_config
 from deploy import ProductIndex, plot_precision_recall
@@ -242,3 +242,4 @@ def cli(argv=None):
 
 if __name__ == "__main__":
     cli(sys.argv[1:])
+    end_launched_process()

@@ -23,13 +23,20 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOTrainer, TrlParser
 
 from afmrl.catalog import load_catalog
-from afmrl.cli import USER_ERRORS, default_config_epilog, fail, given_flags, parse_recipe_args, with_default_config
+from afmrl.cli import (
+    USER_ERRORS,
+    default_config_epilog,
+    end_launched_process,
+    fail,
+    given_flags,
+    parse_recipe_args,
+    with_default_config,
+)
 from afmrl.embedded import is_embedded_model, resolve_catalog
 from afmrl.encoder.config import read_encoder_config
 from afmrl.modeling import check_model_source, require_bitsandbytes
@@ -272,13 +279,9 @@ def cli(argv=None):
         args = parse_args(argv)
     except USER_ERRORS as err:  # e.g. num_generations that does not divide the generation batch
         fail(err)
-    trainer = main(*args)
-    # Each process shuts its process group down itself (a local call, no barrier: the other ranks may still be
-    # evaluating). Left to interpreter exit, the backend's threads were once seen to abort a finished rank.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return trainer
+    return main(*args)
 
 
 if __name__ == "__main__":
     cli()
+    end_launched_process()

@@ -28,7 +28,14 @@ from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from afmrl.catalog.load import load_catalog
-from afmrl.cli import USER_ERRORS, default_config_epilog, fail, parse_recipe_args, with_default_config
+from afmrl.cli import (
+    USER_ERRORS,
+    default_config_epilog,
+    end_launched_process,
+    fail,
+    parse_recipe_args,
+    with_default_config,
+)
 from afmrl.embedded import resolve_catalog, resolve_model
 from afmrl.modeling import language_lora_targets, load_mllm
 from afmrl.retrieval.fingerprints import write_training_record
@@ -155,3 +162,4 @@ def cli(argv=None):
 
 if __name__ == "__main__":
     cli()
+    end_launched_process()

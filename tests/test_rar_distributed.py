@@ -78,9 +78,9 @@ def test_grpo_with_two_processes(setup, small_catalog_dir, tiny_encoder_dir, war
         "0",
         *(["--max_eval_listings", "12", "--eval_batch_size", "6"] if setup == "zero3" else ["--eval_split", "none"]),
     ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    )
+    # PYTHONFAULTHANDLER: a rank that aborts prints its Python stacks, so a failure here says where it happened
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     logs = [ast.literal_eval(m) for m in re.findall(r"\{'loss'[^}]*\}", proc.stdout)]
     assert len(logs) == 2
