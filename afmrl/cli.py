@@ -62,7 +62,7 @@ def end_launched_process() -> None:
     stderr flushed) but skip the interpreter's teardown, with exit code 0. Outside a launched rank (no ``WORLD_SIZE``
     in the environment, no process group) it returns and Python exits as usual.
 
-    Why: CPython (3.11 here) kills a thread that takes the GIL while the interpreter tears down, and when that thread
+    Why: CPython before 3.14 kills a thread that takes the GIL while the interpreter tears down, and when that thread
     is in C++ code the whole process aborts (SIGABRT, "terminate called without an active exception"). A launched rank
     has such threads at exit: gloo's (``pt_gloo_runloop``, ``gloo_tcp_loop``) outlive ``destroy_process_group``, and a
     work item they drop last may hold a Python tensor. CI saw finished ranks abort this way, failing runs whose outputs

