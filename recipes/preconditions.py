@@ -561,8 +561,9 @@ def g6(c: dict) -> dict:
                 "G6_bm25_auc_over_cosine",
             )
         )
-    return gate(rows, f"batches of {c['batch_size']} products as stage 1's sampler draws them, {c['epochs']} epochs, "
-                f"{c['queries']:,} queries")  # fmt: skip
+    note = f"batches of {c['batch_size']} products as stage 1's sampler draws them, {c['epochs']} epochs, "
+    note += f"{c['queries']:,} queries"
+    return {**gate(rows, note), "counts": c}  # the figures unrounded, for comparing seeds or catalogs
 
 
 def pilot_differences(paths: list[str]) -> dict[str, list[float]]:

@@ -208,6 +208,8 @@ def test_the_command_on_another_vocabulary_measures_every_gate(
     keys = {row[0].split("`")[1] for row in gates["G1"]["rows"]}
     assert keys and keys <= set(RENAME.values())  # the varying keys of the renamed world
     assert any("duplicate pairs" in row[0] for row in gates["G6"]["rows"])
+    counts = gates["G6"]["counts"]  # unrounded, and the rows show them
+    assert f"{counts['mates']:.2f}" == gates["G6"]["rows"][0][1] and counts["queries"] > 0
     assert "| **G7** power" in page and "skipped" not in page
     lines = [json.loads(line) for line in (tmp_path / "out" / "lines.jsonl").read_text().splitlines()]
     # every line the gates read, kept; the gallery is annotated only when it carries the policy's lines
