@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import time
 from pathlib import Path
 
@@ -158,18 +159,29 @@ def main(argv=None):
     parser.add_argument(
         "--world", default=None, help="A named world (afmrl.embedded.WORLDS): seed s trains on embedded:WORLD:s."
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="The variants to train (InfoNCE, the baseline, always among them): e.g. InfoNCE 'AGCL (both)' for the "
+        "full loss against its baseline only.",
+    )
     args, extra = parser.parse_known_args(argv)
+    if "InfoNCE" not in args.variants:
+        parser.error("--variants: every Δ is against InfoNCE, so it must be one of them")
     if args.world is not None and any(a.startswith("--catalog") for a in extra):
         parser.error("--world names the catalog of every seed: drop --catalog")
     if args.world is not None and args.world not in WORLDS:
         parser.error(f"--world {args.world!r}: not one of {', '.join(WORLDS)}")
 
-    table: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    teacher: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    step_times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    chosen = [name for name in VARIANTS if name in args.variants]  # the page keeps VARIANTS' order
+    table: dict[str, list[dict]] = {name: [] for name in chosen}
+    teacher: dict[str, list[dict]] = {name: [] for name in chosen}
+    step_times: dict[str, list[float]] = {name: [] for name in chosen}
     for seed in args.seeds:
         seed_extra = [*extra, *(["--catalog", f"embedded:{args.world}:{seed}"] if args.world else [])]
-        for name in RUN_ORDER:
+        for name in (name for name in RUN_ORDER if name in chosen):
             slug = name.replace(" ", "").replace("+", "plus").replace("(", "").replace(")", "")
             out = f"{args.work_dir}/seed{seed}-{slug}"
             results, times = run_or_reuse(VARIANTS[name], seed, seed_extra, out, args.config)
@@ -192,6 +204,7 @@ def main(argv=None):
         f"Made by `python -m experiments.agcl_ablation --seeds {' '.join(map(str, args.seeds))}"
         f"{'' if args.config == DEMO_RECIPE else ' --config ' + args.config}"
         f"{'' if args.world is None else ' --world ' + args.world}"
+        f"{'' if chosen == list(VARIANTS) else ' --variants ' + ' '.join(shlex.quote(n) for n in chosen)}"
         f"{(' ' + ' '.join(extra)) if extra else ''}` on {platform.node() or 'this machine'} "
         f"({platform.machine()}, Python {platform.python_version()}); recipe `{args.config}`.",
         "",

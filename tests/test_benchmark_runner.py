@@ -556,3 +556,26 @@ def test_agcl_ablation_resumes_each_variant_and_pairs_seeds_with_intervals(tmp_p
     with pytest.raises(SystemExit, match="another command"):  # other flags never reuse these figures
         ablation.main(["--seeds", "3", *common, "--num_train_epochs", "1", "--output", str(tmp_path / "x.md")])
     assert len(calls) == 8
+
+
+def test_agcl_ablation_variants_trains_only_those_named_and_keeps_infonce(tmp_path, monkeypatch):
+    """--variants InfoNCE 'AGCL (both)': two runs a seed, a page with those two rows; without InfoNCE, an error."""
+    ablation = load("agcl_ablation")
+    calls = []
+
+    def fake_run(flags, seed, extra, output_dir, config):
+        name = next(n for n, f in ablation.VARIANTS.items() if f == flags)
+        calls.append((seed, name))
+        Path(output_dir).mkdir(parents=True)
+        r1 = {"InfoNCE": 0.20, "AGCL (both)": 0.23}[name] + seed / 100
+        return {"instance": {"recall@1": r1, "recall@5": 0.5, "recall@10": 0.6, "mAP@10": 0.3}}, [1.0, 0.1]
+
+    monkeypatch.setattr(ablation, "run", fake_run)
+    argv = ["--seeds", "5", "6", "--catalog", "embedded:paper:3", "--work_dir", str(tmp_path / "w")]
+    ablation.main([*argv, "--variants", "InfoNCE", "AGCL (both)", "--output", str(tmp_path / "p.md")])
+    assert calls == [(5, "InfoNCE"), (5, "AGCL (both)"), (6, "InfoNCE"), (6, "AGCL (both)")]
+    page = (tmp_path / "p.md").read_text()
+    assert "--variants InfoNCE 'AGCL (both)'" in page and "| + weighting |" not in page
+    assert "| AGCL (both) |" in page and "+3.0 / +3.0" in page
+    with pytest.raises(SystemExit):
+        ablation.main([*argv, "--variants", "AGCL (both)", "--output", str(tmp_path / "q.md")])
