@@ -7,6 +7,7 @@
 
 Flags the script does not know go to `recipes/agcl_train.py` for every variant (`--catalog`,
 `--num_train_epochs`, ...). ``--world paper`` trains seed s on ``embedded:paper:s``, as the ladder does.
+``--variants InfoNCE "AGCL (both)"`` trains only those (the training-seed spread of the full loss on one catalog).
 
 Resumable: each variant's figures are written beside its encoder as it finishes, and a rerun of the same
 command reuses them, so seeds can run in separate processes (``--seeds 3`` and ``--seeds 4`` side by side,
